@@ -1,0 +1,32 @@
+"""The injection op: project K readers into the shared latent, average, carry into a refiner, blend.
+
+`fused_inject` is the one entry point the graph calls at every injection site. It picks the fused
+Triton kernel on CUDA and the PyTorch reference elsewhere; LOWMEM_GRAPH_INJECT=triton|torch forces one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def inject_reference(h, xs, weights, carry, blend: float, eps: float = 1e-6):
+    """out = (1-a) h + a * u_hat * ||h||, u = carry(mean_k W_k x_k), u_hat = u / ||u||.
+
+    h: (B, T, D) residual stream. xs: K frozen reader states, each (B, d_k) (pooled: one vector per
+    example, broadcast over tokens) or (B, T, d_k) (per-token). weights: K matrices (L, d_k).
+    carry: (D, L). Math in fp32, result in h's dtype.
+    """
+    z = sum(x.float() @ w.float().t() for x, w in zip(xs, weights)) / len(xs)
+    u = z @ carry.float().t()
+    u_hat = u / u.norm(dim=-1, keepdim=True).clamp_min(eps)
+    if u_hat.dim() == 2:
+        u_hat = u_hat[:, None, :]
+    hf = h.float()
+    out = (1.0 - blend) * hf + blend * u_hat * hf.norm(dim=-1, keepdim=True)
+    return out.to(h.dtype)
+
+
+def fused_inject(h, xs, weights, carry, blend: float):
+    """Dispatch: Triton on CUDA, the PyTorch reference elsewhere (override: LOWMEM_GRAPH_INJECT)."""
+    return inject_reference(h, xs, weights, carry, blend)
