@@ -1,0 +1,69 @@
+"""Accuracy with a 95% interval, and per-question predictions a person can audit."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Question
+from .files import atomic_file
+from .graph import FrozenGraph
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval: sound for small n and accuracies near 0 or 1, unlike the normal one."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    interval: tuple[float, float]
+    loss: float
+    n: int
+    routing: list[float]                         # mean output-node attention share per refiner
+    predictions: list[dict] = field(repr=False)
+
+    def summary(self) -> str:
+        lo, hi = self.interval
+        return f"acc {self.accuracy:.3f} [95% CI {lo:.3f}, {hi:.3f}] loss {self.loss:.3f} n={self.n}"
+
+
+@torch.no_grad()
+def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
+             desc: str = "eval") -> EvalResult:
+    graph.eval()
+    predictions, total_loss, routing = [], 0.0, []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=None if progress else True, leave=False):
+        chunk = questions[start:start + batch_size]
+        batch = graph.collate(chunk)
+        out = graph(batch)
+        labels = batch.labels.to(out.logits.device)
+        total_loss += torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum").item()
+        probs = out.logits.float().softmax(-1).cpu()
+        routing.append(out.routing.float().cpu())
+        for q, p in zip(chunk, probs):
+            pred = int(p[: len(q.choices)].argmax())
+            predictions.append({"id": q.id, "label": q.label, "prediction": pred, "correct": pred == q.label,
+                                "probs": [round(float(x), 5) for x in p[: len(q.choices)]]})
+    graph.train()
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    mean_routing = torch.cat(routing).mean(0).tolist() if routing else []
+    return EvalResult(correct / max(n, 1), wilson_interval(correct, n), total_loss / max(n, 1), n, mean_routing,
+                      predictions)
+
+
+def write_predictions(result: EvalResult, path: str | Path) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
+    return Path(path)

@@ -1,0 +1,152 @@
+"""FrozenGraph: the trainable parts of the paper's graph, wired around frozen nodes.
+
+One step, top to bottom (`forward`):
+  tokenize per node -> readers (frozen, pooled) -> project W_k + average -> inject into each refiner at its
+  injection layer -> refiners' final states -> project W_j -> cross-attention output node -> choice logits.
+Only the projections and the output node are parameters of this module; frozen nodes live outside its
+state_dict, so checkpoints hold exactly what trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Question, format_prompt
+from .errors import UserError
+from .nodes import FrozenNode
+from .ops import fused_inject
+from .spec import GraphSpec
+
+
+class OutputNode(nn.Module):
+    """One learned query per answer slot (A, B, ...) attends over the projected tokens of every refiner.
+
+    A learned source embedding tells the node which refiner a token came from; the attention mass each
+    refiner receives is returned as its routing share (the paper's "selective routing").
+    """
+
+    def __init__(self, dim: int, heads: int, max_choices: int, n_sources: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(max_choices, dim) * dim ** -0.5)
+        self.sources = nn.Parameter(torch.zeros(n_sources, dim))
+        self.key_norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, states, masks, n_choices):
+        keys = torch.cat([s + self.sources[i] for i, s in enumerate(states)], dim=1)
+        padding = ~torch.cat(masks, dim=1).bool()
+        q = self.queries.unsqueeze(0).expand(keys.shape[0], -1, -1)
+        out, weights = self.attn(q, self.key_norm(keys), self.key_norm(keys), key_padding_mask=padding)
+        logits = self.score(out + q).squeeze(-1)
+        slots = torch.arange(logits.shape[1], device=logits.device)
+        valid = slots[None, :] < n_choices[:, None]
+        logits = logits.masked_fill(~valid, float("-inf"))
+        # weights: (B, choices, keys), averaged over heads; share per source over the valid queries
+        per_source = torch.stack([w.sum(-1) for w in weights.split([s.shape[1] for s in states], dim=-1)], -1)
+        share = (per_source * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+        return logits, share
+
+
+@dataclass
+class Batch:
+    tokens: dict[str, tuple[torch.Tensor, torch.Tensor]]   # node name -> (input_ids, attention_mask)
+    labels: torch.Tensor
+    n_choices: torch.Tensor
+    ids: list[str]
+
+
+@dataclass
+class GraphOutput:
+    logits: torch.Tensor          # (B, max_choices), -inf beyond each question's choices
+    routing: torch.Tensor         # (B, n_refiners): output-node attention share per refiner
+
+
+class FrozenGraph(nn.Module):
+    def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode]):
+        super().__init__()
+        self.spec = spec
+        self.nodes = nodes            # a plain dict: frozen models are not submodules (not in state_dict)
+        dim = spec.latent_dim
+        self.readers = [n.name for n in spec.readers]
+        self.refiners = [n.name for n in spec.refiners]
+        self.read_proj = nn.ModuleDict({r: nn.Linear(nodes[r].width, dim, bias=False) for r in self.readers})
+        self.readout = nn.ModuleDict({j: nn.Linear(nodes[j].width, dim, bias=False) for j in self.refiners})
+        self.carry = nn.ModuleDict(
+            {j: nn.Linear(dim, nodes[j].width, bias=False) for j in self.refiners} if spec.carry == "separate" else {})
+        self.output = OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.refiners))
+
+    @classmethod
+    def build(cls, spec: GraphSpec, device=None, progress=None) -> "FrozenGraph":
+        """Load every node frozen (4-bit by default) and create the trainable parts on the same device."""
+        nodes = {}
+        for node_spec in spec.nodes:
+            if progress:
+                progress(f"loading {node_spec.name} ({node_spec.model}, {spec.quant})")
+            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, device, spec.max_length)
+        graph = cls(spec, nodes)
+        return graph.to(next(iter(nodes.values())).device)
+
+    def carry_weight(self, refiner: str) -> torch.Tensor:
+        """(d_j, latent): tied to the refiner's readout (the paper's 5 matrices) or a matrix of its own."""
+        return self.carry[refiner].weight if self.spec.carry == "separate" else self.readout[refiner].weight.t()
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def collate(self, questions: list[Question]) -> Batch:
+        """Each node tokenizes the same prompts with its own tokenizer and framing prefix."""
+        too_many = [q.id for q in questions if len(q.choices) > self.spec.output.max_choices]
+        if too_many:
+            raise UserError(f"question {too_many[0]} has more choices than output.max_choices="
+                            f"{self.spec.output.max_choices}")
+        texts = [format_prompt(q) for q in questions]
+        tokens = {}
+        for name, node in self.nodes.items():
+            enc = node.encode(texts)
+            tokens[name] = (enc["input_ids"], enc["attention_mask"])
+        return Batch(tokens, torch.tensor([q.label for q in questions]),
+                     torch.tensor([len(q.choices) for q in questions]), [q.id for q in questions])
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    def reader_states(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Frozen, input-only work: each reader's pooled states (B, d_k) in fp32. No gradient flows here."""
+        states = {}
+        for r in self.readers:
+            ids, mask = batch.tokens[r]
+            node = self.nodes[r]
+            states[r] = node.pool(node.read(ids, mask), mask)
+        return states
+
+    def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+        states = reader_states if reader_states is not None else self.reader_states(batch)
+        xs = [states[r] for r in self.readers]
+        weights = [self.read_proj[r].weight for r in self.readers]
+        projected, masks = [], []
+        for j in self.refiners:
+            node, (ids, mask) = self.nodes[j], batch.tokens[j]
+            carry, blend = self.carry_weight(j), node.spec.blend
+            final = node.run(ids, mask, inject=lambda h: fused_inject(h, xs, weights, carry, blend))
+            projected.append(self.readout[j](final.float()))
+            masks.append(mask.to(final.device))
+        device = projected[0].device
+        logits, routing = self.output(projected, masks, batch.n_choices.to(device))
+        return GraphOutput(logits, routing)
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load projections/output node, refusing clearly when the graph's widths do not match."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UserError(f"{source}: trainable weights do not fit this graph "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
+                                f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
+        self.load_state_dict(state)

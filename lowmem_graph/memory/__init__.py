@@ -1,0 +1,1 @@
+"""Memory: what a run uses (report) and, later, how it fits a budget."""

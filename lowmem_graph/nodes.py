@@ -1,0 +1,248 @@
+"""FrozenNode: one frozen causal LM, loaded in 4-bit, read and steered through hooks.
+
+The model's code is never copied or patched: a forward hook on decoder layer `read_layer` captures the
+reader's hidden states (and stops the forward there, so no layer above it runs), and a forward
+pre-hook on decoder layer `inject_layer` rewrites a refiner's residual stream with the blend.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .files import atomic_dir
+from .spec import NodeSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class _StopForward(Exception):
+    """Raised by the read hook: everything above the read layer is wasted work for a reader."""
+
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def resolve_model(ref: str) -> tuple[str, bool]:
+    """(what from_pretrained takes, is_local) for a node's `model` field. Converts llama2.c files."""
+    from .tiny import cache_root, tiny_path
+
+    if ref.startswith("tiny:"):
+        return str(tiny_path(ref[len("tiny:"):])), True
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_file():
+            from .llama2c import convert_llama2c, is_llama2c_checkpoint
+
+            if not is_llama2c_checkpoint(path):
+                raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
+            digest = _file_digest(path)
+            out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
+            if not (out / "config.json").exists():
+                convert_llama2c(path, out)
+            return str(out), True
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path), True
+    if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise UserError(f"model path not found: {ref}")
+    return ref, False
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_config(ref: str):
+    """The model's config, with clear errors for unknown ids and models that are not causal LMs."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    _quiet_transformers()
+    source, is_local = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        where = "local folder" if is_local else "model id (not on the hub, or not in the local cache while offline)"
+        raise UserError(f"cannot load config of {ref!r}: unknown {where}: {str(e).splitlines()[0]}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
+    return config, source, is_local
+
+
+def _quantised_cache_dir(source: str, is_local: bool, quant: str) -> Path:
+    """Where a node quantised once is saved, keyed by source identity (path + weight file stamps, or hub id)."""
+    from .tiny import cache_root
+
+    key = source
+    if is_local:
+        stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).glob("*.safetensors"))
+        key = f"{Path(source).resolve()}|{stamps}"
+    slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
+    return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FrozenNode:
+    """A frozen causal LM with its own tokenizer and framing prefix, read or steered by hooks."""
+
+    def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int):
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers = getattr(self.base, "layers", None)
+        if not isinstance(self.layers, torch.nn.ModuleList):
+            raise UserError(f"node {spec.name!r}: {type(model).__name__} has no decoder-layer list (.layers); "
+                            "only decoder-only causal LMs can be nodes")
+        self.width = model.config.get_text_config().hidden_size
+        self.n_layers = len(self.layers)
+        self.read_layer = self._layer_index(spec.read_layer)
+        self.inject_layer = min(max(round(spec.inject_depth * self.n_layers), 1), self.n_layers - 1)
+        self._inject = None
+        self.layers[self.inject_layer].register_forward_pre_hook(self._inject_hook, with_kwargs=True)
+
+    def _layer_index(self, read_layer: int) -> int:
+        """1-based layer (negative from the top) -> 0-based index of the decoder layer whose output is read."""
+        index = read_layer - 1 if read_layer > 0 else self.n_layers + read_layer
+        if not 0 <= index < self.n_layers:
+            raise UserError(f"node {self.spec.name!r}: read_layer {read_layer} is outside 1..{self.n_layers} "
+                            f"(or -1..-{self.n_layers})")
+        return index
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512) -> "FrozenNode":
+        """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), or bf16/fp32."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        device = torch.device(device) if device is not None else default_device()
+        config, source, is_local = load_config(spec.model)
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        kwargs = {"device_map": {"": device.index if device.type == "cuda" and device.index is not None
+                                 else device.type}}
+        load_from, save_to = source, None
+        if getattr(config, "quantization_config", None) is not None:
+            kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
+        elif quant == "nf4":
+            cached = _quantised_cache_dir(source, is_local, quant)
+            if (cached / "config.json").exists():
+                load_from = str(cached)
+            else:
+                save_to = cached
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=compute)
+            kwargs["dtype"] = compute
+        else:
+            kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32
+        try:
+            model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from)
+        except OSError as e:
+            raise UserError(f"cannot load model {spec.model!r}: {str(e).splitlines()[0]}") from None
+        if save_to is not None:
+            _save_atomically(model, tokenizer, save_to)
+        model.eval().requires_grad_(False)
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel, but only for inputs
+            # without grad: the same node would then run two code paths and its stored weights would change.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+        tokenizer.truncation_side = "left"   # answer options sit at the end of the prompt
+        return cls(spec, model, tokenizer, max_length)
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def encode(self, texts: list[str], offsets: bool = False):
+        """Tokenize `prefix + text` with this node's own tokenizer (right padding, left truncation)."""
+        return self.tokenizer([self.spec.prefix + t for t in texts], return_tensors="pt", padding=True,
+                              truncation=True, max_length=self.max_length, return_offsets_mapping=offsets)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def read(self, input_ids, attention_mask) -> torch.Tensor:
+        """Hidden states (B, T, d) after decoder layer `read_layer`, passed through the model's final norm."""
+        def stop(module, args, output):
+            raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.layers[self.read_layer].register_forward_hook(stop)
+        try:
+            with self._autocast():
+                self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                          use_cache=False)
+            raise RuntimeError("read hook did not fire")
+        except _StopForward as stopped:
+            with self._autocast():
+                return self.base.norm(stopped.hidden).float()
+        finally:
+            handle.remove()
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector per example: masked mean, or the last real token (right padding)."""
+        mask = attention_mask.to(states.device)
+        if self.spec.pooling == "last":
+            last = mask.sum(1).long() - 1
+            return states[torch.arange(states.shape[0], device=states.device), last]
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def run(self, input_ids, attention_mask, inject=None) -> torch.Tensor:
+        """Final hidden states (B, T, d), after the final norm; `inject(h) -> h` rewrites the injection layer's input.
+
+        Layers below the injection see no tensor that needs grad, so autograd records nothing there.
+        """
+        self._inject = inject
+        try:
+            with self._autocast():
+                out = self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                use_cache=False)
+        finally:
+            self._inject = None
+        return out.last_hidden_state
+
+    def _inject_hook(self, module, args, kwargs):
+        if self._inject is None:
+            return None
+        if args:
+            return (self._inject(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._inject(kwargs["hidden_states"])}
+
+    def frozen_tensors(self):
+        """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""
+        yield from self.model.state_dict().items()
+
+
+def _save_atomically(model, tokenizer, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

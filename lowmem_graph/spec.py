@@ -1,0 +1,145 @@
+"""The graph a user describes: nodes (frozen models and their roles), latent widths, output node.
+
+Specs are YAML; two presets ship with the package (`tiny`, `paper`). Everything is validated here,
+with errors that name the file and the field, so a typo never reaches model loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+PRESETS = ("tiny", "paper")
+
+
+@dataclass
+class NodeSpec:
+    """One frozen model. Readers feed the shared latent; refiners receive it and feed the output node."""
+
+    name: str
+    model: str                      # hub id, local folder, llama2.c .bin, or tiny:<arch>
+    role: str                       # "reader" | "refiner"
+    prefix: str = ""                # framing text put before every input
+    read_layer: int = -1            # readers: decoder layer whose output is read (1-based; negative from the top)
+    pooling: str = "mean"           # readers: "mean" (masked) | "last" (last real token)
+    inject_depth: float = 0.75      # refiners: relative depth of the injection (layer = round(depth * n_layers))
+    blend: float = 0.25             # refiners: a in h <- (1-a) h + a * z_hat * ||h||
+    tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
+
+
+@dataclass
+class OutputSpec:
+    """Cross-attention output node: one learned query per answer slot attends over the refiners' tokens."""
+
+    heads: int = 8
+    max_choices: int = 5
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    nodes: list[NodeSpec]
+    latent_dim: int = 1024          # shared latent of the readers (the paper: 1024)
+    carry: str = "tied"             # "tied": refiner j receives W_j^T z (W_j its readout); "separate": own matrix
+    injection: str = "pooled"       # "pooled": one latent vector per example | "token": aligned per token
+    quant: str = "nf4"              # frozen weights: "nf4" (4-bit, double quant) | "bf16" | "fp32"
+    max_length: int = 512
+    output: OutputSpec = field(default_factory=OutputSpec)
+    train: dict = field(default_factory=dict)   # training defaults a spec may carry (see train.TrainConfig)
+
+    @property
+    def readers(self) -> list[NodeSpec]:
+        return [n for n in self.nodes if n.role == "reader"]
+
+    @property
+    def refiners(self) -> list[NodeSpec]:
+        return [n for n in self.nodes if n.role == "refiner"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw, where: str):
+    """Dataclass from a mapping, with unknown or missing keys reported by name."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
+    return cls(**raw)
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{where}: {message}")
+
+
+def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
+    """Validate a parsed spec. `source` names the file in error messages."""
+    raw = dict(raw or {})
+    _check(isinstance(raw.get("nodes"), list) and raw["nodes"], source, "'nodes' must be a non-empty list")
+    nodes = [_build(NodeSpec, n, f"{source}: nodes[{i}]") for i, n in enumerate(raw.pop("nodes"))]
+    output = _build(OutputSpec, raw.pop("output", {}) or {}, f"{source}: output")
+    spec = _build(GraphSpec, {**raw, "nodes": nodes, "output": output, "name": raw.get("name", Path(source).stem)},
+                  source)
+    names = [n.name for n in nodes]
+    _check(len(set(names)) == len(names), source, f"node names must be unique, got {names}")
+    for i, n in enumerate(nodes):
+        where = f"{source}: nodes[{i}] ({n.name})"
+        _check(n.role in ("reader", "refiner"), where, f"role must be 'reader' or 'refiner', got {n.role!r}")
+        _check(isinstance(n.model, str) and n.model.strip() != "", where, "model must name a hub id or path")
+        _check(n.pooling in ("mean", "last"), where, f"pooling must be 'mean' or 'last', got {n.pooling!r}")
+        _check(isinstance(n.read_layer, int) and n.read_layer != 0, where,
+               f"read_layer must be a non-zero integer (1-based, negative counts from the top), got {n.read_layer!r}")
+        _check(isinstance(n.inject_depth, (int, float)) and 0 < n.inject_depth < 1, where,
+               f"inject_depth must be in (0, 1), got {n.inject_depth!r}")
+        _check(isinstance(n.blend, (int, float)) and 0 <= n.blend <= 1, where,
+               f"blend must be in [0, 1], got {n.blend!r}")
+    _check(spec.readers != [], source, "the graph needs at least one node with role 'reader'")
+    _check(spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
+    _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")
+    _check(spec.carry in ("tied", "separate"), source, f"carry must be 'tied' or 'separate', got {spec.carry!r}")
+    _check(spec.injection in ("pooled", "token"), source,
+           f"injection must be 'pooled' or 'token', got {spec.injection!r}")
+    _check(spec.quant in ("nf4", "bf16", "fp32"), source, f"quant must be nf4, bf16 or fp32, got {spec.quant!r}")
+    _check(isinstance(spec.max_length, int) and spec.max_length >= 8, source, "max_length must be an integer >= 8")
+    _check(spec.latent_dim % spec.output.heads == 0, f"{source}: output",
+           f"latent_dim {spec.latent_dim} must be divisible by heads {spec.output.heads}")
+    _check(2 <= spec.output.max_choices <= 26, f"{source}: output", "max_choices must be in [2, 26]")
+    _check(isinstance(spec.train, dict), source, "train must be a mapping")
+    return spec
+
+
+def load_spec(path: str | Path) -> GraphSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"graph file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}:{at} invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a YAML mapping with a 'nodes' list")
+    return from_dict(raw, str(path))
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return Path(str(resources.files("lowmem_graph.presets") / f"{name}.yaml"))
+
+
+def load_preset(name: str) -> GraphSpec:
+    return load_spec(preset_path(name))

@@ -1,0 +1,108 @@
+"""The `tiny` preset's models: five small random models of the paper's five architectures.
+
+Each is built deterministically on first use and cached, with its own tokenizer trained on the bundled
+ARC-Easy text. The tokenizers use different algorithms and vocabularies (like the real five do), so
+every run exercises cross-tokenizer handling. Random weights: these test plumbing, not accuracy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .files import atomic_dir
+
+ARCHS = ("llama", "qwen2", "gemma2", "phi3", "mistral")
+_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
+
+# (config class name, width, layers, heads, kv heads, tokenizer kind, vocab size)
+_RECIPES = {
+    "llama": ("LlamaConfig", 64, 4, 4, 2, "bpe-bytelevel", 384),
+    "qwen2": ("Qwen2Config", 48, 4, 4, 2, "bpe-bytelevel", 512),
+    "gemma2": ("Gemma2Config", 80, 4, 4, 2, "unigram", 448),
+    "phi3": ("Phi3Config", 96, 4, 4, 4, "bpe-metaspace", 320),
+    "mistral": ("MistralConfig", 128, 4, 4, 2, "wordpiece", 400),
+}
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def cache_root() -> Path:
+    """Where built tiny models and quantised nodes live (LOWMEM_GRAPH_CACHE overrides)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem-graph"
+    return Path(os.environ.get("LOWMEM_GRAPH_CACHE", default))
+
+
+def tiny_path(arch: str) -> Path:
+    """Path of the tiny model for `arch`, building it first if it is not cached yet."""
+    if arch not in _RECIPES:
+        raise UserError(f"unknown tiny model 'tiny:{arch}' (choose from {', '.join('tiny:' + a for a in ARCHS)})")
+    path = cache_root() / "tiny" / f"{arch}-v{_VERSION}"
+    if not (path / "config.json").exists():
+        _build(arch, path)
+    return path
+
+
+def _corpus() -> list[str]:
+    from .data import bundled_dir
+
+    lines = []
+    for row in map(json.loads, (bundled_dir() / "ARC-Easy-Train.jsonl").read_text().splitlines()):
+        lines.append(row["question"]["stem"])
+        lines.extend(c["text"] for c in row["question"]["choices"])
+    return lines
+
+
+def _tokenizer(kind: str, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe-bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "bpe-metaspace":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS)
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=SPECIALS, unk_token="<unk>")
+    else:  # wordpiece
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=SPECIALS)
+    tok.train_from_iterator(_corpus(), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def _build(arch: str, path: Path) -> None:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls, width, layers, heads, kv, kind, vocab = _RECIPES[arch]
+    tokenizer = _tokenizer(kind, vocab)
+    extra = {"head_dim": width // heads, "sliding_window": 64} if arch == "gemma2" else {}
+    config = getattr(transformers, cls)(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **extra)
+    torch.manual_seed(ARCHS.index(arch))
+    model = AutoModelForCausalLM.from_config(config)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

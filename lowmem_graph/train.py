@@ -1,0 +1,273 @@
+"""Training: AdamW on the projections and output node only; everything else stays frozen.
+
+A run folder holds everything needed to understand and resume a run:
+  config.yaml (graph + training settings), metrics.jsonl (one line per step and per epoch),
+  checkpoint.pt (trainable weights, optimizer, scheduler, RNG, position), trainable.safetensors,
+  curves.png, predictions-<task>-<split>.jsonl.
+The data order of epoch e is a permutation seeded by (seed, e), so a resumed run replays it exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .data import Question, load_task
+from .errors import UserError
+from .evaluate import evaluate, write_predictions
+from .files import atomic_file
+from .graph import FrozenGraph
+from .memory.report import format_snapshot, memory_snapshot
+from .spec import GraphSpec, from_dict
+
+
+@dataclass
+class TrainConfig:
+    task: str = "arc-easy"            # one task, or several joined by "+" (trained on together)
+    data_dir: str | None = None       # official local files; None: the hub (bundled files for ARC-Easy)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05              # share of steps with linear warm-up, then cosine decay
+    clip: float = 1.0                 # gradient-norm clip
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
+    max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+        cfg = cls(**raw)
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+            raise UserError(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
+        return cfg
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {self.device!r} asked for, but no CUDA device is available")
+        return device
+
+
+def load_questions(cfg: TrainConfig, split: str, limit: int | None) -> list[Question]:
+    questions = []
+    for task in cfg.task.split("+"):
+        questions += load_task(task.strip(), split, cfg.data_dir)
+    return questions[:limit] if limit else questions
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _schedule(total_steps: int, warmup: float):
+    warm = max(1, int(total_steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+    return factor
+
+
+def save_config(run_dir: Path, spec: GraphSpec, cfg: TrainConfig) -> None:
+    with atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"graph": spec.to_dict(), "train": dataclasses.asdict(cfg)}, sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> tuple[GraphSpec, TrainConfig]:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    raw = yaml.safe_load(path.read_text())
+    graph = dict(raw["graph"])
+    graph.pop("train", None)
+    return from_dict(graph, str(path)), TrainConfig.from_dict(raw["train"], f"{path}: train")
+
+
+def save_trainable(graph: FrozenGraph, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        save_file(graph.trainable_state(), str(tmp))
+
+
+class Trainer:
+    """One run: build once, then `fit`. Holds the state a checkpoint captures."""
+
+    def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print):
+        self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
+        self.device = cfg.resolved_device()
+        self.train_set = load_questions(cfg, cfg.train_split, cfg.limit_train)
+        self.eval_set = load_questions(cfg, cfg.eval_split, cfg.limit_eval)
+        if not self.train_set:
+            raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
+        set_seed(cfg.seed)
+        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
+        self.step = 0
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {"trainable": self.graph.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step}
+        with atomic_file(self.run_dir / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / "checkpoint.pt"
+        if not path.is_file():
+            raise UserError(f"nothing to resume in {self.run_dir}: no checkpoint.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.graph.load_trainable(state["trainable"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def _metric(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def train_step(self, questions: list[Question]) -> tuple[float, float, float]:
+        batch = self.graph.collate(questions)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.graph(batch)
+        labels = batch.labels.to(out.logits.device)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        accuracy = (out.logits.argmax(-1) == labels).float().mean().item()
+        return loss.item(), accuracy, float(grad_norm)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        result = None
+        while self.step < self.total_steps:
+            epoch, first = divmod(self.step, self.steps_per_epoch)
+            order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
+            losses, accs, started = [], [], time.time()
+            bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=None if self.progress else True, leave=False)
+            for i in bar:
+                questions = [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                loss, acc, grad_norm = self.train_step(questions)
+                self.step += 1
+                losses.append(loss)
+                accs.append(acc)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "acc": acc,
+                              "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    self.save_checkpoint()
+                    self.log(f"stopped after {self.step} steps (max_steps); resume with --resume {self.run_dir}")
+                    return {"stopped_at_step": self.step}
+            bar.close()
+            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, desc="eval")
+            memory = memory_snapshot(self.device)
+            record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
+                      "train_loss": float(np.mean(losses)) if losses else None,
+                      "train_acc": float(np.mean(accs)) if accs else None,
+                      "eval_loss": result.loss, "eval_acc": result.accuracy, "eval_ci": list(result.interval),
+                      "eval_n": result.n, "routing": dict(zip(self.graph.refiners, result.routing)),
+                      "seconds": time.time() - started, **memory}
+            self._metric(record)
+            train_text = f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f}" if losses else ""
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}  {train_text} | {cfg.eval_split} {result.summary()} | "
+                     f"{record['seconds']:.1f} s | {format_snapshot(memory)}")
+            self.save_checkpoint()
+            save_trainable(self.graph, self.run_dir / "trainable.safetensors")
+        if result is None:   # resumed a finished run: nothing left to train
+            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress)
+        tasks = cfg.task.replace("+", "_")
+        write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
+        from .plots import plot_curves
+
+        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    root = Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{stamp}-{n}"
+    return path
+
+
+def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          log=print) -> dict:
+    """Train (or resume) a run in `run_dir`. Bad input fails before the folder exists; a run that fails before
+    its first checkpoint leaves no folder behind."""
+    run_dir = Path(run_dir)
+    trainer = Trainer(spec, cfg, run_dir, progress, log)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            trainer.load_checkpoint()
+            log(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+        else:
+            save_config(run_dir, spec, cfg)
+        summary = trainer.fit()
+    except BaseException:
+        if created and not (run_dir / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    summary["run_dir"] = str(run_dir)
+    summary["memory"] = memory_snapshot(trainer.device)
+    return summary
