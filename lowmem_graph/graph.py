@@ -79,13 +79,18 @@ class FrozenGraph(nn.Module):
         self.output = OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.refiners))
 
     @classmethod
-    def build(cls, spec: GraphSpec, device=None, progress=None) -> "FrozenGraph":
-        """Load every node frozen (4-bit by default) and create the trainable parts on the same device."""
+    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None) -> "FrozenGraph":
+        """Load every node frozen (4-bit by default), then create the trainable parts on the same device.
+
+        `seed` is applied right before the trainable parts are initialised, so their values do not depend on
+        whether loading consumed random numbers (building a tiny model, say)."""
         nodes = {}
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {spec.quant})")
             nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, device, spec.max_length)
+        if seed is not None:
+            torch.manual_seed(seed)
         graph = cls(spec, nodes)
         return graph.to(next(iter(nodes.values())).device)
 

@@ -68,12 +68,25 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_config(ref: str):
+def bundled_config(ref: str):
+    """The config of a model the presets use, shipped with the package: `inspect` and `plan` need no download."""
+    import json
+    from importlib import resources
+
+    from transformers import AutoConfig
+
+    path = resources.files("lowmem_graph.presets") / "configs" / (ref.replace("/", "__") + ".json")
+    return AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def load_config(ref: str, prefer_bundled: bool = False):
     """The model's config, with clear errors for unknown ids and models that are not causal LMs."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     _quiet_transformers()
+    if prefer_bundled and (config := bundled_config(ref)) is not None:
+        return config, ref, False
     source, is_local = resolve_model(ref)
     try:
         config = AutoConfig.from_pretrained(source)

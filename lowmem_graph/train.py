@@ -143,7 +143,7 @@ class Trainer:
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
         set_seed(cfg.seed)
-        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None)
+        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

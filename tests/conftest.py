@@ -1,6 +1,53 @@
 import os
+import tempfile
+from pathlib import Path
 
 # Triton on CPU only works through its interpreter, and the flag must be set before any @triton.jit runs.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A fresh cache per test session: tiny models are built and quantised from scratch, as on a new machine.
+os.environ.setdefault("LOWMEM_GRAPH_CACHE", tempfile.mkdtemp(prefix="lowmem-graph-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(os.environ.get("LOWMEM_GRAPH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def shared_data() -> Path:
+    """The real data beside the checkout (ARC, OpenBookQA, stories260K); tests that need it skip without it."""
+    data = SHARED / "data"
+    if not (data / "arc").is_dir():
+        pytest.skip(f"shared data not found at {data}")
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from lowmem_graph.spec import load_preset
+
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_nodes(tiny_spec):
+    """The five tiny 4-bit nodes, loaded once; tests build fresh trainable parts around them."""
+    from lowmem_graph.graph import FrozenGraph
+
+    return FrozenGraph.build(tiny_spec, "cpu").nodes
+
+
+@pytest.fixture
+def tiny_graph(tiny_spec, tiny_nodes):
+    from lowmem_graph.graph import FrozenGraph
+
+    torch.manual_seed(0)
+    return FrozenGraph(tiny_spec, tiny_nodes)
+
+
+@pytest.fixture(scope="session")
+def questions():
+    from lowmem_graph.data import load_task
+
+    return load_task("arc-easy", "train", limit=16)

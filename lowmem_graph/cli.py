@@ -1,0 +1,158 @@
+"""`lowmem-graph`: train, eval, inspect. Mistakes a user can fix print one line and exit 2 (--debug: traceback)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _spec_from_args(args):
+    from .spec import load_preset, load_spec
+
+    if args.graph and args.preset:
+        raise UserError("give --graph FILE or --preset NAME, not both")
+    return load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny")
+
+
+def _add_graph_args(p):
+    p.add_argument("--preset", help="a shipped graph: tiny (default) or paper")
+    p.add_argument("--graph", help="a graph spec in YAML")
+
+
+def _add_data_args(p):
+    p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu (several: joined by +)")
+    p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_train(args) -> None:
+    from dataclasses import asdict
+
+    from .memory.report import format_snapshot
+    from .train import TrainConfig, load_run_config, new_run_dir, train
+
+    overrides = {k: v for k, v in {
+        "task": args.task, "data_dir": args.data_dir, "train_split": args.train_split, "eval_split": args.eval_split,
+        "limit_train": args.limit_train, "limit_eval": args.limit_eval, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
+        "checkpoint_every": args.checkpoint_every, "max_steps": args.max_steps}.items() if v is not None}
+    if args.resume:
+        if args.graph or args.preset or args.quant:
+            raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant")
+        run_dir = Path(args.resume)
+        spec, cfg = load_run_config(run_dir)
+        cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
+    else:
+        spec = _spec_from_args(args)
+        if args.quant:
+            spec.quant = args.quant
+        cfg = TrainConfig.from_dict({**spec.train, **overrides}, f"{spec.name}: train")
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.out, spec.name)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run folder {run_dir} exists and is not empty (use --resume {run_dir} to continue it)")
+    summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if "stopped_at_step" in summary:
+        return
+    lo, hi = summary["eval_ci"]
+    print(f"done: {cfg.eval_split} accuracy {summary['eval_acc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) after "
+          f"{summary['steps']} steps; {format_snapshot(summary['memory'])}")
+    print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, trainable.safetensors, curves.png)")
+
+
+def cmd_eval(args) -> None:
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from .evaluate import evaluate, write_predictions
+    from .graph import FrozenGraph
+    from .train import TrainConfig, load_questions, load_run_config
+
+    run_dir = Path(args.run_dir)
+    spec, cfg = load_run_config(run_dir)
+    weights = run_dir / "trainable.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{run_dir} has no trainable.safetensors yet (has an epoch finished?)")
+    overrides = {k: v for k, v in {"task": args.task, "data_dir": args.data_dir, "batch_size": args.batch_size,
+                                   "device": args.device}.items() if v is not None}
+    cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
+    questions = load_questions(cfg, args.split, args.limit)
+    graph = FrozenGraph.build(spec, cfg.resolved_device())
+    graph.load_trainable(load_file(str(weights)), str(weights))
+    result = evaluate(graph, questions, cfg.batch_size, progress=not args.no_progress)
+    out = write_predictions(result, Path(args.out) if args.out else
+                            run_dir / f"predictions-{cfg.task.replace('+', '_')}-{args.split}.jsonl")
+    print(f"{cfg.task} {args.split}: {result.summary()}")
+    print(f"routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
+    print(f"predictions: {out}")
+
+
+def cmd_inspect(args) -> None:
+    from .summary import format_description
+
+    print(format_description(_spec_from_args(args)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowmem-graph", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a graph (default: the tiny preset on bundled ARC-Easy, CPU-friendly)")
+    _add_graph_args(p)
+    _add_data_args(p)
+    p.add_argument("--quant", choices=["nf4", "bf16", "fp32"], help="frozen weights (default: the spec's, nf4)")
+    p.add_argument("--train-split")
+    p.add_argument("--eval-split")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
+    p.add_argument("--run-dir", help="exact run folder (default: <out>/<graph>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
+    p.add_argument("run_dir")
+    _add_data_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--out", help="predictions file (default: in the run folder)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")
+    _add_graph_args(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"lowmem-graph: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowmem-graph: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

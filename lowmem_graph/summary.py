@@ -1,0 +1,84 @@
+"""What a graph is made of, from configs alone: widths, layers, injection sites, parameter counts.
+
+Models are instantiated on the meta device (shapes, no memory, no weights), so the paper's 16B-parameter
+graph is described in a second with no download.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .nodes import load_config
+from .spec import GraphSpec
+
+
+@dataclass
+class NodeShape:
+    """What the trainable parts need to know of a node: its width (and, for reports, its depth and size)."""
+
+    name: str
+    role: str
+    model: str
+    width: int
+    n_layers: int
+    params: int
+    site: str     # "read layer 16/16" or "inject before layer 24/32"
+
+
+def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
+    from transformers import AutoModelForCausalLM
+
+    shapes = {}
+    for n in spec.nodes:
+        config, _, _ = load_config(n.model, prefer_bundled=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        text = config.get_text_config()
+        layers = text.num_hidden_layers
+        if n.role == "reader":
+            index = n.read_layer if n.read_layer > 0 else layers + n.read_layer + 1
+            site = f"read layer {index}/{layers} ({n.pooling} pooled)"
+        else:
+            inject = min(max(round(n.inject_depth * layers), 1), layers - 1)
+            site = f"inject before layer {inject}/{layers} (a={n.blend})"
+        shapes[n.name] = NodeShape(n.name, n.role, n.model, text.hidden_size, layers,
+                                   sum(p.numel() for p in model.parameters()), site)
+    return shapes
+
+
+def describe(spec: GraphSpec) -> tuple[dict[str, NodeShape], dict[str, int]]:
+    """Node shapes and the graph's trainable parameter count per part, from the real FrozenGraph module."""
+    from .graph import FrozenGraph
+
+    shapes = node_shapes(spec)
+    with torch.device("meta"):
+        graph = FrozenGraph(spec, shapes)
+    parts: dict[str, int] = {}
+    for name, p in graph.named_parameters():
+        key = name.split(".")[0] + ("." + name.split(".")[1] if name.startswith(("read_proj", "readout", "carry"))
+                                    else "")
+        parts[key] = parts.get(key, 0) + p.numel()
+    return shapes, parts
+
+
+def format_description(spec: GraphSpec) -> str:
+    shapes, parts = describe(spec)
+    lines = [f"graph {spec.name}: latent {spec.latent_dim}, carry {spec.carry}, injection {spec.injection}, "
+             f"frozen weights {spec.quant}", ""]
+    header = f"{'node':<10} {'role':<8} {'model':<36} {'width':>6} {'layers':>6} {'params':>9}  site"
+    lines += [header, "-" * len(header)]
+    for s in shapes.values():
+        lines.append(f"{s.name:<10} {s.role:<8} {s.model[-36:]:<36} {s.width:>6} {s.n_layers:>6} "
+                     f"{_human(s.params):>9}  {s.site}")
+    frozen = sum(s.params for s in shapes.values())
+    trainable = sum(parts.values())
+    lines += ["", "trainable parameters:"]
+    lines += [f"  {k:<24} {v:>12,}" for k, v in parts.items()]
+    lines += [f"  {'total':<24} {trainable:>12,}  ({_human(trainable)})",
+              f"frozen parameters: {frozen:,} ({_human(frozen)}); trainable share {trainable / frozen:.4%}"]
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"

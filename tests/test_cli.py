@@ -1,0 +1,133 @@
+"""The command line: the default job, eval, inspect, and one clear line for every bad input."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from lowmem_graph.cli import main
+
+from conftest import shared_data
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_clean_error(code, err, expected):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lowmem-graph: error:"), err
+    assert expected in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "short"
+    assert main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
+                 "--no-progress"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_default_train_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "train", "--no-progress")
+    assert code == 0
+    assert [line for line in out.splitlines() if line.startswith("epoch ")][-1].startswith("epoch 3/3")
+    assert "host RSS" in out and "validation acc" in out and "95% CI" in out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert {"config.yaml", "metrics.jsonl", "trainable.safetensors", "curves.png"} <= {p.name for p in run.iterdir()}
+
+
+def test_eval_reports_interval_and_writes_predictions(short_run, capsys, tmp_path):
+    out_file = tmp_path / "preds.jsonl"
+    code, out, _ = run_cli(capsys, "eval", str(short_run), "--split", "validation", "--limit", "12",
+                           "--out", str(out_file), "--no-progress")
+    assert code == 0 and "95% CI" in out and "routing share" in out
+    rows = [json.loads(x) for x in out_file.read_text().splitlines()]
+    assert len(rows) == 12 and {"id", "label", "prediction", "correct", "probs"} <= set(rows[0])
+
+
+def test_inspect_paper(capsys):
+    code, out, _ = run_cli(capsys, "inspect", "--preset", "paper")
+    assert code == 0
+    assert "17,577,985" in out and "inject before layer 24/32" in out and "16.457B" in out
+    for width in ("2048", "1536", "2304", "3072", "4096"):
+        assert width in out
+
+
+def _graph_file(tmp_path, model):
+    spec = yaml.safe_load(open(__import__("lowmem_graph.spec", fromlist=["x"]).preset_path("tiny")))
+    spec["nodes"][0]["model"] = model
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("nobody-here/no-such-model-xyz", "unknown model id"),
+    ("./no/such/folder", "model path not found"),
+])
+def test_bad_models_fail_cleanly_and_leave_nothing(tmp_path, capsys, model, expected):
+    code, _, err = run_cli(capsys, "train", "--graph", str(_graph_file(tmp_path, model)), "--out",
+                           str(tmp_path / "runs"))
+    assert_clean_error(code, err, expected)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
+    code, _, err = run_cli(capsys, "train", "--graph", str(_graph_file(tmp_path, str(tmp_path / "t5"))))
+    assert_clean_error(code, err, "not a causal LM")
+
+
+def test_bad_yaml(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("nodes: [\n  {name: a\n")
+    code, _, err = run_cli(capsys, "inspect", "--graph", str(path))
+    assert_clean_error(code, err, str(path))
+    with pytest.raises(Exception):
+        main(["--debug", "inspect", "--graph", str(path)])   # --debug shows the real traceback
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--task", "arc-hard"], "unknown task 'arc-hard'"),
+    (["--eval-split", "dev2"], "split"),
+])
+def test_bad_task_or_split(tmp_path, capsys, flags, expected):
+    code, _, err = run_cli(capsys, "train", *flags, "--out", str(tmp_path / "runs"))
+    assert_clean_error(code, err, expected)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_data_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    source = shared_data() / "arc"
+    lines = (source / "ARC-Easy-Train.jsonl").read_text().splitlines()[:5]
+    lines[3] = lines[3][:40]
+    (data / "ARC-Easy-Train.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(source / "ARC-Easy-Dev.jsonl", data)
+    code, _, err = run_cli(capsys, "train", "--data-dir", str(data), "--out", str(tmp_path / "runs"))
+    assert_clean_error(code, err, f"{data / 'ARC-Easy-Train.jsonl'}:4")
+
+
+def test_mismatched_widths_on_eval(short_run, tmp_path, capsys):
+    run = tmp_path / "edited"
+    shutil.copytree(short_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["graph"]["latent_dim"] = 16
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = run_cli(capsys, "eval", str(run), "--split", "validation", "--limit", "4")
+    assert_clean_error(code, err, "mismatched widths")
+
+
+def test_existing_run_folder_is_not_overwritten(short_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(short_run))
+    assert_clean_error(code, err, "--resume")

@@ -1,0 +1,109 @@
+"""Frozen nodes: 4-bit loading of the five architectures, hooks, the quantised-node cache, llama2.c nodes."""
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from lowmem_graph.errors import UserError
+from lowmem_graph.nodes import FrozenNode, load_config
+from lowmem_graph.spec import NodeSpec
+from lowmem_graph.tiny import ARCHS
+
+from conftest import shared_data
+
+TEXTS = ["Question: Which gas do plants take in?\nA. oxygen\nB. carbon dioxide\nAnswer:", "Short one."]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_loads_frozen_in_nf4(tiny_nodes, arch):
+    node = tiny_nodes[arch]
+    linears = [m for m in node.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears, "decoder linears must be 4-bit"
+    assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears)
+    assert not any(p.requires_grad for p in node.model.parameters())
+    enc = node.encode(TEXTS)
+    states = node.read(enc["input_ids"], enc["attention_mask"])
+    assert states.shape == (*enc["input_ids"].shape, node.width) and torch.isfinite(states).all()
+
+
+def test_tokenizers_differ_across_tiny_nodes(tiny_nodes):
+    ids = {name: tuple(node.encode(TEXTS[:1])["input_ids"][0].tolist()) for name, node in tiny_nodes.items()}
+    assert len(set(ids.values())) == len(ids)
+    assert len({len(node.tokenizer) for node in tiny_nodes.values()}) == len(ids)
+
+
+def test_read_stops_after_read_layer(tiny_nodes):
+    node = tiny_nodes["llama"]
+    calls = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(node.layers)]
+    try:
+        enc = node.encode(TEXTS)
+        node.read(enc["input_ids"], enc["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == list(range(node.read_layer + 1))
+
+
+def test_inject_hook_rewrites_input_of_the_injection_layer(tiny_nodes):
+    node = tiny_nodes["phi3"]
+    enc = node.encode(TEXTS)
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = node.layers[node.inject_layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        plain = node.run(enc["input_ids"], enc["attention_mask"])
+        steered = node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0 + 1.0)
+    finally:
+        handle.remove()
+    # our hook runs first (registered at load), so the layer sees the rewritten stream
+    assert torch.equal(seen["h"], torch.ones_like(seen["h"]))
+    assert not torch.allclose(plain, steered)
+    assert node.inject_layer == round(0.75 * node.n_layers)
+
+
+def test_quantised_node_is_saved_once_and_reloaded_without_quantising(monkeypatch, tiny_nodes):
+    spec = NodeSpec(name="q", model="tiny:qwen2", role="reader")   # already quantised once by tiny_nodes
+
+    def no_quantising(*args, **kwargs):
+        raise AssertionError("quantize_4bit called for a node that was saved quantised")
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", no_quantising)
+    node = FrozenNode.load(spec, "nf4", "cpu", 64)
+    reference = tiny_nodes["qwen2"]
+    for (name, a), (_, b) in zip(node.frozen_tensors(), reference.frozen_tensors()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("quant, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_unquantised_flags(quant, dtype):
+    node = FrozenNode.load(NodeSpec(name="m", model="tiny:mistral", role="refiner"), quant, "cpu", 64)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in node.model.modules())
+    assert node.layers[0].mlp.up_proj.weight.dtype == dtype
+    assert not any(p.requires_grad for p in node.model.parameters())
+
+
+def test_stories260k_loads_as_a_4bit_node():
+    path = shared_data() / "models" / "stories260K" / "stories260K.bin"
+    node = FrozenNode.load(NodeSpec(name="s", model=str(path), role="refiner"), "nf4", "cpu", 64)
+    assert node.width == 64 and node.n_layers == 5
+    enc = node.encode(["Once upon a time, there was a little cat."])
+    out = node.run(enc["input_ids"], enc["attention_mask"])
+    assert out.shape[-1] == 64 and torch.isfinite(out).all()
+
+
+def test_model_errors(tmp_path):
+    with pytest.raises(UserError, match="model path not found"):
+        load_config(str(tmp_path / "missing-model"))
+    with pytest.raises(UserError, match="unknown model id"):
+        load_config("nobody-here/no-such-model-xyz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_config(str(tmp_path / "empty"))
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UserError, match="not a causal LM"):
+        load_config(str(tmp_path / "t5"))

@@ -1,0 +1,54 @@
+"""Training runs: run folder contents, exact resume, evaluation."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_graph.evaluate import wilson_interval
+from lowmem_graph.spec import load_preset
+from lowmem_graph.train import TrainConfig, train
+
+SMALL = dict(limit_train=24, limit_eval=8, batch_size=8, epochs=2, lr=3e-3)
+
+
+def _cfg(**kw):
+    return TrainConfig.from_dict({**load_preset("tiny").train, **SMALL, **kw})
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    spec = load_preset("tiny")
+    train(spec, _cfg(), tmp_path / "straight", progress=False, log=lambda *_: None)
+    stopped = train(spec, _cfg(max_steps=4), tmp_path / "resumed", progress=False, log=lambda *_: None)
+    assert stopped == {"stopped_at_step": 4, "run_dir": str(tmp_path / "resumed"), "memory": stopped["memory"]}
+    train(spec, _cfg(), tmp_path / "resumed", resume=True, progress=False, log=lambda *_: None)
+    a = load_file(tmp_path / "straight" / "trainable.safetensors")
+    b = load_file(tmp_path / "resumed" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "step"] == list(range(1, 7))
+
+
+def test_run_folder_has_everything(tmp_path):
+    run = tmp_path / "run"
+    summary = train(load_preset("tiny"), _cfg(epochs=1), run, progress=False, log=lambda *_: None)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "trainable.safetensors", "curves.png",
+            "predictions-arc-easy-validation.jsonl"} <= names
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    record = [r for r in epochs if r["kind"] == "epoch"][0]
+    assert record["host_rss_mb"] > 0 and 0 <= record["eval_acc"] <= 1 and record["eval_n"] == 8
+    assert set(record["routing"]) == {"phi3", "mistral"}
+    assert 0 <= summary["eval_ci"][0] <= summary["eval_acc"] <= summary["eval_ci"][1] <= 1
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert {"trainable", "optimizer", "scheduler", "rng", "step"} <= set(state)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
