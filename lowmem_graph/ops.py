@@ -5,9 +5,12 @@ Triton kernel on CUDA and the PyTorch reference elsewhere; LOWMEM_GRAPH_INJECT=t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from lowmem_graph.errors import UserError
 
 
 def inject_reference(h, xs, weights, carry, blend: float, eps: float = 1e-6):
@@ -27,6 +30,31 @@ def inject_reference(h, xs, weights, carry, blend: float, eps: float = 1e-6):
     return out.to(h.dtype)
 
 
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import lowmem_graph.kernels.inject  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def inject_backend(h) -> str:
+    """"triton" or "torch" for this h: LOWMEM_GRAPH_INJECT=triton|torch|auto (default auto: Triton on CUDA)."""
+    mode = os.environ.get("LOWMEM_GRAPH_INJECT", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "torch"):
+        raise UserError(f"LOWMEM_GRAPH_INJECT={mode!r}: expected triton, torch or auto")
+    if mode == "triton" and not _triton_importable():
+        raise UserError("LOWMEM_GRAPH_INJECT=triton but triton is not installed (pip install triton)")
+    if mode == "auto":
+        return "triton" if h.is_cuda and _triton_importable() else "torch"
+    return mode
+
+
 def fused_inject(h, xs, weights, carry, blend: float):
     """Dispatch: Triton on CUDA, the PyTorch reference elsewhere (override: LOWMEM_GRAPH_INJECT)."""
+    if inject_backend(h) == "triton":
+        from lowmem_graph.kernels.inject import fused_inject_triton
+
+        return fused_inject_triton(h, xs, weights, carry, blend)
     return inject_reference(h, xs, weights, carry, blend)

@@ -1,0 +1,129 @@
+"""Triton injection kernels against `inject_reference`; on CPU through TRITON_INTERPRET=1 (set in conftest)."""
+import types
+
+import pytest
+import torch
+
+import lowmem_graph.kernels.inject as inject_kernels
+from lowmem_graph import ops
+from lowmem_graph.errors import UserError
+from lowmem_graph.kernels.inject import fused_inject_triton
+from lowmem_graph.ops import inject_reference
+
+READER_WIDTHS = (24, 40, 17, 33)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_case(K, pooled, dtype, device="cpu", B=2, T=5, D=48, L=32, widths=READER_WIDTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    h = rand(B, T, D).requires_grad_()
+    xs = [rand(B, d) if pooled else rand(B, T, d) for d in widths[:K]]
+    weights = [rand(L, d, scale=d ** -0.5).requires_grad_() for d in widths[:K]]
+    carry = rand(D, L, scale=L ** -0.5).requires_grad_()
+    return h, xs, weights, carry, rand(B, T, D)
+
+
+def run(fn, h, xs, weights, carry, dy, blend=0.3):
+    """Output and grads of (h, carry, W_1..W_K) for the same upstream gradient dy."""
+    leaves = [t for t in (h, carry, *weights) if t.requires_grad]
+    out = fn(h, xs, weights, carry, blend)
+    return out, torch.autograd.grad(out, leaves, dy)
+
+
+def assert_matches(case, dtype, atol, rtol):
+    """atol is relative to the reference's largest magnitude: gradient scales differ by tensor."""
+    out, grads = run(fused_inject_triton, *case)
+    ref_out, ref_grads = run(inject_reference, *case)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [
+    pytest.param(torch.float32, 1e-5, 1e-4, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+    # The interpreter upcasts bf16 dots; test_bf16_cuda covers the real ones.
+    pytest.param(torch.bfloat16, 1e-2, 2e-2, id="bf16"),
+])
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_matches_reference(K, pooled, dtype, atol, rtol):
+    assert_matches(make_case(K, pooled, dtype), dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("h_grad", [True, False])
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+def test_degenerate_rows(pooled, h_grad):
+    """||u|| below eps (clamped), an all-zero h row, h with and without grad."""
+    h, xs, weights, carry, dy = make_case(2, pooled, torch.float32)
+    h = h.detach().clone()
+    h[0, 1] = 0
+    h.requires_grad_(h_grad)
+    carry = (carry.detach() * 1e-8).requires_grad_()
+    assert_matches((h, xs, weights, carry, dy), torch.float32, 1e-5, 1e-4)
+
+
+def test_strided_inputs():
+    """Views as callers pass them: last-token reader states, transposed weights, h and dy with padded rows."""
+    h, xs, weights, carry, dy = make_case(3, False, torch.float32, D=40)
+    xs = [x[:, -1] for x in xs]
+    weights = [w.detach().t().contiguous().t().requires_grad_() for w in weights]
+    h = torch.nn.functional.pad(h.detach(), (0, 3))[..., :40].requires_grad_()
+    dy = torch.nn.functional.pad(dy, (0, 5))[..., :40]
+    assert_matches((h, xs, weights, carry, dy), torch.float32, 1e-5, 1e-4)
+
+
+def test_rejects_bad_inputs():
+    h, xs, weights, carry, _ = make_case(2, False, torch.float32)
+    with pytest.raises(ValueError, match="reader 1"):
+        fused_inject_triton(h, [xs[0], xs[1][:, :, :-1]], weights, carry, 0.3)
+    with pytest.raises(ValueError, match="frozen"):
+        fused_inject_triton(h, [xs[0], xs[1].requires_grad_()], weights, carry, 0.3)
+
+
+def test_dispatch_honours_env(monkeypatch):
+    calls = []
+    real = inject_kernels.fused_inject_triton
+    monkeypatch.setattr(inject_kernels, "fused_inject_triton", lambda *a: calls.append(1) or real(*a))
+    h, xs, weights, carry, _ = make_case(2, True, torch.float32)
+    want = inject_reference(h, xs, weights, carry, 0.3)
+
+    monkeypatch.delenv("LOWMEM_GRAPH_INJECT", raising=False)
+    assert ops.inject_backend(h) == "torch"
+    assert ops.inject_backend(types.SimpleNamespace(is_cuda=True)) == "triton"
+    torch.testing.assert_close(ops.fused_inject(h, xs, weights, carry, 0.3), want)
+    assert not calls
+
+    monkeypatch.setenv("LOWMEM_GRAPH_INJECT", "torch")
+    assert ops.inject_backend(types.SimpleNamespace(is_cuda=True)) == "torch"
+
+    monkeypatch.setenv("LOWMEM_GRAPH_INJECT", "Triton")
+    torch.testing.assert_close(ops.fused_inject(h, xs, weights, carry, 0.3), want, atol=1e-5, rtol=1e-4)
+    assert calls == [1]
+
+    monkeypatch.setenv("LOWMEM_GRAPH_INJECT", "cuda")
+    with pytest.raises(UserError, match="LOWMEM_GRAPH_INJECT"):
+        ops.fused_inject(h, xs, weights, carry, 0.3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+def test_bf16_cuda(pooled):
+    assert_matches(make_case(3, pooled, torch.bfloat16, device="cuda"), torch.bfloat16, 1e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype, atol, rtol", [
+    pytest.param(torch.float32, 1e-5, 1e-4, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-2, 2e-2, id="bf16"),
+])
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+def test_large_cuda(pooled, dtype, atol, rtol):
+    case = make_case(3, pooled, dtype, device="cuda", B=4, T=300, D=2000, L=1024, widths=(2048, 1536, 1000))
+    assert_matches(case, dtype, atol, rtol)
