@@ -89,7 +89,7 @@ def cmd_eval(args) -> None:
     out = write_predictions(result, Path(args.out) if args.out else
                             run_dir / f"predictions-{cfg.task.replace('+', '_')}-{args.split}.jsonl")
     print(f"{cfg.task} {args.split}: {result.summary()}")
-    print(f"routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
+    print("routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
     print(f"predictions: {out}")
 
 

@@ -8,16 +8,22 @@ state_dict, so checkpoints hold exactly what trains.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
 from .nodes import FrozenNode
 from .ops import fused_inject
 from .spec import GraphSpec
+
+
+def _inject(h, xs, weights, carry, blend):
+    return fused_inject(h, xs, weights, carry, blend)
 
 
 class OutputNode(nn.Module):
@@ -56,6 +62,7 @@ class Batch:
     labels: torch.Tensor
     n_choices: torch.Tensor
     ids: list[str]
+    align: dict[tuple[str, str], torch.Tensor] | None = None   # per-token mode: (reader, refiner) -> (B, T_refiner)
 
 
 @dataclass
@@ -106,32 +113,48 @@ class FrozenGraph(nn.Module):
             raise UserError(f"question {too_many[0]} has more choices than output.max_choices="
                             f"{self.spec.output.max_choices}")
         texts = [format_prompt(q) for q in questions]
-        tokens = {}
+        per_token = self.spec.injection == "token"
+        tokens, offsets = {}, {}
         for name, node in self.nodes.items():
-            enc = node.encode(texts)
+            enc = node.encode(texts, offsets=per_token)
             tokens[name] = (enc["input_ids"], enc["attention_mask"])
+            offsets[name] = enc.get("offset_mapping")
+        align = None
+        if per_token:
+            align = {(r, j): align_index(offsets[r], tokens[r][1], len(self.nodes[r].spec.prefix),
+                                         offsets[j], tokens[j][1], len(self.nodes[j].spec.prefix))
+                     for r in self.readers for j in self.refiners}
         return Batch(tokens, torch.tensor([q.label for q in questions]),
-                     torch.tensor([len(q.choices) for q in questions]), [q.id for q in questions])
+                     torch.tensor([len(q.choices) for q in questions]), [q.id for q in questions], align)
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def reader_states(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Frozen, input-only work: each reader's pooled states (B, d_k) in fp32. No gradient flows here."""
+        """Frozen, input-only work: each reader's states in fp32, pooled (B, d_k) or per token (B, T_k, d_k)."""
         states = {}
         for r in self.readers:
             ids, mask = batch.tokens[r]
             node = self.nodes[r]
-            states[r] = node.pool(node.read(ids, mask), mask)
+            full = node.read(ids, mask)
+            states[r] = full if self.spec.injection == "token" else node.pool(full, mask)
         return states
+
+    def _reader_inputs(self, states, batch: Batch, refiner: str) -> list[torch.Tensor]:
+        """What refiner j receives from each reader: the pooled vector, or its tokens aligned to j's tokens."""
+        if self.spec.injection == "token":
+            return [gather_tokens(states[r], batch.align[(r, refiner)]) for r in self.readers]
+        return [states[r] for r in self.readers]
 
     def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None) -> GraphOutput:
         states = reader_states if reader_states is not None else self.reader_states(batch)
-        xs = [states[r] for r in self.readers]
         weights = [self.read_proj[r].weight for r in self.readers]
         projected, masks = [], []
         for j in self.refiners:
             node, (ids, mask) = self.nodes[j], batch.tokens[j]
+            xs = self._reader_inputs(states, batch, j)
             carry, blend = self.carry_weight(j), node.spec.blend
-            final = node.run(ids, mask, inject=lambda h: fused_inject(h, xs, weights, carry, blend))
+            # bound now, not looked up later: a checkpointed recompute in backward calls it again
+            inject = functools.partial(_inject, xs=xs, weights=weights, carry=carry, blend=blend)
+            final = node.run(ids, mask, inject=inject)
             projected.append(self.readout[j](final.float()))
             masks.append(mask.to(final.device))
         device = projected[0].device

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
 
 from lowmem_graph.errors import UserError
 
