@@ -40,13 +40,14 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
-             desc: str = "eval") -> EvalResult:
+             desc: str = "eval", states=None) -> EvalResult:
+    """`states`: the frozen pass over these questions (graph.precompute), so only the refiners' tops run."""
     graph.eval()
     predictions, total_loss, routing = [], 0.0, []
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=None if progress else True, leave=False):
         chunk = questions[start:start + batch_size]
         batch = graph.collate(chunk)
-        out = graph(batch)
+        out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
         labels = batch.labels.to(out.logits.device)
         total_loss += torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum").item()
         probs = out.logits.float().softmax(-1).cpu()

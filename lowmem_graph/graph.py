@@ -71,6 +71,31 @@ class GraphOutput:
     routing: torch.Tensor         # (B, n_refiners): output-node attention share per refiner
 
 
+@dataclass
+class FrozenStates:
+    """What the frozen pass produced for one data set, served per batch in the shapes `forward` takes."""
+
+    rows: dict[str, int]                 # question id -> row
+    entries: dict[str, object]           # node name -> cache.CacheEntry
+
+    def for_batch(self, graph: "FrozenGraph", batch: Batch):
+        rows = [self.rows[i] for i in batch.ids]
+        device = next(graph.parameters()).device
+
+        def padded(name):
+            items = [self.entries[name].row(r) for r in rows]
+            out = items[0].new_zeros(len(items), batch.tokens[name][1].shape[1], items[0].shape[-1])
+            for b, (item, length) in enumerate(zip(items, batch.tokens[name][1].sum(1).tolist())):
+                if len(item) != length:
+                    raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
+                out[b, : len(item)] = item
+            return out.to(device)
+
+        readers = {r: (padded(r) if graph.spec.injection == "token"
+                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)) for r in graph.readers}
+        return readers, {j: padded(j) for j in graph.refiners}
+
+
 class FrozenGraph(nn.Module):
     def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode]):
         super().__init__()
@@ -144,7 +169,10 @@ class FrozenGraph(nn.Module):
             return [gather_tokens(states[r], batch.align[(r, refiner)]) for r in self.readers]
         return [states[r] for r in self.readers]
 
-    def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+    def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None,
+                prefixes: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+        """`reader_states` and `prefixes` (each refiner's stream entering its injection layer) come from the
+        frozen-prefix cache when training from it; without them the frozen nodes run here."""
         states = reader_states if reader_states is not None else self.reader_states(batch)
         weights = [self.read_proj[r].weight for r in self.readers]
         projected, masks = [], []
@@ -154,12 +182,49 @@ class FrozenGraph(nn.Module):
             carry, blend = self.carry_weight(j), node.spec.blend
             # bound now, not looked up later: a checkpointed recompute in backward calls it again
             inject = functools.partial(_inject, xs=xs, weights=weights, carry=carry, blend=blend)
-            final = node.run(ids, mask, inject=inject)
+            final = node.run(ids, mask, inject=inject, prefix=prefixes[j] if prefixes is not None else None)
             projected.append(self.readout[j](final.float()))
             masks.append(mask.to(final.device))
         device = projected[0].device
         logits, routing = self.output(projected, masks, batch.n_choices.to(device))
         return GraphOutput(logits, routing)
+
+    # ---- the model-major frozen pass ------------------------------------------------------------------------
+    def precompute(self, questions: list[Question], cache, batch_size: int = 16, progress: bool = True) -> "FrozenStates":
+        """Run every node once over all questions, one model after the other, keeping what is input-only:
+        readers' states and refiners' streams at their injection layer. Entries already cached are reused."""
+        from tqdm.auto import tqdm
+
+        from .cache import PROMPT_FORMAT, fingerprint, tokenizer_fingerprint
+
+        ids = [q.id for q in questions]
+        if len(set(ids)) != len(ids):
+            raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
+        data = fingerprint([(q.id, format_prompt(q)) for q in questions])
+        entries = {}
+        for name, node in self.nodes.items():
+            reader = name in self.readers
+            what = (("tokens" if self.spec.injection == "token" else node.spec.pooling, node.read_layer) if reader
+                    else ("prefix", node.inject_layer))
+            key = fingerprint(node.identity, what, node.spec.prefix, node.max_length,
+                              tokenizer_fingerprint(node.tokenizer), PROMPT_FORMAT, data)[:32]
+            entry = cache.load(key)
+            if entry is None:
+                rows = []
+                for start in tqdm(range(0, len(questions), batch_size), desc=f"caching {name}",
+                                  disable=None if progress else True, leave=False):
+                    enc = node.encode([format_prompt(q) for q in questions[start:start + batch_size]])
+                    ids_, mask = enc["input_ids"], enc["attention_mask"]
+                    pooled = reader and self.spec.injection == "pooled"
+                    if reader:
+                        out = node.read(ids_, mask)
+                        out = node.pool(out, mask)[:, None] if pooled else out
+                    else:
+                        out = node.prefix(ids_, mask)
+                    rows += [o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask)]
+                entry = cache.save(key, rows, {"node": name, "model": node.spec.model, "what": what})
+            entries[name] = entry
+        return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

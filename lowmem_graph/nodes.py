@@ -14,10 +14,17 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .files import atomic_dir
+from .files import atomic_dir, file_sha256
 from .spec import NodeSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer whose output a cache already holds."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 class _StopForward(Exception):
@@ -47,7 +54,7 @@ def resolve_model(ref: str) -> tuple[str, bool]:
 
             if not is_llama2c_checkpoint(path):
                 raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
-            digest = _file_digest(path)
+            digest = file_sha256(path)
             out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
             if not (out / "config.json").exists():
                 convert_llama2c(path, out)
@@ -58,14 +65,6 @@ def resolve_model(ref: str) -> tuple[str, bool]:
     if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
         raise UserError(f"model path not found: {ref}")
     return ref, False
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundled_config(ref: str):
@@ -98,14 +97,19 @@ def load_config(ref: str, prefer_bundled: bool = False):
     return config, source, is_local
 
 
+def source_identity(source: str, is_local: bool) -> str:
+    """What names a model's weights: the hub id, or a local folder's path with its weight files' sizes and times."""
+    if not is_local:
+        return source
+    stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).glob("*.safetensors"))
+    return f"{Path(source).resolve()}|{stamps}"
+
+
 def _quantised_cache_dir(source: str, is_local: bool, quant: str) -> Path:
-    """Where a node quantised once is saved, keyed by source identity (path + weight file stamps, or hub id)."""
+    """Where a node quantised once is saved, keyed by its source identity."""
     from .tiny import cache_root
 
-    key = source
-    if is_local:
-        stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).glob("*.safetensors"))
-        key = f"{Path(source).resolve()}|{stamps}"
+    key = source_identity(source, is_local)
     slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
     return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -117,8 +121,9 @@ def default_device() -> torch.device:
 class FrozenNode:
     """A frozen causal LM with its own tokenizer and framing prefix, read or steered by hooks."""
 
-    def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int):
+    def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int, identity: str = ""):
         self.spec = spec
+        self.identity = identity      # names the exact frozen weights (source + quantisation): cache keys use it
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -131,7 +136,7 @@ class FrozenNode:
         self.n_layers = len(self.layers)
         self.read_layer = self._layer_index(spec.read_layer)
         self.inject_layer = min(max(round(spec.inject_depth * self.n_layers), 1), self.n_layers - 1)
-        self._inject = None
+        self._inject = self._prefix = None
         self.layers[self.inject_layer].register_forward_pre_hook(self._inject_hook, with_kwargs=True)
 
     def _layer_index(self, read_layer: int) -> int:
@@ -189,7 +194,8 @@ class FrozenNode:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "right"
         tokenizer.truncation_side = "left"   # answer options sit at the end of the prompt
-        return cls(spec, model, tokenizer, max_length)
+        identity = f"{source_identity(source, is_local)}|{quant}|{compute}"
+        return cls(spec, model, tokenizer, max_length, identity)
 
     # ---- running -------------------------------------------------------------------------------------------
     def encode(self, texts: list[str], offsets: bool = False):
@@ -208,6 +214,7 @@ class FrozenNode:
         def stop(module, args, output):
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
+        self._inject = self._prefix = None
         handle = self.layers[self.read_layer].register_forward_hook(stop)
         try:
             with self._autocast():
@@ -229,26 +236,64 @@ class FrozenNode:
         m = mask.unsqueeze(-1).to(states.dtype)
         return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def run(self, input_ids, attention_mask, inject=None) -> torch.Tensor:
-        """Final hidden states (B, T, d), after the final norm; `inject(h) -> h` rewrites the injection layer's input.
+    @torch.no_grad()
+    def prefix(self, input_ids, attention_mask) -> torch.Tensor:
+        """The residual stream entering the injection layer (B, T, d): input-only work a cache can keep."""
+        def stop(module, args, kwargs):
+            raise _StopForward(args[0] if args else kwargs["hidden_states"])
 
-        Layers below the injection see no tensor that needs grad, so autograd records nothing there.
-        """
-        self._inject = inject
+        self._inject = self._prefix = None
+        handle = self.layers[self.inject_layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
             with self._autocast():
-                out = self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                use_cache=False)
+                self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                          use_cache=False)
+            raise RuntimeError("prefix hook did not fire")
+        except _StopForward as stopped:
+            return stopped.hidden
         finally:
-            self._inject = None
+            handle.remove()
+
+    def run(self, input_ids, attention_mask, inject=None, prefix=None) -> torch.Tensor:
+        """Final hidden states (B, T, d), after the final norm; `inject(h) -> h` rewrites the injection layer's input.
+
+        With `prefix` (what `prefix()` returned for these inputs) the layers below the injection are skipped.
+        Layers below the injection see no tensor that needs grad, so autograd records nothing there. `inject`
+        and `prefix` stay set after the call: a checkpointed recompute in backward runs the hook again.
+        """
+        self._inject, self._prefix = inject, prefix
+        mask = attention_mask.to(self.device)
+        with self._autocast():
+            if prefix is None:
+                out = self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+            else:
+                with self._lower_layers_skipped():
+                    out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
+    @contextlib.contextmanager
+    def _lower_layers_skipped(self):
+        """Swap the layers below the injection for pass-throughs (the list keeps its length and indices)."""
+        lower = [self.layers[i] for i in range(self.inject_layer)]
+        for i in range(self.inject_layer):
+            self.layers[i] = _PassThrough()
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(lower):
+                self.layers[i] = layer
+
     def _inject_hook(self, module, args, kwargs):
-        if self._inject is None:
+        if self._inject is None and self._prefix is None:
             return None
+        h = args[0] if args else kwargs["hidden_states"]
+        if self._prefix is not None:     # the cached stream, not what the pass-throughs carried (Gemma scales it)
+            h = self._prefix.to(h.device, h.dtype)
+        if self._inject is not None:
+            h = self._inject(h)
         if args:
-            return (self._inject(args[0]),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self._inject(kwargs["hidden_states"])}
+            return (h,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
 
     def frozen_tensors(self):
         """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""

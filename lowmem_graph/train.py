@@ -48,6 +48,8 @@ class TrainConfig:
     clip: float = 1.0                 # gradient-norm clip
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
+    prefix_cache: bool = True         # run frozen input-only work once (model-major) and train from its cache
+    cache_dir: str | None = None      # where the prefix cache lives (default: <cache root>/prefix)
     checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
 
@@ -149,6 +151,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
+        self.train_states = self.eval_states = None
+        if cfg.prefix_cache:
+            from .cache import PrefixCache
+            from .tiny import cache_root
+
+            cache = PrefixCache(cfg.cache_dir or cache_root() / "prefix", log=log)
+            self.train_states = self.graph.precompute(self.train_set, cache, cfg.batch_size, progress)
+            self.eval_states = self.graph.precompute(self.eval_set, cache, cfg.batch_size, progress)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -175,8 +185,9 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def train_step(self, questions: list[Question]) -> tuple[float, float, float]:
         batch = self.graph.collate(questions)
+        frozen = self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.graph(batch)
+            out = self.graph(batch, *frozen)
         labels = batch.labels.to(out.logits.device)
         loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -214,7 +225,7 @@ class Trainer:
                     self.log(f"stopped after {self.step} steps (max_steps); resume with --resume {self.run_dir}")
                     return {"stopped_at_step": self.step}
             bar.close()
-            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, desc="eval")
+            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
             memory = memory_snapshot(self.device)
             record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
                       "train_loss": float(np.mean(losses)) if losses else None,
@@ -229,7 +240,7 @@ class Trainer:
             self.save_checkpoint()
             save_trainable(self.graph, self.run_dir / "trainable.safetensors")
         if result is None:   # resumed a finished run: nothing left to train
-            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress)
+            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
         tasks = cfg.task.replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
         from .plots import plot_curves
