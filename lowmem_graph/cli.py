@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")
     _add_graph_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    from .kernel_bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 

@@ -1,0 +1,15 @@
+"""Injection-op benchmark: eager vs torch.compile vs Triton at the paper's shapes; see lowmem_graph/kernel_bench.py.
+
+    python bench/bench_kernels.py [--out bench/results] [--quick]
+
+Without a CUDA device it prints one line and writes nothing.
+"""
+import argparse
+
+from lowmem_graph.kernel_bench import add_bench_options, run_kernel_bench
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_options(parser)
+    args = parser.parse_args()
+    run_kernel_bench(args.out, args.quick)
