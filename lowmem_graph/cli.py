@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     from .kernel_bench import add_bench_command
+    from .memory.plan import add_plan_command
 
+    add_plan_command(sub)
     add_bench_command(sub)
     return parser
 

@@ -1,0 +1,250 @@
+"""The budget planner: sizes from meta models, residency, streaming, micro-batch, and clear refusals."""
+import argparse
+import dataclasses
+from itertools import pairwise
+
+import pytest
+
+from lowmem_graph.errors import UserError
+from lowmem_graph.memory.plan import (
+    SEARCH_STEP,
+    GiB,
+    MiB,
+    Plan,
+    add_plan_command,
+    cmd_plan,
+    format_plan,
+    layer_bytes,
+    make_plan,
+    parse_size,
+)
+from lowmem_graph.spec import load_preset
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_preset("paper")
+
+
+@pytest.fixture(scope="module")
+def paper_low_inject():
+    """The paper graph injecting at depth 0.25: 24 of 32 layers trained per refiner, so streaming must engage."""
+    spec = load_preset("paper")
+    spec.nodes = [dataclasses.replace(n, inject_depth=0.25) if n.role == "refiner" else n for n in spec.nodes]
+    return spec
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24G", 24 * 2 ** 30), ("24GB", 24 * 2 ** 30), ("6GiB", 6 * 2 ** 30), ("512M", 512 * 2 ** 20),
+    ("1.5g", 3 * 2 ** 29), ("1000000", 1_000_000), ("64k", 65536), ("2T", 2 * 2 ** 40), (" 8 gb ", 8 * 2 ** 30),
+    ("100B", 100), (".5G", 2 ** 29),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "G", "-1G", "0", "0G", "1.5", "12X", "1e9", "6 GiBs", "5iB", "1..5G"])
+def test_parse_size_errors(text):
+    with pytest.raises(UserError, match="memory size"):
+        parse_size(text)
+
+
+def test_layer_bytes_match_design_table(paper):
+    sizes = layer_bytes(paper)
+    assert set(sizes) == {"llama", "qwen", "gemma", "phi3", "mistral"}
+    assert [len(sizes[n]) for n in ("llama", "qwen", "gemma", "phi3", "mistral")] == [16, 28, 26, 32, 32]
+    # DESIGN.md section 5: one decoder layer in NF4 with double quant
+    for node, mb in {"mistral": 113, "phi3": 59, "llama": 31, "qwen": 24, "gemma": 40}.items():
+        assert sizes[node][0] / 1e6 == pytest.approx(mb, rel=0.05), node
+    # all decoder layers of all five: 7.7 GB; the refiners' top quarter: 1.37 GB
+    assert sum(map(sum, sizes.values())) / 1e9 == pytest.approx(7.7, rel=0.05)
+    assert (sum(sizes["phi3"][24:]) + sum(sizes["mistral"][24:])) / 1e9 == pytest.approx(1.37, rel=0.05)
+    # bf16: 2 bytes per parameter (Mistral's layer has 218M params)
+    assert layer_bytes(paper, "bf16")["mistral"][0] == pytest.approx(2 * 218.1e6, rel=0.01)
+    assert layer_bytes(paper, "fp32")["mistral"][0] == 2 * layer_bytes(paper, "bf16")["mistral"][0]
+
+
+def _check_plan(plan: Plan):
+    assert plan.peak == sum(plan.breakdown.values())
+    assert plan.peak <= plan.budget and plan.frozen_pass_peak <= plan.budget
+    assert plan.minimum <= plan.budget
+    assert plan.batch % plan.micro_batch == 0 and plan.batch % plan.frozen_micro_batch == 0
+    flags = [g.resident for g in plan.groups]
+    assert flags == sorted(flags, reverse=True), "resident groups come first, only the overflow streams"
+    streamed = [g.bytes for g in plan.groups if not g.resident]
+    assert plan.prefetch_depth in ((0,) if not streamed else (1, 2))
+    assert plan.breakdown["stream_slots"] == plan.prefetch_depth * max(streamed, default=0)
+    assert plan.streamed_bytes == sum(streamed)
+
+
+def test_paper_at_24g_everything_resident(paper):
+    plan = make_plan(paper, parse_size("24G"))
+    _check_plan(plan)
+    assert plan.streamed_bytes == 0 and plan.prefetch_depth == 0 and plan.breakdown["stream_slots"] == 0
+    assert plan.micro_batch == 8
+    assert all(g.resident for g in plan.groups)
+    # the trained groups are exactly each refiner's upper quarter, layers 24..31, in 2-4 layer groups
+    for node in ("phi3", "mistral"):
+        mine = [g for g in plan.groups if g.node == node]
+        assert mine[0].first == 24 and mine[-1].last == 32
+        assert all(a.last == b.first for a, b in pairwise(mine))
+        assert all(2 <= g.last - g.first <= 4 for g in mine)
+    # trainable: 17.6M (the paper's count), 16 bytes each
+    assert plan.trainable_params == pytest.approx(17.6e6, rel=0.01)
+    assert plan.breakdown["trainable+optimizer"] == 16 * plan.trainable_params
+    assert plan.breakdown["cuda_context"] == 600 * MiB
+
+
+@pytest.mark.parametrize("budget", ["12G", "8G", "6G"])
+def test_paper_fits_small_cards(paper, budget):
+    plan = make_plan(paper, parse_size(budget), batch=8, seq=512)
+    _check_plan(plan)
+
+
+def test_paper_minimum_is_exact(paper):
+    plan = make_plan(paper, parse_size("24G"))
+    assert GiB < plan.minimum < 6 * GiB
+    assert plan.minimum == max(plan.minimum_training, plan.minimum_frozen)
+    at_minimum = make_plan(paper, plan.minimum)
+    _check_plan(at_minimum)
+    assert at_minimum.minimum == plan.minimum
+    with pytest.raises(UserError, match="needs at least"):
+        make_plan(paper, plan.minimum - SEARCH_STEP)
+
+
+@pytest.mark.parametrize("budget", ["1G", "512M"])
+def test_too_small_names_the_minimum(paper, budget):
+    minimum = make_plan(paper, parse_size("24G")).minimum
+    with pytest.raises(UserError) as info:
+        make_plan(paper, parse_size(budget))
+    message = str(info.value)
+    assert "needs at least" in message and f"{minimum:,} bytes" in message
+    stated = float(message.split("needs at least ")[1].split(" GiB")[0])
+    assert stated * GiB >= minimum and (stated - 0.01) * GiB < minimum
+    make_plan(paper, int(stated * GiB))      # the stated number is enough
+
+
+def test_smaller_budgets_shrink_micro_batch_before_streaming(paper):
+    big = make_plan(paper, parse_size("24G"))
+    small = make_plan(paper, big.minimum)
+    assert small.micro_batch < big.micro_batch
+    assert small.breakdown["recompute"] < big.breakdown["recompute"]
+
+
+def test_streaming_fills_budget_with_resident_groups_first(paper_low_inject):
+    spec = paper_low_inject
+    roomy = make_plan(spec, parse_size("24G"))
+    _check_plan(roomy)
+    assert roomy.streamed_bytes == 0 and len([g for g in roomy.groups if g.node == "mistral"]) >= 6
+    previous = 0
+    for budget in ("5G", "4G", "3G"):
+        plan = make_plan(spec, parse_size(budget))
+        _check_plan(plan)
+        assert 0 < plan.streamed_bytes < sum(g.bytes for g in plan.groups), budget
+        assert plan.prefetch_depth == 2
+        assert plan.traffic_per_step == 2 * plan.streamed_bytes * (plan.batch // plan.micro_batch)
+        assert plan.traffic_per_step >= previous      # less memory, more PCIe traffic
+        previous = plan.traffic_per_step
+    # the smallest budget streams nearly everything
+    tight = make_plan(spec, roomy.minimum)
+    _check_plan(tight)
+    with pytest.raises(UserError, match="needs at least"):
+        make_plan(spec, roomy.minimum - SEARCH_STEP)
+
+
+def test_peak_within_budget_across_budgets(paper, paper_low_inject):
+    for spec in (paper, paper_low_inject):
+        for gib in (2, 3, 4, 5, 6, 8, 12, 24, 80):
+            try:
+                plan = make_plan(spec, gib * GiB)
+            except UserError:
+                assert gib * GiB < make_plan(spec, 80 * GiB).minimum
+                continue
+            _check_plan(plan)
+
+
+def test_longer_sequences_need_more(paper):
+    short = make_plan(paper, parse_size("24G"), seq=256)
+    long = make_plan(paper, parse_size("24G"), seq=2048)
+    assert long.minimum > short.minimum
+    assert long.breakdown["recompute"] > short.breakdown["recompute"]
+
+
+def test_bf16_weights_are_bigger(paper):
+    bf16 = dataclasses.replace(paper, quant="bf16")
+    plan = make_plan(bf16, parse_size("24G"))
+    _check_plan(plan)
+    assert plan.breakdown["workspace"] == 0
+    assert plan.minimum > make_plan(paper, parse_size("24G")).minimum
+
+
+def test_tiny_preset_plans():
+    tiny = load_preset("tiny")
+    plan = make_plan(tiny, parse_size("2G"))
+    _check_plan(plan)
+    assert plan.streamed_bytes == 0
+    assert {g.node for g in plan.groups} == {"phi3", "mistral"}
+    assert "tiny" in format_plan(plan, tiny)
+    with pytest.raises(UserError, match="needs at least"):
+        make_plan(tiny, parse_size("64M"))
+
+
+def test_bad_arguments(paper):
+    with pytest.raises(UserError):
+        make_plan(paper, 0)
+    with pytest.raises(UserError):
+        make_plan(paper, 8 * GiB, batch=0)
+
+
+def test_format_plan(paper):
+    plan = make_plan(paper, parse_size("6G"))
+    text = format_plan(plan, paper)
+    for word in ("phi3", "mistral", "24-25", "resident", "predicted peak", "budget", "cuda_context",
+                 "trainable+optimizer", "frozen pass", "smallest budget"):
+        assert word in text, word
+    assert text.count("resident") >= len(plan.groups)
+    assert f"{plan.peak / MiB:,.0f} MiB" in text
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="lowmem-graph")
+    add_plan_command(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_plan_command(capsys):
+    args = _parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G"])
+    assert args.batch == 8 and args.seq == 512 and args.func is cmd_plan
+    args.func(args)
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "paper" in out
+    args = _parser().parse_args(["plan", "--gpu-mem", "2G"])          # default preset: tiny
+    args.func(args)
+    assert "graph tiny" in capsys.readouterr().out
+
+
+def test_plan_command_errors(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["plan", "--preset", "paper"])            # --gpu-mem is required
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["plan", "--preset", "paper", "--graph", "x.yaml", "--gpu-mem", "6G"])
+    capsys.readouterr()
+    with pytest.raises(UserError, match="memory size"):
+        cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "lots"]))
+    with pytest.raises(UserError, match="needs at least"):
+        cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "512M"]))
+
+
+def test_plan_through_cli_when_wired(capsys):
+    from lowmem_graph import cli
+
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "plan" not in choices:
+        pytest.skip("plan is not wired into lowmem_graph.cli yet")
+    assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "6G"]) == 0
+    assert "predicted peak" in capsys.readouterr().out
+    assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "512M"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowmem-graph: error:") and "needs at least" in err
