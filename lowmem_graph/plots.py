@@ -15,12 +15,40 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return steps, epochs
 
 
-def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_path) -> Path:
+    fig.tight_layout()
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _pyplot().close(fig)
+    return Path(out_path)
+
+
+def plot_memory(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Memory over the run, step by step: host RSS and, on CUDA, allocated now and the running peaks."""
+    plt = _pyplot()
+    steps, _ = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    x = [s["step"] for s in steps]
+    for key, label in [("host_rss_mb", "host RSS"), ("cuda_allocated_mb", "GPU allocated"),
+                       ("cuda_peak_allocated_mb", "GPU peak allocated"), ("cuda_peak_reserved_mb", "GPU peak reserved")]:
+        if steps and key in steps[0]:
+            ax.plot(x, [s[key] for s in steps], label=label)
+    ax.set(xlabel="step", ylabel="MiB", title="memory (psutil RSS; torch.cuda peaks since the run started)")
+    ax.legend()
+    return _save(fig, out_path)
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
+    plt = _pyplot()
     steps, epochs = read_metrics(metrics_path)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     if steps:
@@ -41,8 +69,4 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
                     label="eval acc (95% CI)")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend()
-    fig.tight_layout()
-    with atomic_file(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(out_path)
+    return _save(fig, out_path)

@@ -28,7 +28,7 @@ from .errors import UserError
 from .evaluate import evaluate, write_predictions
 from .files import atomic_file
 from .graph import FrozenGraph
-from .memory.report import format_snapshot, memory_snapshot
+from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
 from .spec import GraphSpec, from_dict
 
 
@@ -217,7 +217,8 @@ class Trainer:
                 accs.append(acc)
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "acc": acc,
-                              "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]})
+                              "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                              **memory_snapshot(self.device)})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -243,9 +244,10 @@ class Trainer:
             result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
         tasks = cfg.task.replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
-        from .plots import plot_curves
+        from .plots import plot_curves, plot_memory
 
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        plot_memory(self.run_dir / "metrics.jsonl", self.run_dir / "memory.png")
         return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
 
 
@@ -275,6 +277,10 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
         else:
             save_config(run_dir, spec, cfg)
         summary = trainer.fit()
+    except torch.cuda.OutOfMemoryError as e:
+        if created and not (run_dir / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
     except BaseException:
         if created and not (run_dir / "checkpoint.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -131,3 +131,19 @@ def test_mismatched_widths_on_eval(short_run, tmp_path, capsys):
 def test_existing_run_folder_is_not_overwritten(short_run, capsys):
     code, _, err = run_cli(capsys, "train", "--run-dir", str(short_run))
     assert_clean_error(code, err, "--resume")
+
+
+def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from lowmem_graph.train import Trainer
+
+    def oom(self, questions):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    code, _, err = run_cli(capsys, "train", "--limit-train", "8", "--limit-eval", "8", "--run-dir",
+                           str(tmp_path / "run"), "--no-progress")
+    assert_clean_error(code, err, "CUDA out of memory")
+    assert "--gpu-mem" in err and "--batch-size" in err
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ def test_run_folder_has_everything(tmp_path):
     run = tmp_path / "run"
     summary = train(load_preset("tiny"), _cfg(epochs=1), run, progress=False, log=lambda *_: None)
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "trainable.safetensors", "curves.png",
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "trainable.safetensors", "curves.png", "memory.png",
             "predictions-arc-easy-validation.jsonl"} <= names
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
