@@ -181,7 +181,7 @@ class FrozenGraph(nn.Module):
             xs = self._reader_inputs(states, batch, j)
             carry, blend = self.carry_weight(j), node.spec.blend
             # bound now, not looked up later: a checkpointed recompute in backward calls it again
-            inject = functools.partial(_inject, xs=xs, weights=weights, carry=carry, blend=blend)
+            inject = functools.partial(_inject, xs=xs, weights=weights, carry=carry, blend=blend) if xs else None
             final = node.run(ids, mask, inject=inject, prefix=prefixes[j] if prefixes is not None else None)
             projected.append(self.readout[j](final.float()))
             masks.append(mask.to(final.device))

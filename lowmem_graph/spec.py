@@ -105,7 +105,7 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
                f"inject_depth must be in (0, 1), got {n.inject_depth!r}")
         _check(isinstance(n.blend, (int, float)) and 0 <= n.blend <= 1, where,
                f"blend must be in [0, 1], got {n.blend!r}")
-    _check(spec.readers != [], source, "the graph needs at least one node with role 'reader'")
+    # no readers is allowed: the refiners then feed the output node unsteered (the paper's learned-head baseline)
     _check(spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
     _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")
     _check(spec.carry in ("tied", "separate"), source, f"carry must be 'tied' or 'separate', got {spec.carry!r}")

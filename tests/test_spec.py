@@ -34,7 +34,7 @@ def test_yaml_file_with_defaults(tmp_path):
     ("nodes: [\n  {name: a\n", "line"),                                           # bad YAML: says where
     (GOOD.replace("latent_dim: 16", "latent_dim: 16\ncolour: red"), "unknown field(s) colour"),
     (GOOD.replace("role: reader", "role: writer"), "role must be 'reader' or 'refiner'"),
-    (GOOD.replace("role: reader", "role: refiner"), "at least one node with role 'reader'"),
+    (GOOD.replace("role: refiner", "role: reader"), "at least one node with role 'refiner'"),
     (GOOD.replace("role: reader}", "role: reader, pooling: max}"), "pooling must be"),
     (GOOD.replace("role: refiner}", "role: refiner, blend: 1.5}"), "blend must be in [0, 1]"),
     (GOOD.replace("role: refiner}", "role: refiner, inject_depth: 1}"), "inject_depth must be in (0, 1)"),
