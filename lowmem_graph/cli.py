@@ -93,6 +93,17 @@ def cmd_eval(args) -> None:
     print(f"predictions: {out}")
 
 
+def cmd_figures(args) -> None:
+    from .plots import plot_curves, plot_memory, plot_signals
+
+    run_dir = Path(args.run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+    for plot, name in [(plot_curves, "curves.png"), (plot_memory, "memory.png"), (plot_signals, "signals.png")]:
+        print(plot(metrics, run_dir / name))
+
+
 def cmd_inspect(args) -> None:
     from .summary import format_description
 
@@ -129,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="predictions file (default: in the run folder)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")
     _add_graph_args(p)

@@ -70,3 +70,27 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     ax_acc.legend()
     return _save(fig, out_path)
+
+
+def plot_signals(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """The paper's figures from a run: gradient norm per projection, the share of the projections' gradient
+    that reaches the readers (paper: about 13%), and the output node's attention share per refiner."""
+    plt = _pyplot()
+    steps, epochs = read_metrics(metrics_path)
+    fig, (ax_norms, ax_share, ax_route) = plt.subplots(1, 3, figsize=(14, 3.8))
+    x = [s["step"] for s in steps]
+    for name in (steps[0]["grad_norms"] if steps else {}):
+        ax_norms.plot(x, [s["grad_norms"][name] for s in steps], label=name, lw=1)
+    ax_norms.set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm per projection")
+    ax_norms.legend(fontsize=7)
+    ax_share.plot(x, [s["reader_grad_share"] for s in steps])
+    ax_share.axhline(0.13, ls="--", color="grey", label="paper: ~13%")
+    ax_share.set(xlabel="step", ylabel="share", ylim=(0, 1), title="gradient norm share of reader projections")
+    ax_share.legend()
+    for name in (steps[0]["routing"] if steps else {}):
+        ax_route.plot(x, [s["routing"][name] for s in steps], lw=1, label=f"{name} (train)")
+    for name in (epochs[0]["routing"] if epochs else {}):
+        ax_route.plot([e["step"] for e in epochs], [e["routing"][name] for e in epochs], "o", label=f"{name} (eval)")
+    ax_route.set(xlabel="step", ylabel="attention share", ylim=(0, 1), title="output-node routing per refiner")
+    ax_route.legend(fontsize=7)
+    return _save(fig, out_path)

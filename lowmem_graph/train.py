@@ -151,6 +151,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
+        self.micro_batch = cfg.batch_size
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
             from .cache import PrefixCache
@@ -183,20 +184,31 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def train_step(self, questions: list[Question]) -> tuple[float, float, float]:
-        batch = self.graph.collate(questions)
-        frozen = self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.graph(batch, *frozen)
-        labels = batch.labels.to(out.logits.device)
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+    def train_step(self, questions: list[Question]) -> dict:
+        """One optimizer step over `questions`, in micro-batches when the plan asks for them (same gradient)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total_loss, correct, routing = 0.0, 0, []
+        for start in range(0, len(questions), self.micro_batch):
+            chunk = questions[start:start + self.micro_batch]
+            batch = self.graph.collate(chunk)
+            frozen = self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = self.graph(batch, *frozen)
+            labels = batch.labels.to(out.logits.device)
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
+            (loss / len(questions)).backward()
+            total_loss += loss.item()
+            correct += int((out.logits.argmax(-1) == labels).sum())
+            routing.append(out.routing.detach().float().sum(0))
+        norms = projection_grad_norms(self.graph)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
-        accuracy = (out.logits.argmax(-1) == labels).float().mean().item()
-        return loss.item(), accuracy, float(grad_norm)
+        readers = sum(v for k, v in norms.items() if k.startswith("read_proj."))
+        matrices = sum(v for k, v in norms.items() if k.startswith(("read_proj.", "readout.", "carry.")))
+        return {"loss": total_loss / len(questions), "acc": correct / len(questions), "grad_norm": float(grad_norm),
+                "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
+                "routing": dict(zip(self.graph.refiners, (torch.stack(routing).sum(0) / len(questions)).tolist()))}
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -211,14 +223,13 @@ class Trainer:
                        disable=None if self.progress else True, leave=False)
             for i in bar:
                 questions = [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                loss, acc, grad_norm = self.train_step(questions)
+                metrics = self.train_step(questions)
                 self.step += 1
-                losses.append(loss)
-                accs.append(acc)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "acc": acc,
-                              "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                              **memory_snapshot(self.device)})
+                losses.append(metrics["loss"])
+                accs.append(metrics["acc"])
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
+                              "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -244,11 +255,24 @@ class Trainer:
             result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
         tasks = cfg.task.replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
-        from .plots import plot_curves, plot_memory
+        from .plots import plot_curves, plot_memory, plot_signals
 
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         plot_memory(self.run_dir / "metrics.jsonl", self.run_dir / "memory.png")
+        plot_signals(self.run_dir / "metrics.jsonl", self.run_dir / "signals.png")
         return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
+
+
+def projection_grad_norms(graph: FrozenGraph) -> dict[str, float]:
+    """Gradient norm of each projection matrix (W_k of the readers, W_j of the refiners) and of the output node:
+    the paper's figure of which projections learn, and how much of the signal crosses the frozen refiners."""
+    norms = {}
+    for name, module in [*((f"read_proj.{k}", m) for k, m in graph.read_proj.items()),
+                         *((f"readout.{k}", m) for k, m in graph.readout.items()),
+                         *((f"carry.{k}", m) for k, m in graph.carry.items()), ("output", graph.output)]:
+        grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+        norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
+    return norms
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:

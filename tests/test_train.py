@@ -36,6 +36,7 @@ def test_run_folder_has_everything(tmp_path):
     summary = train(load_preset("tiny"), _cfg(epochs=1), run, progress=False, log=lambda *_: None)
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "trainable.safetensors", "curves.png", "memory.png",
+            "signals.png",
             "predictions-arc-easy-validation.jsonl"} <= names
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
@@ -43,6 +44,11 @@ def test_run_folder_has_everything(tmp_path):
     assert record["host_rss_mb"] > 0 and 0 <= record["eval_acc"] <= 1 and record["eval_n"] == 8
     assert set(record["routing"]) == {"phi3", "mistral"}
     assert 0 <= summary["eval_ci"][0] <= summary["eval_acc"] <= summary["eval_ci"][1] <= 1
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(step["grad_norms"]) == {"read_proj.llama", "read_proj.qwen2", "read_proj.gemma2", "readout.phi3",
+                                       "readout.mistral", "output"}
+    assert 0 < step["reader_grad_share"] < 1
+    assert sum(step["routing"].values()) == pytest.approx(1.0, abs=1e-5)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert {"trainable", "optimizer", "scheduler", "rng", "step"} <= set(state)
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -52,3 +58,18 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_micro_batches_give_the_same_step(tmp_path):
+    from lowmem_graph.train import Trainer
+
+    spec = load_preset("tiny")
+    grads = []
+    for micro in (8, 3):
+        trainer = Trainer(spec, _cfg(prefix_cache=False), tmp_path / str(micro), progress=False, log=lambda *_: None)
+        trainer.micro_batch = micro
+        metrics = trainer.train_step(trainer.train_set[:8])
+        grads.append((metrics["loss"], {n: p.grad.clone() for n, p in trainer.graph.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for name, value in grads[0][1].items():
+        torch.testing.assert_close(value, grads[1][1][name], rtol=1e-4, atol=1e-6)
