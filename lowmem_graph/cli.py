@@ -23,6 +23,18 @@ def _add_graph_args(p):
     p.add_argument("--graph", help="a graph spec in YAML")
 
 
+def _add_training_args(p):
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, drop=gemma (repeatable)")
+    p.add_argument("--quant", choices=["nf4", "bf16", "fp32"], help="frozen weights (default: the spec's, nf4)")
+    p.add_argument("--train-split")
+    p.add_argument("--eval-split")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+
+
 def _add_data_args(p):
     p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu (several: joined by +)")
     p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
@@ -31,28 +43,39 @@ def _add_data_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _train_overrides(args) -> dict:
+    """Training settings given on the command line (they win over the spec's `train:` defaults)."""
+    names = ["task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs", "batch_size",
+             "lr", "seed", "device", "checkpoint_every", "max_steps"]
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _spec_and_config(args):
+    """The graph (with --set changes and --quant) and its training settings (spec defaults + flags)."""
+    from .ablate import apply_changes
+    from .train import TrainConfig
+
+    spec = apply_changes(_spec_from_args(args), args.set or [])
+    if getattr(args, "quant", None):
+        spec.quant = args.quant
+    return spec, TrainConfig.from_dict({**spec.train, **_train_overrides(args)}, f"{spec.name}: train")
+
+
 def cmd_train(args) -> None:
     from dataclasses import asdict
 
     from .memory.report import format_snapshot
     from .train import TrainConfig, load_run_config, new_run_dir, train
 
-    overrides = {k: v for k, v in {
-        "task": args.task, "data_dir": args.data_dir, "train_split": args.train_split, "eval_split": args.eval_split,
-        "limit_train": args.limit_train, "limit_eval": args.limit_eval, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
-        "checkpoint_every": args.checkpoint_every, "max_steps": args.max_steps}.items() if v is not None}
+    overrides = _train_overrides(args)
     if args.resume:
-        if args.graph or args.preset or args.quant:
-            raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant")
+        if args.graph or args.preset or args.quant or args.set:
+            raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant/--set")
         run_dir = Path(args.resume)
         spec, cfg = load_run_config(run_dir)
         cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
     else:
-        spec = _spec_from_args(args)
-        if args.quant:
-            spec.quant = args.quant
-        cfg = TrainConfig.from_dict({**spec.train, **overrides}, f"{spec.name}: train")
+        spec, cfg = _spec_and_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.out, spec.name)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run folder {run_dir} exists and is not empty (use --resume {run_dir} to continue it)")
@@ -93,6 +116,20 @@ def cmd_eval(args) -> None:
     print(f"predictions: {out}")
 
 
+def cmd_matrix(args) -> None:
+    from .ablate import run_matrix
+    from .train import new_run_dir
+
+    spec, cfg = _spec_and_config(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
+    out = Path(args.out) if args.out else new_run_dir("runs", f"matrix-{spec.name}")
+    run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
+    print(f"matrix: {out / 'matrix.md'}")
+
+
 def cmd_figures(args) -> None:
     from .plots import plot_curves, plot_memory, plot_signals
 
@@ -118,13 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a graph (default: the tiny preset on bundled ARC-Easy, CPU-friendly)")
     _add_graph_args(p)
     _add_data_args(p)
-    p.add_argument("--quant", choices=["nf4", "bf16", "fp32"], help="frozen weights (default: the spec's, nf4)")
-    p.add_argument("--train-split")
-    p.add_argument("--eval-split")
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
+    _add_training_args(p)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
@@ -140,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="predictions file (default: in the run folder)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("matrix", help="train ablation variants x seeds and tabulate mean and spread")
+    _add_graph_args(p)
+    _add_data_args(p)
+    _add_training_args(p)
+    p.add_argument("--vary", action="append", metavar="KEY=V1,V2",
+                   help="an axis of the matrix, e.g. nodes.phi3.inject_depth=0.5,0.75 or drop=llama,qwen (repeatable)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", help="folder for the runs and matrix.{md,csv,json} (default runs/matrix-<graph>-<time>)")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
     p.add_argument("run_dir")
