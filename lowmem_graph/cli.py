@@ -36,7 +36,9 @@ def _add_training_args(p):
 
 
 def _add_data_args(p):
-    p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu (several: joined by +)")
+    p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu; several joined by +; a task's own "
+                                  "splits after a colon (mmlu:auxiliary_train,dev)")
+    p.add_argument("--eval-task", help="tasks evaluated (default: those of --task)")
     p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -45,8 +47,8 @@ def _add_data_args(p):
 
 def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
-    names = ["task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs", "batch_size",
-             "lr", "seed", "device", "checkpoint_every", "max_steps"]
+    names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
+             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps"]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
@@ -102,16 +104,16 @@ def cmd_eval(args) -> None:
     weights = run_dir / "trainable.safetensors"
     if not weights.is_file():
         raise UserError(f"{run_dir} has no trainable.safetensors yet (has an epoch finished?)")
-    overrides = {k: v for k, v in {"task": args.task, "data_dir": args.data_dir, "batch_size": args.batch_size,
-                                   "device": args.device}.items() if v is not None}
+    overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
+                                   "batch_size": args.batch_size, "device": args.device}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
-    questions = load_questions(cfg, args.split, args.limit)
+    questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit)
     graph = FrozenGraph.build(spec, cfg.resolved_device())
     graph.load_trainable(load_file(str(weights)), str(weights))
     result = evaluate(graph, questions, cfg.batch_size, progress=not args.no_progress)
     out = write_predictions(result, Path(args.out) if args.out else
-                            run_dir / f"predictions-{cfg.task.replace('+', '_')}-{args.split}.jsonl")
-    print(f"{cfg.task} {args.split}: {result.summary()}")
+                            run_dir / f"predictions-{cfg.evaluated().replace('+', '_')}-{args.split}.jsonl")
+    print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
     print("routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
     print(f"predictions: {out}")
 

@@ -34,7 +34,8 @@ from .spec import GraphSpec, from_dict
 
 @dataclass
 class TrainConfig:
-    task: str = "arc-easy"            # one task, or several joined by "+" (trained on together)
+    task: str = "arc-easy"            # training data: task[:split,...] parts joined by "+" (see load_questions)
+    eval_task: str | None = None      # evaluated each epoch (default: the same tasks as `task`)
     data_dir: str | None = None       # official local files; None: the hub (bundled files for ARC-Easy)
     train_split: str = "train"
     eval_split: str = "validation"
@@ -64,6 +65,10 @@ class TrainConfig:
             raise UserError(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
         return cfg
 
+    def evaluated(self) -> str:
+        """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
+        return self.eval_task or "+".join(part.partition(":")[0] for part in self.task.split("+"))
+
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,11 +81,20 @@ class TrainConfig:
         return device
 
 
-def load_questions(cfg: TrainConfig, split: str, limit: int | None) -> list[Question]:
+def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Question]:
+    """Questions of `task[:split,split...]` parts joined by `+`; a part without splits takes `split`.
+
+    `arc-challenge:train+openbookqa:train+mmlu:auxiliary_train,dev,validation` is the paper's training data
+    without MMLU's test split. `limit` keeps at most that many questions of each part, so every task is seen.
+    """
     questions = []
-    for task in cfg.task.split("+"):
-        questions += load_task(task.strip(), split, cfg.data_dir)
-    return questions[:limit] if limit else questions
+    for part in selection.split("+"):
+        task, _, splits = part.strip().partition(":")
+        chosen = []
+        for one in (splits.split(",") if splits else [split]):
+            chosen += load_task(task, one.strip(), data_dir)
+        questions += chosen[:limit] if limit else chosen
+    return questions
 
 
 def set_seed(seed: int) -> None:
@@ -140,8 +154,8 @@ class Trainer:
     def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print):
         self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
         self.device = cfg.resolved_device()
-        self.train_set = load_questions(cfg, cfg.train_split, cfg.limit_train)
-        self.eval_set = load_questions(cfg, cfg.eval_split, cfg.limit_eval)
+        self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train)
+        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
         set_seed(cfg.seed)
@@ -253,7 +267,7 @@ class Trainer:
             save_trainable(self.graph, self.run_dir / "trainable.safetensors")
         if result is None:   # resumed a finished run: nothing left to train
             result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
-        tasks = cfg.task.replace("+", "_")
+        tasks = cfg.evaluated().replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
         from .plots import plot_curves, plot_memory, plot_signals
 

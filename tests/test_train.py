@@ -73,3 +73,17 @@ def test_micro_batches_give_the_same_step(tmp_path):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     for name, value in grads[0][1].items():
         torch.testing.assert_close(value, grads[1][1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_question_selection_takes_splits_and_limits_per_task():
+    from conftest import shared_data
+
+    from lowmem_graph.train import load_questions
+
+    data = shared_data()
+    both = load_questions("arc-challenge:train+openbookqa:train", "test", str(data))
+    assert len(both) == 1119 + 4957
+    limited = load_questions("arc-challenge+openbookqa:validation,test", "train", str(data), limit=5)
+    assert len(limited) == 10 and limited[5].id != limited[0].id
+    cfg = TrainConfig(task="arc-challenge:train+mmlu:auxiliary_train,dev")
+    assert cfg.evaluated() == "arc-challenge+mmlu"
