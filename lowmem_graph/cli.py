@@ -195,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .kernel_bench import add_bench_command
     from .memory.plan import add_plan_command
 
+    from .reproduce import add_reproduce_command
+
     add_plan_command(sub)
     add_bench_command(sub)
+    add_reproduce_command(sub)
     return parser
 
 

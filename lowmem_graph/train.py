@@ -67,7 +67,7 @@ class TrainConfig:
 
     def evaluated(self) -> str:
         """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
-        return self.eval_task or "+".join(part.partition(":")[0] for part in self.task.split("+"))
+        return self.eval_task or "+".join(part.partition(":")[0].partition("@")[0] for part in self.task.split("+"))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -84,15 +84,22 @@ class TrainConfig:
 def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Question]:
     """Questions of `task[:split,split...]` parts joined by `+`; a part without splits takes `split`.
 
-    `arc-challenge:train+openbookqa:train+mmlu:auxiliary_train,dev,validation` is the paper's training data
-    without MMLU's test split. `limit` keeps at most that many questions of each part, so every task is seen.
+    A part may end in `@N`: N questions drawn from it with a fixed seed. The paper's training data without
+    MMLU's test split is `arc-challenge:train+openbookqa:train+mmlu:auxiliary_train,dev,validation@14042`.
+    `limit` keeps at most that many questions of each part, so every task is seen.
     """
     questions = []
     for part in selection.split("+"):
-        task, _, splits = part.strip().partition(":")
+        part, _, sample = part.strip().partition("@")
+        task, _, splits = part.partition(":")
         chosen = []
         for one in (splits.split(",") if splits else [split]):
             chosen += load_task(task, one.strip(), data_dir)
+        if sample:
+            if not sample.isdigit():
+                raise UserError(f"{part}@{sample}: expected a number of questions after @")
+            if int(sample) < len(chosen):
+                chosen = random.Random(0).sample(chosen, int(sample))
         questions += chosen[:limit] if limit else chosen
     return questions
 
@@ -315,6 +322,7 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
         else:
             save_config(run_dir, spec, cfg)
         summary = trainer.fit()
+        summary["trainer"] = trainer     # in-process callers (reproduce) evaluate further without reloading
     except torch.cuda.OutOfMemoryError as e:
         if created and not (run_dir / "checkpoint.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)

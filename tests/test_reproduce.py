@@ -1,0 +1,35 @@
+"""The reproduction command end to end on CPU: tiny graph, a subsample of the real ARC/OpenBookQA files."""
+import json
+
+import pytest
+
+from lowmem_graph.cli import main
+
+from conftest import shared_data
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_on_shared_data(tmp_path, capsys):
+    data = shared_data()
+    code = main(["reproduce", "--preset", "tiny", "--tasks", "arc-challenge,openbookqa", "--data-dir", str(data),
+                 "--limit-train", "16", "--limit-test", "16", "--epochs", "1", "--run-dir", str(tmp_path / "r"),
+                 "--no-progress"])
+    assert code == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    rows = {r["benchmark"]: r for r in results["rows"]}
+    assert rows["arc-challenge"]["n"] == 16 and rows["openbookqa"]["n"] == 16
+    assert rows["mmlu"]["status"].startswith("not run")
+    assert "mmlu:auxiliary_train" not in results["train"]["task"]
+    table = (tmp_path / "r" / "results.md").read_text()
+    assert "| arc-challenge |" in table and "87.3" in table
+    assert (tmp_path / "r" / "predictions-openbookqa-test.jsonl").exists()
+
+
+def test_protocol_never_trains_on_mmlu_test():
+    from lowmem_graph.reproduce import load_protocol
+
+    protocol = load_protocol(__import__("pathlib").Path(__import__("lowmem_graph").__file__).parent
+                             / "presets" / "reproduce_paper.yaml")
+    parts = protocol["train"]["task"].split("+")
+    mmlu = [p for p in parts if p.startswith("mmlu")][0]
+    assert "test" not in mmlu.split(":")[1].split("@")[0].split(",") and mmlu.endswith("@14042")
