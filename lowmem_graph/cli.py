@@ -132,6 +132,13 @@ def cmd_matrix(args) -> None:
     print(f"matrix: {out / 'matrix.md'}")
 
 
+def cmd_baselines(args) -> None:
+    from .baselines import run_baselines
+
+    spec, cfg = _spec_and_config(args)
+    run_baselines(spec, cfg, args.out or f"runs/baselines-{spec.name}", progress=not args.no_progress)
+
+
 def cmd_figures(args) -> None:
     from .plots import plot_curves, plot_memory, plot_signals
 
@@ -183,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", help="folder for the runs and matrix.{md,csv,json} (default runs/matrix-<graph>-<time>)")
     p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("baselines", help="each node zero-shot (acc, acc_norm) and as a parameter-matched learned head")
+    _add_graph_args(p)
+    _add_data_args(p)
+    _add_training_args(p)
+    p.add_argument("--out", help="output folder (default: runs/baselines-<graph>)")
+    p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
     p.add_argument("run_dir")
