@@ -26,14 +26,19 @@ class NodeShape:
     site: str     # "read layer 16/16" or "inject before layer 24/32"
 
 
-def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
+def meta_model(ref: str):
+    """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
     from transformers import AutoModelForCausalLM
 
+    config, _, _ = load_config(ref, prefer_bundled=True)
+    with torch.device("meta"):
+        return config, AutoModelForCausalLM.from_config(config)
+
+
+def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
     shapes = {}
     for n in spec.nodes:
-        config, _, _ = load_config(n.model, prefer_bundled=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        config, model = meta_model(n.model)
         text = config.get_text_config()
         layers = text.num_hidden_layers
         if n.role == "reader":

@@ -172,11 +172,7 @@ def _param_bytes(module, quant: str) -> tuple[int, int]:
 
 def _profile(spec, quant: str | None = None) -> _Profile:
     """Per node: layer sizes and shapes (meta models); trainable count (FrozenGraph on meta, as `inspect` counts)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..nodes import load_config
-    from ..summary import describe
+    from ..summary import describe, meta_model
 
     quant = quant or spec.quant
     if quant not in ("nf4", "bf16", "fp32"):
@@ -186,9 +182,7 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         return _PROFILES[key]
     nodes = {}
     for n in spec.nodes:
-        config, _, _ = load_config(n.model, prefer_bundled=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        config, model = meta_model(n.model)
         text = config.get_text_config()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         sizes = [_param_bytes(layer, quant) for layer in base.layers]
