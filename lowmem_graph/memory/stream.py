@@ -1,0 +1,225 @@
+"""Layer-group streaming: the decoder layers that do not fit the device budget visit it group by group.
+
+Host tier: one exact-size slab (a single uint8 tensor) holding every tensor of every streamed group (packed
+4-bit weights, their quant-state tensors, norms), each at an aligned offset, so a group moves as one copy.
+On CUDA the slab is page-locked with `cudaHostRegister`: `pin_memory()` goes through PyTorch's caching host
+allocator, which rounds every allocation up to a power of two. Device tier: the resident groups, which stay,
+and two slots (double buffer) sized for the largest streamed group.
+
+A group is loaded by one copy, slab -> slot, on a side CUDA stream, then its tensors are rebound to typed
+views into the slot (`param.data = view`, `quant_state.absmax = view`, ...); at rest they are views into the
+slab. Group k of the streamed order always uses slot k % 2. So prefetching the next group in the direction
+of travel (up in the forward, down in backward) never hits the slot in use, and a group reloaded for its
+backward lands where its forward read it: bitsandbytes' backward reads a view of the packed weight taken in
+the forward. On CPU the same code runs with plain copies, so the tests exercise layout, rebinding, slot reuse
+and prefetch order for real.
+
+Gradients through streamed groups need checkpointing (what the forward saved would be overwritten), so every
+group runs through `GroupCheckpoint`, which also calls the streamer when a group starts, in either direction.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..nodes import default_device
+from .checkpoint import GroupCheckpoint, check_groups
+
+ALIGN = 256     # bytes: CUDA's allocation alignment, plenty for vector loads of every dtype
+
+
+class LayerStreamer:
+    """Keep groups `resident` (indices into `groups`) on `device`; stream the others through `slots` slots.
+
+    `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint.
+    `slots=2` double-buffers; `slots=1` halves the slot memory, but then nothing can be prefetched.
+    Raises UserError when resident groups + slots would exceed `budget_bytes`. Installed on construction;
+    `detach()` (or leaving a `with` block) puts every tensor back on its device, streamed ones as slab views.
+    """
+
+    def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]], resident: Iterable[int] = (),
+                 device: torch.device | str | None = None, budget_bytes: int | None = None, slots: int = 2):
+        self.device = torch.device(device) if device is not None else default_device()
+        groups = check_groups(groups, len(layers))
+        resident = set(resident)
+        if not resident <= set(range(len(groups))):
+            raise ValueError(f"resident groups {sorted(resident)} are not indices into {len(groups)} groups")
+        if slots not in (1, 2):
+            raise ValueError(f"slots must be 1 or 2, got {slots}")
+        self.order = [g for g in range(len(groups)) if g not in resident]      # streamed groups, in order
+        self._rank = {g: rank for rank, g in enumerate(self.order)}
+        sites = [_sites([layers[i] for i in group]) for group in groups]
+        resident_sites = [site for g in sorted(resident) for site in sites[g]]
+        self.resident_bytes = sum(t.nbytes for _, _, t in resident_sites)
+        layouts = [_layout(sites[g]) for g in self.order]
+        self.slot_bytes = max((nbytes for _, nbytes in layouts), default=0)
+        n_slots = min(slots, len(self.order))
+        need = self.resident_bytes + n_slots * self.slot_bytes
+        if budget_bytes is not None and need > budget_bytes:
+            raise UserError(f"layer streaming needs {_mib(need)} on {self.device} (resident groups "
+                            f"{_mib(self.resident_bytes)} + {n_slots} slots of {_mib(self.slot_bytes)}), "
+                            f"over the budget of {_mib(budget_bytes)}: make fewer groups resident or groups smaller")
+
+        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self._before_group)
+        self._starts, total = [], 0
+        for _, nbytes in layouts:
+            self._starts.append(_align(total))
+            total = self._starts[-1] + nbytes
+        self.slab = torch.empty(total, dtype=torch.uint8)
+        self._groups = []       # per streamed group: (nbytes, [(owner, attr, offset, nbytes, dtype, shape)])
+        for start, (placed, nbytes), g in zip(self._starts, layouts, self.order):
+            for (_, _, t), offset in zip(sites[g], placed):
+                self.slab[start + offset: start + offset + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+            self._groups.append((nbytes, [(owner, attr, offset, t.nbytes, t.dtype, t.shape)
+                                          for (owner, attr, t), offset in zip(sites[g], placed)]))
+        for rank in range(len(self.order)):
+            self._bind(rank, self.slab, self._starts[rank])
+        self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
+        for owner, attr, t in resident_sites:
+            setattr(owner, attr, t.to(self.device))
+
+        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
+        self._stream = self._ready = None
+        if self.device.type == "cuda" and total:
+            _check_cuda(torch.cuda.cudart().cudaHostRegister(self.slab.data_ptr(), total, 0), "cudaHostRegister")
+            self._stream = torch.cuda.Stream(self.device)
+            self._ready = [torch.cuda.Event() for _ in self.slots]
+        self.device_bytes = need
+        self.peak_device_bytes = need
+        self.loads = 0          # group copies slab -> slot
+        self.misses = 0         # groups not prefetched when they started: the compute waited for a whole copy
+        self.streamed_bytes = 0
+
+    def detach(self) -> None:
+        """Restore the layers' forwards; streamed tensors become slab views again, resident ones go back."""
+        self.checkpoint.detach()
+        if self._stream is not None:
+            self._stream.synchronize()      # no copy may still read the slab when it stops being page-locked
+            _check_cuda(torch.cuda.cudart().cudaHostUnregister(self.slab.data_ptr()), "cudaHostUnregister")
+            self._stream = None
+        for rank in range(len(self.order)):
+            self._bind(rank, self.slab, self._starts[rank])
+        for owner, attr, device in self._resident:
+            setattr(owner, attr, getattr(owner, attr).to(device))
+        self.slots, self._in_slot, self.device_bytes = [], [], 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def _before_group(self, g: int, backward: bool) -> None:
+        """Group g is about to compute: have it in its slot, then prefetch the next group in this direction."""
+        rank = self._rank.get(g)
+        if rank is None:
+            return
+        slot = rank % len(self.slots)
+        if self._in_slot[slot] != rank:
+            self.misses += 1
+            self._load(rank)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+        following = rank - 1 if backward else rank + 1
+        if len(self.slots) == 2 and 0 <= following < len(self.order):
+            self._load(following)
+
+    def _load(self, rank: int) -> None:
+        slot = rank % len(self.slots)
+        if self._in_slot[slot] == rank:
+            return
+        if self._in_slot[slot] is not None:
+            evicted = self._in_slot[slot]
+            self._bind(evicted, self.slab, self._starts[evicted])
+        nbytes = self._groups[rank][0]
+        source, target = self.slab[self._starts[rank]: self._starts[rank] + nbytes], self.slots[slot][:nbytes]
+        if self._stream is None:
+            target.copy_(source)
+        else:
+            # the slot's previous group was enqueued on the compute stream before now: wait for it, not more
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                target.copy_(source, non_blocking=True)
+                self._ready[slot].record(self._stream)
+        self._bind(rank, self.slots[slot], 0)
+        self._in_slot[slot] = rank
+        self.loads += 1
+        self.streamed_bytes += nbytes
+
+    def _bind(self, rank: int, buffer: torch.Tensor, start: int) -> None:
+        for owner, attr, offset, nbytes, dtype, shape in self._groups[rank][1]:
+            setattr(owner, attr, buffer[start + offset: start + offset + nbytes].view(dtype).view(shape))
+
+
+def _sites(layers) -> list[tuple[object, str, torch.Tensor]]:
+    """(owner, attribute, tensor) for every tensor the layers' forward reads.
+
+    Parameters are rebound through `.data`, so the Parameter objects (and bitsandbytes' Params4bit) stay;
+    quant-state tensors (absmax, code, offset, and those of the nested state2) and buffers are reassigned on
+    their owner, not changed in place, so a tensor also used outside the group is left alone.
+    """
+    sites, seen = [], set()
+
+    def add(owner, attr, t):
+        if t is not None and (id(owner), attr) not in seen:
+            seen.add((id(owner), attr))
+            sites.append((owner, attr, t))
+
+    for layer in layers:
+        for module in layer.modules():
+            for p in module._parameters.values():
+                if p is None:
+                    continue
+                add(p, "data", p.data)
+                state = getattr(p, "quant_state", None)
+                while state is not None:
+                    for attr, value in vars(state).items():
+                        if isinstance(value, torch.Tensor):
+                            add(state, attr, value)
+                    state = getattr(state, "state2", None)
+            for name, b in module._buffers.items():
+                add(module, name, b)
+    return sites
+
+
+def _layout(sites) -> tuple[list[int], int]:
+    """Aligned byte offsets of the sites' tensors laid out back to back, and the bytes they span."""
+    offsets, end = [], 0
+    for _, _, t in sites:
+        offsets.append(_align(end))
+        end = offsets[-1] + t.nbytes
+    return offsets, end
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _check_cuda(code, what: str) -> None:
+    if int(code) != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {int(code)}")
+
+
+def stream_refiners(graph, plan, device) -> list[LayerStreamer]:
+    """Apply a memory plan to a graph whose nodes live on the host: each refiner runs from its injection layer
+    up on `device`, in the plan's layer groups (each checkpointed), resident ones on the device and the rest
+    streamed through the plan's slots. The readers and the layers below injection stay on the host: the
+    prefix cache already holds what they produce."""
+    streamers = []
+    for name in graph.refiners:
+        node = graph.nodes[name]
+        mine = [g for g in plan.groups if g.node == name]
+        if not mine or mine[0].first != node.inject_layer:
+            raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer {node.inject_layer}")
+        node.place_top(device)
+        streamers.append(LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
+                                       {i for i, g in enumerate(mine) if g.resident}, device,
+                                       slots=max(1, plan.prefetch_depth)))
+    return streamers
