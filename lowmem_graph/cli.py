@@ -48,7 +48,7 @@ def _add_data_args(p):
 def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
-             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps"]
+             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem"]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_training_args(p)
     p.add_argument("--seed", type=int)
+    p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G or 6G: plan what stays resident, "
+                                                     "what streams, and the micro-batch (see `lowmem-graph plan`)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
     p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")

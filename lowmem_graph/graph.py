@@ -17,7 +17,7 @@ from torch import nn
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
-from .nodes import FrozenNode
+from .nodes import FrozenNode, default_device
 from .ops import fused_inject
 from .spec import GraphSpec
 
@@ -111,20 +111,23 @@ class FrozenGraph(nn.Module):
         self.output = OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.refiners))
 
     @classmethod
-    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None) -> "FrozenGraph":
-        """Load every node frozen (4-bit by default), then create the trainable parts on the same device.
+    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None,
+              nodes_on_host: bool = False) -> "FrozenGraph":
+        """Load every node frozen (4-bit by default), then create the trainable parts on `device`.
 
+        `nodes_on_host` keeps the frozen models in host memory (a memory plan moves what it needs).
         `seed` is applied right before the trainable parts are initialised, so their values do not depend on
         whether loading consumed random numbers (building a tiny model, say)."""
+        device = torch.device(device) if device is not None else default_device()
         nodes = {}
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {spec.quant})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, device, spec.max_length)
+            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, "cpu" if nodes_on_host else device,
+                                                    spec.max_length, compute_device=device)
         if seed is not None:
             torch.manual_seed(seed)
-        graph = cls(spec, nodes)
-        return graph.to(next(iter(nodes.values())).device)
+        return cls(spec, nodes).to(device)
 
     def carry_weight(self, refiner: str) -> torch.Tensor:
         """(d_j, latent): tied to the refiner's readout (the paper's 5 matrices) or a matrix of its own."""
@@ -193,8 +196,6 @@ class FrozenGraph(nn.Module):
     def precompute(self, questions: list[Question], cache, batch_size: int = 16, progress: bool = True) -> "FrozenStates":
         """Run every node once over all questions, one model after the other, keeping what is input-only:
         readers' states and refiners' streams at their injection layer. Entries already cached are reused."""
-        from tqdm.auto import tqdm
-
         from .cache import PROMPT_FORMAT, fingerprint, tokenizer_fingerprint
 
         ids = [q.id for q in questions]
@@ -210,21 +211,29 @@ class FrozenGraph(nn.Module):
                               tokenizer_fingerprint(node.tokenizer), PROMPT_FORMAT, data)[:32]
             entry = cache.load(key)
             if entry is None:
-                rows = []
-                for start in tqdm(range(0, len(questions), batch_size), desc=f"caching {name}",
-                                  disable=None if progress else True, leave=False):
-                    enc = node.encode([format_prompt(q) for q in questions[start:start + batch_size]])
-                    ids_, mask = enc["input_ids"], enc["attention_mask"]
-                    pooled = reader and self.spec.injection == "pooled"
-                    if reader:
-                        out = node.read(ids_, mask)
-                        out = node.pool(out, mask)[:, None] if pooled else out
-                    else:
-                        out = node.prefix(ids_, mask)
-                    rows += [o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask)]
+                with node.visiting(next(self.parameters()).device):
+                    rows = self._frozen_rows(node, reader, questions, batch_size, progress)
                 entry = cache.save(key, rows, {"node": name, "model": node.spec.model, "what": what})
             entries[name] = entry
         return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
+
+    def _frozen_rows(self, node: FrozenNode, reader: bool, questions, batch_size: int, progress: bool):
+        """One node over all questions: per question, a reader's states or a refiner's stream at injection."""
+        from tqdm.auto import tqdm
+
+        pooled = reader and self.spec.injection == "pooled"
+        rows = []
+        for start in tqdm(range(0, len(questions), batch_size), desc=f"caching {node.spec.name}",
+                          disable=None if progress else True, leave=False):
+            enc = node.encode([format_prompt(q) for q in questions[start:start + batch_size]])
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if reader:
+                out = node.read(ids, mask)
+                out = node.pool(out, mask)[:, None] if pooled else out
+            else:
+                out = node.prefix(ids, mask)
+            rows += [o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask)]
+        return rows
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

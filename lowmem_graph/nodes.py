@@ -121,8 +121,9 @@ def default_device() -> torch.device:
 class FrozenNode:
     """A frozen causal LM with its own tokenizer and framing prefix, read or steered by hooks."""
 
-    def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int, identity: str = ""):
+    def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int, identity: str = "", device=None):
         self.spec = spec
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.identity = identity      # names the exact frozen weights (source + quantisation): cache keys use it
         self.model = model
         self.tokenizer = tokenizer
@@ -147,19 +148,46 @@ class FrozenNode:
                             f"(or -1..-{self.n_layers})")
         return index
 
-    @property
-    def device(self) -> torch.device:
-        return self.base.get_input_embeddings().weight.device
+    @contextlib.contextmanager
+    def visiting(self, device):
+        """The whole node on `device` for the block, back on the host after: the model-major frozen pass keeps
+        one model at a time on the device. A no-op when the node already lives there."""
+        home = self.base.get_input_embeddings().weight.device    # where the weights live (place_top keeps it)
+        if torch.device(device) == home:
+            yield self
+            return
+        self.model.to(device)
+        self.device = torch.device(device)
+        try:
+            yield self
+        finally:
+            self.model.to(home)
+            self.device = home
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+
+    def place_top(self, device) -> None:
+        """Run from the injection layer up on `device` with the model itself on the host: the final norm and
+        rotary tables move; the upper decoder layers are placed by a LayerStreamer (resident or streamed)."""
+        self.base.norm.to(device)
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is not None:
+            rotary.to(device)
+        self.device = torch.device(device)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512) -> "FrozenNode":
-        """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), or bf16/fp32."""
+    def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512,
+             compute_device=None) -> "FrozenNode":
+        """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), or bf16/fp32.
+
+        `device` is where the weights live; `compute_device` (default: the same) picks the compute dtype, so a
+        node kept on the host for a GPU run computes in bf16 when it visits the GPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         device = torch.device(device) if device is not None else default_device()
         config, source, is_local = load_config(spec.model)
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        compute = torch.bfloat16 if torch.device(compute_device or device).type == "cuda" else torch.float32
         kwargs = {"device_map": {"": device.index if device.type == "cuda" and device.index is not None
                                  else device.type}}
         load_from, save_to = source, None
@@ -195,7 +223,7 @@ class FrozenNode:
         tokenizer.padding_side = "right"
         tokenizer.truncation_side = "left"   # answer options sit at the end of the prompt
         identity = f"{source_identity(source, is_local)}|{quant}|{compute}"
-        return cls(spec, model, tokenizer, max_length, identity)
+        return cls(spec, model, tokenizer, max_length, identity, device)
 
     # ---- running -------------------------------------------------------------------------------------------
     def encode(self, texts: list[str], offsets: bool = False):

@@ -49,6 +49,7 @@ class TrainConfig:
     clip: float = 1.0                 # gradient-norm clip
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
+    gpu_mem: str | None = None        # device budget ("6G"): plan residency, streaming, micro-batch (needs the cache)
     prefix_cache: bool = True         # run frozen input-only work once (model-major) and train from its cache
     cache_dir: str | None = None      # where the prefix cache lives (default: <cache root>/prefix)
     checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
@@ -64,6 +65,10 @@ class TrainConfig:
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
             raise UserError(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
         return cfg
+
+    def frozen_batch_size(self, plan=None) -> int:
+        """Questions per forward in the frozen pass: the plan's frozen micro-batch, else the training batch."""
+        return plan.frozen_micro_batch if plan is not None else self.batch_size
 
     def evaluated(self) -> str:
         """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
@@ -166,21 +171,43 @@ class Trainer:
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
         set_seed(cfg.seed)
-        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed)
+        self.plan, self.streamers = None, []
+        if cfg.gpu_mem:
+            from .memory.plan import format_plan, make_plan, parse_size
+
+            if not cfg.prefix_cache:
+                raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
+            self.plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
+            log(format_plan(self.plan, spec))
+        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
+                                       nodes_on_host=self.plan is not None)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
-        self.micro_batch = cfg.batch_size
+        self.micro_batch = self.plan.micro_batch if self.plan else cfg.batch_size
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
-            from .cache import PrefixCache
-            from .tiny import cache_root
+            self.train_states = self.frozen_states(self.train_set)
+            self.eval_states = self.frozen_states(self.eval_set)
 
-            cache = PrefixCache(cfg.cache_dir or cache_root() / "prefix", log=log)
-            self.train_states = self.graph.precompute(self.train_set, cache, cfg.batch_size, progress)
-            self.eval_states = self.graph.precompute(self.eval_set, cache, cfg.batch_size, progress)
+    def frozen_states(self, questions: list[Question]):
+        """The model-major frozen pass over `questions` (cached). Under a memory plan each node visits the device
+        in turn; then only the refiners' top layers are placed there, resident or streamed as planned."""
+        from .cache import PrefixCache
+        from .tiny import cache_root
+
+        for streamer in self.streamers:
+            streamer.detach()
+        self.streamers = []
+        cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
+        states = self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
+        if self.plan is not None:
+            from .memory.stream import stream_refiners
+
+            self.streamers = stream_refiners(self.graph, self.plan, self.device)
+        return states
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
