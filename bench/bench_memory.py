@@ -1,0 +1,264 @@
+"""The paper graph's training step under memory budgets, on a GPU, with random weights (no download).
+
+    python bench/bench_memory.py [--budgets 24G,12G,8G,6G] [--batch 8] [--seq 512] [--steps 5] [--out bench/results]
+    python bench/bench_memory.py --smoke      # the same code on the CPU with the tiny preset (tests run this)
+
+The five real architectures are built from their bundled configurations with random NF4 weights. A step is what
+training from the prefix cache runs: the refiners from their injection layer up (checkpointed layer groups,
+resident or streamed as the plan says), the projections, the output node, backward and AdamW; the readers'
+pooled states and the refiners' injection-layer inputs are random tensors of the cached shapes. For each budget:
+measured peak (torch.cuda max allocated and reserved, plus the plan's fixed CUDA-context allowance) against the
+plan's prediction, and the median step time against the all-resident step. Also: every group streamed (the
+streaming overhead at its worst), the top layers offloaded with accelerate's `cpu_offload` (what users reach for
+today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer achieved.
+Without CUDA (and without --smoke) it prints one line and measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowmem_graph.graph import Batch, FrozenGraph
+from lowmem_graph.memory.plan import GroupPlan, make_plan, parse_size
+from lowmem_graph.memory.stream import stream_refiners
+from lowmem_graph.nodes import FrozenNode
+from lowmem_graph.spec import load_preset
+from lowmem_graph.summary import meta_model
+
+MiB = 2 ** 20
+
+
+def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int) -> FrozenNode:
+    """A node of the real architecture with random weights: decoder linears NF4 (double quant), the rest bf16,
+    all on the host. Quantised on `device` (fast on a GPU), one linear at a time."""
+    import bitsandbytes as bnb
+
+    config, model = meta_model(node_spec.model)
+    torch.manual_seed(seed)
+    base = model.get_decoder()
+    for layer in base.layers:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                  device="meta")
+            weight = torch.randn(linear.out_features, linear.in_features, dtype=torch.bfloat16, device=device) * 0.02
+            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(device).to("cpu")
+            if linear.bias is not None:
+                q.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=torch.bfloat16),
+                                            requires_grad=False)
+            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+            setattr(parent, name.rpartition(".")[2], q)
+    for module in model.modules():                      # everything still on meta: real, small, random
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                fresh = torch.empty(p.shape, dtype=torch.bfloat16)
+                fresh.normal_(0, 0.02) if p.dim() > 1 else fresh.fill_(1.0)
+                setattr(module, pname, torch.nn.Parameter(fresh, requires_grad=False))
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b.is_meta:       # none left in the five architectures once rotary tables are rebuilt; guard anyway
+                module.register_buffer(bname, torch.zeros(b.shape, dtype=b.dtype), persistent=False)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:                              # its tables are computed, not loaded: build it for real
+        base.rotary_emb = type(rotary)(config=rotary.config)
+    model.eval().requires_grad_(False)
+    return FrozenNode(node_spec, model, None, max_length, f"random:{node_spec.model}:{seed}", "cpu")
+
+
+def build_graph(spec, device) -> FrozenGraph:
+    nodes = {n.name: random_nf4_node(n, spec.max_length, device, i) for i, n in enumerate(spec.nodes)}
+    torch.manual_seed(0)
+    return FrozenGraph(spec, nodes).to(device)
+
+
+def random_inputs(graph: FrozenGraph, batch: int, seq: int, device):
+    """A batch as the prefix cache serves it: pooled reader states, refiners' injection-layer inputs."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    tokens = {name: (torch.zeros(batch, seq, dtype=torch.long), mask) for name in graph.nodes}
+    b = Batch(tokens, torch.randint(0, 4, (batch,)), torch.full((batch,), 4), [str(i) for i in range(batch)])
+    readers = {r: torch.randn(batch, graph.nodes[r].width, device=device) for r in graph.readers}
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    prefixes = {j: torch.randn(batch, seq, graph.nodes[j].width, device=device, dtype=dtype) for j in graph.refiners}
+    return b, readers, prefixes
+
+
+def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[float]:
+    """Median-able wall times of full steps (forward, backward in micro-batches, AdamW), synchronised."""
+    optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
+    batch, readers, prefixes = inputs
+    n = batch.labels.shape[0]
+    times = []
+    for _ in range(steps + 1):                          # the first step warms up and is dropped
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        for lo in range(0, n, micro_batch):
+            part = slice(lo, lo + micro_batch)
+            sub = Batch({k: (ids[part], m[part]) for k, (ids, m) in batch.tokens.items()}, batch.labels[part],
+                        batch.n_choices[part], batch.ids[part])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = graph(sub, {r: x[part] for r, x in readers.items()}, {j: p[part] for j, p in prefixes.items()})
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), sub.labels.to(device)) * len(sub.ids) / n
+            loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    rates = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        rates.append(nbytes / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def measure(label: str, graph, plan, inputs, device, steps: int) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    streamers = stream_refiners(graph, plan, device)
+    try:
+        before = sum(s.streamed_bytes for s in streamers)
+        times = time_steps(graph, inputs, plan.micro_batch, steps, device)
+        streamed = (sum(s.streamed_bytes for s in streamers) - before) / (steps + 1)
+    finally:
+        for s in streamers:
+            s.detach()
+    row = {"config": label, "budget_gib": plan.budget / 2 ** 30, "micro_batch": plan.micro_batch,
+           "resident_mib": plan.resident_bytes / MiB, "streamed_mib": plan.streamed_bytes / MiB,
+           "predicted_peak_mib": plan.peak / MiB, "step_ms": 1000 * statistics.median(times),
+           "streamed_mib_per_step": streamed / MiB,
+           "stream_gbs_lower_bound": streamed / statistics.median(times) / 1e9 if streamed else 0.0}
+    if device.type == "cuda":
+        context = plan.breakdown.get("cuda_context", 0)
+        row["measured_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MiB
+        row["measured_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MiB
+        row["measured_plus_context_mib"] = (torch.cuda.max_memory_reserved(device) + context) / MiB
+    return row
+
+
+def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
+    """The tool users reach for: accelerate's cpu_offload on each refiner's top layers (synchronous copies)."""
+    from accelerate import cpu_offload
+
+    row = {"config": "accelerate cpu_offload"}
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        for j in graph.refiners:
+            node = graph.nodes[j]
+            node.place_top(device)
+            for layer in list(node.layers)[node.inject_layer:]:
+                cpu_offload(layer, execution_device=device)
+        times = time_steps(graph, inputs, inputs[0].labels.shape[0], steps, device)
+        row.update(step_ms=1000 * statistics.median(times),
+                   measured_peak_allocated_mib=torch.cuda.max_memory_allocated(device) / MiB,
+                   measured_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MiB)
+    except Exception as e:      # report, do not hide: the comparison failed, and why
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
+
+
+def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smoke: bool) -> list[dict]:
+    device = torch.device("cpu" if smoke else "cuda")
+    spec = load_preset("tiny" if smoke else "paper")
+    seq = min(seq, spec.max_length)
+    graph = build_graph(spec, device)
+    inputs = random_inputs(graph, batch, seq, device)
+    rows = []
+    reference = None
+    for budget in budgets:
+        plan = make_plan(spec, parse_size(budget), batch, seq)
+        row = measure(f"plan {budget}", graph, plan, inputs, device, steps)
+        if reference is None:
+            everything = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=True) for g in plan.groups],
+                                             prefetch_depth=0, micro_batch=batch)
+            reference = measure("all resident", graph, everything, inputs, device, steps)
+            rows.append(reference)
+        rows.append(row)
+    worst = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=False) for g in plan.groups],
+                                prefetch_depth=2)
+    rows.append(measure("every group streamed", graph, worst, inputs, device, steps))
+    for row in rows:
+        row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
+    if device.type == "cuda":
+        rows.append(accelerate_offload_row(graph, inputs, device, steps))
+        peak = pinned_copy_gbs(device)
+        for row in rows:
+            row["pinned_copy_peak_gbs"] = peak
+    name = "cpu-smoke" if smoke else torch.cuda.get_device_name(device)
+    for row in rows:
+        row.update(device=name, batch=batch, seq=seq, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+    write(rows, out_dir, name)
+    return rows
+
+
+def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_dir / f"memory-{slug}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    timed = [r for r in rows if "step_ms" in r]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["config"] for r in timed]
+    x = range(len(timed))
+    ax_mem.bar([i - 0.2 for i in x], [r.get("predicted_peak_mib", 0) for r in timed], 0.4, label="plan's prediction")
+    ax_mem.bar([i + 0.2 for i in x], [r.get("measured_plus_context_mib", r.get("measured_peak_reserved_mib", 0))
+                                      for r in timed], 0.4, label="measured reserved + context allowance")
+    ax_mem.set(ylabel="MiB", title=f"peak memory per step ({device_name})")
+    ax_time.bar(list(x), [r["step_ms"] for r in timed])
+    ax_time.set(ylabel="ms (median)", title="step time")
+    for ax in (ax_mem, ax_time):
+        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ax_mem.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"memory-{slug}.png", dpi=110)
+    plt.close(fig)
+    for row in rows:
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="24G,12G,8G,6G")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the code, measures nothing")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device: memory benchmarks need a GPU; nothing measured")
+        return 0
+    run(args.budgets.split(","), args.batch, args.seq, args.steps, Path(args.out), args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

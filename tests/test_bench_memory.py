@@ -1,0 +1,34 @@
+"""The GPU memory benchmark's code path, run on the CPU with the tiny preset (it measures nothing here)."""
+import csv
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_memory  # noqa: E402
+
+
+def test_smoke_run_writes_rows_for_every_configuration(tmp_path):
+    rows = bench_memory.run(["1G"], batch=4, seq=32, steps=1, out_dir=tmp_path, smoke=True)
+    assert [r["config"] for r in rows] == ["all resident", "plan 1G", "every group streamed"]
+    assert rows[-1]["streamed_mib_per_step"] > 0 and rows[0]["streamed_mib_per_step"] == 0
+    with open(tmp_path / "memory-cpu-smoke.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert (tmp_path / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_nodes_are_4bit_real_architectures():
+    from lowmem_graph.spec import load_preset
+
+    spec = load_preset("tiny")
+    node = bench_memory.random_nf4_node(spec.nodes[3], 64, bench_memory.torch.device("cpu"), 0)
+    assert node.width == 96 and any(isinstance(m, bnb.nn.Linear4bit) for m in node.model.modules())
+    assert not any(p.is_meta for p in node.model.parameters())
+
+
+@pytest.mark.skipif(bench_memory.torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_without_a_gpu_nothing_is_measured(tmp_path, capsys):
+    assert bench_memory.main(["--out", str(tmp_path / "r")]) == 0
+    assert "nothing measured" in capsys.readouterr().out and not (tmp_path / "r").exists()
