@@ -14,8 +14,11 @@ def _losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
 
 
-def test_training_from_the_cache_follows_the_same_losses(tmp_path):
-    spec = load_preset("tiny")
+@pytest.mark.parametrize("injection", ["pooled", "token"])
+def test_training_from_the_cache_follows_the_same_losses(tmp_path, injection):
+    from dataclasses import replace
+
+    spec = replace(load_preset("tiny"), injection=injection)
     base = {**spec.train, "limit_train": 24, "limit_eval": 8, "epochs": 2, "lr": 3e-3,
             "cache_dir": str(tmp_path / "cache")}
     quiet = dict(progress=False, log=lambda *_: None)

@@ -107,3 +107,16 @@ def test_model_errors(tmp_path):
     T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
     with pytest.raises(UserError, match="not a causal LM"):
         load_config(str(tmp_path / "t5"))
+
+
+def test_prequantised_folder_loads_as_it_is(tiny_nodes):
+    """A folder whose config carries a quantization_config (bitsandbytes here, GPTQ through optimum) is loaded
+    pre-quantised, not quantised again."""
+    from lowmem_graph.nodes import _quantised_cache_dir, resolve_model
+
+    source, is_local = resolve_model("tiny:phi3")
+    folder = _quantised_cache_dir(source, is_local, "nf4")
+    node = FrozenNode.load(NodeSpec(name="p", model=str(folder), role="refiner"), "nf4", "cpu", 64)
+    assert node.model.config.quantization_config.load_in_4bit
+    for (name, a), (_, b) in zip(node.frozen_tensors(), tiny_nodes["phi3"].frozen_tensors()):
+        assert torch.equal(a, b), name
