@@ -150,20 +150,29 @@ class FrozenNode:
 
     @contextlib.contextmanager
     def visiting(self, device):
-        """The whole node on `device` for the block, back on the host after: the model-major frozen pass keeps
-        one model at a time on the device. A no-op when the node already lives there."""
-        home = self.base.get_input_embeddings().weight.device    # where the weights live (place_top keeps it)
-        if torch.device(device) == home:
+        """What the frozen pass runs of this node on `device` for the block, back on the host after, so the
+        model-major pass holds one model at a time: the layers up to the read layer (readers) or below the
+        injection layer (refiners), the final norm and rotary tables. The embedding table stays on the host (a
+        lookup moves B x T x d activations, not the table); nothing above is needed. A no-op for a node that
+        already lives on `device`."""
+        home = self.base.get_input_embeddings().weight.device
+        device = torch.device(device)
+        if device == home:
             yield self
             return
-        self.model.to(device)
-        self.device = torch.device(device)
+        needed = self.read_layer + 1 if self.spec.role == "reader" else self.inject_layer
+        parts = [*self.layers[:needed], self.base.norm, getattr(self.base, "rotary_emb", None)]
+        parts = [p for p in parts if p is not None]
+        for part in parts:
+            part.to(device)
+        self.device = device
         try:
             yield self
         finally:
-            self.model.to(home)
+            for part in parts:
+                part.to(home)
             self.device = home
-            if torch.device(device).type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def place_top(self, device) -> None:
@@ -246,8 +255,7 @@ class FrozenNode:
         handle = self.layers[self.read_layer].register_forward_hook(stop)
         try:
             with self._autocast():
-                self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                          use_cache=False)
+                self._forward(input_ids, attention_mask)
             raise RuntimeError("read hook did not fire")
         except _StopForward as stopped:
             with self._autocast():
@@ -274,8 +282,7 @@ class FrozenNode:
         handle = self.layers[self.inject_layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
             with self._autocast():
-                self.base(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                          use_cache=False)
+                self._forward(input_ids, attention_mask)
             raise RuntimeError("prefix hook did not fire")
         except _StopForward as stopped:
             return stopped.hidden
@@ -293,11 +300,20 @@ class FrozenNode:
         mask = attention_mask.to(self.device)
         with self._autocast():
             if prefix is None:
-                out = self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+                out = self._forward(input_ids, attention_mask)
             else:
                 with self._lower_layers_skipped():
                     out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
         return out.last_hidden_state
+
+    def _forward(self, input_ids, attention_mask):
+        """The base model's forward; with the embedding table on the host, the lookup happens there."""
+        table = self.base.get_input_embeddings()
+        mask = attention_mask.to(self.device)
+        if table.weight.device == self.device:
+            return self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+        embeds = table(input_ids.to(table.weight.device)).to(self.device)
+        return self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
 
     @contextlib.contextmanager
     def _lower_layers_skipped(self):
