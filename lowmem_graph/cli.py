@@ -87,7 +87,8 @@ def cmd_train(args) -> None:
     lo, hi = summary["eval_ci"]
     print(f"done: {cfg.eval_split} accuracy {summary['eval_acc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) after "
           f"{summary['steps']} steps; {format_snapshot(summary['memory'])}")
-    print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, trainable.safetensors, curves.png)")
+    print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, trainable.safetensors, curves.png, memory.png, "
+          "signals.png)")
 
 
 def cmd_eval(args) -> None:
