@@ -21,19 +21,19 @@ def prompt_spans(offsets: torch.Tensor, mask: torch.Tensor, prefix_len: int) -> 
 def align_index(src_offsets, src_mask, src_prefix: int, dst_offsets, dst_mask, dst_prefix: int) -> torch.Tensor:
     """(B, T_dst) index into the source tokens: for each destination token, the source token to read.
 
-    Source prompt tokens are contiguous (prefix first, padding last), so the answer is the first prompt token
-    plus the count of prompt tokens that start before the destination token ends, minus one. Destination
-    tokens outside the prompt (its prefix, BOS, padding) read the first prompt token.
+    The answer is the last source prompt token that starts before the destination token ends. Destination
+    tokens outside the prompt (its prefix, BOS, padding), or before any source token, read the first prompt token.
     """
     s_start, s_end = prompt_spans(src_offsets, src_mask, src_prefix)
     _, d_end = prompt_spans(dst_offsets, dst_mask, dst_prefix)
     valid = s_end > 0
     if not valid.any(-1).all():
         raise ValueError("a source sequence has no prompt tokens left after truncation")
-    first = valid.int().argmax(-1, keepdim=True)
-    starts = s_start.masked_fill(~valid, torch.iinfo(s_start.dtype).max)
-    before = (starts[:, None, :] < d_end[:, :, None]).sum(-1)
-    return first + (before - 1).clamp_min(0)
+    positions = torch.arange(valid.shape[1])
+    first = torch.where(valid, positions, valid.shape[1]).min(-1, keepdim=True).values
+    before = valid[:, None, :] & (s_start[:, None, :] < d_end[:, :, None])        # (B, T_dst, T_src)
+    last = torch.where(before, positions, -1).max(-1).values
+    return torch.where(last >= 0, last, first)
 
 
 def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def cmd_train(args) -> None:
             raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant/--set")
         run_dir = Path(args.resume)
         spec, cfg = load_run_config(run_dir)
-        cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
+        cfg = TrainConfig.from_dict({**asdict(cfg), "max_steps": None, **overrides})   # a stop is not sticky
     else:
         spec, cfg = _spec_and_config(args)
         run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.out, spec.name)

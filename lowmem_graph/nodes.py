@@ -101,15 +101,16 @@ def source_identity(source: str, is_local: bool) -> str:
     """What names a model's weights: the hub id, or a local folder's path with its weight files' sizes and times."""
     if not is_local:
         return source
-    stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).glob("*.safetensors"))
+    stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).iterdir()
+                    if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
     return f"{Path(source).resolve()}|{stamps}"
 
 
-def _quantised_cache_dir(source: str, is_local: bool, quant: str) -> Path:
+def _quantised_cache_dir(source: str, is_local: bool, quant: str, compute=torch.float32) -> Path:
     """Where a node quantised once is saved, keyed by its source identity."""
     from .tiny import cache_root
 
-    key = source_identity(source, is_local)
+    key = f"{source_identity(source, is_local)}|{compute}"
     slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
     return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -203,7 +204,7 @@ class FrozenNode:
         if getattr(config, "quantization_config", None) is not None:
             kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
         elif quant == "nf4":
-            cached = _quantised_cache_dir(source, is_local, quant)
+            cached = _quantised_cache_dir(source, is_local, quant, compute)   # the compute dtype is saved too
             if (cached / "config.json").exists():
                 load_from = str(cached)
             else:
@@ -293,17 +294,20 @@ class FrozenNode:
         """Final hidden states (B, T, d), after the final norm; `inject(h) -> h` rewrites the injection layer's input.
 
         With `prefix` (what `prefix()` returned for these inputs) the layers below the injection are skipped.
-        Layers below the injection see no tensor that needs grad, so autograd records nothing there. `inject`
-        and `prefix` stay set after the call: a checkpointed recompute in backward runs the hook again.
+        Layers below the injection see no tensor that needs grad, so autograd records nothing there.
+        (A checkpointed group recomputes from the input it recorded, after the hook, so the hook runs once.)
         """
         self._inject, self._prefix = inject, prefix
         mask = attention_mask.to(self.device)
-        with self._autocast():
-            if prefix is None:
-                out = self._forward(input_ids, attention_mask)
-            else:
-                with self._lower_layers_skipped():
-                    out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
+        try:
+            with self._autocast():
+                if prefix is None:
+                    out = self._forward(input_ids, attention_mask)
+                else:
+                    with self._lower_layers_skipped():
+                        out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
+        finally:
+            self._inject = self._prefix = None   # a later plain call must not see this batch's steering
         return out.last_hidden_state
 
     def _forward(self, input_ids, attention_mask):

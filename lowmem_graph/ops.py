@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 
 from lowmem_graph.errors import UserError
 
@@ -19,13 +21,14 @@ def inject_reference(h, xs, weights, carry, blend: float, eps: float = 1e-6):
     example, broadcast over tokens) or (B, T, d_k) (per-token). weights: K matrices (L, d_k).
     carry: (D, L). Math in fp32, result in h's dtype.
     """
-    z = sum(x.float() @ w.float().t() for x, w in zip(xs, weights)) / len(xs)
-    u = z @ carry.float().t()
-    u_hat = u / u.norm(dim=-1, keepdim=True).clamp_min(eps)
-    if u_hat.dim() == 2:
-        u_hat = u_hat[:, None, :]
-    hf = h.float()
-    out = (1.0 - blend) * hf + blend * u_hat * hf.norm(dim=-1, keepdim=True)
+    with torch.autocast(h.device.type, enabled=False):     # fp32 also inside a training step's autocast
+        z = sum(x.float() @ w.float().t() for x, w in zip(xs, weights)) / len(xs)
+        u = z @ carry.float().t()
+        u_hat = u / u.norm(dim=-1, keepdim=True).clamp_min(eps)
+        if u_hat.dim() == 2:
+            u_hat = u_hat[:, None, :]
+        hf = h.float()
+        out = (1.0 - blend) * hf + blend * u_hat * hf.norm(dim=-1, keepdim=True)
     return out.to(h.dtype)
 
 

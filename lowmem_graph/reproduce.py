@@ -62,6 +62,7 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
                      "interval": list(result.interval), "n": result.n,
                      "routing": dict(zip(trainer.graph.refiners, result.routing))})
         log(f"test {bench}: {result.summary()}")
+    trainer.close()
     return write_results(rows, spec, cfg, run_dir)
 
 

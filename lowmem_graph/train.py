@@ -258,6 +258,17 @@ class Trainer:
                 "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
                 "routing": dict(zip(self.graph.refiners, (torch.stack(routing).sum(0) / len(questions)).tolist()))}
 
+    def _stop(self) -> dict:
+        self.save_checkpoint()
+        self.log(f"stopped after {self.step} steps (max_steps); resume with --resume {self.run_dir}")
+        return {"stopped_at_step": self.step}
+
+    def close(self) -> None:
+        """Give back what a memory plan placed: streamers detach (their pinned slabs unregister)."""
+        for streamer in self.streamers:
+            streamer.detach()
+        self.streamers = []
+
     def fit(self) -> dict:
         cfg = self.cfg
         if self.device.type == "cuda":
@@ -280,10 +291,8 @@ class Trainer:
                               "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    self.save_checkpoint()
-                    self.log(f"stopped after {self.step} steps (max_steps); resume with --resume {self.run_dir}")
-                    return {"stopped_at_step": self.step}
+                if cfg.max_steps is not None and self.step >= cfg.max_steps and i + 1 < self.steps_per_epoch:
+                    return self._stop()
             bar.close()
             result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
             memory = memory_snapshot(self.device)
@@ -299,6 +308,8 @@ class Trainer:
                      f"{record['seconds']:.1f} s | {format_snapshot(memory)}")
             self.save_checkpoint()
             save_trainable(self.graph, self.run_dir / "trainable.safetensors")
+            if cfg.max_steps is not None and self.step >= cfg.max_steps and self.step < self.total_steps:
+                return self._stop()        # stopped at an epoch's end: after its evaluation and weights
         if result is None:   # resumed a finished run: nothing left to train
             result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
         tasks = cfg.evaluated().replace("+", "_")
@@ -339,7 +350,10 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     """Train (or resume) a run in `run_dir`. Bad input fails before the folder exists; a run that fails before
     its first checkpoint leaves no folder behind."""
     run_dir = Path(run_dir)
-    trainer = Trainer(spec, cfg, run_dir, progress, log)
+    try:
+        trainer = Trainer(spec, cfg, run_dir, progress, log)     # the frozen pass runs here: it can OOM too
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(out_of_memory_message(e)) from e
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +372,8 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
         if created and not (run_dir / "checkpoint.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        trainer.close()
     summary["run_dir"] = str(run_dir)
     summary["memory"] = memory_snapshot(trainer.device)
     return summary

@@ -51,3 +51,10 @@ def test_token_injection_trains_through_frozen_refiners(tiny_spec, tiny_nodes, q
     pooled = FrozenGraph(tiny_spec, tiny_nodes)
     pooled.load_state_dict(graph.state_dict())
     assert not torch.allclose(pooled(pooled.collate(questions[:3])).logits, out.logits)
+
+
+def test_zero_length_tokens_inside_the_prompt_do_not_shift_the_alignment():
+    src = torch.tensor([[[0, 0], [0, 2], [2, 2], [2, 4]]])
+    dst = torch.tensor([[[0, 4]]])
+    index = align_index(src, torch.ones(1, 4, dtype=torch.long), 0, dst, torch.ones(1, 1, dtype=torch.long), 0)
+    assert index.tolist() == [[3]]

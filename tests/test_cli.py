@@ -147,3 +147,12 @@ def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch
     assert_clean_error(code, err, "CUDA out of memory")
     assert "--gpu-mem" in err and "--batch-size" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_max_steps_runs_to_the_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--limit-train", "16", "--limit-eval", "8", "--epochs", "2", "--no-progress"]
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", *flags]) == 0
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "done:" in out and "after 4 steps" in out

@@ -22,12 +22,18 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
     groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1)) for node in ("phi3", "mistral") for i in (1, 2, 3)]
     forced = dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2)
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
+    from lowmem_graph.memory import stream
+
+    made = []
+    real_stream = stream.stream_refiners
+    monkeypatch.setattr(stream, "stream_refiners", lambda *a: made.append(real_stream(*a)) or made[-1])
     base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3,
             "cache_dir": str(tmp_path / "cache")}
     quiet = dict(progress=False, log=lambda *_: None)
     planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G"}), tmp_path / "planned", **quiet)
     plain = train(spec, TrainConfig.from_dict(base), tmp_path / "plain", **quiet)
-    streamers = planned["trainer"].streamers
+    streamers = made[-1]
+    assert planned["trainer"].streamers == [] and all(s.slots == [] for s in streamers)   # released after training
     assert [len(s.order) for s in streamers] == [2, 2]          # two streamed groups per refiner
     assert all(s.loads > 0 and s.peak_device_bytes <= s.resident_bytes + 2 * s.slot_bytes for s in streamers)
     torch.testing.assert_close(_losses(tmp_path / "planned"), _losses(tmp_path / "plain"), rtol=1e-4, atol=1e-5)

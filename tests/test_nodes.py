@@ -120,3 +120,12 @@ def test_prequantised_folder_loads_as_it_is(tiny_nodes):
     assert node.model.config.quantization_config.load_in_4bit
     for (name, a), (_, b) in zip(node.frozen_tensors(), tiny_nodes["phi3"].frozen_tensors()):
         assert torch.equal(a, b), name
+
+
+def test_run_leaves_no_steering_behind(tiny_nodes):
+    node = tiny_nodes["mistral"]
+    enc = node.encode(TEXTS)
+    plain = node.run(enc["input_ids"], enc["attention_mask"])
+    node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0.5,
+             prefix=node.prefix(enc["input_ids"], enc["attention_mask"]))
+    assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain)

@@ -289,11 +289,13 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
             acts = _activations(profile, base, micro, seq, spec.injection)
             for k in range(len(base), -1, -1):
                 groups = [GroupPlan(g.node, g.first, g.last, g.bytes, i < k) for i, g in enumerate(base)]
-                slot = max((g.bytes for g in groups if not g.resident), default=0)
+                # each refiner's streamer holds its own slots, sized for its largest streamed group
+                slots_per_depth = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
+                                   for n in dict.fromkeys(g.node for g in groups)]
                 for depth in ((0,) if k == len(base) else (2, 1)):
                     breakdown = {
                         "resident_weights": sum(g.bytes for g in groups if g.resident) + norms,
-                        "stream_slots": depth * slot,
+                        "stream_slots": sum(depth * b for b in slots_per_depth),
                         **acts,
                         "trainable+optimizer": trainable,
                         "workspace": workspace,
