@@ -35,6 +35,15 @@ def _add_training_args(p):
     p.add_argument("--lr", type=float)
 
 
+def _training_parser(sub, name: str, help: str):
+    """A subcommand that builds a graph and trains it: graph, data and training flags."""
+    p = sub.add_parser(name, help=help)
+    _add_graph_args(p)
+    _add_data_args(p)
+    _add_training_args(p)
+    return p
+
+
 def _add_data_args(p):
     p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu; several joined by +; a task's own "
                                   "splits after a colon (mmlu:auxiliary_train,dev)")
@@ -184,20 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="predictions file (default: in the run folder)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("matrix", help="train ablation variants x seeds and tabulate mean and spread")
-    _add_graph_args(p)
-    _add_data_args(p)
-    _add_training_args(p)
+    p = _training_parser(sub, "matrix", "train ablation variants x seeds and tabulate mean and spread")
     p.add_argument("--vary", action="append", metavar="KEY=V1,V2",
                    help="an axis of the matrix, e.g. nodes.phi3.inject_depth=0.5,0.75 or drop=llama,qwen (repeatable)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", help="folder for the runs and matrix.{md,csv,json} (default runs/matrix-<graph>-<time>)")
     p.set_defaults(func=cmd_matrix)
 
-    p = sub.add_parser("baselines", help="each node zero-shot (acc, acc_norm) and as a parameter-matched learned head")
-    _add_graph_args(p)
-    _add_data_args(p)
-    _add_training_args(p)
+    p = _training_parser(sub, "baselines", "each node zero-shot (acc, acc_norm) and as a parameter-matched learned head")
     p.add_argument("--out", help="output folder (default: runs/baselines-<graph>)")
     p.set_defaults(func=cmd_baselines)
 

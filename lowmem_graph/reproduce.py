@@ -55,7 +55,7 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
         except UserError as e:
             rows.append({"benchmark": bench, "status": f"not run: {e}"})
             continue
-        states = trainer.frozen_states(questions) if trainer.train_states is not None else None
+        (states,) = trainer.frozen_states(questions) if trainer.train_states is not None else (None,)
         result = evaluate(trainer.graph, questions, cfg.batch_size, progress, f"test {bench}", states)
         write_predictions(result, run_dir / f"predictions-{bench}-test.jsonl")
         rows.append({"benchmark": bench, "status": "ok", "accuracy": result.accuracy,

@@ -189,12 +189,11 @@ class Trainer:
         self.micro_batch = self.plan.micro_batch if self.plan else cfg.batch_size
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
-            self.train_states = self.frozen_states(self.train_set)
-            self.eval_states = self.frozen_states(self.eval_set)
+            self.train_states, self.eval_states = self.frozen_states(self.train_set, self.eval_set)
 
-    def frozen_states(self, questions: list[Question]):
-        """The model-major frozen pass over `questions` (cached). Under a memory plan each node visits the device
-        in turn; then only the refiners' top layers are placed there, resident or streamed as planned."""
+    def frozen_states(self, *question_sets: list[Question]) -> list:
+        """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
+        the device in turn; then, once, only the refiners' top layers are placed there, resident or streamed."""
         from .cache import PrefixCache
         from .tiny import cache_root
 
@@ -202,7 +201,8 @@ class Trainer:
             streamer.detach()
         self.streamers = []
         cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
-        states = self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
+        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
+                  for questions in question_sets]
         if self.plan is not None:
             from .memory.stream import stream_refiners
 
