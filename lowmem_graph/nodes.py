@@ -136,18 +136,10 @@ class FrozenNode:
                             "only decoder-only causal LMs can be nodes")
         self.width = model.config.get_text_config().hidden_size
         self.n_layers = len(self.layers)
-        self.read_layer = self._layer_index(spec.read_layer)
-        self.inject_layer = min(max(round(spec.inject_depth * self.n_layers), 1), self.n_layers - 1)
+        self.read_layer = spec.read_index(self.n_layers)
+        self.inject_layer = spec.inject_index(self.n_layers)
         self._inject = self._prefix = None
         self.layers[self.inject_layer].register_forward_pre_hook(self._inject_hook, with_kwargs=True)
-
-    def _layer_index(self, read_layer: int) -> int:
-        """1-based layer (negative from the top) -> 0-based index of the decoder layer whose output is read."""
-        index = read_layer - 1 if read_layer > 0 else self.n_layers + read_layer
-        if not 0 <= index < self.n_layers:
-            raise UserError(f"node {self.spec.name!r}: read_layer {read_layer} is outside 1..{self.n_layers} "
-                            f"(or -1..-{self.n_layers})")
-        return index
 
     @contextlib.contextmanager
     def visiting(self, device):

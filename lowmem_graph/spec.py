@@ -31,6 +31,19 @@ class NodeSpec:
     blend: float = 0.25             # refiners: a in h <- (1-a) h + a * z_hat * ||h||
     tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
 
+    def read_index(self, n_layers: int) -> int:
+        """0-based index of the decoder layer whose output a reader reads (read_layer: 1-based, negative from the top)."""
+        index = self.read_layer - 1 if self.read_layer > 0 else n_layers + self.read_layer
+        if not 0 <= index < n_layers:
+            raise UserError(f"node {self.name!r}: read_layer {self.read_layer} is outside 1..{n_layers} "
+                            f"(or -1..-{n_layers})")
+        return index
+
+    def inject_index(self, n_layers: int) -> int:
+        """0-based index of the decoder layer whose input a refiner's injection rewrites (at least one layer on
+        each side): also the number of layers below the injection, which the prefix cache covers."""
+        return min(max(round(self.inject_depth * n_layers), 1), n_layers - 1)
+
 
 @dataclass
 class OutputSpec:

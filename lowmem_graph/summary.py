@@ -42,11 +42,9 @@ def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
         text = config.get_text_config()
         layers = text.num_hidden_layers
         if n.role == "reader":
-            index = n.read_layer if n.read_layer > 0 else layers + n.read_layer + 1
-            site = f"read layer {index}/{layers} ({n.pooling} pooled)"
+            site = f"read layer {n.read_index(layers) + 1}/{layers} ({n.pooling} pooled)"
         else:
-            inject = min(max(round(n.inject_depth * layers), 1), layers - 1)
-            site = f"inject before layer {inject}/{layers} (a={n.blend})"
+            site = f"inject before layer {n.inject_index(layers)}/{layers} (a={n.blend})"
         shapes[n.name] = NodeShape(n.name, n.role, n.model, text.hidden_size, layers,
                                    sum(p.numel() for p in model.parameters()), site)
     return shapes

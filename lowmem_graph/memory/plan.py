@@ -191,14 +191,9 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         if n.role == "reader":
-            index = n.read_layer - 1 if n.read_layer > 0 else layers + n.read_layer
-            if not 0 <= index < layers:
-                raise UserError(f"node {n.name!r}: read_layer {n.read_layer} is outside 1..{layers} "
-                                f"(or -1..-{layers})")
-            needed, inject = index + 1, layers
+            needed, inject = n.read_index(layers) + 1, layers
         else:
-            inject = min(max(round(n.inject_depth * layers), 1), layers - 1)
-            needed = inject
+            needed = inject = n.inject_index(layers)
         norm = getattr(base, "norm", None)
         nodes[n.name] = _Node(
             n.name, n.role, text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
