@@ -223,15 +223,41 @@ class FrozenNode:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "right"
-        tokenizer.truncation_side = "left"   # answer options sit at the end of the prompt
         identity = f"{source_identity(source, is_local)}|{quant}|{compute}"
         return cls(spec, model, tokenizer, max_length, identity, device)
 
     # ---- running -------------------------------------------------------------------------------------------
-    def encode(self, texts: list[str], offsets: bool = False):
-        """Tokenize `prefix + text` with this node's own tokenizer (right padding, left truncation)."""
-        return self.tokenizer([self.spec.prefix + t for t in texts], return_tensors="pt", padding=True,
-                              truncation=True, max_length=self.max_length, return_offsets_mapping=offsets)
+    def encode(self, texts: list[str], offsets: bool = False) -> dict[str, torch.Tensor]:
+        """Tokenize `prefix + text` with this node's own tokenizer, right-padded: input_ids, attention_mask and,
+        with `offsets`, offset_mapping. A sequence over max_length keeps its framing prefix (and BOS) and the end
+        of the text, where the question and answer options sit; the middle goes, never the framing."""
+        fast = self.tokenizer.is_fast
+        enc = self.tokenizer([self.spec.prefix + t for t in texts], return_offsets_mapping=fast)
+        spans = enc["offset_mapping"] if fast else [[(0, 0)] * len(ids) for ids in enc["input_ids"]]
+        rows = [self._fit(list(ids), list(row)) for ids, row in zip(enc["input_ids"], spans)]
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        out = {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+               "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])}
+        if offsets:
+            if not fast:
+                raise UserError(f"node {self.spec.name!r}: per-token injection needs a fast tokenizer (offsets)")
+            out["offset_mapping"] = torch.tensor([row + [(0, 0)] * (width - len(row)) for _, row in rows])
+        return out
+
+    def _fit(self, ids: list[int], spans: list) -> tuple[list[int], list]:
+        """Cut a sequence over max_length in the middle: the prefix's tokens stay, then the text's last tokens."""
+        if len(ids) <= self.max_length:
+            return ids, spans
+        if self.tokenizer.is_fast:   # leading tokens that end inside the prefix (BOS has an empty span)
+            head = next((i for i, (_, end) in enumerate(spans) if end > len(self.spec.prefix)), len(ids))
+        else:
+            head = len(self.tokenizer(self.spec.prefix)["input_ids"])
+        if head > self.max_length // 2:
+            raise UserError(f"node {self.spec.name!r}: its prefix takes {head} tokens, over half of "
+                            f"max_length {self.max_length}: shorten the prefix or raise max_length")
+        tail = len(ids) - (self.max_length - head)
+        return ids[:head] + ids[tail:], spans[:head] + spans[tail:]
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -129,3 +129,35 @@ def test_run_leaves_no_steering_behind(tiny_nodes):
     node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0.5,
              prefix=node.prefix(enc["input_ids"], enc["attention_mask"]))
     assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_matches_the_tokenizer_and_cuts_long_inputs_in_the_middle(tiny_nodes, arch):
+    from dataclasses import replace
+
+    node = tiny_nodes[arch]
+    spec, max_length = node.spec, node.max_length
+    node.spec = replace(spec, prefix="Framing: answer with care.\n")
+    try:
+        short = node.encode(TEXTS, offsets=True)
+        reference = node.tokenizer([node.spec.prefix + t for t in TEXTS], padding=True, return_offsets_mapping=True,
+                                   return_tensors="pt")
+        real = reference["attention_mask"].bool()
+        assert torch.equal(short["attention_mask"], reference["attention_mask"])
+        assert torch.equal(short["input_ids"][real], reference["input_ids"][real])
+        assert torch.equal(short["offset_mapping"][real], reference["offset_mapping"][real])
+        long_text = " ".join(f"filler{i}" for i in range(200)) + " Which gas? A. oxygen B. carbon dioxide"
+        whole = node.tokenizer(node.spec.prefix + long_text, return_offsets_mapping=True)
+        head = next(i for i, (_, end) in enumerate(whole["offset_mapping"]) if end > len(node.spec.prefix))
+        node.max_length = 48
+        cut = node.encode([long_text, TEXTS[1]], offsets=True)
+        ids = cut["input_ids"][0].tolist()
+        assert len(ids) == 48 and cut["attention_mask"][0].all() and head >= 3
+        assert ids[:head] == whole["input_ids"][:head]                    # the framing prefix survives
+        assert ids[head:] == whole["input_ids"][-(48 - head):]            # the end of the text (the options) too
+        assert cut["offset_mapping"][0, -1].tolist() == list(whole["offset_mapping"][-1])
+        node.spec = replace(node.spec, prefix="Framing " * 40)
+        with pytest.raises(UserError, match="prefix takes"):
+            node.encode([long_text])
+    finally:
+        node.spec, node.max_length = spec, max_length
