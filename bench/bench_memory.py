@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lowmem_graph.graph import Batch, FrozenGraph
-from lowmem_graph.memory.plan import GroupPlan, make_plan, parse_size
+from lowmem_graph.memory.plan import make_plan, parse_size
 from lowmem_graph.memory.stream import stream_refiners
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from lowmem_graph.cache import PrefixCache
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, Trainer
 

@@ -4,25 +4,35 @@ Readers' states and each refiner's residual stream at its injection layer depend
 model-major frozen pass (`FrozenGraph.precompute`) runs each node once over the whole data set and stores the
 result here. Training then runs only the refiners' upper layers, the projections and the output node.
 
-An entry is `<key>.safetensors` (rows of variable length, flattened, with their offsets) and `<key>.sha256`,
-written last. The key hashes everything the states depend on: the node's exact weights and quantisation, the
-layer, pooling, framing prefix, tokenizer, prompt format, maximum length and the questions. An entry whose
-checksum does not match (truncated, corrupted, half-written) is deleted and rebuilt, never used.
+At the paper's scale one refiner's entry is tens of GB, so an entry is a folder written as the pass goes:
+`shard-NNNNN.safetensors` files of whole rows (flattened, with their offsets), each hashed when written, and
+`manifest.json` last, with every shard's SHA-256 and the order the rows were computed in (the pass sorts
+questions by length to waste no compute on padding). The folder appears under its key only when complete. The
+key hashes everything the states depend on: the node's exact weights and quantisation, the layer, pooling,
+framing prefix, tokenizer, prompt format, maximum length and the questions. An entry whose shards do not match
+their checksums (truncated, corrupted, missing) is deleted and rebuilt, never used.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
+import shutil
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_file, file_sha256
+from .errors import UserError
+from .files import atomic_dir, atomic_file, file_sha256
 
-PROMPT_FORMAT = 1   # bump when data.format_prompt or the entry layout changes
+PROMPT_FORMAT = 3   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
+SHARD_BYTES = 256 * 2 ** 20   # rows held in host memory before they go to disk as one shard
 
 
 def fingerprint(*parts) -> str:
@@ -43,51 +53,89 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 class CacheEntry:
-    """Read access to one verified entry: row i is flat[offsets[i]:offsets[i+1]], read lazily from disk."""
+    """Read access to one verified entry: `row(i)` is question i's tensor, read lazily from its shard."""
 
-    def __init__(self, path: Path):
-        self._file = safe_open(str(path), framework="pt")
-        self.offsets = self._file.get_tensor("offsets")
-        self._flat = self._file.get_slice("flat")
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder = folder
+        self.shards = manifest["shards"]
+        self._ends = list(itertools.accumulate(s["rows"] for s in self.shards))
+        self._row_of = [0] * len(manifest["order"])
+        for row, question in enumerate(manifest["order"]):
+            self._row_of[question] = row
+        self._open: dict[int, tuple[torch.Tensor, object]] = {}
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self._row_of)
 
     def row(self, i: int) -> torch.Tensor:
-        return self._flat[int(self.offsets[i]):int(self.offsets[i + 1])]
+        row = self._row_of[i]
+        shard = bisect.bisect_right(self._ends, row)
+        if shard not in self._open:
+            f = safe_open(str(self.folder / self.shards[shard]["file"]), framework="pt")
+            self._open[shard] = (f.get_tensor("offsets"), f.get_slice("flat"))
+        offsets, flat = self._open[shard]
+        local = row - (self._ends[shard - 1] if shard else 0)
+        return flat[int(offsets[local]):int(offsets[local + 1])]
 
 
 class PrefixCache:
-    def __init__(self, root: str | Path, log=None):
+    def __init__(self, root: str | Path, log=None, shard_bytes: int = SHARD_BYTES):
         self.root = Path(root)
         self.log = log or (lambda message: warnings.warn(message, stacklevel=2))
-
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.safetensors", self.root / f"{key}.sha256"
+        self.shard_bytes = shard_bytes
 
     def load(self, key: str) -> CacheEntry | None:
         """The entry if present and intact; a damaged one is removed (and reported) so it gets rebuilt."""
-        data, digest = self._paths(key)
-        if not data.exists() and not digest.exists():
+        folder = self.root / key
+        if not folder.exists():
             return None
         try:
-            intact = digest.read_text().strip() == file_sha256(data)
-            entry = CacheEntry(data) if intact else None
-        except Exception:   # missing half, unreadable header: the same verdict
-            entry = None
-        if entry is None:
-            self.log(f"prefix cache entry {data.name} is damaged or incomplete: rebuilding it")
-            data.unlink(missing_ok=True)
-            digest.unlink(missing_ok=True)
-        return entry
+            manifest = json.loads((folder / "manifest.json").read_text())
+            paths = [folder / s["file"] for s in manifest["shards"]]
+            with ThreadPoolExecutor(4) as pool:       # hashlib releases the GIL: shards hash in parallel
+                digests = list(pool.map(file_sha256, paths))
+            intact = digests == [s["sha256"] for s in manifest["shards"]]
+        except Exception:   # no manifest, unreadable, a shard missing: the same verdict
+            intact = False
+        if not intact:
+            self.log(f"prefix cache entry {folder.name} is damaged or incomplete: rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return CacheEntry(folder, manifest)
 
-    def save(self, key: str, rows: list[torch.Tensor], info: dict) -> CacheEntry:
-        data, digest = self._paths(key)
-        lengths = torch.tensor([len(r) for r in rows])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        with atomic_file(data) as tmp:
-            save_file({"flat": torch.cat(rows).contiguous(), "offsets": offsets}, str(tmp),
-                      metadata={"info": json.dumps(info, default=str)})
-        with atomic_file(digest) as tmp:
-            tmp.write_text(file_sha256(data) + "\n")
-        return CacheEntry(data)
+    def save(self, key: str, rows: Iterable[torch.Tensor], order: list[int], info: dict,
+             expected_bytes: int = 0) -> CacheEntry:
+        """Write `rows` (row r belongs to question order[r]) shard by shard as they come; the entry appears under
+        `key` only once complete. Refuses up front, in one line, when the disk cannot hold `expected_bytes`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if expected_bytes > free:
+            raise UserError(f"the prefix cache entry of {info.get('node', key)} needs about "
+                            f"{expected_bytes / 2 ** 30:.1f} GiB, but {self.root} has {free / 2 ** 30:.1f} GiB free: "
+                            "free some space or set cache_dir to a larger disk")
+        with atomic_dir(self.root / key) as tmp:
+            shards, pending, held = [], [], 0
+
+            def flush():
+                name = f"shard-{len(shards):05d}.safetensors"
+                lengths = torch.tensor([len(r) for r in pending])
+                offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+                save_file({"flat": torch.cat(pending).contiguous(), "offsets": offsets}, str(tmp / name))
+                shards.append({"file": name, "rows": len(pending), "sha256": file_sha256(tmp / name)})
+                pending.clear()
+
+            for row in rows:
+                pending.append(row)
+                held += row.nbytes
+                if held >= self.shard_bytes:
+                    flush()
+                    held = 0
+            if pending:
+                flush()
+            manifest = {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards}
+            if sum(s["rows"] for s in shards) != len(order):
+                raise RuntimeError(f"the frozen pass gave {sum(s['rows'] for s in shards)} rows for {len(order)} "
+                                   "questions")
+            with atomic_file(tmp / "manifest.json") as path:
+                path.write_text(json.dumps(manifest, default=str))
+        return CacheEntry(self.root / key, manifest)

@@ -92,7 +92,7 @@ class FrozenStates:
             return out.to(device)
 
         readers = {r: (padded(r) if graph.spec.injection == "token"
-                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)) for r in graph.readers}
+                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)).float() for r in graph.readers}
         return readers, {j: padded(j) for j in graph.refiners}
 
 
@@ -162,7 +162,7 @@ class FrozenGraph(nn.Module):
         for r in self.readers:
             ids, mask = batch.tokens[r]
             node = self.nodes[r]
-            full = node.read(ids, mask)
+            full = node.read(ids, mask).float()
             states[r] = full if self.spec.injection == "token" else node.pool(full, mask)
         return states
 
@@ -201,39 +201,45 @@ class FrozenGraph(nn.Module):
         ids = [q.id for q in questions]
         if len(set(ids)) != len(ids):
             raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
-        data = fingerprint([(q.id, format_prompt(q)) for q in questions])
+        texts = [format_prompt(q) for q in questions]
+        data = fingerprint(list(zip(ids, texts)))
         entries = {}
         for name, node in self.nodes.items():
             reader = name in self.readers
-            what = (("tokens" if self.spec.injection == "token" else node.spec.pooling, node.read_layer) if reader
+            pooled = reader and self.spec.injection == "pooled"
+            what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
                     else ("prefix", node.inject_layer))
             key = fingerprint(node.identity, what, node.spec.prefix, node.max_length,
                               tokenizer_fingerprint(node.tokenizer), PROMPT_FORMAT, data)[:32]
             entry = cache.load(key)
             if entry is None:
+                lengths = node.token_lengths(texts)
+                order = sorted(range(len(texts)), key=lambda i: -lengths[i])   # little padding; longest first
+                per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
+                expected = per_row * (len(texts) if pooled else sum(lengths))
                 with node.visiting(next(self.parameters()).device):
-                    rows = self._frozen_rows(node, reader, questions, batch_size, progress)
-                entry = cache.save(key, rows, {"node": name, "model": node.spec.model, "what": what})
+                    rows = self._frozen_rows(node, reader, [texts[i] for i in order], batch_size, progress)
+                    entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
+                                       expected)
             entries[name] = entry
         return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
 
-    def _frozen_rows(self, node: FrozenNode, reader: bool, questions, batch_size: int, progress: bool):
-        """One node over all questions: per question, a reader's states or a refiner's stream at injection."""
+    def _frozen_rows(self, node: FrozenNode, reader: bool, texts: list[str], batch_size: int, progress: bool):
+        """One node over all prompts, yielding per prompt a reader's states (per token in the node's dtype, or
+        pooled in fp32) or a refiner's stream entering its injection layer."""
         from tqdm.auto import tqdm
 
         pooled = reader and self.spec.injection == "pooled"
-        rows = []
-        for start in tqdm(range(0, len(questions), batch_size), desc=f"caching {node.spec.name}",
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"caching {node.spec.name}",
                           disable=None if progress else True, leave=False):
-            enc = node.encode([format_prompt(q) for q in questions[start:start + batch_size]])
+            enc = node.encode(texts[start:start + batch_size])
             ids, mask = enc["input_ids"], enc["attention_mask"]
             if reader:
                 out = node.read(ids, mask)
-                out = node.pool(out, mask)[:, None] if pooled else out
+                out = node.pool(out.float(), mask)[:, None] if pooled else out
             else:
                 out = node.prefix(ids, mask)
-            rows += [o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask)]
-        return rows
+            yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

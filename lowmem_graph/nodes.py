@@ -245,6 +245,10 @@ class FrozenNode:
             out["offset_mapping"] = torch.tensor([row + [(0, 0)] * (width - len(row)) for _, row in rows])
         return out
 
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """How many tokens `encode` gives each text (no padding, no tensors)."""
+        return [min(len(ids), self.max_length) for ids in self.tokenizer([self.spec.prefix + t for t in texts])["input_ids"]]
+
     def _fit(self, ids: list[int], spans: list) -> tuple[list[int], list]:
         """Cut a sequence over max_length in the middle: the prefix's tokens stay, then the text's last tokens."""
         if len(ids) <= self.max_length:
@@ -266,7 +270,8 @@ class FrozenNode:
 
     @torch.no_grad()
     def read(self, input_ids, attention_mask) -> torch.Tensor:
-        """Hidden states (B, T, d) after decoder layer `read_layer`, passed through the model's final norm."""
+        """Hidden states (B, T, d) after decoder layer `read_layer`, passed through the model's final norm, in the
+        dtype the norm gives (bf16 for a bf16 or 4-bit node on CUDA: storing them so loses nothing)."""
         def stop(module, args, output):
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
@@ -278,7 +283,7 @@ class FrozenNode:
             raise RuntimeError("read hook did not fire")
         except _StopForward as stopped:
             with self._autocast():
-                return self.base.norm(stopped.hidden).float()
+                return self.base.norm(stopped.hidden)
         finally:
             handle.remove()
 

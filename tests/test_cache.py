@@ -24,31 +24,64 @@ def test_training_from_the_cache_follows_the_same_losses(tmp_path, injection):
     quiet = dict(progress=False, log=lambda *_: None)
     cached = train(spec, TrainConfig.from_dict({**base, "prefix_cache": True}), tmp_path / "cached", **quiet)
     plain = train(spec, TrainConfig.from_dict({**base, "prefix_cache": False}), tmp_path / "plain", **quiet)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 10      # 5 nodes x (train, eval)
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 10      # 5 nodes x (train, eval)
     torch.testing.assert_close(_losses(tmp_path / "cached"), _losses(tmp_path / "plain"), rtol=1e-4, atol=1e-5)
     assert cached["eval_acc"] == pytest.approx(plain["eval_acc"])
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no-checksum"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "shard-missing"])
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, questions, damage):
     graph = FrozenGraph(tiny_spec, tiny_nodes)
     messages = []
-    cache = PrefixCache(tmp_path, log=messages.append)
+    cache = PrefixCache(tmp_path, log=messages.append, shard_bytes=4096)
     first = graph.precompute(questions, cache, progress=False)
     reference = first.entries["phi3"].row(3).clone()
-    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    victim = sorted(first.entries["phi3"].folder.glob("shard-*.safetensors"))[1]
     raw = bytearray(victim.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0xFF
         victim.write_bytes(bytes(raw))
     elif damage == "truncate":
         victim.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "no-manifest":
+        (victim.parent / "manifest.json").unlink()
     else:
-        victim.with_suffix(".sha256").unlink()
+        victim.unlink()
     again = graph.precompute(questions, cache, progress=False)
-    assert len(messages) == 1 and victim.name in messages[0] and "rebuilding" in messages[0]
+    assert len(messages) == 1 and victim.parent.name in messages[0] and "rebuilding" in messages[0]
     assert torch.equal(again.entries["phi3"].row(3), reference)
-    assert not graph.precompute(questions, cache, progress=False) or len(messages) == 1   # intact now
+    graph.precompute(questions, cache, progress=False)
+    assert len(messages) == 1          # intact now
+
+
+def test_entries_are_sharded_and_rows_belong_to_their_questions(tmp_path, tiny_spec, tiny_nodes, questions):
+    """The pass runs questions longest first and writes shards as it goes; row(i) is still question i's."""
+    from lowmem_graph.data import format_prompt
+
+    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    states = graph.precompute(questions, PrefixCache(tmp_path, shard_bytes=256), batch_size=4, progress=False)
+    for name in ("qwen2", "mistral"):                   # a reader and a refiner
+        node, entry = tiny_nodes[name], states.entries[name]
+        assert len(entry.shards) > 1 and len(entry) == len(questions)
+        for i in (0, 5, len(questions) - 1):
+            enc = node.encode([format_prompt(questions[i])])
+            alone = (node.pool(node.read(**enc), enc["attention_mask"]) if name == "qwen2"
+                     else node.prefix(**enc)[0])
+            torch.testing.assert_close(entry.row(i), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_full_disk_is_refused_before_the_pass(tmp_path, tiny_spec, tiny_nodes, questions, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lowmem_graph.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    with pytest.raises(UserError, match=r"needs about .* GiB, but .* free"):
+        graph.precompute(questions, PrefixCache(tmp_path), progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, questions):
@@ -58,7 +91,7 @@ def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, qu
     cache = PrefixCache(tmp_path)
     graph.precompute(questions[:8], cache, progress=False)
     graph.precompute(questions[:9], cache, progress=False)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 10
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 10
     node = tiny_nodes["llama"]
     original = node.spec
     node.spec = replace(original, prefix="Another framing.\n")
@@ -66,4 +99,4 @@ def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, qu
         graph.precompute(questions[:8], cache, progress=False)
     finally:
         node.spec = original
-    assert len(list(tmp_path.glob("*.safetensors"))) == 11
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 11
