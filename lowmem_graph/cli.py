@@ -106,8 +106,7 @@ def cmd_eval(args) -> None:
     from safetensors.torch import load_file
 
     from .evaluate import evaluate, write_predictions
-    from .graph import FrozenGraph
-    from .train import TrainConfig, load_questions, load_run_config
+    from .train import PlacedGraph, TrainConfig, load_questions, load_run_config
 
     run_dir = Path(args.run_dir)
     spec, cfg = load_run_config(run_dir)
@@ -115,12 +114,18 @@ def cmd_eval(args) -> None:
     if not weights.is_file():
         raise UserError(f"{run_dir} has no trainable.safetensors yet (has an epoch finished?)")
     overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
-                                   "batch_size": args.batch_size, "device": args.device}.items() if v is not None}
+                                   "batch_size": args.batch_size, "device": args.device,
+                                   "gpu_mem": args.gpu_mem}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
     questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit)
-    graph = FrozenGraph.build(spec, cfg.resolved_device())
+    placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)   # the run's --gpu-mem plan too
+    graph = placed.graph
     graph.load_trainable(load_file(str(weights)), str(weights))
-    result = evaluate(graph, questions, cfg.batch_size, progress=not args.no_progress)
+    try:
+        (states,) = placed.frozen_states(questions) if cfg.prefix_cache else (None,)
+        result = evaluate(graph, questions, cfg.batch_size, progress=not args.no_progress, states=states)
+    finally:
+        placed.close()
     out = write_predictions(result, Path(args.out) if args.out else
                             run_dir / f"predictions-{cfg.evaluated().replace('+', '_')}-{args.split}.jsonl")
     print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
@@ -191,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="predictions file (default: in the run folder)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget (default: the run's own, if it had one)")
     p.set_defaults(func=cmd_eval)
 
     p = _training_parser(sub, "matrix", "train ablation variants x seeds and tabulate mean and spread")

@@ -160,17 +160,14 @@ def save_trainable(graph: FrozenGraph, path: Path) -> None:
         save_file(graph.trainable_state(), str(tmp))
 
 
-class Trainer:
-    """One run: build once, then `fit`. Holds the state a checkpoint captures."""
+class PlacedGraph:
+    """The graph placed for a run's settings, the same for training and evaluation: every node on the device;
+    or, under a --gpu-mem plan, nodes in host memory, the frozen pass moving one node at a time, then only the
+    refiners' top layers on the device, resident or streamed."""
 
-    def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print):
-        self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
+    def __init__(self, spec: GraphSpec, cfg: TrainConfig, log=print, progress: bool = True):
+        self.cfg, self.log, self.progress = cfg, log, progress
         self.device = cfg.resolved_device()
-        self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train)
-        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval)
-        if not self.train_set:
-            raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
-        set_seed(cfg.seed)
         self.plan, self.streamers = None, []
         if cfg.gpu_mem:
             from .memory.plan import format_plan, make_plan, parse_size
@@ -181,6 +178,42 @@ class Trainer:
             log(format_plan(self.plan, spec))
         self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
                                        nodes_on_host=self.plan is not None)
+
+    def frozen_states(self, *question_sets: list[Question]) -> list:
+        """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
+        the device in turn; then, once, only the refiners' top layers are placed there, resident or streamed."""
+        from .cache import PrefixCache
+        from .tiny import cache_root
+
+        self.close()
+        cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
+        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
+                  for questions in question_sets]
+        if self.plan is not None:
+            from .memory.stream import stream_refiners
+
+            self.streamers = stream_refiners(self.graph, self.plan, self.device)
+        return states
+
+    def close(self) -> None:
+        """Give back what a memory plan placed: streamers detach (their pinned slabs unregister)."""
+        for streamer in self.streamers:
+            streamer.detach()
+        self.streamers = []
+
+
+class Trainer:
+    """One run: build once, then `fit`. Holds the state a checkpoint captures."""
+
+    def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print):
+        self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
+        self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train)
+        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval)
+        if not self.train_set:
+            raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
+        set_seed(cfg.seed)
+        self.placed = PlacedGraph(spec, cfg, log, progress)
+        self.graph, self.plan, self.device = self.placed.graph, self.placed.plan, self.placed.device
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -192,22 +225,7 @@ class Trainer:
             self.train_states, self.eval_states = self.frozen_states(self.train_set, self.eval_set)
 
     def frozen_states(self, *question_sets: list[Question]) -> list:
-        """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
-        the device in turn; then, once, only the refiners' top layers are placed there, resident or streamed."""
-        from .cache import PrefixCache
-        from .tiny import cache_root
-
-        for streamer in self.streamers:
-            streamer.detach()
-        self.streamers = []
-        cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
-        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
-                  for questions in question_sets]
-        if self.plan is not None:
-            from .memory.stream import stream_refiners
-
-            self.streamers = stream_refiners(self.graph, self.plan, self.device)
-        return states
+        return self.placed.frozen_states(*question_sets)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -264,10 +282,7 @@ class Trainer:
         return {"stopped_at_step": self.step}
 
     def close(self) -> None:
-        """Give back what a memory plan placed: streamers detach (their pinned slabs unregister)."""
-        for streamer in self.streamers:
-            streamer.detach()
-        self.streamers = []
+        self.placed.close()
 
     def fit(self) -> dict:
         cfg = self.cfg

@@ -33,8 +33,20 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
     planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G"}), tmp_path / "planned", **quiet)
     plain = train(spec, TrainConfig.from_dict(base), tmp_path / "plain", **quiet)
     streamers = made[-1]
-    assert planned["trainer"].streamers == [] and all(s.slots == [] for s in streamers)   # released after training
+    assert planned["trainer"].placed.streamers == [] and all(s.slots == [] for s in streamers)   # released after training
     assert [len(s.order) for s in streamers] == [2, 2]          # two streamed groups per refiner
     assert all(s.loads > 0 and s.peak_device_bytes <= s.resident_bytes + 2 * s.slot_bytes for s in streamers)
     torch.testing.assert_close(_losses(tmp_path / "planned"), _losses(tmp_path / "plain"), rtol=1e-4, atol=1e-5)
     assert planned["eval_acc"] == plain["eval_acc"]
+
+    # `eval` applies the run's plan too: nodes on the host, the refiners' tops streamed; same predictions
+    from lowmem_graph.cli import main
+
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", str(tmp_path / "planned"), "--split", "validation", "--limit", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert len(made) == 2 and all(s.loads > 0 and s.slots == [] for s in made[-1])     # streamed, then released
+    during_training = (tmp_path / "planned" / "predictions-arc-easy-validation.jsonl").read_text().splitlines()
+    for mine, theirs in zip(map(json.loads, out.read_text().splitlines()), map(json.loads, during_training)):
+        assert mine["id"] == theirs["id"] and mine["prediction"] == theirs["prediction"]
+        torch.testing.assert_close(mine["probs"], theirs["probs"], rtol=1e-3, atol=1e-4)
