@@ -78,7 +78,7 @@ def bundled_config(ref: str):
     return AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def load_config(ref: str, prefer_bundled: bool = False):
+def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = None):
     """The model's config, with clear errors for unknown ids and models that are not causal LMs."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -88,7 +88,7 @@ def load_config(ref: str, prefer_bundled: bool = False):
         return config, ref, False
     source, is_local = resolve_model(ref)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **({} if is_local else {"revision": revision}))
     except (OSError, ValueError) as e:
         where = "local folder" if is_local else "model id (not on the hub, or not in the local cache while offline)"
         raise UserError(f"cannot load config of {ref!r}: unknown {where}: {str(e).splitlines()[0]}") from None
@@ -97,20 +97,31 @@ def load_config(ref: str, prefer_bundled: bool = False):
     return config, source, is_local
 
 
-def source_identity(source: str, is_local: bool) -> str:
-    """What names a model's weights: the hub id, or a local folder's path with its weight files' sizes and times."""
+def hub_commit(source: str, revision: str | None = None) -> str | None:
+    """The commit a hub id (at `revision`) resolves to, read off the cached config's snapshot path."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(source, "config.json", revision=revision), None)
+    except OSError:
+        return None
+
+
+def source_identity(source: str, is_local: bool, commit: str | None = None) -> str:
+    """What names a model's weights: a hub id with its commit, or a local folder's path with its weight files'
+    sizes and times."""
     if not is_local:
-        return source
+        return f"{source}@{commit or 'unresolved'}"
     stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).iterdir()
                     if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
     return f"{Path(source).resolve()}|{stamps}"
 
 
-def _quantised_cache_dir(source: str, is_local: bool, quant: str, compute=torch.float32) -> Path:
-    """Where a node quantised once is saved, keyed by its source identity."""
+def _quantised_cache_dir(identity: str, source: str, quant: str, compute=torch.float32) -> Path:
+    """Where a node quantised once is saved, keyed by its source identity (a new hub commit: a new folder)."""
     from .tiny import cache_root
 
-    key = f"{source_identity(source, is_local)}|{compute}"
+    key = f"{identity}|{compute}"
     slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
     return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -188,7 +199,10 @@ class FrozenNode:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         device = torch.device(device) if device is not None else default_device()
-        config, source, is_local = load_config(spec.model)
+        config, source, is_local = load_config(spec.model, revision=spec.revision)
+        commit = None if is_local else hub_commit(source, spec.revision)
+        identity = source_identity(source, is_local, commit)
+        pinned = {} if is_local else {"revision": commit or spec.revision}
         compute = torch.bfloat16 if torch.device(compute_device or device).type == "cuda" else torch.float32
         kwargs = {"device_map": {"": device.index if device.type == "cuda" and device.index is not None
                                  else device.type}}
@@ -196,7 +210,7 @@ class FrozenNode:
         if getattr(config, "quantization_config", None) is not None:
             kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
         elif quant == "nf4":
-            cached = _quantised_cache_dir(source, is_local, quant, compute)   # the compute dtype is saved too
+            cached = _quantised_cache_dir(identity, source, quant, compute)   # the compute dtype is saved too
             if (cached / "config.json").exists():
                 load_from = str(cached)
             else:
@@ -208,8 +222,9 @@ class FrozenNode:
         else:
             kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32
         try:
-            model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from)
+            from_hub = pinned if load_from == source else {}     # the commit the config resolved to
+            model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **from_hub)
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **({} if spec.tokenizer else from_hub))
         except OSError as e:
             raise UserError(f"cannot load model {spec.model!r}: {str(e).splitlines()[0]}") from None
         if save_to is not None:
@@ -223,8 +238,7 @@ class FrozenNode:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "right"
-        identity = f"{source_identity(source, is_local)}|{quant}|{compute}"
-        return cls(spec, model, tokenizer, max_length, identity, device)
+        return cls(spec, model, tokenizer, max_length, f"{identity}|{quant}|{compute}", device)
 
     # ---- running -------------------------------------------------------------------------------------------
     def encode(self, texts: list[str], offsets: bool = False) -> dict[str, torch.Tensor]:

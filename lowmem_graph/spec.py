@@ -30,6 +30,7 @@ class NodeSpec:
     inject_depth: float = 0.75      # refiners: relative depth of the injection (layer = round(depth * n_layers))
     blend: float = 0.25             # refiners: a in h <- (1-a) h + a * z_hat * ||h||
     tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
+    revision: str | None = None     # hub models: the branch, tag or commit to load (default: the hub's main)
 
     def read_index(self, n_layers: int) -> int:
         """0-based index of the decoder layer whose output a reader reads (read_layer: 1-based, negative from the top)."""

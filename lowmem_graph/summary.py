@@ -26,11 +26,11 @@ class NodeShape:
     site: str     # "read layer 16/16" or "inject before layer 24/32"
 
 
-def meta_model(ref: str):
+def meta_model(ref: str, revision: str | None = None):
     """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
     from transformers import AutoModelForCausalLM
 
-    config, _, _ = load_config(ref, prefer_bundled=True)
+    config, _, _ = load_config(ref, prefer_bundled=True, revision=revision)
     with torch.device("meta"):
         return config, AutoModelForCausalLM.from_config(config)
 
@@ -38,7 +38,7 @@ def meta_model(ref: str):
 def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
     shapes = {}
     for n in spec.nodes:
-        config, model = meta_model(n.model)
+        config, model = meta_model(n.model, n.revision)
         text = config.get_text_config()
         layers = text.num_hidden_layers
         if n.role == "reader":

@@ -112,10 +112,10 @@ def test_model_errors(tmp_path):
 def test_prequantised_folder_loads_as_it_is(tiny_nodes):
     """A folder whose config carries a quantization_config (bitsandbytes here, GPTQ through optimum) is loaded
     pre-quantised, not quantised again."""
-    from lowmem_graph.nodes import _quantised_cache_dir, resolve_model
+    from lowmem_graph.nodes import _quantised_cache_dir, resolve_model, source_identity
 
     source, is_local = resolve_model("tiny:phi3")
-    folder = _quantised_cache_dir(source, is_local, "nf4")
+    folder = _quantised_cache_dir(source_identity(source, is_local), source, "nf4")
     node = FrozenNode.load(NodeSpec(name="p", model=str(folder), role="refiner"), "nf4", "cpu", 64)
     assert node.model.config.quantization_config.load_in_4bit
     for (name, a), (_, b) in zip(node.frozen_tensors(), tiny_nodes["phi3"].frozen_tensors()):
@@ -161,3 +161,28 @@ def test_encode_matches_the_tokenizer_and_cuts_long_inputs_in_the_middle(tiny_no
             node.encode([long_text])
     finally:
         node.spec, node.max_length = spec, max_length
+
+
+def test_hub_id_loads_from_the_hub_cache_at_its_commit(tmp_path, monkeypatch):
+    """The default path for users (a hub id), offline against a local hub cache: the node's identity, and so its
+    quantised copy and prefix-cache keys, carry the commit the id resolved to; a new commit is a new identity."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from lowmem_graph.tiny import tiny_path
+
+    repo = tmp_path / "hub" / "models--lowmem-test--tiny-llama"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = NodeSpec(name="hub", model="lowmem-test/tiny-llama", role="reader")
+    identities = []
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_path("llama"), repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        node = FrozenNode.load(spec, "nf4", "cpu", 64)
+        identities.append(node.identity)
+        assert node.identity.startswith(f"lowmem-test/tiny-llama@{commit}|nf4")
+    pinned = FrozenNode.load(NodeSpec(name="hub", model="lowmem-test/tiny-llama", role="reader", revision="a" * 40),
+                             "nf4", "cpu", 64)
+    assert pinned.identity == identities[0] != identities[1]

@@ -182,7 +182,7 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         return _PROFILES[key]
     nodes = {}
     for n in spec.nodes:
-        config, model = meta_model(n.model)
+        config, model = meta_model(n.model, n.revision)
         text = config.get_text_config()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         sizes = [_param_bytes(layer, quant) for layer in base.layers]
