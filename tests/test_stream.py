@@ -204,3 +204,34 @@ def test_a_budget_below_resident_plus_two_slots_is_refused(tiny_nodes):
     with pytest.raises(UserError, match="over the budget"):
         LayerStreamer(node.layers, [[0], [1], [2], [3]], {0}, device="cpu", budget_bytes=need - 1)
     assert not any("forward" in vars(layer) for layer in node.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one():
+    """The CUDA paths the CPU tests cannot take: `.to()` of 4-bit layers (visiting), the page-locked slab, the side
+    stream and its events. A node kept in host memory must compute what the same node resident on the GPU does."""
+    spec = NodeSpec(name="m", model="tiny:mistral", role="refiner")
+    resident = FrozenNode.load(spec, "nf4", "cuda", 64)
+    hosted = FrozenNode.load(spec, "nf4", "cpu", 64, compute_device="cuda")
+    enc = resident.encode(TEXTS)
+    with hosted.visiting("cuda"):
+        assert hosted.layers[0].self_attn.q_proj.weight.is_cuda
+        torch.testing.assert_close(hosted.prefix(**enc), resident.prefix(**enc))
+    assert not hosted.layers[0].self_attn.q_proj.weight.is_cuda        # back on the host after the visit
+
+    trainables = _trainables(resident)
+    plain = _step(resident, *trainables)
+    hosted.place_top("cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with LayerStreamer(hosted.layers, [[0], [1], [2], [3]], {3}, device="cuda") as streamer:
+        assert streamer.slab.is_pinned()
+        for _ in range(3):
+            for a, b in zip(plain, _step(hosted, *trainables)):
+                torch.testing.assert_close(a.cpu(), b.cpu())
+        torch.cuda.synchronize()
+        assert streamer.misses == 1        # only the very first group: prefetch kept up in both directions
+        held = torch.cuda.memory_allocated() - before
+        assert held <= streamer.device_bytes + 2 ** 20                 # slots + the resident group, nothing more
+    assert not hosted.layers[0].self_attn.q_proj.weight.is_cuda
