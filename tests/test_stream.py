@@ -155,7 +155,8 @@ def test_streamed_node_matches_the_plain_one_within_its_budget(request, tiny_nod
             <= max(_group_bytes(node, g, ALIGN) for g in streamed)
         assert sum(_group_bytes(node, g) for g in streamed) <= streamer.slab.numel() \
             <= sum(_group_bytes(node, g, ALIGN) for g in streamed)       # exact size, no power-of-two rounding
-        assert streamer.peak_device_bytes == streamer.resident_bytes + 2 * streamer.slot_bytes <= budget
+        assert streamer.peak_device_bytes == streamer.device_bytes == streamer.resident_bytes + 2 * streamer.slot_bytes
+        assert streamer.device_bytes <= budget
 
     assert seen == {i: [True] * 7 for i in range(4)}     # 3 x (forward + recompute) + 1 eval, every layer
     assert all(p.grad is None for p in node.model.parameters())

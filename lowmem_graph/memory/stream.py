@@ -87,8 +87,9 @@ class LayerStreamer:
             _check_cuda(torch.cuda.cudart().cudaHostRegister(self.slab.data_ptr(), total, 0), "cudaHostRegister")
             self._stream = torch.cuda.Stream(self.device)
             self._ready = [torch.cuda.Event() for _ in self.slots]
-        self.device_bytes = need
-        self.peak_device_bytes = need
+        self.device_bytes = need          # what the device tier was sized for: resident groups + slots
+        self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
+        self.peak_device_bytes = self.held_bytes()   # measured: see held_bytes
         self.loads = 0          # group copies slab -> slot
         self.misses = 0         # groups not prefetched when they started: the compute waited for a whole copy
         self.streamed_bytes = 0
@@ -112,6 +113,16 @@ class LayerStreamer:
     def __exit__(self, *exc):
         self.detach()
 
+    def held_bytes(self) -> int:
+        """Bytes of device-tier memory the layers' tensors use now, measured: every distinct storage they are
+        bound to, except the host slab (a whole slot counts, however little of it a group fills)."""
+        storages = {}
+        for owner, attr in self._all_sites:
+            storage = getattr(owner, attr).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        storages.pop(self.slab.untyped_storage().data_ptr(), None)
+        return sum(storages.values())
+
     def _before_group(self, g: int, backward: bool) -> None:
         """Group g is about to compute: have it in its slot, then prefetch the next group in this direction."""
         rank = self._rank.get(g)
@@ -126,6 +137,7 @@ class LayerStreamer:
         following = rank - 1 if backward else rank + 1
         if len(self.slots) == 2 and 0 <= following < len(self.order):
             self._load(following)
+        self.peak_device_bytes = max(self.peak_device_bytes, self.held_bytes())
 
     def _load(self, rank: int) -> None:
         slot = rank % len(self.slots)
