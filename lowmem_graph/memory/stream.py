@@ -114,14 +114,20 @@ class LayerStreamer:
         self.detach()
 
     def held_bytes(self) -> int:
-        """Bytes of device-tier memory the layers' tensors use now, measured: every distinct storage they are
-        bound to, except the host slab (a whole slot counts, however little of it a group fills)."""
-        storages = {}
+        """Bytes of device-tier memory the layers' tensors use now, measured from what they are bound to: a
+        slot counts whole, however little of it a group fills; any other tensor outside the host slab counts
+        its own bytes (not its storage's: on the host a resident tensor may be a view into an earlier slab)."""
+        slots = {slot.untyped_storage().data_ptr(): slot.nbytes for slot in self.slots}
+        slab = self.slab.untyped_storage().data_ptr()
+        held, tensors = {}, {}
         for owner, attr in self._all_sites:
-            storage = getattr(owner, attr).untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        storages.pop(self.slab.untyped_storage().data_ptr(), None)
-        return sum(storages.values())
+            t = getattr(owner, attr)
+            storage = t.untyped_storage().data_ptr()
+            if storage in slots:
+                held[storage] = slots[storage]
+            elif storage != slab:
+                tensors[(t.data_ptr(), t.nbytes)] = t.nbytes
+        return sum(held.values()) + sum(tensors.values())
 
     def _before_group(self, g: int, backward: bool) -> None:
         """Group g is about to compute: have it in its slot, then prefetch the next group in this direction."""
