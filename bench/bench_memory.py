@@ -1,6 +1,6 @@
 """The paper graph's training step under memory budgets, on a GPU, with random weights (no download).
 
-    python bench/bench_memory.py [--budgets 24G,12G,8G,6G] [--batch 8] [--seq 512] [--steps 5] [--out bench/results]
+    python bench/bench_memory.py [--budgets 24G,12G,8G,6G,3G,2G] [--batch 8] [--seq 512] [--steps 5] [--out DIR]
     python bench/bench_memory.py --smoke      # the same code on the CPU with the tiny preset (tests run this)
 
 The five real architectures are built from their bundled configurations with random NF4 weights. A step is what
@@ -11,6 +11,9 @@ measured peak (torch.cuda max allocated and reserved, plus the plan's fixed CUDA
 plan's prediction, and the median step time against the all-resident step. Also: every group streamed (the
 streaming overhead at its worst), the top layers offloaded with accelerate's `cpu_offload` (what users reach for
 today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer achieved.
+The frozen pass is measured too: per budget and node, one micro-batch of random tokens through the layers the
+node needs, placed as the plan says (resident or streamed), its peak against the plan's and its time.
+The paper graph fits 6G whole; 3G streams Mistral's frozen pass and 2G the training step as well.
 Without CUDA (and without --smoke) it prints one line and measures nothing.
 """
 from __future__ import annotations
@@ -155,6 +158,43 @@ def measure(label: str, graph, plan, inputs, device, steps: int) -> dict:
     return row
 
 
+def measure_frozen(budget: str, graph, plan, device, repeats: int) -> list[dict]:
+    """The frozen pass under the plan, one node at a time: random tokens (a full micro-batch of full-length
+    prompts, the plan's worst case) through the layers the node needs, placed as the plan says."""
+    rows = []
+    for name, placement in plan.frozen.items():
+        node = graph.nodes[name]
+        vocab = node.model.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (plan.frozen_micro_batch, plan.seq))
+        mask = torch.ones_like(ids)
+        run = node.read if name in graph.readers else node.prefix
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        with node.visiting(device, placement) as streamer:
+            for _ in range(repeats + 1):                # the first warms up and is dropped
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                run(ids, mask)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            loads = streamer.loads
+        row = {"config": f"frozen pass {name}", "budget_gib": plan.budget / 2 ** 30,
+               "micro_batch": plan.frozen_micro_batch, "resident_mib": placement.resident_bytes / MiB,
+               "streamed_mib": placement.streamed_bytes / MiB, "predicted_peak_mib": placement.peak / MiB,
+               "batch_ms": 1000 * statistics.median(times[1:]), "group_loads": loads}
+        if device.type == "cuda":
+            context = placement.breakdown.get("cuda_context", 0)
+            row["measured_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MiB
+            row["measured_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MiB
+            row["measured_plus_context_mib"] = (torch.cuda.max_memory_reserved(device) + context) / MiB
+        rows.append(row)
+    return rows
+
+
 def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
     """The tool users reach for: accelerate's cpu_offload on each refiner's top layers (synchronous copies)."""
     from accelerate import cpu_offload
@@ -183,10 +223,11 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
     seq = min(seq, spec.max_length)
     graph = build_graph(spec, device)
     inputs = random_inputs(graph, batch, seq, device)
-    rows = []
+    rows, frozen_rows = [], []
     reference = None
     for budget in budgets:
         plan = make_plan(spec, parse_size(budget), batch, seq)
+        frozen_rows += measure_frozen(budget, graph, plan, device, steps)
         row = measure(f"plan {budget}", graph, plan, inputs, device, steps)
         if reference is None:
             everything = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=True) for g in plan.groups],
@@ -199,6 +240,10 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
     rows.append(measure("every group streamed", graph, worst, inputs, device, steps))
     for row in rows:
         row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
+    first = {}                          # the frozen pass against the first (roomiest) budget's, node by node
+    for row in frozen_rows:
+        row["batch_vs_first_budget"] = row["batch_ms"] / first.setdefault(row["config"], row["batch_ms"])
+    rows += frozen_rows
     if device.type == "cuda":
         rows.append(accelerate_offload_row(graph, inputs, device, steps))
         peak = pinned_copy_gbs(device)
@@ -224,19 +269,24 @@ def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    timed = [r for r in rows if "step_ms" in r]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [r["config"] for r in timed]
-    x = range(len(timed))
-    ax_mem.bar([i - 0.2 for i in x], [r.get("predicted_peak_mib", 0) for r in timed], 0.4, label="plan's prediction")
-    ax_mem.bar([i + 0.2 for i in x], [r.get("measured_plus_context_mib", r.get("measured_peak_reserved_mib", 0))
-                                      for r in timed], 0.4, label="measured reserved + context allowance")
-    ax_mem.set(ylabel="MiB", title=f"peak memory per step ({device_name})")
-    ax_time.bar(list(x), [r["step_ms"] for r in timed])
-    ax_time.set(ylabel="ms (median)", title="step time")
-    for ax in (ax_mem, ax_time):
-        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
-    ax_mem.legend(fontsize=8)
+    steps = [r for r in rows if "step_ms" in r]
+    frozen = [r for r in rows if "batch_ms" in r]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8), squeeze=False)
+    for (ax_mem, ax_time), part, what, ms in ((axes[0], steps, "training step", "step_ms"),
+                                              (axes[1], frozen, "frozen pass micro-batch", "batch_ms")):
+        labels = [r["config"] if ms == "step_ms" else f"{r['budget_gib']:g}G {r['config'].split()[-1]}"
+                  for r in part]
+        x = list(range(len(part)))
+        ax_mem.bar([i - 0.2 for i in x], [r.get("predicted_peak_mib", 0) for r in part], 0.4,
+                   label="plan's prediction")
+        ax_mem.bar([i + 0.2 for i in x], [r.get("measured_plus_context_mib", r.get("measured_peak_reserved_mib", 0))
+                                          for r in part], 0.4, label="measured reserved + context allowance")
+        ax_mem.set(ylabel="MiB", title=f"peak memory, {what} ({device_name})")
+        ax_time.bar(x, [r[ms] for r in part])
+        ax_time.set(ylabel="ms (median)", title=f"{what} time")
+        for ax in (ax_mem, ax_time):
+            ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7)
+        ax_mem.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / f"memory-{slug}.png", dpi=110)
     plt.close(fig)
@@ -246,7 +296,7 @@ def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="24G,12G,8G,6G")
+    parser.add_argument("--budgets", default="24G,12G,8G,6G,3G,2G")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)

@@ -193,9 +193,12 @@ class FrozenGraph(nn.Module):
         return GraphOutput(logits, routing)
 
     # ---- the model-major frozen pass ------------------------------------------------------------------------
-    def precompute(self, questions: list[Question], cache, batch_size: int = 16, progress: bool = True) -> "FrozenStates":
+    def precompute(self, questions: list[Question], cache, batch_size: int = 16, progress: bool = True,
+                   placements: dict | None = None) -> "FrozenStates":
         """Run every node once over all questions, one model after the other, keeping what is input-only:
-        readers' states and refiners' streams at their injection layer. Entries already cached are reused."""
+        readers' states and refiners' streams at their injection layer. Entries already cached are reused.
+        `placements` (a memory plan's `frozen`) says per node which of those layers stay on the device and
+        which stream."""
         from .cache import PROMPT_FORMAT, fingerprint, tokenizer_fingerprint
 
         ids = [q.id for q in questions]
@@ -217,7 +220,7 @@ class FrozenGraph(nn.Module):
                 order = sorted(range(len(texts)), key=lambda i: -lengths[i])   # little padding; longest first
                 per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
                 expected = per_row * (len(texts) if pooled else sum(lengths))
-                with node.visiting(next(self.parameters()).device):
+                with node.visiting(next(self.parameters()).device, (placements or {}).get(name)):
                     rows = self._frozen_rows(node, reader, [texts[i] for i in order], batch_size, progress)
                     entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
                                        expected)

@@ -138,6 +138,11 @@ class FrozenNode:
         self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.identity = identity      # names the exact frozen weights (source + quantisation): cache keys use it
         self.model = model
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel, but only for inputs
+            # without grad: the same node would then run two code paths and its stored weights would change.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -153,27 +158,43 @@ class FrozenNode:
         self.layers[self.inject_layer].register_forward_pre_hook(self._inject_hook, with_kwargs=True)
 
     @contextlib.contextmanager
-    def visiting(self, device):
+    def visiting(self, device, placement=None):
         """What the frozen pass runs of this node on `device` for the block, back on the host after, so the
         model-major pass holds one model at a time: the layers up to the read layer (readers) or below the
         injection layer (refiners), the final norm and rotary tables. The embedding table stays on the host (a
-        lookup moves B x T x d activations, not the table); nothing above is needed. A no-op for a node that
-        already lives on `device`."""
+        lookup moves B x T x d activations, not the table); nothing above is needed.
+
+        `placement` (a memory plan's `FrozenPlacement`) groups those layers: resident groups move, the rest
+        stream through its slots, on the host too, so CPU tests run the streaming for real. Without one, all
+        needed layers move, and a node that already lives on `device` is left as it is. Yields the
+        LayerStreamer that placed the layers (None when nothing moved)."""
+        from .memory.stream import LayerStreamer
+
         home = self.base.get_input_embeddings().weight.device
         device = torch.device(device)
-        if device == home:
-            yield self
+        if placement is None and device == home:
+            yield None
             return
         needed = self.read_layer + 1 if self.spec.role == "reader" else self.inject_layer
-        parts = [*self.layers[:needed], self.base.norm, getattr(self.base, "rotary_emb", None)]
-        parts = [p for p in parts if p is not None]
-        for part in parts:
+        if placement is None:
+            groups, resident, slots = ([list(range(needed))] if needed else []), {0}, 1
+        else:
+            groups = [list(range(g.first, g.last)) for g in placement.groups]
+            resident = {i for i, g in enumerate(placement.groups) if g.resident}
+            slots = max(1, placement.prefetch_depth)
+            if sum(map(len, groups)) != needed:
+                raise RuntimeError(f"the plan places {sum(map(len, groups))} frozen-pass layers of "
+                                   f"{self.spec.name!r}, which needs its first {needed}")
+        small = [p for p in (self.base.norm, getattr(self.base, "rotary_emb", None)) if p is not None]
+        for part in small:
             part.to(device)
+        streamer = LayerStreamer(self.layers, groups, resident, device, slots=slots)
         self.device = device
         try:
-            yield self
+            yield streamer
         finally:
-            for part in parts:
+            streamer.detach()
+            for part in small:
                 part.to(home)
             self.device = home
             if device.type == "cuda":
@@ -230,11 +251,6 @@ class FrozenNode:
         if save_to is not None:
             _save_atomically(model, tokenizer, save_to)
         model.eval().requires_grad_(False)
-        for module in model.modules():
-            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel, but only for inputs
-            # without grad: the same node would then run two code paths and its stored weights would change.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "right"

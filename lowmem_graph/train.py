@@ -162,8 +162,8 @@ def save_trainable(graph: FrozenGraph, path: Path) -> None:
 
 class PlacedGraph:
     """The graph placed for a run's settings, the same for training and evaluation: every node on the device;
-    or, under a --gpu-mem plan, nodes in host memory, the frozen pass moving one node at a time, then only the
-    refiners' top layers on the device, resident or streamed."""
+    or, under a --gpu-mem plan, nodes in host memory, the frozen pass moving one node at a time (its layers
+    resident or streamed), then only the refiners' top layers on the device, resident or streamed."""
 
     def __init__(self, spec: GraphSpec, cfg: TrainConfig, log=print, progress: bool = True):
         self.cfg, self.log, self.progress = cfg, log, progress
@@ -181,14 +181,16 @@ class PlacedGraph:
 
     def frozen_states(self, *question_sets: list[Question]) -> list:
         """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
-        the device in turn; then, once, only the refiners' top layers are placed there, resident or streamed."""
+        the device in turn, placed as the plan says; then, once, only the refiners' top layers are placed there,
+        resident or streamed."""
         from .cache import PrefixCache
         from .tiny import cache_root
 
         self.close()
         cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
-        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress)
-                  for questions in question_sets]
+        placements = self.plan.frozen if self.plan is not None else None
+        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress,
+                                        placements) for questions in question_sets]
         if self.plan is not None:
             from .memory.stream import stream_refiners
 

@@ -8,9 +8,24 @@ import torch
 
 from lowmem_graph.ablate import apply_changes
 from lowmem_graph.memory import plan as planning
-from lowmem_graph.memory.plan import GroupPlan
+from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
+
+SPEC = apply_changes(load_preset("tiny"), ["nodes.phi3.inject_depth=0.25", "nodes.mistral.inject_depth=0.25"])
+
+
+def _forced_plan():
+    """The tiny graph fits any budget whole, so the plan is forced: in training, each refiner's layers 1-3 as
+    groups of one, layer 1 resident, 2 and 3 streamed; in the frozen pass every reader streams its layers
+    after the first (the refiners, injecting at layer 1, have one frozen layer)."""
+    real = planning.make_plan(SPEC, planning.parse_size("1G"), 8, SPEC.max_length)
+    groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1)) for node in ("phi3", "mistral") for i in (1, 2, 3)]
+    frozen = {name: FrozenPlacement([GroupPlan(name, i, i + 1, 0, resident=i == 0)
+                                     for i in range(sum(g.last - g.first for g in placed.groups))],
+                                    2, placed.breakdown)
+              for name, placed in real.frozen.items()}
+    return dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2, frozen=frozen)
 
 
 def _losses(run):
@@ -18,21 +33,31 @@ def _losses(run):
 
 
 def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
-    spec = apply_changes(load_preset("tiny"), ["nodes.phi3.inject_depth=0.25", "nodes.mistral.inject_depth=0.25"])
-    real = planning.make_plan(spec, planning.parse_size("1G"), 8, spec.max_length)
-    groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1)) for node in ("phi3", "mistral") for i in (1, 2, 3)]
-    forced = dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2)
+    spec, forced = SPEC, _forced_plan()
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     from lowmem_graph.memory import stream
 
-    made = []
+    made, visits = [], []
     real_stream = stream.stream_refiners
     monkeypatch.setattr(stream, "stream_refiners", lambda *a: made.append(real_stream(*a)) or made[-1])
-    base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3,
-            "cache_dir": str(tmp_path / "cache")}
+
+    class Recorded(stream.LayerStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            visits.append(self)
+
+    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3}
     quiet = dict(progress=False, log=lambda *_: None)
-    planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G"}), tmp_path / "planned", **quiet)
-    plain = train(spec, TrainConfig.from_dict(base), tmp_path / "plain", **quiet)
+    # each run its own cache, so the planned run's frozen pass (streamed) is compared with the plain one's too
+    planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
+                    tmp_path / "planned", **quiet)
+    training = {id(s) for streamers in made for s in streamers}
+    streamed_visits = [v for v in visits if v.order and id(v) not in training]
+    assert len(streamed_visits) == 2 * 3            # the three readers, over the train and the eval set
+    assert all(v.loads > 0 and v.slots == [] for v in streamed_visits)
+    plain = train(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain",
+                  **quiet)
     streamers = made[-1]
     assert planned["trainer"].placed.streamers == [] and all(s.slots == [] for s in streamers)   # released after training
     assert [len(s.order) for s in streamers] == [2, 2]          # two streamed groups per refiner
@@ -58,14 +83,13 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
 def test_streaming_plan_on_cuda_trains_like_the_plain_run(tmp_path, monkeypatch):
     """The whole --gpu-mem path on a GPU: host nodes, frozen pass one node at a time, streamed groups, the fused
     Triton injection inside training. bf16 autocast: the same losses within bf16 tolerance."""
-    spec = apply_changes(load_preset("tiny"), ["nodes.phi3.inject_depth=0.25", "nodes.mistral.inject_depth=0.25"])
-    real = planning.make_plan(spec, planning.parse_size("1G"), 8, spec.max_length)
-    groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1)) for node in ("phi3", "mistral") for i in (1, 2, 3)]
-    monkeypatch.setattr(planning, "make_plan", lambda *a, **k: dataclasses.replace(real, groups=groups, micro_batch=4))
-    base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3, "device": "cuda",
-            "cache_dir": str(tmp_path / "cache")}
+    spec, forced = SPEC, _forced_plan()
+    monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
+    base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3, "device": "cuda"}
     quiet = dict(progress=False, log=lambda *_: None)
-    planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G"}), tmp_path / "planned", **quiet)
-    plain = train(spec, TrainConfig.from_dict(base), tmp_path / "plain", **quiet)
+    planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
+                    tmp_path / "planned", **quiet)
+    plain = train(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain",
+                  **quiet)
     torch.testing.assert_close(_losses(tmp_path / "planned"), _losses(tmp_path / "plain"), rtol=2e-2, atol=2e-2)
     assert planned["memory"]["cuda_peak_allocated_mb"] > 0

@@ -79,6 +79,17 @@ def _check_plan(plan: Plan):
             per_refiner[g.node] = max(per_refiner.get(g.node, 0), g.bytes)
     assert plan.breakdown["stream_slots"] == plan.prefetch_depth * sum(per_refiner.values())
     assert plan.streamed_bytes == sum(streamed)
+    # the frozen pass: each node's needed layers from 0, in groups, resident first, the overflow streamed
+    for name, placed in plan.frozen.items():
+        assert [g.node for g in placed.groups] == [name] * len(placed.groups)
+        assert placed.groups[0].first == 0 and all(a.last == b.first for a, b in pairwise(placed.groups))
+        flags = [g.resident for g in placed.groups]
+        assert flags == sorted(flags, reverse=True), name
+        slot = max((g.bytes for g in placed.groups if not g.resident), default=0)
+        assert placed.prefetch_depth in ((0,) if not slot else (1, 2))
+        assert placed.breakdown["stream_slots"] == placed.prefetch_depth * slot
+        assert placed.peak == sum(placed.breakdown.values()) <= plan.budget
+    assert plan.frozen_pass_peak == max(p.peak for p in plan.frozen.values()) == plan.frozen[plan.frozen_node].peak
 
 
 def test_paper_at_24g_everything_resident(paper):
@@ -114,6 +125,25 @@ def test_paper_minimum_is_exact(paper):
     assert at_minimum.minimum == plan.minimum
     with pytest.raises(UserError, match="needs at least"):
         make_plan(paper, plan.minimum - SEARCH_STEP)
+
+
+def test_frozen_pass_streams_on_cards_too_small_to_hold_a_node(paper):
+    sizes = layer_bytes(paper)
+    needed = {n.name: n.read_index(len(sizes[n.name])) + 1 if n.role == "reader" else n.inject_index(32)
+              for n in paper.nodes}
+    roomy = make_plan(paper, parse_size("24G"))
+    assert all(p.streamed_bytes == 0 for p in roomy.frozen.values())
+    assert {name: p.groups[-1].last for name, p in roomy.frozen.items()} == needed
+    # Mistral's 24 lower layers alone are 2.5 GiB: below that it must stream, and the budget still holds
+    assert sum(sizes["mistral"][:24]) > 2.5 * GiB
+    small = make_plan(paper, parse_size("2G"))
+    _check_plan(small)
+    assert small.frozen["mistral"].streamed_bytes > 0 and small.frozen["mistral"].prefetch_depth == 2
+    assert small.frozen_micro_batch == 8           # streaming hides behind compute: keep the big micro-batch
+    # so the frozen pass no longer sets the smallest budget: the training step does
+    assert roomy.minimum_frozen < roomy.minimum_training == roomy.minimum < 2 * GiB
+    text = format_plan(small, paper)
+    assert "frozen pass" in text and "streamed" in text
 
 
 @pytest.mark.parametrize("budget", ["1G", "512M"])

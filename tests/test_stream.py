@@ -4,6 +4,7 @@ import torch
 
 from lowmem_graph.errors import UserError
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
+from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
 from lowmem_graph.memory.stream import ALIGN, LayerStreamer
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec
@@ -220,6 +221,12 @@ def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one():
         assert hosted.layers[0].self_attn.q_proj.weight.is_cuda
         torch.testing.assert_close(hosted.prefix(**enc), resident.prefix(**enc))
     assert not hosted.layers[0].self_attn.q_proj.weight.is_cuda        # back on the host after the visit
+    placement = FrozenPlacement([GroupPlan("m", i, i + 1, 0, resident=i == 0) for i in range(hosted.inject_layer)],
+                                2, {})
+    with hosted.visiting("cuda", placement) as streamer:               # a frozen pass under a small budget
+        for _ in range(2):
+            torch.testing.assert_close(hosted.prefix(**enc), resident.prefix(**enc))
+        assert streamer.slab.is_pinned() and streamer.loads == 2
 
     trainables = _trainables(resident)
     plain = _step(resident, *trainables)

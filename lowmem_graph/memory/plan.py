@@ -6,9 +6,13 @@ and every constant below says in one line why it has its value.
 
 How a run uses the device (DESIGN.md section 2):
 
-* Frozen pass (model-major, once over the data set, no grad): one node at a time holds the decoder layers it
-  needs (a reader: layers up to its read layer; a refiner: layers below its injection layer) plus one layer's
-  inference working set; embedding lookups happen on the host. Its peak is `Plan.frozen_pass_peak`.
+* Frozen pass (model-major, once over the data set, no grad): one node at a time runs the decoder layers it
+  needs (a reader: layers up to its read layer; a refiner: layers below its injection layer) with one layer's
+  inference working set; embedding lookups happen on the host. Those layers are grouped like the training
+  step's: resident first, the overflow streamed through the node's own slots (`Plan.frozen`). The pass is
+  compute bound (a 2-layer Mistral group over 8 x 512 tokens is ~3.6 TFLOP, tens of ms, while its 225 MB copy
+  takes ~9 ms at PCIe 4.0), so a prefetched stream hides behind compute and the largest micro-batch that fits
+  wins over residency. Its peak is `Plan.frozen_pass_peak`.
 * Training step: only each refiner's upper layers [inject_layer, n_layers) + final norm, the trainable
   projections and the output node. Layers are grouped; a group keeps only its input (activation checkpointing)
   and is recomputed in backward. Groups are resident in order until the budget is full; the overflow stays in a
@@ -37,6 +41,7 @@ SMALL_BYTES = 2            # norms, biases and other small parameters stay bf16 
 QUANT_BYTES = {"bf16": 2, "fp32": 4}   # bytes per param when nothing is quantised.
 ACT_BYTES = 2              # activations are bf16 under autocast.
 TRAIN_BYTES_PER_PARAM = 16  # trainable fp32 param (4) + grad (4) + AdamW exp_avg and exp_avg_sq (4 + 4).
+PARAM_BYTES = 4            # during the frozen pass the trainables are on the device, but no grads or AdamW states yet.
 CUDA_CONTEXT = 600 * MiB   # CUDA context, cuBLAS workspace, caching-allocator slack: fixed, outside torch's count.
 # Saved tensors of one decoder layer run with grad, in units of (tokens x 2 bytes), measured with
 # saved_tensors_hooks on Mistral/Phi-3 layers (NF4 and bf16 alike: frozen linears save no input):
@@ -83,6 +88,26 @@ class GroupPlan:
 
 
 @dataclass
+class FrozenPlacement:
+    """One node in the frozen pass: its needed layers [0, needed) in groups, resident first, the rest streamed."""
+    groups: list[GroupPlan]
+    prefetch_depth: int                     # device slots for its streamed groups (0: none streamed)
+    breakdown: dict[str, int]               # parts of its peak
+
+    @property
+    def peak(self) -> int:
+        return sum(self.breakdown.values())
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(g.bytes for g in self.groups if not g.resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(g.bytes for g in self.groups if g.resident)
+
+
+@dataclass
 class Plan:
     budget: int
     batch: int
@@ -92,11 +117,11 @@ class Plan:
     groups: list[GroupPlan]                 # the training-time refiner upper-layer groups, in execution order
     breakdown: dict[str, int]               # parts of a training step's peak
     peak: int                               # sum of breakdown
-    frozen_pass_peak: int                   # the model-major frozen pass: largest node's needed layers + activations
+    frozen_pass_peak: int                   # the model-major frozen pass: its largest node's peak
     minimum: int                            # smallest budget for which a plan exists
     frozen_micro_batch: int = 1
     frozen_node: str = ""                   # the node whose frozen pass peaks
-    frozen_breakdown: dict[str, int] = field(default_factory=dict)
+    frozen: dict[str, FrozenPlacement] = field(default_factory=dict)   # per node, in the frozen pass
     trainable_params: int = 0
     minimum_training: int = 0               # the smallest training-step peak over all choices
     minimum_frozen: int = 0                 # the frozen pass at micro-batch 1
@@ -220,28 +245,54 @@ def _layer_activations(node: _Node, tokens: int, micro: int, seq: int, coeffs) -
     return dense + attention
 
 
-def _frozen_peak(node: _Node, micro: int, seq: int, quant: str) -> dict[str, int]:
-    """Frozen pass of one node: its needed layers resident, one layer's working set, the output, one dequant."""
+def _split(node: str, layer_bytes: list[int], first: int, last: int, size: int) -> list[GroupPlan]:
+    """Layers [first, last) in groups of `size` (the last may be shorter), all resident."""
+    return [GroupPlan(node, lo, min(lo + size, last), sum(layer_bytes[lo:min(lo + size, last)]), True)
+            for lo in range(first, last, size)]
+
+
+def _with_resident(groups: list[GroupPlan], k: int) -> list[GroupPlan]:
+    """The first k groups resident, the overflow streamed."""
+    return [GroupPlan(g.node, g.first, g.last, g.bytes, i < k) for i, g in enumerate(groups)]
+
+
+def _frozen_choices(node: _Node, micro: int, seq: int, quant: str, trainable: int):
+    """Every placement of a node's frozen-pass layers (group size, resident groups, slots) at this micro-batch."""
     tokens = micro * seq
     largest = max(node.layer_max_linear[:node.needed], default=0)
-    return {
-        "weights": sum(node.layer_bytes[:node.needed]) + (node.norm_bytes if node.role == "reader" else 0),
+    fixed = {
         "activations": (_layer_activations(node, tokens, micro, seq, LAYER_SAVED)
                         + tokens * node.width * ACT_BYTES + micro * seq * seq * MASK_BYTES),
         "workspace": largest * ACT_BYTES if quant == "nf4" else 0,
+        "trainable_params": trainable * PARAM_BYTES,
         "cuda_context": CUDA_CONTEXT,
     }
+    norm = node.norm_bytes if node.role == "reader" else 0     # a reader's states leave through the final norm
+    for size in sorted({min(s, max(node.needed, 1)) for s in GROUP_SIZES}):
+        base = _split(node.name, node.layer_bytes, 0, node.needed, size)
+        for k in range(len(base), -1, -1):
+            groups = _with_resident(base, k)
+            slot = max((g.bytes for g in groups if not g.resident), default=0)
+            for depth in ((0,) if k == len(base) else (2, 1)):
+                yield FrozenPlacement(groups, depth, {
+                    "resident_weights": sum(g.bytes for g in groups if g.resident) + norm,
+                    "stream_slots": depth * slot, **fixed})
+
+
+def _frozen_placement(node: _Node, micro: int, seq: int, quant: str, trainable: int,
+                      budget: int | None) -> FrozenPlacement | None:
+    """The best placement within `budget` (None: the smallest peak): double buffered over one slot, then the
+    fewest streamed bytes, then the smallest peak."""
+    choices = list(_frozen_choices(node, micro, seq, quant, trainable))
+    if budget is None:
+        return min(choices, key=lambda c: c.peak)
+    fits = [c for c in choices if c.peak <= budget]
+    return min(fits, key=lambda c: (c.prefetch_depth == 1, c.streamed_bytes, c.peak)) if fits else None
 
 
 def _groups(profile: _Profile, size: int) -> list[GroupPlan]:
-    out = []
-    for node in profile.nodes.values():
-        if node.role != "refiner":
-            continue
-        for first in range(node.inject, node.n_layers, size):
-            last = min(first + size, node.n_layers)
-            out.append(GroupPlan(node.name, first, last, sum(node.layer_bytes[first:last]), True))
-    return out
+    return [g for node in profile.nodes.values() if node.role == "refiner"
+            for g in _split(node.name, node.layer_bytes, node.inject, node.n_layers, size)]
 
 
 def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: int, injection: str) -> dict[str, int]:
@@ -283,7 +334,7 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
         for micro in _divisors(batch):
             acts = _activations(profile, base, micro, seq, spec.injection)
             for k in range(len(base), -1, -1):
-                groups = [GroupPlan(g.node, g.first, g.last, g.bytes, i < k) for i, g in enumerate(base)]
+                groups = _with_resident(base, k)
                 # each refiner's streamer holds its own slots, sized for its largest streamed group
                 slots_per_depth = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
                                    for n in dict.fromkeys(g.node for g in groups)]
@@ -324,8 +375,7 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
     profile = _profile(spec)
     quant = spec.quant
 
-    frozen = {n.name: _frozen_peak(n, 1, seq, quant) for n in profile.nodes.values()}
-    frozen_min = max(sum(b.values()) for b in frozen.values())
+    frozen_min = max(_frozen_placement(n, 1, seq, quant, profile.trainable, None).peak for n in profile.nodes.values())
     best, best_key, train_min = None, None, None
     for groups, depth, micro, breakdown in _candidates(spec, profile, batch, seq):
         peak = sum(breakdown.values())
@@ -343,15 +393,14 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
             f"the budget is {_gib(budget)}")
     groups, depth, micro, breakdown, peak = best
 
-    frozen_micro, frozen_node, frozen_breakdown = 1, "", {}
-    for m in _divisors(batch):
-        parts = {n.name: _frozen_peak(n, m, seq, quant) for n in profile.nodes.values()}
-        node = max(parts, key=lambda name: sum(parts[name].values()))
-        if sum(parts[node].values()) <= budget:
-            frozen_micro, frozen_node, frozen_breakdown = m, node, parts[node]
+    for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
+        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, quant, profile.trainable, budget)
+                  for n in profile.nodes.values()}
+        if all(frozen.values()):
             break
-    return Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, sum(frozen_breakdown.values()), minimum,
-                frozen_micro, frozen_node, frozen_breakdown, profile.trainable, train_min, frozen_min)
+    frozen_node = max(frozen, key=lambda name: frozen[name].peak)
+    return Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
+                frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -393,9 +442,16 @@ def format_plan(plan: Plan, spec) -> str:
     verdict = "fits" if plan.peak <= plan.budget else "DOES NOT FIT"
     lines.append(f"  {'predicted peak':<20} {_mib(plan.peak):>12}  vs budget {_mib(plan.budget)} "
                  f"({plan.peak / plan.budget:.0%}, {verdict})")
-    frozen = ", ".join(f"{k} {_mib(v)}" for k, v in plan.frozen_breakdown.items())
-    lines += ["", (f"frozen pass peak ({plan.frozen_node}, micro-batch {plan.frozen_micro_batch}, embeddings on "
-                   f"host): {frozen} = {_mib(plan.frozen_pass_peak)}"),
+    lines += ["", f"frozen pass (once over the data, one node at a time, micro-batch {plan.frozen_micro_batch}, "
+                  "embeddings on the host):",
+              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12}"]
+    for name, placed in plan.frozen.items():
+        last = placed.groups[-1].last if placed.groups else 0
+        lines.append(f"  {name:<10} {f'0-{last - 1}' if last else '-':>8} "
+                     f"{_mib(placed.resident_bytes):>12} {_mib(placed.streamed_bytes):>12} "
+                     f"{placed.prefetch_depth:>5} {_mib(placed.peak):>12}")
+    parts = ", ".join(f"{k} {_mib(v)}" for k, v in plan.frozen[plan.frozen_node].breakdown.items())
+    lines += [f"  peak ({plan.frozen_node}): {parts} = {_mib(plan.frozen_pass_peak)}",
               (f"smallest budget with a plan: {_gib(plan.minimum)} (training step alone "
                f"{_gib(plan.minimum_training)}, frozen pass {_gib(plan.minimum_frozen)})")]
     return "\n".join(lines)
