@@ -10,7 +10,6 @@ import os
 
 import torch
 
-
 from lowmem_graph.errors import UserError
 
 
@@ -34,10 +33,13 @@ def inject_reference(h, xs, weights, carry, blend: float, eps: float = 1e-6):
 
 @functools.cache
 def _triton_importable() -> bool:
+    """Whether triton is installed. Our kernels' own import errors propagate: a broken install must not fall
+    back to the reference quietly (and make every timing on a GPU a timing of the wrong path)."""
     try:
-        import lowmem_graph.kernels.inject  # noqa: F401  (imports triton)
+        import triton  # noqa: F401
     except ImportError:
         return False
+    import lowmem_graph.kernels.inject  # noqa: F401
     return True
 
 

@@ -2,15 +2,18 @@ import os
 import tempfile
 from pathlib import Path
 
-# Triton on CPU only works through its interpreter, and the flag must be set before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # defines no @triton.jit: the flag below is still in time
+
+# Triton on CPU only works through its interpreter, and the flag must be set before any @triton.jit runs. With a
+# GPU the kernels are compiled: the kernel tests then run on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # A fresh cache per test session: tiny models are built and quantised from scratch, as on a new machine.
 os.environ.setdefault("LOWMEM_GRAPH_CACHE", tempfile.mkdtemp(prefix="lowmem-graph-test-cache-"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 SHARED = Path(os.environ.get("LOWMEM_GRAPH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
