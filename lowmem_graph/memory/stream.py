@@ -11,7 +11,8 @@ views into the slot (`param.data = view`, `quant_state.absmax = view`, ...); at 
 slab. Group k of the streamed order always uses slot k % 2. So prefetching the next group in the direction
 of travel (up in the forward, down in backward) never hits the slot in use, and a group reloaded for its
 backward lands where its forward read it: bitsandbytes' backward reads a view of the packed weight taken in
-the forward. On CPU the same code runs with plain copies, so the tests exercise layout, rebinding, slot reuse
+the forward. A pass without grad (the frozen pass, evaluation) ends by prefetching the first group for the
+next pass when its slot is not the one in use (an even number of streamed groups). On CPU the same code runs with plain copies, so the tests exercise layout, rebinding, slot reuse
 and prefetch order for real.
 
 Gradients through streamed groups need checkpointing (what the forward saved would be overwritten), so every
@@ -74,6 +75,13 @@ class LayerStreamer:
                 self.slab[start + offset: start + offset + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
             self._groups.append((nbytes, [(owner, attr, offset, t.nbytes, t.dtype, t.shape)
                                           for (owner, attr, t), offset in zip(sites[g], placed)]))
+        self._stream = self._ready = None
+        if self.device.type == "cuda" and total:    # before anything moves: a failure leaves the layers as they were
+            code = torch.cuda.cudart().cudaHostRegister(self.slab.data_ptr(), total, 0)
+            if int(code) != 0:
+                self.checkpoint.detach()
+                _check_cuda(code, "cudaHostRegister")
+            self._stream = torch.cuda.Stream(self.device)
         for rank in range(len(self.order)):
             self._bind(rank, self.slab, self._starts[rank])
         self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
@@ -82,10 +90,7 @@ class LayerStreamer:
 
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
         self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
-        self._stream = self._ready = None
-        if self.device.type == "cuda" and total:
-            _check_cuda(torch.cuda.cudart().cudaHostRegister(self.slab.data_ptr(), total, 0), "cudaHostRegister")
-            self._stream = torch.cuda.Stream(self.device)
+        if self._stream is not None:
             self._ready = [torch.cuda.Event() for _ in self.slots]
         self.device_bytes = need          # what the device tier was sized for: resident groups + slots
         self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
@@ -141,7 +146,9 @@ class LayerStreamer:
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
         following = rank - 1 if backward else rank + 1
-        if len(self.slots) == 2 and 0 <= following < len(self.order):
+        if following == len(self.order) and not torch.is_grad_enabled():
+            following = 0       # no backward comes: the next pass starts from the bottom (if its slot is free)
+        if len(self.slots) == 2 and 0 <= following < len(self.order) and following % 2 != slot:
             self._load(following)
         self.peak_device_bytes = max(self.peak_device_bytes, self.held_bytes())
 
