@@ -84,18 +84,22 @@ def build_graph(spec, device) -> FrozenGraph:
 
 
 def random_inputs(graph: FrozenGraph, batch: int, seq: int, device):
-    """A batch as the prefix cache serves it: pooled reader states, refiners' injection-layer inputs."""
+    """A batch as the prefix cache serves it, in host memory (pinned for a GPU): pooled reader states, refiners'
+    injection-layer inputs. Each micro-batch moves to the device when it runs, as in training."""
     mask = torch.ones(batch, seq, dtype=torch.long)
     tokens = {name: (torch.zeros(batch, seq, dtype=torch.long), mask) for name in graph.nodes}
     b = Batch(tokens, torch.randint(0, 4, (batch,)), torch.full((batch,), 4), [str(i) for i in range(batch)])
-    readers = {r: torch.randn(batch, graph.nodes[r].width, device=device) for r in graph.readers}
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    prefixes = {j: torch.randn(batch, seq, graph.nodes[j].width, device=device, dtype=dtype) for j in graph.refiners}
+    cuda = torch.device(device).type == "cuda"
+    readers = {r: torch.randn(batch, graph.nodes[r].width, pin_memory=cuda) for r in graph.readers}
+    dtype = torch.bfloat16 if cuda else torch.float32
+    prefixes = {j: torch.randn(batch, seq, graph.nodes[j].width, dtype=dtype, pin_memory=cuda)
+                for j in graph.refiners}
     return b, readers, prefixes
 
 
 def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[float]:
-    """Median-able wall times of full steps (forward, backward in micro-batches, AdamW), synchronised."""
+    """Median-able wall times of full steps (forward, backward in micro-batches, AdamW), synchronised. Leaves
+    no gradients or optimizer state behind, so the next measurement starts from what a run holds."""
     optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
     batch, readers, prefixes = inputs
     n = batch.labels.shape[0]
@@ -109,15 +113,24 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[floa
             part = slice(lo, lo + micro_batch)
             sub = Batch({k: (ids[part], m[part]) for k, (ids, m) in batch.tokens.items()}, batch.labels[part],
                         batch.n_choices[part], batch.ids[part])
+            states = ({r: x[part].to(device, non_blocking=True) for r, x in readers.items()},
+                      {j: p[part].to(device, non_blocking=True) for j, p in prefixes.items()})
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = graph(sub, {r: x[part] for r, x in readers.items()}, {j: p[part] for j, p in prefixes.items()})
+                out = graph(sub, *states)
             loss = torch.nn.functional.cross_entropy(out.logits.float(), sub.labels.to(device)) * len(sub.ids) / n
             loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
     return times[1:]
+
+
+def _fresh_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
@@ -134,9 +147,7 @@ def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
 
 
 def measure(label: str, graph, plan, inputs, device, steps: int) -> dict:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    _fresh_peak(device)
     streamers = stream_refiners(graph, plan, device)
     try:
         before = sum(s.streamed_bytes for s in streamers)
@@ -168,9 +179,7 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int) -> list[dict]
         ids = torch.randint(0, vocab, (plan.frozen_micro_batch, plan.seq))
         mask = torch.ones_like(ids)
         run = node.read if name in graph.readers else node.prefix
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        _fresh_peak(device)
         times = []
         with node.visiting(device, placement) as streamer:
             for _ in range(repeats + 1):                # the first warms up and is dropped
@@ -196,24 +205,47 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int) -> list[dict]
 
 
 def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
-    """The tool users reach for: accelerate's cpu_offload on each refiner's top layers (synchronous copies)."""
+    """The tool users reach for: accelerate's `cpu_offload` on each refiner's top layers (weights copied to the
+    device synchronously at each layer's forward, no prefetch). accelerate cannot offload bitsandbytes 4-bit
+    weights (it parks them on the meta device, and their quantisation state goes with them), so the offloaded
+    layers are bf16 linears of the same shapes, with random weights like everything here; what they move is what
+    a user of that tool moves. Runs the whole batch at once, like the all-resident row."""
+    import bitsandbytes as bnb
     from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
 
-    row = {"config": "accelerate cpu_offload"}
+    row = {"config": "accelerate cpu_offload (bf16 layers)"}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # the CPU smoke run has no autocast
+    swapped, offloaded = [], []                 # (parent, attribute, the 4-bit linear), layers with hooks
+    _fresh_peak(device)
     try:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
         for j in graph.refiners:
             node = graph.nodes[j]
             node.place_top(device)
             for layer in list(node.layers)[node.inject_layer:]:
+                for name, module in list(layer.named_modules()):
+                    if isinstance(module, bnb.nn.Linear4bit):
+                        parent, _, attr = name.rpartition(".")
+                        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                                dtype=dtype, device=device).requires_grad_(False)
+                        torch.nn.init.normal_(dense.weight, std=0.02)
+                        swapped.append((layer.get_submodule(parent), attr, module))
+                        setattr(swapped[-1][0], attr, dense.to("cpu"))
                 cpu_offload(layer, execution_device=device)
+                offloaded.append(layer)
         times = time_steps(graph, inputs, inputs[0].labels.shape[0], steps, device)
-        row.update(step_ms=1000 * statistics.median(times),
-                   measured_peak_allocated_mib=torch.cuda.max_memory_allocated(device) / MiB,
-                   measured_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MiB)
+        row["step_ms"] = 1000 * statistics.median(times)
+        row["offloaded_mib"] = sum(m.in_features * m.out_features * dtype.itemsize for _, _, m in swapped) / MiB
+        if device.type == "cuda":
+            row.update(measured_peak_allocated_mib=torch.cuda.max_memory_allocated(device) / MiB,
+                       measured_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MiB)
     except Exception as e:      # report, do not hide: the comparison failed, and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        for layer in offloaded:
+            remove_hook_from_module(layer, recurse=True)
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
     return row
 
 
@@ -235,17 +267,19 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
             reference = measure("all resident", graph, everything, inputs, device, steps)
             rows.append(reference)
         rows.append(row)
+    # the streaming overhead at its worst: every group streamed, at the all-resident row's micro-batch
     worst = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=False) for g in plan.groups],
-                                prefetch_depth=2)
+                                prefetch_depth=2, micro_batch=batch)
     rows.append(measure("every group streamed", graph, worst, inputs, device, steps))
+    rows.append(accelerate_offload_row(graph, inputs, device, steps))
     for row in rows:
-        row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
+        if "step_ms" in row:
+            row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
     first = {}                          # the frozen pass against the first (roomiest) budget's, node by node
     for row in frozen_rows:
         row["batch_vs_first_budget"] = row["batch_ms"] / first.setdefault(row["config"], row["batch_ms"])
     rows += frozen_rows
     if device.type == "cuda":
-        rows.append(accelerate_offload_row(graph, inputs, device, steps))
         peak = pinned_copy_gbs(device)
         for row in rows:
             row["pinned_copy_peak_gbs"] = peak
