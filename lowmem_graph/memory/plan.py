@@ -87,8 +87,22 @@ class GroupPlan:
     resident: bool
 
 
+class _Placed:
+    """Bytes of `groups` by where they live: resident on the device, or streamed from the pinned host slab."""
+    groups: list[GroupPlan]
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of the groups that live in the pinned host slab (the slab's size)."""
+        return sum(g.bytes for g in self.groups if not g.resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(g.bytes for g in self.groups if g.resident)
+
+
 @dataclass
-class FrozenPlacement:
+class FrozenPlacement(_Placed):
     """One node in the frozen pass: its needed layers [0, needed) in groups, resident first, the rest streamed."""
     groups: list[GroupPlan]
     prefetch_depth: int                     # device slots for its streamed groups (0: none streamed)
@@ -98,17 +112,9 @@ class FrozenPlacement:
     def peak(self) -> int:
         return sum(self.breakdown.values())
 
-    @property
-    def streamed_bytes(self) -> int:
-        return sum(g.bytes for g in self.groups if not g.resident)
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(g.bytes for g in self.groups if g.resident)
-
 
 @dataclass
-class Plan:
+class Plan(_Placed):
     budget: int
     batch: int
     seq: int
@@ -125,15 +131,6 @@ class Plan:
     trainable_params: int = 0
     minimum_training: int = 0               # the smallest training-step peak over all choices
     minimum_frozen: int = 0                 # the frozen pass at micro-batch 1
-
-    @property
-    def streamed_bytes(self) -> int:
-        """Bytes of the groups that live in the pinned host slab (the slab's size)."""
-        return sum(g.bytes for g in self.groups if not g.resident)
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(g.bytes for g in self.groups if g.resident)
 
     @property
     def accumulation(self) -> int:
