@@ -12,8 +12,8 @@ slab. Group k of the streamed order always uses slot k % 2. So prefetching the n
 of travel (up in the forward, down in backward) never hits the slot in use, and a group reloaded for its
 backward lands where its forward read it: bitsandbytes' backward reads a view of the packed weight taken in
 the forward. A pass without grad (the frozen pass, evaluation) ends by prefetching the first group for the
-next pass when its slot is not the one in use (an even number of streamed groups). On CPU the same code runs with plain copies, so the tests exercise layout, rebinding, slot reuse
-and prefetch order for real.
+next pass when its slot is not the one in use (an even number of streamed groups). On CPU the same code runs
+with plain copies, so the tests exercise layout, rebinding, slot reuse and prefetch order for real.
 
 Gradients through streamed groups need checkpointing (what the forward saved would be overwritten), so every
 group runs through `GroupCheckpoint`, which also calls the streamer when a group starts, in either direction.
