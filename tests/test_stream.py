@@ -5,6 +5,7 @@ import torch
 from lowmem_graph.errors import UserError
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
 from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
+from lowmem_graph.memory import stream
 from lowmem_graph.memory.stream import ALIGN, LayerStreamer
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec
@@ -256,3 +257,151 @@ def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one():
         held = torch.cuda.memory_allocated() - before
         assert held <= streamer.device_bytes + 2 ** 20                 # slots + the resident group, nothing more
     assert not hosted.layers[0].self_attn.q_proj.weight.is_cuda
+
+
+class FakeDriver:
+    """cudaHostRegister's rules on the CPU: whole pages are locked, a page can be registered once, and
+    unregistering takes the pointer that was registered."""
+
+    ALREADY, NOT_REGISTERED = 712, 713
+
+    def __init__(self, fail_at: int | None = None):
+        self.ranges, self.calls, self.fail_at = {}, 0, fail_at
+
+    def register(self, ptr, nbytes):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return 2                                    # cudaErrorMemoryAllocation
+        first, last = ptr // stream.PAGE, (ptr + nbytes - 1) // stream.PAGE
+        if any(first <= b and a <= last for a, b in self.ranges.values()):
+            return self.ALREADY
+        self.ranges[ptr] = (first, last)
+        return 0
+
+    def unregister(self, ptr):
+        return 0 if self.ranges.pop(ptr, None) else self.NOT_REGISTERED
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    fake = FakeDriver()
+    monkeypatch.setattr(stream, "host_register", fake.register)
+    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    return fake
+
+
+def _snapshot(nodes):
+    """Every tensor a node's layers read: where it is, and its bytes."""
+    return {(name, i, k): (t.data_ptr(), t.device, t.clone())
+            for name, node in nodes.items() for i, layer in enumerate(node.layers)
+            for k, t in enumerate(_weights(layer))}
+
+
+def _assert_as_before(nodes, before):
+    after = _snapshot(nodes)
+    assert after.keys() == before.keys()
+    for key, (ptr, device, value) in before.items():
+        assert after[key][0] == ptr and after[key][1] == device and torch.equal(after[key][2], value), key
+    assert not any("forward" in vars(layer) for node in nodes.values() for layer in node.layers)
+
+
+@pytest.mark.parametrize("names", [("phi3", "mistral"), ("phi3", "mistral", "llama")])
+def test_streamers_alive_together_have_page_aligned_disjoint_slabs(tiny_nodes, driver, names):
+    streamers = [LayerStreamer(tiny_nodes[n].layers, [[0], [1], [2], [3]], {0}, device="cpu", pin=True)
+                 for n in names]
+    try:
+        spans = []
+        for s in streamers:
+            start = s.slab.data_ptr()
+            assert start % stream.PAGE == 0 and s.host.mapped % stream.PAGE == 0
+            assert s.host.mapped >= s.slab.numel() > 0 and s.host.pinned
+            spans.append((start, start + s.host.mapped))
+        spans.sort()
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert len(driver.ranges) == len(names)         # every slab page-locked, none refused as "already"
+    finally:
+        for s in streamers:
+            s.detach()
+    assert driver.ranges == {} and not any(s.host.pinned for s in streamers)
+
+
+def test_a_refused_registration_leaves_every_layer_as_it_was(tiny_nodes, monkeypatch):
+    fake = FakeDriver(fail_at=1)
+    monkeypatch.setattr(stream, "host_register", fake.register)
+    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    nodes = {n: tiny_nodes[n] for n in ("phi3", "mistral")}
+    before = _snapshot(nodes)
+    with pytest.raises(RuntimeError, match="cudaHostRegister failed"):
+        LayerStreamer(nodes["phi3"].layers, [[0], [1], [2], [3]], {1}, device="cpu", pin=True)
+    _assert_as_before(nodes, before)
+    assert fake.ranges == {}
+
+
+def test_when_a_later_refiner_fails_the_earlier_ones_let_go(tiny_graph, monkeypatch):
+    """stream_refiners builds one streamer per refiner: the second one's registration fails, so the first is
+    detached and unregistered, and no layer of either keeps a slab view or a replaced forward."""
+    from lowmem_graph.memory.plan import Plan
+
+    fake = FakeDriver(fail_at=2)
+    monkeypatch.setattr(stream, "host_register", fake.register)
+    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    real = stream.LayerStreamer
+    made = []
+    monkeypatch.setattr(stream, "LayerStreamer", lambda *a, **k: made.append(real(*a, **k, pin=True)) or made[-1])
+    groups = [GroupPlan(name, i, i + 1, 0, resident=False) for name in tiny_graph.refiners
+              for i in range(tiny_graph.nodes[name].inject_layer, 4)]
+    plan = Plan(1 << 30, 8, 64, 8, 2, groups, {}, 0, 0, 0)
+    nodes = {n: tiny_graph.nodes[n] for n in tiny_graph.refiners}
+    before = _snapshot(nodes)
+    with pytest.raises(RuntimeError, match="cudaHostRegister failed"):
+        stream.stream_refiners(tiny_graph, plan, "cpu")
+    assert len(made) == 1 and not made[0].host.pinned and made[0].slots == []
+    assert fake.ranges == {} and fake.calls == 2
+    # the first refiner's streamed tensors are views into its (unpinned) slab now; values and devices unchanged
+    for key, (_, device, value) in before.items():
+        t = _snapshot(nodes)[key]
+        assert t[1] == device and torch.equal(t[2], value), key
+    assert not any("forward" in vars(layer) for node in nodes.values() for layer in node.layers)
+
+
+def test_a_pinned_slab_collected_without_unpin_unpins_first(driver):
+    import gc
+
+    slab = stream.HostSlab(10_000)
+    slab.pin()
+    assert len(driver.ranges) == 1 and slab.mapped == -(-10_000 // stream.PAGE) * stream.PAGE
+    del slab
+    gc.collect()
+    assert driver.ranges == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_two_refiners_stream_at_once():
+    """Two streamers alive together, as in every --gpu-mem run: both slabs page-locked (the second registration
+    must not collide with the first), both nodes compute what they compute resident, with no sticky CUDA error."""
+    specs = [NodeSpec(name=n, model=f"tiny:{n}", role="refiner") for n in ("phi3", "mistral")]
+    resident = [FrozenNode.load(s, "nf4", "cuda", 64) for s in specs]
+    hosted = [FrozenNode.load(s, "nf4", "cpu", 64, compute_device="cuda") for s in specs]
+    plain = []
+    for node in resident:
+        trainables = _trainables(node, device="cuda")
+        plain.append((trainables, _step(node, *trainables)))
+    for node in hosted:
+        node.place_top("cuda")
+    streamers = [LayerStreamer(node.layers, [[0], [1], [2], [3]], device="cuda") for node in hosted]
+    try:
+        for s in streamers:
+            assert s.slab.is_pinned() and s.slab.data_ptr() % stream.PAGE == 0
+        a, b = sorted((s.slab.data_ptr(), s.slab.data_ptr() + s.host.mapped) for s in streamers)
+        assert a[1] <= b[0]
+        for _ in range(2):
+            for node, (trainables, expected) in zip(hosted, plain):
+                for x, y in zip(expected, _step(node, *trainables)):
+                    torch.testing.assert_close(y.float(), x.float(), rtol=1e-2, atol=1e-3 * x.abs().max().item())
+        torch.cuda.synchronize()
+    finally:
+        for s in streamers:
+            s.detach()
+    assert not any(s.host.pinned for s in streamers)
+    torch.cuda.synchronize()        # a sticky error from a bad registration would surface here

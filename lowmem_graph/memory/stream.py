@@ -1,10 +1,11 @@
 """Layer-group streaming: the decoder layers that do not fit the device budget visit it group by group.
 
-Host tier: one exact-size slab (a single uint8 tensor) holding every tensor of every streamed group (packed
-4-bit weights, their quant-state tensors, norms), each at an aligned offset, so a group moves as one copy.
-On CUDA the slab is page-locked with `cudaHostRegister`: `pin_memory()` goes through PyTorch's caching host
-allocator, which rounds every allocation up to a power of two. Device tier: the resident groups, which stay,
-and two slots (double buffer) sized for the largest streamed group.
+Host tier: one slab (a `HostSlab`) holding every tensor of every streamed group (packed 4-bit weights, their
+quant-state tensors, norms), each at an aligned offset, so a group moves as one copy. The slab is an anonymous
+mmap of its own: it starts on a page boundary and spans whole pages, so two streamers' slabs never share a page
+and their page-locking (`cudaHostRegister`, on CUDA) never collides. `pin_memory()` would go through PyTorch's
+caching host allocator, which rounds every allocation up to a power of two. Device tier: the resident groups,
+which stay, and two slots (double buffer) sized for the largest streamed group.
 
 A group is loaded by one copy, slab -> slot, on a side CUDA stream, then its tensors are rebound to typed
 views into the slot (`param.data = view`, `quant_state.absmax = view`, ...); at rest they are views into the
@@ -20,6 +21,7 @@ group runs through `GroupCheckpoint`, which also calls the streamer when a group
 """
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -29,6 +31,47 @@ from ..nodes import default_device
 from .checkpoint import GroupCheckpoint, check_groups
 
 ALIGN = 256     # bytes: CUDA's allocation alignment, plenty for vector loads of every dtype
+PAGE = mmap.PAGESIZE
+
+
+def host_register(ptr: int, nbytes: int) -> int:
+    """Page-lock host memory for the device's copy engines (cudaHostRegister); returns the CUDA error code."""
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+
+
+def host_unregister(ptr: int) -> int:
+    return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+class HostSlab:
+    """Host memory of one streamer's own: an anonymous mmap, page-aligned and spanning whole pages that nothing
+    else shares, viewed as `tensor` (uint8, exactly `nbytes` long). `pin()` page-locks all its pages; `unpin()`
+    must come before the memory can go, so a slab still pinned when it is collected unpins itself first (the
+    mapping is freed only after this object and every view into it are gone)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.mapped = -(-nbytes // PAGE) * PAGE
+        self._map = mmap.mmap(-1, self.mapped) if self.mapped else None
+        whole = torch.frombuffer(self._map, dtype=torch.uint8) if self._map else torch.empty(0, dtype=torch.uint8)
+        self.tensor = whole[:nbytes]
+        self.pinned = False
+
+    def pin(self) -> None:
+        if not self.pinned and self.mapped:
+            _check_cuda(host_register(self.tensor.data_ptr(), self.mapped), "cudaHostRegister")
+            self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            self.pinned = False
+            _check_cuda(host_unregister(self.tensor.data_ptr()), "cudaHostUnregister")
+
+    def __del__(self):
+        try:
+            self.unpin()
+        except Exception:       # at interpreter exit CUDA may be gone already; the process frees it then
+            pass
 
 
 class LayerStreamer:
@@ -36,12 +79,14 @@ class LayerStreamer:
 
     `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint.
     `slots=2` double-buffers; `slots=1` halves the slot memory, but then nothing can be prefetched.
-    Raises UserError when resident groups + slots would exceed `budget_bytes`. Installed on construction;
+    `pin` page-locks the slab (default: on CUDA). Raises UserError when resident groups + slots would exceed
+    `budget_bytes`. Installed on construction; a construction that fails leaves every layer as it was.
     `detach()` (or leaving a `with` block) puts every tensor back on its device, streamed ones as slab views.
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]], resident: Iterable[int] = (),
-                 device: torch.device | str | None = None, budget_bytes: int | None = None, slots: int = 2):
+                 device: torch.device | str | None = None, budget_bytes: int | None = None, slots: int = 2,
+                 pin: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         groups = check_groups(groups, len(layers))
         resident = set(resident)
@@ -63,54 +108,72 @@ class LayerStreamer:
                             f"{_mib(self.resident_bytes)} + {n_slots} slots of {_mib(self.slot_bytes)}), "
                             f"over the budget of {_mib(budget_bytes)}: make fewer groups resident or groups smaller")
 
-        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self._before_group)
         self._starts, total = [], 0
         for _, nbytes in layouts:
             self._starts.append(_align(total))
             total = self._starts[-1] + nbytes
-        self.slab = torch.empty(total, dtype=torch.uint8)
         self._groups = []       # per streamed group: (nbytes, [(owner, attr, offset, nbytes, dtype, shape)])
-        for start, (placed, nbytes), g in zip(self._starts, layouts, self.order):
-            for (_, _, t), offset in zip(sites[g], placed):
-                self.slab[start + offset: start + offset + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        for (placed, nbytes), g in zip(layouts, self.order):
             self._groups.append((nbytes, [(owner, attr, offset, t.nbytes, t.dtype, t.shape)
                                           for (owner, attr, t), offset in zip(sites[g], placed)]))
+        self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
         self._stream = self._ready = None
-        if self.device.type == "cuda" and total:    # before anything moves: a failure leaves the layers as they were
-            code = torch.cuda.cudart().cudaHostRegister(self.slab.data_ptr(), total, 0)
-            if int(code) != 0:
-                self.checkpoint.detach()
-                _check_cuda(code, "cudaHostRegister")
-            self._stream = torch.cuda.Stream(self.device)
-        for rank in range(len(self.order)):
-            self._bind(rank, self.slab, self._starts[rank])
-        self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
-        for owner, attr, t in resident_sites:
-            setattr(owner, attr, t.to(self.device))
-
-        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self.slots, self._in_slot = [], []
+        self.host = HostSlab(total)
+        self.slab = self.host.tensor
+        originals = [site for group in sites for site in group]
+        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self._before_group)
+        try:
+            for start, (placed, _), g in zip(self._starts, layouts, self.order):
+                for (_, _, t), offset in zip(sites[g], placed):
+                    self.slab[start + offset: start + offset + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+            if self.device.type == "cuda" if pin is None else pin:
+                self.host.pin()         # before anything moves
+            if self.device.type == "cuda" and self.order:
+                self._stream = torch.cuda.Stream(self.device)
+            for rank in range(len(self.order)):
+                self._bind(rank, self.slab, self._starts[rank])
+            self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
+            for owner, attr, t in resident_sites:
+                setattr(owner, attr, t.to(self.device))
+            self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        except BaseException:
+            for owner, attr, t in originals:        # every tensor back as it was, then the forwards, then the pages
+                setattr(owner, attr, t)
+            self.checkpoint.detach()
+            self.slots = []
+            self._release_host()
+            raise
         self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
         if self._stream is not None:
             self._ready = [torch.cuda.Event() for _ in self.slots]
         self.device_bytes = need          # what the device tier was sized for: resident groups + slots
-        self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
         self.peak_device_bytes = self.held_bytes()   # measured: see held_bytes
         self.loads = 0          # group copies slab -> slot
         self.misses = 0         # groups not prefetched when they started: the compute waited for a whole copy
         self.streamed_bytes = 0
+        self._attached = True
 
     def detach(self) -> None:
-        """Restore the layers' forwards; streamed tensors become slab views again, resident ones go back."""
+        """Restore the layers' forwards; streamed tensors become slab views again, resident ones go back.
+        The slab stays (the streamed tensors live in it) but is no longer page-locked."""
+        if not self._attached:
+            return
+        self._attached = False
         self.checkpoint.detach()
-        if self._stream is not None:
-            self._stream.synchronize()      # no copy may still read the slab when it stops being page-locked
-            _check_cuda(torch.cuda.cudart().cudaHostUnregister(self.slab.data_ptr()), "cudaHostUnregister")
-            self._stream = None
+        self._release_host()
         for rank in range(len(self.order)):
             self._bind(rank, self.slab, self._starts[rank])
         for owner, attr, device in self._resident:
             setattr(owner, attr, getattr(owner, attr).to(device))
         self.slots, self._in_slot, self.device_bytes = [], [], 0
+
+    def _release_host(self) -> None:
+        """No copy may still read the slab when it stops being page-locked."""
+        if self._stream is not None:
+            self._stream.synchronize()
+            self._stream = None
+        self.host.unpin()
 
     def __enter__(self):
         return self
@@ -238,13 +301,19 @@ def stream_refiners(graph, plan, device) -> list[LayerStreamer]:
     streamed through the plan's slots. The readers and the layers below injection stay on the host: the
     prefix cache already holds what they produce."""
     streamers = []
-    for name in graph.refiners:
-        node = graph.nodes[name]
-        mine = [g for g in plan.groups if g.node == name]
-        if not mine or mine[0].first != node.inject_layer:
-            raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer {node.inject_layer}")
-        node.place_top(device)
-        streamers.append(LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
-                                       {i for i, g in enumerate(mine) if g.resident}, device,
-                                       slots=max(1, plan.prefetch_depth)))
+    try:
+        for name in graph.refiners:
+            node = graph.nodes[name]
+            mine = [g for g in plan.groups if g.node == name]
+            if not mine or mine[0].first != node.inject_layer:
+                raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer "
+                                   f"{node.inject_layer}")
+            node.place_top(device)
+            streamers.append(LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
+                                           {i for i, g in enumerate(mine) if g.resident}, device,
+                                           slots=max(1, plan.prefetch_depth)))
+    except BaseException:       # a later streamer failed: the earlier ones let go of their layers and pages
+        for streamer in streamers:
+            streamer.detach()
+        raise
     return streamers
