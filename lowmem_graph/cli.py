@@ -123,7 +123,7 @@ def cmd_eval(args) -> None:
     graph.load_trainable(load_file(str(weights)), str(weights))
     try:
         (states,) = placed.frozen_states(questions) if cfg.prefix_cache else (None,)
-        result = evaluate(graph, questions, cfg.batch_size, progress=not args.no_progress, states=states)
+        result = evaluate(graph, questions, placed.micro_batch, progress=not args.no_progress, states=states)
     finally:
         placed.close()
     out = write_predictions(result, Path(args.out) if args.out else

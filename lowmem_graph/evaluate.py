@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import Question
 from .files import atomic_file
-from .graph import FrozenGraph
+from .graph import FrozenGraph, autocast
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -41,13 +41,16 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
              desc: str = "eval", states=None) -> EvalResult:
-    """`states`: the frozen pass over these questions (graph.precompute), so only the refiners' tops run."""
+    """`batch_size` questions per forward (under a memory plan: its micro-batch). `states`: the frozen pass over
+    these questions (graph.precompute), so only the refiners' tops run. Same autocast as training."""
     graph.eval()
+    device = next(graph.parameters()).device
     predictions, total_loss, routing = [], 0.0, []
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=None if progress else True, leave=False):
         chunk = questions[start:start + batch_size]
         batch = graph.collate(chunk)
-        out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
+        with autocast(device):
+            out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
         labels = batch.labels.to(out.logits.device)
         total_loss += torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum").item()
         probs = out.logits.float().softmax(-1).cpu()

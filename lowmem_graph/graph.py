@@ -9,6 +9,7 @@ state_dict, so checkpoints hold exactly what trains.
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,12 @@ from .errors import UserError
 from .nodes import FrozenNode, default_device
 from .ops import fused_inject
 from .spec import GraphSpec
+
+
+def autocast(device) -> AbstractContextManager:
+    """The precision of every pass through the graph, training and evaluation alike: bf16 autocast on CUDA (the
+    trainable weights stay fp32), full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def _inject(h, xs, weights, carry, blend):

@@ -212,11 +212,12 @@ class FrozenNode:
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512,
-             compute_device=None) -> "FrozenNode":
+             compute_device=None, logits: bool = False) -> "FrozenNode":
         """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), or bf16/fp32.
 
         `device` is where the weights live; `compute_device` (default: the same) picks the compute dtype, so a
-        node kept on the host for a GPU run computes in bf16 when it visits the GPU."""
+        node kept on the host for a GPU run computes in bf16 when it visits the GPU. A graph never asks a node for
+        logits, so its lm_head is dropped (0.46 GB of the paper graph) unless `logits` (zero-shot scoring)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         device = torch.device(device) if device is not None else default_device()
@@ -250,6 +251,8 @@ class FrozenNode:
             raise UserError(f"cannot load model {spec.model!r}: {str(e).splitlines()[0]}") from None
         if save_to is not None:
             _save_atomically(model, tokenizer, save_to)
+        if not logits and model.get_output_embeddings() is not None:
+            model.set_output_embeddings(None)      # a tied head shares the embedding table, which stays
         model.eval().requires_grad_(False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

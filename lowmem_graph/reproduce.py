@@ -56,7 +56,7 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
             rows.append({"benchmark": bench, "status": f"not run: {e}"})
             continue
         (states,) = trainer.frozen_states(questions) if trainer.train_states is not None else (None,)
-        result = evaluate(trainer.graph, questions, cfg.batch_size, progress, f"test {bench}", states)
+        result = evaluate(trainer.graph, questions, trainer.micro_batch, progress, f"test {bench}", states)
         write_predictions(result, run_dir / f"predictions-{bench}-test.jsonl")
         rows.append({"benchmark": bench, "status": "ok", "accuracy": result.accuracy,
                      "interval": list(result.interval), "n": result.n,

@@ -27,7 +27,7 @@ from .data import Question, load_task
 from .errors import UserError
 from .evaluate import evaluate, write_predictions
 from .files import atomic_file
-from .graph import FrozenGraph
+from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
 from .spec import GraphSpec, from_dict
 
@@ -179,6 +179,11 @@ class PlacedGraph:
         self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
                                        nodes_on_host=self.plan is not None)
 
+    @property
+    def micro_batch(self) -> int:
+        """Examples per forward, in training and evaluation alike: the plan's micro-batch, else the whole batch."""
+        return self.plan.micro_batch if self.plan is not None else self.cfg.batch_size
+
     def frozen_states(self, *question_sets: list[Question]) -> list:
         """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
         the device in turn, placed as the plan says; then, once, only the refiners' top layers are placed there,
@@ -221,7 +226,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
-        self.micro_batch = self.plan.micro_batch if self.plan else cfg.batch_size
+        self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
             self.train_states, self.eval_states = self.frozen_states(self.train_set, self.eval_set)
@@ -260,7 +265,7 @@ class Trainer:
             chunk = questions[start:start + self.micro_batch]
             batch = self.graph.collate(chunk)
             frozen = self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with autocast(self.device):
                 out = self.graph(batch, *frozen)
             labels = batch.labels.to(out.logits.device)
             loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
@@ -311,7 +316,7 @@ class Trainer:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps and i + 1 < self.steps_per_epoch:
                     return self._stop()
             bar.close()
-            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
+            result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
             memory = memory_snapshot(self.device)
             record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
                       "train_loss": float(np.mean(losses)) if losses else None,
@@ -328,7 +333,7 @@ class Trainer:
             if cfg.max_steps is not None and self.step >= cfg.max_steps and self.step < self.total_steps:
                 return self._stop()        # stopped at an epoch's end: after its evaluation and weights
         if result is None:   # resumed a finished run: nothing left to train
-            result = evaluate(self.graph, self.eval_set, cfg.batch_size, self.progress, "eval", self.eval_states)
+            result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
         tasks = cfg.evaluated().replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
         from .plots import plot_curves, plot_memory, plot_signals

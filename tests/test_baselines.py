@@ -31,7 +31,7 @@ def test_zero_shot_matches_a_plain_forward_and_normalises_by_bytes():
     path = shared_data() / "models/stories260K/stories260K.bin"
     if not path.is_file():
         pytest.skip(f"{path} not found")
-    node = FrozenNode.load(NodeSpec(name="s", model=str(path), role="refiner"), "fp32", "cpu", 128)
+    node = FrozenNode.load(NodeSpec(name="s", model=str(path), role="refiner"), "fp32", "cpu", 128, logits=True)
     # Picked so the three rules disagree: the short "zoo" has the highest sum, "a café" the highest per byte
     # (é is two bytes), "a quilt" the highest per character.
     question = Question("hand-1", "What did Lily see in the park?", ("a café", "a quilt", "zoo"), 0)
@@ -51,8 +51,8 @@ def test_zero_shot_matches_a_plain_forward_and_normalises_by_bytes():
     assert result.acc_interval[0] == 0.0 < result.acc_interval[1] < result.acc_norm_interval[1] == 1.0
 
 
-def test_batched_scoring_of_a_4bit_node_matches_per_string_forwards(tiny_nodes, questions):
-    node = tiny_nodes["llama"]
+def test_batched_scoring_of_a_4bit_node_matches_per_string_forwards(questions):
+    node = FrozenNode.load(NodeSpec(name="llama", model="tiny:llama", role="reader"), "nf4", "cpu", 512, logits=True)
     chunk = questions[:6]
     result = score_zero_shot(node, chunk, batch_size=5, progress=False)   # batches mix questions and lengths
     for question, prediction in zip(chunk, result.predictions):

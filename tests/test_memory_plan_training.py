@@ -47,13 +47,20 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
             visits.append(self)
 
     monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    from lowmem_graph import train as training
+
+    eval_batches = []
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda graph, questions, batch_size, *a, **k:
+                        eval_batches.append(batch_size) or real_evaluate(graph, questions, batch_size, *a, **k))
     base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3}
     quiet = dict(progress=False, log=lambda *_: None)
     # each run its own cache, so the planned run's frozen pass (streamed) is compared with the plain one's too
     planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
                     tmp_path / "planned", **quiet)
-    training = {id(s) for streamers in made for s in streamers}
-    streamed_visits = [v for v in visits if v.order and id(v) not in training]
+    assert eval_batches == [forced.micro_batch] * 2      # evaluation runs at the plan's micro-batch, not the batch
+    trained = {id(s) for streamers in made for s in streamers}
+    streamed_visits = [v for v in visits if v.order and id(v) not in trained]
     assert len(streamed_visits) == 2 * 3            # the three readers, over the train and the eval set
     assert all(v.loads > 0 and v.slots == [] for v in streamed_visits)
     plain = train(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain",

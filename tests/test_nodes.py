@@ -186,3 +186,18 @@ def test_hub_id_loads_from_the_hub_cache_at_its_commit(tmp_path, monkeypatch):
     pinned = FrozenNode.load(NodeSpec(name="hub", model="lowmem-test/tiny-llama", role="reader", revision="a" * 40),
                              "nf4", "cpu", 64)
     assert pinned.identity == identities[0] != identities[1]
+
+
+def test_graph_nodes_drop_lm_head_scoring_keeps_it(tiny_nodes):
+    """A graph never asks a node for logits: its lm_head is gone (untied: its own weight freed; tied: the
+    embedding table stays). Zero-shot scoring loads with `logits=True` and keeps it."""
+    for name, node in tiny_nodes.items():
+        assert node.model.get_output_embeddings() is None, name
+        assert node.base.get_input_embeddings().weight.numel() > 0
+        assert not any("lm_head" in k for k, _ in node.frozen_tensors())
+    spec = NodeSpec(name="m", model="tiny:mistral", role="refiner")
+    scoring = FrozenNode.load(spec, "nf4", "cpu", 64, logits=True)
+    head = scoring.model.get_output_embeddings()
+    assert head is not None
+    dropped = sum(p.numel() for p in tiny_nodes["mistral"].model.parameters())
+    assert sum(p.numel() for p in scoring.model.parameters()) == dropped + head.weight.numel()

@@ -6,6 +6,7 @@ from itertools import pairwise
 import pytest
 
 from lowmem_graph.errors import UserError
+from lowmem_graph.memory import plan as planning
 from lowmem_graph.memory.plan import (
     SEARCH_STEP,
     GiB,
@@ -19,6 +20,12 @@ from lowmem_graph.memory.plan import (
     parse_size,
 )
 from lowmem_graph.spec import load_preset
+
+
+@pytest.fixture(autouse=True)
+def roomy_host(monkeypatch):
+    """Plans here are about the device; the host check has its own tests (this machine's free memory varies)."""
+    monkeypatch.setattr(planning, "host_available", lambda: 64 * GiB)
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +289,42 @@ def test_plan_through_cli_when_wired(capsys):
     assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "512M"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowmem-graph: error:") and "needs at least" in err
+
+
+def test_evaluation_runs_at_the_plans_micro_batch_and_fits(paper):
+    plan = make_plan(paper, parse_size("2G"))
+    _check_plan(plan)
+    assert plan.micro_batch == 1 and plan.eval_peak <= plan.budget
+    profile = planning._profile(paper)
+    at_batch = planning.eval_breakdown(profile, plan.breakdown, plan.batch, plan.seq)
+    assert sum(at_batch.values()) > plan.budget          # the training batch would overflow this plan
+    assert plan.eval_breakdown["resident_weights"] == plan.breakdown["resident_weights"]
+    for budget in ("24G", "6G", "3G", "2G"):
+        p = make_plan(paper, parse_size(budget))
+        assert p.eval_peak <= p.budget and p.eval_breakdown["eval_activations"] > 0
+
+
+def test_host_memory_holds_every_node_and_is_checked(paper):
+    plan = make_plan(paper, parse_size("2G"))
+    host = plan.host_breakdown
+    # NF4 layers and bf16 embeddings of the five models, without lm_head (DESIGN.md: ~10.7 GB with the heads)
+    assert host["frozen_nodes"] / 1e9 == pytest.approx(10.7 - 0.46 - 0.20, rel=0.05)
+    assert host["slab_being_built"] == max([p.streamed_bytes for p in plan.frozen.values()]
+                                           + [sum(g.bytes for g in plan.groups if g.node == n and not g.resident)
+                                              for n in ("phi3", "mistral")])
+    assert plan.host_peak == sum(host.values()) <= plan.host_available == 64 * GiB
+    text = format_plan(plan, paper)
+    assert "host memory" in text and "evaluation" in text and "frozen_nodes" in text
+    with pytest.raises(UserError) as info:
+        make_plan(paper, parse_size("2G"), host_budget=8 * GiB)
+    message = str(info.value)
+    assert "\n" not in message and "host memory" in message and "8.00 GiB is available" in message
+    assert f"{plan.host_peak / GiB:.2f} GiB" in message
+
+
+def test_plan_command_takes_the_host_memory_of_another_machine(capsys):
+    args = _parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "100G"])
+    args.func(args)
+    assert "vs 102,400 MiB available" in capsys.readouterr().out
+    with pytest.raises(UserError, match="host memory"):
+        cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "4G"]))

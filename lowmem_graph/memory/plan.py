@@ -43,18 +43,33 @@ ACT_BYTES = 2              # activations are bf16 under autocast.
 TRAIN_BYTES_PER_PARAM = 16  # trainable fp32 param (4) + grad (4) + AdamW exp_avg and exp_avg_sq (4 + 4).
 PARAM_BYTES = 4            # during the frozen pass the trainables are on the device, but no grads or AdamW states yet.
 CUDA_CONTEXT = 600 * MiB   # CUDA context, cuBLAS workspace, caching-allocator slack: fixed, outside torch's count.
-# Saved tensors of one decoder layer run with grad, in units of (tokens x 2 bytes), measured with
-# saved_tensors_hooks on Mistral/Phi-3 layers (NF4 and bf16 alike: frozen linears save no input):
-# 2 RMSNorm inputs upcast to fp32 (4d) + q, attention out, fused/rotated copies (~3d) + k, v (~3 kv) + gate, up,
-# act (3 I): within 7% of the measured 70.0K (Mistral) and 55.6K (Phi-3) per token.
-LAYER_SAVED = (7, 3, 3)    # (x d, x kv_dim, x intermediate)
-LAYER_BACKWARD = (2, 0, 2)  # transient while one layer back-propagates: grads of h (~2d) and of the MLP (~2 I).
-LSE_BYTES = 4              # SDPA (flash / memory-efficient) keeps one fp32 logsumexp per head and token: O(seq).
-EAGER_SCORE_BYTES = 6      # attention soft-capping (Gemma-2) means eager attention: bf16 scores + fp32 softmax.
-MASK_BYTES = 2             # the 4-D padding mask (micro_batch x 1 x seq x seq) that SDPA receives, one per node.
+# Saved tensors of one decoder layer run with grad (what its recompute re-creates), per token in units of ACT_BYTES,
+# measured with saved_tensors_hooks on the five architectures at reduced width (tests/test_plan_measured.py):
+NORM_SAVED = 2             # x (d + 1) per norm in the layer: its input upcast to fp32 and its fp32 reciprocal RMS
+                           # (Gemma-2 has four norms, the rest two).
+ATTN_SAVED = (2, 2)        # (x q_dim, x kv_dim): rotated q and k, v, the attention output; a fused qkv projection
+FUSED_QKV_SAVED = (1, 1)   # (Phi-3) keeps its whole output too.
+MLP_SAVED = 3              # x intermediate: gate, up, activation.
+LSE_BYTES = 4              # SDPA keeps one fp32 logsumexp per head and token: O(seq).
+LAYER_MASK_BYTES = 2       # SDPA turns the boolean padding mask into the compute dtype at every call and keeps it.
+EAGER_SCORE_BYTES = 8      # soft-capping (Gemma-2) means eager attention: capped bf16 scores, fp32 softmax, bf16 copy.
+MASK_BYTES = {False: 1, True: 2}   # a 4-D mask (micro_batch x 1 x seq x seq) built once per forward: bool for SDPA,
+                                   # additive in the compute dtype for eager attention; one per kind of layer (Gemma-2:
+                                   # sliding and full).
+POSITION_BYTES = 8         # int64 position ids, per position.
+# One layer's backward at its peak, on top of what its forward saved: the MLP's three intermediate-wide gradients and
+# the gradient of the hidden state, per token in units of ACT_BYTES (measured with `LiveBytes` on the same models).
+LAYER_BACKWARD = (1, 3)    # (x d, x intermediate)
+# One layer run without grad (the frozen pass, evaluation) at its peak, beyond its input and output, per token in units
+# of ACT_BYTES (measured the same way): the MLP's gate, up and product (a fused gate_up projection holds one more)
+# beside the residual and a norm's fp32 copy.
+LAYER_INFERENCE = (2, 3)   # (x d, x intermediate)
 # Head (final norm, fp32 readout, output node) per refiner token: final norm fp32 input + bf16 output + fp32 copy +
 # its grad (~14 d bytes); the latent path through projection, key norms, k/v projections, grads (~32 latent B).
 HEAD_PER_TOKEN = (14, 32)  # (x d, x latent_dim) bytes
+# Host memory under a plan (every node lives there; the device holds what the plan moves):
+HOST_RUNTIME = 2 * GiB     # Python, torch, transformers, the CUDA libraries' host side: 0.45 GiB measured without CUDA.
+CACHE_SHARD_BYTES = 256 * MiB   # prefix-cache rows gathered for one shard, and the shard as written (twice this).
 GROUP_SIZES = (2, 3, 4)    # layers per checkpoint/stream group: one streamed copy is 225-450 MB for Mistral.
 SEARCH_STEP = 64 * MiB     # the minimum is exact; the tests check that this much less is refused.
 
@@ -131,6 +146,17 @@ class Plan(_Placed):
     trainable_params: int = 0
     minimum_training: int = 0               # the smallest training-step peak over all choices
     minimum_frozen: int = 0                 # the frozen pass at micro-batch 1
+    eval_breakdown: dict[str, int] = field(default_factory=dict)   # evaluation at the plan's micro-batch
+    host_breakdown: dict[str, int] = field(default_factory=dict)   # host memory the run needs
+    host_available: int = 0                 # what the machine had available when planned (or was told)
+
+    @property
+    def eval_peak(self) -> int:
+        return sum(self.eval_breakdown.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host_breakdown.values())
 
     @property
     def accumulation(self) -> int:
@@ -163,6 +189,18 @@ class _Node:
     norm_bytes: int              # the final norm
     needed: int                  # frozen pass: layers [0, needed) on the device
     inject: int                  # refiners: first trained layer
+    q_dim: int = 0               # heads x head_dim (the hidden width but for Gemma-2)
+    head_dim: int = 0
+    norms: int = 2               # norms per decoder layer (each keeps its fp32 input for backward)
+    fused_qkv: bool = False      # one projection makes q, k and v (Phi-3)
+    fused_mlp: bool = False      # one projection makes gate and up (Phi-3)
+    masks: int = 1               # 4-D masks a forward builds: one per kind of layer (Gemma-2: sliding and full)
+    embedding_bytes: int = 0     # the input embedding table (bf16 under NF4), kept in host memory
+
+    @property
+    def host_bytes(self) -> int:
+        """The whole frozen node as it sits in host memory under a plan (no lm_head: nodes give no logits)."""
+        return sum(self.layer_bytes) + self.norm_bytes + self.embedding_bytes
 
 
 @dataclass
@@ -207,26 +245,43 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         config, model = meta_model(n.model, n.revision)
         text = config.get_text_config()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        sizes = [_param_bytes(layer, quant) for layer in base.layers]
-        layers = len(sizes)
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        layers = len(base.layers)
         if n.role == "reader":
             needed, inject = n.read_index(layers) + 1, layers
         else:
             needed = inject = n.inject_index(layers)
-        norm = getattr(base, "norm", None)
-        nodes[n.name] = _Node(
-            n.name, n.role, text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
-            kv_heads * head_dim, heads, getattr(text, "attn_logit_softcapping", None) is not None, layers,
-            [b for b, _ in sizes], [m for _, m in sizes], _param_bytes(norm, quant)[0] if norm is not None else 0,
-            needed, inject)
+        nodes[n.name] = node_profile(n.name, n.role, config, model, quant, needed, inject)
     _, parts = describe(spec)
     profile = _Profile(nodes, sum(parts.values()), spec.latent_dim,
                        [nodes[r.name].width for r in spec.readers])
     _PROFILES[key] = profile
     return profile
+
+
+def node_profile(name: str, role: str, config, model, quant: str, needed: int, inject: int) -> _Node:
+    """What the estimate needs of one node, read off its (meta) model: layer sizes in the frozen weight format,
+    widths, heads, norms per layer, fused projections, whether its attention is eager."""
+    import torch
+
+    text = config.get_text_config()
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    sizes = [_param_bytes(layer, quant) for layer in base.layers]
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    norm = getattr(base, "norm", None)
+    table = base.get_input_embeddings().weight
+    layer = base.layers[0]
+    outputs = {m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+    return _Node(name, role, text.hidden_size, intermediate, kv_heads * head_dim, heads,
+                 getattr(text, "attn_logit_softcapping", None) is not None,
+                 len(sizes), [b for b, _ in sizes], [m for _, m in sizes],
+                 _param_bytes(norm, quant)[0] if norm is not None else 0, needed, inject, heads * head_dim, head_dim,
+                 sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
+                 heads * head_dim + 2 * kv_heads * head_dim in outputs, 2 * intermediate in outputs,
+                 len(set(getattr(text, "layer_types", None) or ["full"])),
+                 table.numel() * (SMALL_BYTES if quant == "nf4" else QUANT_BYTES[quant]))
 
 
 def layer_bytes(spec, quant: str | None = None) -> dict[str, list[int]]:
@@ -235,11 +290,36 @@ def layer_bytes(spec, quant: str | None = None) -> dict[str, list[int]]:
 
 
 # --- the estimate ------------------------------------------------------------------------------------------------
-def _layer_activations(node: _Node, tokens: int, micro: int, seq: int, coeffs) -> int:
-    cd, ckv, ci = coeffs
-    dense = tokens * ACT_BYTES * (cd * node.width + ckv * node.kv_dim + ci * node.intermediate)
-    attention = micro * node.heads * seq * (seq * EAGER_SCORE_BYTES if node.eager else LSE_BYTES)
-    return dense + attention
+def layer_saved(node: _Node, micro: int, seq: int) -> int:
+    """Bytes autograd keeps for one decoder layer run with grad: what a checkpointed group's recompute re-creates."""
+    attention = ATTN_SAVED[0] * node.q_dim + ATTN_SAVED[1] * node.kv_dim
+    if node.fused_qkv:
+        attention += FUSED_QKV_SAVED[0] * node.q_dim + FUSED_QKV_SAVED[1] * node.kv_dim
+    dense = micro * seq * ACT_BYTES * (NORM_SAVED * node.norms * (node.width + 1) + attention
+                                      + MLP_SAVED * node.intermediate)
+    if node.eager:
+        return dense + micro * node.heads * seq * seq * EAGER_SCORE_BYTES
+    return dense + micro * node.heads * seq * LSE_BYTES + micro * seq * seq * LAYER_MASK_BYTES
+
+
+def layer_backward(node: _Node, micro: int, seq: int) -> int:
+    """Bytes one layer's backward allocates at its peak, on top of what its forward saved."""
+    return micro * seq * ACT_BYTES * (LAYER_BACKWARD[0] * node.width + LAYER_BACKWARD[1] * node.intermediate)
+
+
+def layer_inference(node: _Node, micro: int, seq: int) -> int:
+    """Bytes one layer run without grad allocates at its peak, beyond its input and output."""
+    dense = micro * seq * ACT_BYTES * (LAYER_INFERENCE[0] * node.width
+                                      + (LAYER_INFERENCE[1] + node.fused_mlp) * node.intermediate)
+    if node.eager:
+        return dense + micro * node.heads * seq * seq * EAGER_SCORE_BYTES
+    return dense + micro * seq * seq * LAYER_MASK_BYTES
+
+
+def forward_tables(node: _Node, micro: int, seq: int) -> int:
+    """What one forward of a node builds once for all its layers: 4-D masks, rotary cos/sin tables, positions."""
+    return (node.masks * micro * seq * seq * MASK_BYTES[node.eager] + 2 * seq * node.head_dim * ACT_BYTES
+            + seq * POSITION_BYTES)
 
 
 def _split(node: str, layer_bytes: list[int], first: int, last: int, size: int) -> list[GroupPlan]:
@@ -258,8 +338,8 @@ def _frozen_choices(node: _Node, micro: int, seq: int, quant: str, trainable: in
     tokens = micro * seq
     largest = max(node.layer_max_linear[:node.needed], default=0)
     fixed = {
-        "activations": (_layer_activations(node, tokens, micro, seq, LAYER_SAVED)
-                        + tokens * node.width * ACT_BYTES + micro * seq * seq * MASK_BYTES),
+        "activations": (layer_inference(node, micro, seq) + 2 * tokens * node.width * ACT_BYTES
+                        + forward_tables(node, micro, seq)),
         "workspace": largest * ACT_BYTES if quant == "nf4" else 0,
         "trainable_params": trainable * PARAM_BYTES,
         "cuda_context": CUDA_CONTEXT,
@@ -299,17 +379,56 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
     for node in refiners:
         n_groups = sum(1 for g in groups if g.node == node.name)
         # every group's input, plus the cached injection-layer input that the blend's backward keeps
-        saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + micro * seq * seq * MASK_BYTES
+        saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
         head += tokens * (HEAD_PER_TOKEN[0] * node.width + HEAD_PER_TOKEN[1] * profile.latent)
         if injection == "token":   # per-token reader states (fp32) and their latent, kept for the injection's backward
             head += tokens * 4 * 2 * (sum(profile.reader_widths) + profile.latent)
     recompute = 0
     for g in groups:
         node = profile.nodes[g.node]
-        layer = _layer_activations(node, tokens, micro, seq, LAYER_SAVED)
-        recompute = max(recompute, (g.last - g.first) * layer
-                        + _layer_activations(node, tokens, micro, seq, LAYER_BACKWARD))
+        recompute = max(recompute, (g.last - g.first) * layer_saved(node, micro, seq)
+                        + layer_backward(node, micro, seq))
     return {"checkpoint_inputs": saved, "recompute": recompute, "head_activations": head}
+
+
+def _eval_activations(profile: _Profile, micro: int, seq: int) -> int:
+    """Evaluation (no grad) at `micro`: each refiner's cached injection input and final states, its fp32 readout,
+    kept for the output node; one layer's working set at a time."""
+    tokens = micro * seq
+    refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
+    kept = sum(tokens * (2 * n.width * ACT_BYTES + profile.latent * 4) for n in refiners)
+    working = max(layer_inference(n, micro, seq) + tokens * n.width * ACT_BYTES + forward_tables(n, micro, seq)
+                  for n in refiners)
+    return kept + working
+
+
+def eval_breakdown(profile: _Profile, train_breakdown: dict[str, int], micro: int, seq: int) -> dict[str, int]:
+    """Evaluation's peak at `micro`, placed as the training step is (between epochs, optimizer states alive)."""
+    kept = ("resident_weights", "stream_slots", "trainable+optimizer", "workspace", "cuda_context")
+    return {"eval_activations": _eval_activations(profile, micro, seq),
+            **{k: train_breakdown[k] for k in kept}}
+
+
+def host_breakdown(profile: _Profile, groups: list[GroupPlan], frozen: dict[str, FrozenPlacement], batch: int,
+                   seq: int) -> dict[str, int]:
+    """Host memory of a planned run: every frozen node (no lm_head); the largest pinned slab, which exists twice
+    while it is built (the streamed tensors are copied in, then rebound); prefix-cache rows (a shard being written,
+    a batch being read); the runtime."""
+    slabs = [sum(g.bytes for g in groups if g.node == n and not g.resident) for n in profile.nodes]
+    slabs += [placed.streamed_bytes for placed in frozen.values()]
+    refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
+    batch_rows = batch * seq * ACT_BYTES * sum(n.width for n in refiners) + batch * 4 * sum(profile.reader_widths)
+    return {"frozen_nodes": sum(n.host_bytes for n in profile.nodes.values()),
+            "slab_being_built": max(slabs, default=0),
+            "prefix_cache_rows": 2 * CACHE_SHARD_BYTES + batch_rows,
+            "runtime": HOST_RUNTIME}
+
+
+def host_available() -> int:
+    """Host memory this machine has available now (psutil): what a plan's host figure is checked against."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _divisors(n: int) -> list[int]:
@@ -357,13 +476,15 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
-    """The plan for a device with `budget` bytes; UserError naming the smallest budget when none fits.
+def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: int | None = None) -> Plan:
+    """The plan for a device with `budget` bytes; UserError naming the smallest budget when none fits, or saying
+    the host memory when the run would not fit `host_budget` (default: what this machine has available now).
 
     Search: every group size, micro-batch (divisors of `batch`), number of resident groups and prefetch depth is
-    estimated (a few hundred sums); the best that fits wins (see `_preference`). A choice's peak does not depend
-    on the budget, so the smallest budget with a plan is exact: the least training peak over all choices, or the
-    frozen pass at micro-batch 1, whichever is larger.
+    estimated (a few hundred sums); the best that fits wins (see `_preference`). A choice fits when its training
+    step and its evaluation (no grad, at the same micro-batch) both do. A choice's peak does not depend on the
+    budget, so the smallest budget with a plan is exact: the least such peak over all choices, or the frozen pass
+    at micro-batch 1, whichever is larger.
     """
     if not isinstance(budget, int) or budget <= 0:
         raise UserError(f"the memory budget must be a positive number of bytes, got {budget!r}")
@@ -376,11 +497,13 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
     best, best_key, train_min = None, None, None
     for groups, depth, micro, breakdown in _candidates(spec, profile, batch, seq):
         peak = sum(breakdown.values())
-        train_min = peak if train_min is None else min(train_min, peak)
-        if peak <= budget:
+        evaluation = eval_breakdown(profile, breakdown, micro, seq)
+        worst = max(peak, sum(evaluation.values()))
+        train_min = worst if train_min is None else min(train_min, worst)
+        if worst <= budget:
             key = _preference(groups, depth, micro, batch, peak)
             if best_key is None or key < best_key:
-                best, best_key = (groups, depth, micro, breakdown, peak), key
+                best, best_key = (groups, depth, micro, breakdown, peak, evaluation), key
     minimum = max(train_min, frozen_min)
     if best is None or frozen_min > budget:
         need = math.ceil(minimum / GiB * 100) / 100
@@ -388,7 +511,7 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
             f"graph {spec.name!r} (batch {batch}, seq {seq}, {quant}) needs at least {need:.2f} GiB of device "
             f"memory ({minimum:,} bytes: training step {_gib(train_min)}, frozen pass {_gib(frozen_min)}); "
             f"the budget is {_gib(budget)}")
-    groups, depth, micro, breakdown, peak = best
+    groups, depth, micro, breakdown, peak, evaluation = best
 
     for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
         frozen = {n.name: _frozen_placement(n, frozen_micro, seq, quant, profile.trainable, budget)
@@ -396,8 +519,17 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512) -> Plan:
         if all(frozen.values()):
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
+    host = host_breakdown(profile, groups, frozen, batch, seq)
+    available = host_available() if host_budget is None else host_budget
+    if sum(host.values()) > available:
+        parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host.items())
+        raise UserError(
+            f"graph {spec.name!r} under a {_gib(budget)} plan needs {_gib(sum(host.values()))} of host memory "
+            f"({parts}), but {_gib(available)} is available: close other programs, use a machine with more "
+            "memory, or a smaller graph")
     return Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
-                frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min)
+                frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, evaluation, host,
+                available)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -414,6 +546,11 @@ _WHY = {
     "trainable+optimizer": "fp32 params + grads + AdamW states, 16 B/param",
     "workspace": "dequantised copy of the largest NF4 linear (bf16)",
     "cuda_context": "fixed allowance: CUDA context, cuBLAS, allocator slack",
+    "eval_activations": "cached inputs, final states and readouts kept; one layer at work",
+    "frozen_nodes": "all five models, NF4 layers + bf16 embeddings, no lm_head",
+    "slab_being_built": "the largest pinned slab, while its tensors are copied in",
+    "prefix_cache_rows": "a shard being written (x2) + one batch of cached rows",
+    "runtime": "fixed allowance: Python, torch, CUDA libraries",
 }
 
 
@@ -439,6 +576,16 @@ def format_plan(plan: Plan, spec) -> str:
     verdict = "fits" if plan.peak <= plan.budget else "DOES NOT FIT"
     lines.append(f"  {'predicted peak':<20} {_mib(plan.peak):>12}  vs budget {_mib(plan.budget)} "
                  f"({plan.peak / plan.budget:.0%}, {verdict})")
+    lines += ["", f"evaluation (no grad, micro-batch {plan.micro_batch}, placed as in training):"]
+    for k, v in plan.eval_breakdown.items():
+        lines.append(f"  {k:<20} {_mib(v):>12}  {_WHY.get(k, '')}")
+    lines.append(f"  {'predicted peak':<20} {_mib(plan.eval_peak):>12}  vs budget {_mib(plan.budget)} "
+                 f"({plan.eval_peak / plan.budget:.0%})")
+    lines += ["", "host memory (every node lives there under a plan):"]
+    for k, v in plan.host_breakdown.items():
+        lines.append(f"  {k:<20} {_mib(v):>12}  {_WHY.get(k, '')}")
+    lines.append(f"  {'predicted peak':<20} {_mib(plan.host_peak):>12}  vs {_mib(plan.host_available)} available "
+                 f"({plan.host_peak / plan.host_available:.0%})")
     lines += ["", f"frozen pass (once over the data, one node at a time, micro-batch {plan.frozen_micro_batch}, "
                   "embeddings on the host):",
               f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12}"]
@@ -459,7 +606,8 @@ def cmd_plan(args) -> None:
     from ..cli import _spec_from_args
 
     spec = _spec_from_args(args)
-    plan = make_plan(spec, parse_size(args.gpu_mem), args.batch, args.seq)
+    host = parse_size(args.host_mem) if args.host_mem else None
+    plan = make_plan(spec, parse_size(args.gpu_mem), args.batch, args.seq, host)
     print(format_plan(plan, spec))
 
 
@@ -473,5 +621,6 @@ def add_plan_command(subparsers):
     p.add_argument("--gpu-mem", required=True, help="device memory budget: 24G, 6GiB, 512M, ... (G = 2**30 bytes)")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
     p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
     p.set_defaults(func=cmd_plan)
     return p

@@ -1,8 +1,14 @@
-"""Memory a run uses, measured the same way everywhere: host RSS (psutil) and CUDA peaks (torch)."""
+"""Memory a run uses, measured the same way everywhere: host RSS (psutil) and CUDA peaks (torch), and, on any
+device, the bytes of tensors a block of code allocates (`LiveBytes`: how the planner's constants are checked on
+a CPU, where torch keeps no allocator statistics)."""
 from __future__ import annotations
+
+import weakref
 
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 MB = 1024 ** 2
 
@@ -33,3 +39,37 @@ def out_of_memory_message(error: BaseException, plan=None) -> str:
                  if plan is not None else "no --gpu-mem plan was applied; ")
     return (f"CUDA out of memory ({first[:160]}); {predicted}try a smaller --gpu-mem (the plan then keeps less "
             "resident and streams more), a smaller --batch-size, or keep the prefix cache on")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the block that are still alive (`live`), and the most that were
+    alive at once (`peak`; `reset_peak()` starts a new one). A storage counts from the op that made it until it is
+    freed; views and in-place results share their input's storage and count nothing. Storages made before the
+    block (weights, inputs) never count, so `live` at the end is what the block left behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.live_at_reset = 0
+        self._sizes: dict[int, int] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live_at_reset = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in inputs or key in self._sizes:
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.live += self._sizes[key]
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)

@@ -1,0 +1,176 @@
+"""The planner's per-layer constants against measurement: the five real architectures at reduced width, run on the
+CPU in bf16, their saved tensors and allocations measured (saved_tensors_hooks, `LiveBytes`), and compared with what
+`memory/plan.py` predicts for the same shapes. The prediction must cover the measurement and be within 10% of it."""
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+from lowmem_graph.memory import plan as planning
+from lowmem_graph.memory.checkpoint import GroupCheckpoint
+from lowmem_graph.memory.report import LiveBytes
+
+ARCHS = {"llama": "meta-llama__Llama-3.2-1B", "qwen2": "Qwen__Qwen2.5-1.5B", "gemma2": "google__gemma-2-2b",
+         "phi3": "microsoft__Phi-3-mini-4k-instruct", "mistral": "mistralai__Mistral-7B-v0.1"}
+SCALE = 8                   # widths and heads / 8; the sequence keeps the real ratio to the width (512 : 4096)
+MICRO, LAYERS = 2, 4
+
+
+def reduced_model(arch: str):
+    """(config, model, seq): the architecture's real configuration with widths and head counts divided by SCALE,
+    random bf16 weights, frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resources.files("lowmem_graph.presets") / "configs" / f"{ARCHS[arch]}.json"
+    config = AutoConfig.for_model(**json.loads(path.read_text()))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.hidden_size //= SCALE
+    config.intermediate_size //= SCALE
+    config.num_attention_heads = max(1, config.num_attention_heads // SCALE)
+    config.num_key_value_heads = max(1, config.num_key_value_heads // SCALE)
+    config.head_dim = head_dim
+    config.num_hidden_layers, config.vocab_size = LAYERS, 256
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:LAYERS]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    return config, model, max(16, config.hidden_size // 8)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def arch(request):
+    config, model, seq = reduced_model(request.param)
+    node = planning.node_profile(request.param, "refiner", config, model, "bf16", 0, 0)
+    return request.param, model.model, node, seq
+
+
+def _inputs(base, node, seq):
+    torch.manual_seed(1)
+    x = torch.randn(MICRO, seq, node.width, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(MICRO, seq, dtype=torch.long)
+    mask[1, -seq // 4:] = 0                     # padding, as in every real batch: SDPA gets a mask
+    return x, mask
+
+
+def measured_layer_saved(base, node, seq) -> int:
+    """Bytes autograd saves inside decoder layer 1: no weights, nothing the layer was given."""
+    x, mask = _inputs(base, node, seq)
+    frozen = {t.untyped_storage().data_ptr() for t in [*base.parameters(), *base.buffers()]}
+    given, saved, inside = set(), {}, [False]
+
+    def enter(module, args, kwargs):
+        inside[0] = True
+        for t in [*args, *kwargs.values()]:
+            for u in (t if isinstance(t, tuple) else (t,)):
+                if isinstance(u, torch.Tensor):
+                    given.add(u.untyped_storage().data_ptr())
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if inside[0] and ptr not in frozen and ptr not in given:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = [base.layers[1].register_forward_pre_hook(enter, with_kwargs=True),
+             base.layers[1].register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            base(inputs_embeds=x, attention_mask=mask, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(saved.values())
+
+
+def measured_checkpointed(base, node, seq, groups) -> tuple[int, int]:
+    """(bytes the groups hold between forward and backward, bytes backward allocates at its peak above that),
+    the layers run under GroupCheckpoint with the final norm left out (the planner counts it with the head)."""
+    x, mask = _inputs(base, node, seq)
+    norm, base.norm = base.norm, torch.nn.Identity()
+    try:
+        with GroupCheckpoint(base.layers, groups), LiveBytes() as live:
+            out = base(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            held = live.live - out.nbytes + x.nbytes     # every group's input (the first one's was given)
+            live.reset_peak()
+            out.backward(torch.ones_like(out))
+            recompute = live.peak - live.live_at_reset
+    finally:
+        base.norm = norm
+    return held, recompute
+
+
+def measured_inference(base, node, seq) -> int:
+    x, mask = _inputs(base, node, seq)
+    with torch.no_grad(), LiveBytes() as live:
+        base(inputs_embeds=x.detach(), attention_mask=mask, use_cache=False)
+    return live.peak + x.nbytes
+
+
+def _close(measured, predicted, what):
+    assert measured <= predicted <= 1.1 * measured, f"{what}: predicted {predicted:,} for {measured:,} measured " \
+                                                    f"({predicted / measured:.3f}x)"
+
+
+def test_a_layer_saves_what_the_planner_says(arch):
+    name, base, node, seq = arch
+    _close(measured_layer_saved(base, node, seq), planning.layer_saved(node, MICRO, seq), f"{name} layer saved")
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_checkpointed_groups_hold_their_inputs_and_recompute_as_planned(arch, size):
+    name, base, node, seq = arch
+    groups = [list(range(lo, lo + size)) for lo in range(0, LAYERS, size)]
+    held, recompute = measured_checkpointed(base, node, seq, groups)
+    tokens = MICRO * seq
+    _close(held, len(groups) * tokens * node.width * planning.ACT_BYTES + planning.forward_tables(node, MICRO, seq),
+           f"{name} checkpoint inputs, groups of {size}")
+    _close(recompute, size * planning.layer_saved(node, MICRO, seq) + planning.layer_backward(node, MICRO, seq),
+           f"{name} recompute, groups of {size}")
+
+
+def test_a_pass_without_grad_needs_what_the_planner_says(arch):
+    name, base, node, seq = arch
+    tokens = MICRO * seq
+    predicted = (planning.layer_inference(node, MICRO, seq) + 2 * tokens * node.width * planning.ACT_BYTES
+                 + planning.forward_tables(node, MICRO, seq))
+    _close(measured_inference(base, node, seq), predicted, f"{name} frozen pass")
+
+
+def quantized(model):
+    """The same model with every decoder linear in NF4 (double quantisation, bf16 compute), as nodes load."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to("cpu")
+            if linear.bias is not None:
+                q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            q.support_avx512bf16_for_cpu = False         # as FrozenNode sets it: one code path with and without grad
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_nf4_layers_add_one_dequantised_weight_to_the_recompute(name):
+    """In NF4 the forward keeps nothing more (the fused 4-bit GEMM), and backward dequantises one weight at a time:
+    the planner's workspace term (the largest linear in bf16) covers the difference."""
+    config, model, seq = reduced_model(name)
+    node = planning.node_profile(name, "refiner", config, model, "nf4", 0, 0)
+    groups = [[0, 1], [2, 3]]
+    plain_saved = measured_layer_saved(model.model, node, seq)
+    plain = measured_checkpointed(model.model, node, seq, groups)
+    plain_frozen = measured_inference(model.model, node, seq)
+    base = quantized(model).model
+    assert measured_layer_saved(base, node, seq) == plain_saved
+    held, recompute = measured_checkpointed(base, node, seq, groups)
+    assert held == plain[0]
+    assert 0 < recompute - plain[1] <= max(node.layer_max_linear) * planning.ACT_BYTES
+    assert measured_inference(base, node, seq) <= plain_frozen + max(node.layer_max_linear) * planning.ACT_BYTES
