@@ -12,4 +12,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_options(parser)
     args = parser.parse_args()
-    run_kernel_bench(args.out, args.quick)
+    run_kernel_bench(args.out, args.quick, args.smoke)

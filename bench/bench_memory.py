@@ -7,10 +7,11 @@ The five real architectures are built from their bundled configurations with ran
 training from the prefix cache runs: the refiners from their injection layer up (checkpointed layer groups,
 resident or streamed as the plan says), the projections, the output node, backward and AdamW; the readers'
 pooled states and the refiners' injection-layer inputs are random tensors of the cached shapes. For each budget:
-measured peak (torch.cuda max allocated and reserved, plus the plan's fixed CUDA-context allowance) against the
-plan's prediction, and the median step time against the all-resident step. Also: every group streamed (the
+measured peak (the CUDA context as `mem_get_info` sees it before anything is allocated, plus torch's peak reserved
+bytes) against the plan's prediction, and the median step time against the all-resident step. Also: every group streamed (the
 streaming overhead at its worst), the top layers offloaded with accelerate's `cpu_offload` (what users reach for
-today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer achieved.
+today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer's copies achieved
+(timed by CUDA events on the copy stream), and the process's peak host RSS against the plan's host figure.
 The frozen pass is measured too: per budget and node, one micro-batch of random tokens through the layers the
 node needs, placed as the plan says (resident or streamed), its peak against the plan's and its time.
 The paper graph fits 6G whole; 3G streams Mistral's frozen pass and 2G the training step as well.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import resource
 import statistics
 import sys
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_graph.graph import Batch, FrozenGraph
+from lowmem_graph.graph import Batch, FrozenGraph, autocast
 from lowmem_graph.memory.plan import make_plan, parse_size
 from lowmem_graph.memory.stream import stream_refiners
 from lowmem_graph.nodes import FrozenNode
@@ -115,7 +117,7 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[floa
                         batch.n_choices[part], batch.ids[part])
             states = ({r: x[part].to(device, non_blocking=True) for r, x in readers.items()},
                       {j: p[part].to(device, non_blocking=True) for j, p in prefixes.items()})
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 out = graph(sub, *states)
             loss = torch.nn.functional.cross_entropy(out.logits.float(), sub.labels.to(device)) * len(sub.ids) / n
             loss.backward()
@@ -133,6 +135,32 @@ def _fresh_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def cuda_context_bytes(device) -> int:
+    """Device memory in use outside torch's allocator (the CUDA context, cuBLAS's handle, the driver's own), read
+    from the driver after one matrix product: what the plan's `cuda_context` allowance stands for."""
+    a = torch.randn(256, 256, device=device)
+    (a @ a).sum().item()
+    del a
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def _measured_peaks(device, context: int) -> dict:
+    """torch's peaks since the last reset, and the whole device's: the context plus the peak reserved bytes."""
+    if device.type != "cuda":
+        return {}
+    return {"measured_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MiB,
+            "measured_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MiB,
+            "measured_context_mib": context / MiB,
+            "measured_peak_mib": (context + torch.cuda.max_memory_reserved(device)) / MiB}
+
+
+def host_peak_rss_mib() -> float:
+    """The process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -146,13 +174,20 @@ def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
     return statistics.median(rates)
 
 
-def measure(label: str, graph, plan, inputs, device, steps: int) -> dict:
+def measure(label: str, graph, plan, inputs, device, steps: int, context: int = 0) -> dict:
     _fresh_peak(device)
     streamers = stream_refiners(graph, plan, device)
     try:
+        for s in streamers:
+            s.copy_times = [] if device.type == "cuda" else None
         before = sum(s.streamed_bytes for s in streamers)
         times = time_steps(graph, inputs, plan.micro_batch, steps, device)
         streamed = (sum(s.streamed_bytes for s in streamers) - before) / (steps + 1)
+        copies = [(n, b, e) for s in streamers for n, b, e in (s.copy_times or [])]
+        copy_gbs = None
+        if copies:
+            torch.cuda.synchronize()
+            copy_gbs = sum(n for n, _, _ in copies) / (sum(b.elapsed_time(e) for _, b, e in copies) / 1000) / 1e9
     finally:
         for s in streamers:
             s.detach()
@@ -160,16 +195,13 @@ def measure(label: str, graph, plan, inputs, device, steps: int) -> dict:
            "resident_mib": plan.resident_bytes / MiB, "streamed_mib": plan.streamed_bytes / MiB,
            "predicted_peak_mib": plan.peak / MiB, "step_ms": 1000 * statistics.median(times),
            "streamed_mib_per_step": streamed / MiB,
-           "stream_gbs_lower_bound": streamed / statistics.median(times) / 1e9 if streamed else 0.0}
-    if device.type == "cuda":
-        context = plan.breakdown.get("cuda_context", 0)
-        row["measured_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MiB
-        row["measured_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MiB
-        row["measured_plus_context_mib"] = (torch.cuda.max_memory_reserved(device) + context) / MiB
+           "stream_gbs_lower_bound": streamed / statistics.median(times) / 1e9 if streamed else 0.0,
+           "copy_gbs": copy_gbs, "predicted_eval_peak_mib": plan.eval_peak / MiB,
+           "predicted_host_mib": plan.host_peak / MiB, **_measured_peaks(device, context)}
     return row
 
 
-def measure_frozen(budget: str, graph, plan, device, repeats: int) -> list[dict]:
+def measure_frozen(budget: str, graph, plan, device, repeats: int, context: int = 0) -> list[dict]:
     """The frozen pass under the plan, one node at a time: random tokens (a full micro-batch of full-length
     prompts, the plan's worst case) through the layers the node needs, placed as the plan says."""
     rows = []
@@ -194,17 +226,13 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int) -> list[dict]
         row = {"config": f"frozen pass {name}", "budget_gib": plan.budget / 2 ** 30,
                "micro_batch": plan.frozen_micro_batch, "resident_mib": placement.resident_bytes / MiB,
                "streamed_mib": placement.streamed_bytes / MiB, "predicted_peak_mib": placement.peak / MiB,
-               "batch_ms": 1000 * statistics.median(times[1:]), "group_loads": loads}
-        if device.type == "cuda":
-            context = placement.breakdown.get("cuda_context", 0)
-            row["measured_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MiB
-            row["measured_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MiB
-            row["measured_plus_context_mib"] = (torch.cuda.max_memory_reserved(device) + context) / MiB
+               "batch_ms": 1000 * statistics.median(times[1:]), "group_loads": loads,
+               **_measured_peaks(device, context)}
         rows.append(row)
     return rows
 
 
-def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
+def accelerate_offload_row(graph, inputs, device, steps: int, context: int = 0) -> dict:
     """The tool users reach for: accelerate's `cpu_offload` on each refiner's top layers (weights copied to the
     device synchronously at each layer's forward, no prefetch). accelerate cannot offload bitsandbytes 4-bit
     weights (it parks them on the meta device, and their quantisation state goes with them), so the offloaded
@@ -236,9 +264,7 @@ def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
         times = time_steps(graph, inputs, inputs[0].labels.shape[0], steps, device)
         row["step_ms"] = 1000 * statistics.median(times)
         row["offloaded_mib"] = sum(m.in_features * m.out_features * dtype.itemsize for _, _, m in swapped) / MiB
-        if device.type == "cuda":
-            row.update(measured_peak_allocated_mib=torch.cuda.max_memory_allocated(device) / MiB,
-                       measured_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MiB)
+        row.update(_measured_peaks(device, context))
     except Exception as e:      # report, do not hide: the comparison failed, and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
@@ -251,6 +277,7 @@ def accelerate_offload_row(graph, inputs, device, steps: int) -> dict:
 
 def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smoke: bool) -> list[dict]:
     device = torch.device("cpu" if smoke else "cuda")
+    context = cuda_context_bytes(device) if device.type == "cuda" else 0
     spec = load_preset("tiny" if smoke else "paper")
     seq = min(seq, spec.max_length)
     graph = build_graph(spec, device)
@@ -259,19 +286,19 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
     reference = None
     for budget in budgets:
         plan = make_plan(spec, parse_size(budget), batch, seq)
-        frozen_rows += measure_frozen(budget, graph, plan, device, steps)
-        row = measure(f"plan {budget}", graph, plan, inputs, device, steps)
+        frozen_rows += measure_frozen(budget, graph, plan, device, steps, context)
+        row = measure(f"plan {budget}", graph, plan, inputs, device, steps, context)
         if reference is None:
             everything = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=True) for g in plan.groups],
                                              prefetch_depth=0, micro_batch=batch)
-            reference = measure("all resident", graph, everything, inputs, device, steps)
+            reference = measure("all resident", graph, everything, inputs, device, steps, context)
             rows.append(reference)
         rows.append(row)
     # the streaming overhead at its worst: every group streamed, at the all-resident row's micro-batch
     worst = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=False) for g in plan.groups],
                                 prefetch_depth=2, micro_batch=batch)
-    rows.append(measure("every group streamed", graph, worst, inputs, device, steps))
-    rows.append(accelerate_offload_row(graph, inputs, device, steps))
+    rows.append(measure("every group streamed", graph, worst, inputs, device, steps, context))
+    rows.append(accelerate_offload_row(graph, inputs, device, steps, context))
     for row in rows:
         if "step_ms" in row:
             row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
@@ -284,8 +311,10 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
         for row in rows:
             row["pinned_copy_peak_gbs"] = peak
     name = "cpu-smoke" if smoke else torch.cuda.get_device_name(device)
+    rss = host_peak_rss_mib()
     for row in rows:
-        row.update(device=name, batch=batch, seq=seq, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+        row.update(device=name, batch=batch, seq=seq, date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                   host_peak_rss_mib=rss)
     write(rows, out_dir, name)
     return rows
 
@@ -313,8 +342,8 @@ def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
         x = list(range(len(part)))
         ax_mem.bar([i - 0.2 for i in x], [r.get("predicted_peak_mib", 0) for r in part], 0.4,
                    label="plan's prediction")
-        ax_mem.bar([i + 0.2 for i in x], [r.get("measured_plus_context_mib", r.get("measured_peak_reserved_mib", 0))
-                                          for r in part], 0.4, label="measured reserved + context allowance")
+        ax_mem.bar([i + 0.2 for i in x], [r.get("measured_peak_mib") or 0 for r in part], 0.4,
+                   label="measured: CUDA context + peak reserved")
         ax_mem.set(ylabel="MiB", title=f"peak memory, {what} ({device_name})")
         ax_time.bar(x, [r[ms] for r in part])
         ax_time.set(ylabel="ms (median)", title=f"{what} time")

@@ -7,6 +7,9 @@ fwd+bwd) timed with `triton.testing.do_bench` (median, 20th/80th percentiles; L2
 with its peak memory above what was allocated before the call and its achieved bandwidth.
 
 Measuring needs CUDA; writing the CSV, plotting and the table work on rows alone, so they are tested on CPU.
+`smoke=True` runs the same measuring code on the CPU at one tiny shape per mode (wall-clock medians, memory from
+`LiveBytes`, Triton through its interpreter, torch.compile with dynamo's eager backend, since inductor's CPU codegen
+takes half a minute per graph): it checks the code and measures nothing worth quoting.
 """
 from __future__ import annotations
 
@@ -63,8 +66,11 @@ class Case:
     param_dtype: str = "float32"
 
 
-def bench_cases(quick: bool = False) -> list[Case]:
-    """The paper's shape for each refiner, then (unless quick) the sequence-length sweep at D=4096."""
+def bench_cases(quick: bool = False, smoke: bool = False) -> list[Case]:
+    """The paper's shape for each refiner, then (unless quick) the sequence-length sweep at D=4096; in smoke mode
+    one tiny shape per mode."""
+    if smoke:
+        return [Case(mode, 2, 8, 32, 16, (24, 40), "float32") for mode in ("pooled", "per_token")]
     cases = []
     for mode in ("pooled", "per_token"):
         cases += [Case(mode, 8, PAPER_SEQ_LEN, d) for d in (3072, 4096)]
@@ -202,23 +208,23 @@ def _peak_bandwidth() -> tuple[float, str]:
     return round(2 * src.numel() / ms / 1e6, 1), "measured: 1 GiB device-to-device copy"
 
 
-def _inputs(case: Case, seed: int = 0):
+def _inputs(case: Case, seed: int = 0, device: str = "cuda"):
     """h (requires grad, as at a site with earlier sites upstream), frozen readers, fp32 trainable W_k and carry."""
     import torch
 
     torch.manual_seed(seed)
     act, param = getattr(torch, case.act_dtype), getattr(torch, case.param_dtype)
     lead = (case.batch,) if case.mode == "pooled" else (case.batch, case.seq_len)
-    h = torch.randn(case.batch, case.seq_len, case.d_model, device="cuda", dtype=act).requires_grad_()
-    xs = [torch.randn(*lead, d, device="cuda", dtype=act) for d in case.widths]
-    weights = [(torch.randn(case.latent, d, device="cuda") * d ** -0.5).to(param).requires_grad_()
+    h = torch.randn(case.batch, case.seq_len, case.d_model, device=device, dtype=act).requires_grad_()
+    xs = [torch.randn(*lead, d, device=device, dtype=act) for d in case.widths]
+    weights = [(torch.randn(case.latent, d, device=device) * d ** -0.5).to(param).requires_grad_()
                for d in case.widths]
-    carry = (torch.randn(case.d_model, case.latent, device="cuda") * case.latent ** -0.5).to(param).requires_grad_()
+    carry = (torch.randn(case.d_model, case.latent, device=device) * case.latent ** -0.5).to(param).requires_grad_()
     dy = torch.randn_like(h)
     return h, xs, weights, carry, dy
 
 
-def _implementation(impl: str):
+def _implementation(impl: str, smoke: bool = False):
     """A fresh torch.compile per measurement: the backward timed alone (retain_graph) is then compiled
     without donated buffers, as torch requires, while fwd and full keep torch's defaults."""
     import torch
@@ -227,7 +233,7 @@ def _implementation(impl: str):
 
     if impl == "compile":
         torch._dynamo.reset()
-        return torch.compile(inject_reference)
+        return torch.compile(inject_reference, backend="eager" if smoke else "inductor")
     if impl == "triton":
         from .kernels.inject import fused_inject_triton
 
@@ -236,8 +242,12 @@ def _implementation(impl: str):
 
 
 def _measure(fn, leaves) -> tuple[list[float], int]:
-    """(median, p20, p80) ms from do_bench, then the peak bytes one more call allocates above what was held."""
+    """(median, p20, p80) ms from do_bench, then the peak bytes one more call allocates above what was held.
+    With the leaves on the CPU (smoke mode): wall-clock quantiles of a few calls and `LiveBytes`' peak."""
     import torch
+
+    if not leaves[0].is_cuda:
+        return _measure_on_cpu(fn, leaves)
     from triton.testing import do_bench
 
     times = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=leaves)
@@ -249,6 +259,27 @@ def _measure(fn, leaves) -> tuple[list[float], int]:
     fn()
     torch.cuda.synchronize()
     return times, torch.cuda.max_memory_allocated() - before
+
+
+def _measure_on_cpu(fn, leaves, repeats: int = 5) -> tuple[list[float], int]:
+    import statistics
+    import time
+
+    from .memory.report import LiveBytes
+
+    times = []
+    for _ in range(repeats + 1):                    # the first call warms up (and compiles) and is dropped
+        for t in leaves:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    for t in leaves:
+        t.grad = None
+    with LiveBytes() as live:
+        fn()
+    q = statistics.quantiles(times[1:], n=5, method="inclusive")
+    return [statistics.median(times[1:]), q[0], q[3]], live.peak
 
 
 def _timed_call(op, direction: str, inputs):
@@ -266,36 +297,40 @@ def _timed_call(op, direction: str, inputs):
     return lambda: forward().backward(dy)
 
 
-def measure_case(case: Case, impl: str) -> dict[str, tuple[list[float], int]]:
+def measure_case(case: Case, impl: str, smoke: bool = False) -> dict[str, tuple[list[float], int]]:
     """direction -> (times, peak bytes). Forward runs with autograd on, so what it saves for backward counts."""
-    inputs = _inputs(case)
+    inputs = _inputs(case, device="cpu" if smoke else "cuda")
     h, _, weights, carry, _ = inputs
     leaves = [h, carry, *weights]
-    return {d: _measure(_timed_call(_implementation(impl), d, inputs), leaves) for d in DIRECTIONS}
+    return {d: _measure(_timed_call(_implementation(impl, smoke), d, inputs), leaves) for d in DIRECTIONS}
 
 
-def run_kernel_bench(out_dir: str | Path = "bench/results", quick: bool = False) -> Path | None:
-    """Measure every case, write kernels-<device>.csv and .png under out_dir, print the table; None without CUDA."""
+def run_kernel_bench(out_dir: str | Path = "bench/results", quick: bool = False, smoke: bool = False) -> Path | None:
+    """Measure every case, write kernels-<device>.csv and .png under out_dir, print the table; None without CUDA
+    (unless `smoke`: the CPU smoke run, whose Triton needs TRITON_INTERPRET=1 set before it is imported)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not smoke and not torch.cuda.is_available():
         print(NO_GPU)
         return None
     import triton
 
-    name = torch.cuda.get_device_name()
-    peak_gbs, source = _peak_bandwidth()
+    if smoke:
+        name, (peak_gbs, source) = "cpu-smoke", (float("nan"), "none: CPU smoke run")
+    else:
+        name = torch.cuda.get_device_name()
+        peak_gbs, source = _peak_bandwidth()
     meta = {"date": datetime.now().isoformat(timespec="seconds"), "device": name, "torch": torch.__version__,
             "triton": triton.__version__, "peak_gbs": peak_gbs, "peak_gbs_source": source,
             "fp32_matmul": torch.get_float32_matmul_precision()}
     rows = []
-    for case in bench_cases(quick):
+    for case in bench_cases(quick, smoke):
         print(f"measuring {case.mode} T={case.seq_len} D={case.d_model} ...", flush=True)
         shape = {"mode": case.mode, "batch": case.batch, "seq_len": case.seq_len, "d_model": case.d_model,
                  "latent": case.latent, "readers": "/".join(map(str, case.widths)),
                  "act_dtype": case.act_dtype, "param_dtype": case.param_dtype}
         for impl in IMPLS:
-            for direction, ((med, p20, p80), peak) in measure_case(case, impl).items():
+            for direction, ((med, p20, p80), peak) in measure_case(case, impl, smoke).items():
                 nbytes = min_bytes(case, direction)
                 gbs = nbytes / med / 1e6
                 rows.append({**meta, **shape, "impl": impl, "direction": direction, "ms_median": round(med, 4),
@@ -316,10 +351,12 @@ def run_kernel_bench(out_dir: str | Path = "bench/results", quick: bool = False)
 def add_bench_options(parser) -> None:
     parser.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     parser.add_argument("--quick", action="store_true", help="only the paper's shapes, no sequence-length sweep")
+    parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny shapes (checks the "
+                                                             "code, measures nothing); needs TRITON_INTERPRET=1")
 
 
 def _cmd_bench(args) -> None:
-    run_kernel_bench(args.out, args.quick)
+    run_kernel_bench(args.out, args.quick, args.smoke)
 
 
 def add_bench_command(subparsers) -> None:

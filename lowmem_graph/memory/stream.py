@@ -35,8 +35,9 @@ PAGE = mmap.PAGESIZE
 
 
 def host_register(ptr: int, nbytes: int) -> int:
-    """Page-lock host memory for the device's copy engines (cudaHostRegister); returns the CUDA error code."""
-    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+    """Page-lock host memory for the copy engines of every device (cudaHostRegister, flag cudaHostRegisterPortable);
+    returns the CUDA error code. `torch.cuda.cudart()` initialises CUDA first."""
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
 
 
 def host_unregister(ptr: int) -> int:
@@ -152,6 +153,7 @@ class LayerStreamer:
         self.loads = 0          # group copies slab -> slot
         self.misses = 0         # groups not prefetched when they started: the compute waited for a whole copy
         self.streamed_bytes = 0
+        self.copy_times: list | None = None     # set to [] to time each copy on its stream (CUDA events; benchmarks)
         self._attached = True
 
     def detach(self) -> None:
@@ -167,6 +169,15 @@ class LayerStreamer:
         for owner, attr, device in self._resident:
             setattr(owner, attr, getattr(owner, attr).to(device))
         self.slots, self._in_slot, self.device_bytes = [], [], 0
+
+    def copy_rate(self) -> float | None:
+        """Host-to-device GB/s of the copies timed so far (`copy_times`), from their own CUDA events: what the
+        slab-to-slot copies achieved, whatever the compute around them did."""
+        if not self.copy_times:
+            return None
+        self.copy_times[-1][2].synchronize()
+        seconds = sum(begin.elapsed_time(end) for _, begin, end in self.copy_times) / 1000
+        return sum(n for n, _, _ in self.copy_times) / seconds / 1e9
 
     def _release_host(self) -> None:
         """No copy may still read the slab when it stops being page-locked."""
@@ -230,8 +241,15 @@ class LayerStreamer:
             # the slot's previous group was enqueued on the compute stream before now: wait for it, not more
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
+                timed = self.copy_times is not None
+                if timed:
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record(self._stream)
                 target.copy_(source, non_blocking=True)
                 self._ready[slot].record(self._stream)
+                if timed:
+                    end.record(self._stream)
+                    self.copy_times.append((nbytes, begin, end))
         self._bind(rank, self.slots[slot], 0)
         self._in_slot[slot] = rank
         self.loads += 1

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The device check: everything the project claims about a GPU, measured in one short run, written into OUT_DIR.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# On a machine with CUDA and the project installed it finishes in under 9 minutes; without CUDA it runs the same
+# code as a CPU smoke run (tiny preset, tiny kernel shapes, under 5 minutes; tests/test_gpu_check.py runs it, so this
+# script cannot rot). It writes eight files: summary.md (the device, the commands, every figure against its goal),
+# versions.txt, parts.txt (exit code and seconds of each part), logs.txt (every part's output),
+# memory-<device>.csv/.png (bench/bench_memory.py) and kernels-<device>.csv/.png (bench/bench_kernels.py).
+# Each part runs under its own time limit, so a part that fails or hangs still leaves the others' results.
+#
+# bitsandbytes on a GPU machine that lacks it: its 0.50.2 manylinux wheel carries its CUDA library. Where pip can
+# reach PyPI, in the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# then, on the GPU machine, with .whl/ copied there:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   python3 -m pip install -q --no-deps --no-build-isolation -e .
+set -u
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+: > "$out/parts.txt"
+: > "$out/logs.txt"
+smoke="" steps=3
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    smoke="--smoke" steps=1
+    export TRITON_INTERPRET=1      # Triton runs on the CPU only through its interpreter
+fi
+
+part() {   # part NAME SECONDS COMMAND...: run it under its limit, log it, record its exit code and time
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "== $name (limit ${limit}s): $*" | tee -a "$out/logs.txt"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >> "$out/logs.txt" 2>&1
+    rc=$?
+    echo "$name $rc $(( $(date +%s) - start ))" >> "$out/parts.txt"
+    echo "   exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/logs.txt"
+}
+
+python3 bench/gpu_summary.py --versions > "$out/versions.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
+    >> "$out/versions.txt" 2>/dev/null
+cat "$out/versions.txt"
+part gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider
+part memory 250 python3 bench/bench_memory.py --budgets 24G,6G,3G,2G --steps $steps --out "$out" $smoke
+part kernels 120 python3 bench/bench_kernels.py --quick --out "$out" $smoke
+python3 bench/gpu_summary.py "$out" $smoke > /dev/null
+echo "summary: $out/summary.md"
