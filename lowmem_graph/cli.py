@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def _spec_from_args(args):
@@ -76,7 +76,7 @@ def cmd_train(args) -> None:
     from dataclasses import asdict
 
     from .memory.report import format_snapshot
-    from .train import TrainConfig, load_run_config, new_run_dir, train
+    from .train import TrainConfig, claim_run_dir, create_run_dir, load_run_config, train
 
     overrides = _train_overrides(args)
     if args.resume:
@@ -84,12 +84,16 @@ def cmd_train(args) -> None:
             raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant/--set")
         run_dir = Path(args.resume)
         spec, cfg = load_run_config(run_dir)
+        changed = {k: (getattr(cfg, k), overrides[k]) for k in ("batch_size", "epochs", "lr")
+                   if k in overrides and overrides[k] != getattr(cfg, k)}
+        if changed and not args.allow_changed_settings:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UserError(f"--resume with {what}: the run's step counter and schedule were made for the old "
+                            "settings; add --allow-changed-settings to change them anyway")
         cfg = TrainConfig.from_dict({**asdict(cfg), "max_steps": None, **overrides})   # a stop is not sticky
     else:
         spec, cfg = _spec_and_config(args)
-        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.out, spec.name)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(f"run folder {run_dir} exists and is not empty (use --resume {run_dir} to continue it)")
+        run_dir = claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, spec.name)
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if "stopped_at_step" in summary:
         return
@@ -103,16 +107,14 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from dataclasses import asdict
 
-    from safetensors.torch import load_file
-
     from .evaluate import evaluate, write_predictions
     from .train import PlacedGraph, TrainConfig, load_questions, load_run_config
 
     run_dir = Path(args.run_dir)
     spec, cfg = load_run_config(run_dir)
-    weights = run_dir / "trainable.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{run_dir} has no trainable.safetensors yet (has an epoch finished?)")
+    from .runstate import trainable_weights
+
+    weights = trainable_weights(run_dir)
     overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
                                    "batch_size": args.batch_size, "device": args.device,
                                    "gpu_mem": args.gpu_mem}.items() if v is not None}
@@ -120,7 +122,7 @@ def cmd_eval(args) -> None:
     questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit)
     placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)   # the run's --gpu-mem plan too
     graph = placed.graph
-    graph.load_trainable(load_file(str(weights)), str(weights))
+    graph.load_trainable(weights, str(run_dir / "trainable.safetensors"))
     try:
         (states,) = placed.frozen_states(questions) if cfg.prefix_cache else (None,)
         result = evaluate(graph, questions, placed.micro_batch, progress=not args.no_progress, states=states)
@@ -135,14 +137,14 @@ def cmd_eval(args) -> None:
 
 def cmd_matrix(args) -> None:
     from .ablate import run_matrix
-    from .train import new_run_dir
+    from .train import create_run_dir
 
     spec, cfg = _spec_and_config(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
-    out = Path(args.out) if args.out else new_run_dir("runs", f"matrix-{spec.name}")
+    out = Path(args.out) if args.out else create_run_dir("runs", f"matrix-{spec.name}")
     run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
     print(f"matrix: {out / 'matrix.md'}")
 
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
     p.add_argument("--run-dir", help="exact run folder (default: <out>/<graph>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
@@ -241,6 +245,9 @@ def main(argv=None) -> int:
             raise
         print(f"lowmem-graph: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"lowmem-graph: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("lowmem-graph: interrupted", file=sys.stderr)
         return 130

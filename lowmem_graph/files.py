@@ -1,12 +1,42 @@
-"""Atomic writes: a crash or a bad input never leaves a half-written file or folder behind."""
+"""Atomic writes: a crash or a bad input never leaves a half-written file or folder behind.
+
+A file or folder is written under a temporary name beside its target (`.<name>.<pid>.<random>.tmp`), flushed
+and fsynced, then renamed into place, and the folder holding it fsynced, so that after a power cut the target is
+either the old one or the whole new one. A kill leaves only the temporary; `remove_stale_temps` deletes those
+whose process is gone (the name carries its pid), so a folder shared by concurrent runs is safe to clean.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -14,11 +44,13 @@ def atomic_file(path: str | Path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -30,16 +62,41 @@ def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds (first writer wins)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        fsync_dir(tmp)
         if path.exists():
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, path)
+            fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> list[str]:
+    """Delete the temporaries that killed writes left in `folder` (their process is gone); returns their names."""
+    import psutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMP.match(entry.name)
+        if not match or int(match["pid"]) == os.getpid() or psutil.pid_exists(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def file_sha256(path: str | Path) -> str:

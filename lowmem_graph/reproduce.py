@@ -110,7 +110,7 @@ def add_reproduce_command(subparsers) -> None:
 
 def cmd_reproduce(args) -> None:
     from .spec import load_spec
-    from .train import new_run_dir
+    from .train import create_run_dir
 
     protocol = load_protocol(args.protocol)
     spec = load_spec(args.graph) if args.graph else load_preset(args.preset or protocol.get("preset", "paper"))
@@ -128,6 +128,6 @@ def cmd_reproduce(args) -> None:
         benchmarks = [b if b in keep else f"-{b}" for b in benchmarks]
     if args.limit_train is not None:
         cfg.limit_eval = min(cfg.limit_eval or args.limit_train, args.limit_train)
-    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir("runs", f"reproduce-{spec.name}")
+    run_dir = Path(args.run_dir) if args.run_dir else create_run_dir("runs", f"reproduce-{spec.name}")
     out = reproduce(spec, cfg, benchmarks, run_dir, args.limit_test, progress=not args.no_progress)
     print(f"results: {out}")

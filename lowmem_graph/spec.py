@@ -6,6 +6,10 @@ with errors that name the file and the field, so a typo never reaches model load
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,6 +19,92 @@ import yaml
 from .errors import UserError
 
 PRESETS = ("tiny", "paper")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+
+def check_name(name, what: str) -> str:
+    """Names that become folder names or keys: letters, digits, '_' and '-', starting with a letter or digit."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UserError(f"{what} {name!r} must be letters, digits, '_' and '-' (starting with a letter or digit, "
+                        "at most 100 characters)")
+    return name
+
+
+def read_yaml(path: Path):
+    """A YAML file's content; not UTF-8 (a byte-order mark is fine) or not YAML is one line naming the place."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise UserError(f"{where}:{at} invalid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
+            from None
+
+
+def typed_fields(cls, raw, where: str, what: str = "field") -> dict:
+    """`raw` checked against dataclass `cls`: unknown or missing keys named, every value of its field's type
+    (an int where a float goes; a float written as text, like YAML's `1e-3`, is read as one; no bool for a number;
+    None only where the field allows it). Returns the values to construct `cls` with."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise UserError(f"{where}: unknown {what}(s) {', '.join(map(str, unknown))} "
+                        f"(allowed: {', '.join(sorted(fields))})")
+    missing = [n for n, f in fields.items() if n not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where}: missing {what}(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in raw.items():
+        out[name] = _typed(value, hints[name], f"{where}: {name}")
+    return out
+
+
+def _typed(value, hint, where: str):
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"{where}: a value is required, got nothing (null)")
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and not isinstance(value, bool):
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+            if isinstance(number, (int, float)):
+                if not math.isfinite(number):
+                    raise UserError(f"{where}: must be a finite number, got {value!r}")
+                return float(number)
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) in (list, dict) or kind in (list, dict):
+            if isinstance(value, typing.get_origin(kind) or kind):
+                return value
+        if dataclasses.is_dataclass(kind) and isinstance(value, (dict, kind)):
+            return value
+    names = " or ".join("nothing" if k is type(None) else getattr(k, "__name__", str(k)) for k in options)
+    raise UserError(f"{where}: must be {names}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -31,6 +121,7 @@ class NodeSpec:
     blend: float = 0.25             # refiners: a in h <- (1-a) h + a * z_hat * ||h||
     tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
     revision: str | None = None     # hub models: the branch, tag or commit to load (default: the hub's main)
+    trust_remote_code: bool = False  # run Python that ships with the model (off: never asked, never run)
 
     def read_index(self, n_layers: int) -> int:
         """0-based index of the decoder layer whose output a reader reads (read_layer: 1-based, negative from the top)."""
@@ -79,18 +170,8 @@ class GraphSpec:
 
 
 def _build(cls, raw, where: str):
-    """Dataclass from a mapping, with unknown or missing keys reported by name."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
-    if missing:
-        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
-    return cls(**raw)
+    """Dataclass from a mapping: unknown or missing keys reported by name, every value of its field's type."""
+    return cls(**typed_fields(cls, raw, where))
 
 
 def _check(ok: bool, where: str, message: str) -> None:
@@ -106,6 +187,9 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
     output = _build(OutputSpec, raw.pop("output", {}) or {}, f"{source}: output")
     spec = _build(GraphSpec, {**raw, "nodes": nodes, "output": output, "name": raw.get("name", Path(source).stem)},
                   source)
+    check_name(spec.name, f"{source}: graph name")
+    for i, n in enumerate(nodes):
+        check_name(n.name, f"{source}: nodes[{i}]: node name")
     names = [n.name for n in nodes]
     _check(len(set(names)) == len(names), source, f"node names must be unique, got {names}")
     for i, n in enumerate(nodes):
@@ -127,6 +211,7 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
            f"injection must be 'pooled' or 'token', got {spec.injection!r}")
     _check(spec.quant in ("nf4", "bf16", "fp32"), source, f"quant must be nf4, bf16 or fp32, got {spec.quant!r}")
     _check(isinstance(spec.max_length, int) and spec.max_length >= 8, source, "max_length must be an integer >= 8")
+    _check(spec.output.heads >= 1, f"{source}: output", f"heads must be >= 1, got {spec.output.heads}")
     _check(spec.latent_dim % spec.output.heads == 0, f"{source}: output",
            f"latent_dim {spec.latent_dim} must be divisible by heads {spec.output.heads}")
     _check(2 <= spec.output.max_choices <= 26, f"{source}: output", "max_choices must be in [2, 26]")
@@ -138,12 +223,7 @@ def load_spec(path: str | Path) -> GraphSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"graph file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}:{at} invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a YAML mapping with a 'nodes' list")
     return from_dict(raw, str(path))

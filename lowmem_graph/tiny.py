@@ -7,6 +7,7 @@ every run exercises cross-tokenizer handling. Random weights: these test plumbin
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .errors import UserError
 from .files import atomic_dir
 
 ARCHS = ("llama", "qwen2", "gemma2", "phi3", "mistral")
-_VERSION = 1  # bump when the recipe below changes, so stale caches are rebuilt
+_VERSION = 2  # bump when the recipe below changes, so stale caches are rebuilt
 
 # (config class name, width, layers, heads, kv heads, tokenizer kind, vocab size)
 _RECIPES = {
@@ -56,6 +57,9 @@ def _corpus() -> list[str]:
 
 
 def _tokenizer(kind: str, vocab: int):
+    """A tokenizer of this kind fitted to the bundled corpus, the same on every build: the BPE trainers break ties
+    in a fixed order, but the Unigram and WordPiece trainers do not (their vocabularies changed from build to build),
+    so those two vocabularies are built here from corpus counts, ties broken by the text."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,29 +69,49 @@ def _tokenizer(kind: str, vocab: int):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_corpus(), trainer)
     elif kind == "bpe-metaspace":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False)
+        tok.train_from_iterator(_corpus(), trainer)
     elif kind == "unigram":
-        tok = Tokenizer(models.Unigram())
-        tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=SPECIALS, unk_token="<unk>",
-                                          show_progress=False)
+        normalizer, pre = normalizers.NFKC(), pre_tokenizers.Metaspace()
+        chars, words = _counts(_corpus(), normalizer, pre)
+        total = sum(words.values()) + sum(chars.values())
+        pieces = [(t, 0.0) for t in SPECIALS] + [(c, math.log(n / total) - 10) for c, n in _ranked(chars)]
+        pieces += [(w, math.log(n / total)) for w, n in _ranked(words) if len(w) > 1][:vocab - len(pieces)]
+        tok = Tokenizer(models.Unigram(pieces, unk_id=SPECIALS.index("<unk>"), byte_fallback=False))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.Metaspace()
     else:  # wordpiece
-        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+        normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        chars, words = _counts(_corpus(), normalizer, pre)
+        tokens = SPECIALS + [c for c, _ in _ranked(chars)] + ["##" + c for c, _ in _ranked(chars)]
+        tokens += [w for w, _ in _ranked(words) if len(w) > 1][:vocab - len(tokens)]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
+
+
+def _counts(lines, normalizer, pre_tokenizer):
+    """(character counts, word counts) of the corpus as this tokenizer's normalizer and pre-tokenizer see it."""
+    from collections import Counter
+
+    chars, words = Counter(), Counter()
+    for line in lines:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[word] += 1
+            chars.update(word)
+    return chars, words
+
+
+def _ranked(counts):
+    """Most frequent first, ties in text order: the same list on every build."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _build(arch: str, path: Path) -> None:

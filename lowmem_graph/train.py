@@ -1,9 +1,8 @@
 """Training: AdamW on the projections and output node only; everything else stays frozen.
 
-A run folder holds everything needed to understand and resume a run:
-  config.yaml (graph + training settings), metrics.jsonl (one line per step and per epoch),
-  checkpoint.pt (trainable weights, optimizer, scheduler, RNG, position), trainable.safetensors,
-  curves.png, predictions-<task>-<split>.jsonl.
+A run folder holds everything needed to understand and resume a run (see runstate.py for the files): it is made
+first, with config.yaml, so a run killed at any moment can be resumed; checkpoints carry no pickles; Ctrl-C or
+SIGTERM in the training loop finishes the step under way, writes a checkpoint and says how to resume.
 The data order of epoch e is a permutation seeded by (seed, e), so a resumed run replays it exactly.
 """
 from __future__ import annotations
@@ -13,6 +12,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import runstate
 from .data import Question, load_task
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .evaluate import evaluate, write_predictions
-from .files import atomic_file
+from .files import atomic_file, remove_stale_temps
 from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
-from .spec import GraphSpec, from_dict
+from .spec import GraphSpec, check_name, from_dict, typed_fields
 
 
 @dataclass
@@ -57,13 +58,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
-        cfg = cls(**raw)
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-            raise UserError(f"{where}: epochs and batch_size must be >= 1 and lr > 0")
+        """Settings checked for type and range, each bad one named in one line."""
+        cfg = cls(**typed_fields(cls, raw, where, "setting"))
+        checks = [("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                  ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+                  ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"), ("clip", cfg.clip > 0, "> 0"),
+                  ("limit_train", cfg.limit_train is None or cfg.limit_train >= 1, ">= 1 (or left out: no limit)"),
+                  ("limit_eval", cfg.limit_eval is None or cfg.limit_eval >= 1, ">= 1 (or left out: no limit)"),
+                  ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0 (0: at each epoch's end only)"),
+                  ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
         return cfg
 
     def frozen_batch_size(self, plan=None) -> int:
@@ -115,21 +121,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _schedule(total_steps: int, warmup: float):
     warm = max(1, int(total_steps * warmup))
 
@@ -146,18 +137,84 @@ def save_config(run_dir: Path, spec: GraphSpec, cfg: TrainConfig) -> None:
 
 
 def load_run_config(run_dir: Path) -> tuple[GraphSpec, TrainConfig]:
+    from .spec import read_yaml
+
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("graph"), dict) or not isinstance(raw.get("train"), dict):
+        raise UserError(f"{path}: not a run's config (expected the mappings 'graph' and 'train')")
     graph = dict(raw["graph"])
     graph.pop("train", None)
     return from_dict(graph, str(path)), TrainConfig.from_dict(raw["train"], f"{path}: train")
 
 
-def save_trainable(graph: FrozenGraph, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        save_file(graph.trainable_state(), str(tmp))
+def create_run_dir(root: str | Path, name: str) -> Path:
+    """A new, unique run folder `<root>/<name>-<time>[-n]`, made atomically (two runs started in the same second
+    get two folders)."""
+    check_name(name, "run name")
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the runs folder {root}: {e.strerror}") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot make the run folder {path}: {e.strerror}") from None
+    raise UserError(f"no free run folder name under {root} for {name}-{stamp}")
+
+
+def claim_run_dir(path: str | Path) -> Path:
+    """An exact run folder (--run-dir): made now, or taken if it exists and is empty."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir() or any(path.iterdir()):
+            raise UserError(f"run folder {path} exists and is not empty (use --resume {path} to continue it)") \
+                from None
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {path}: {e.strerror}") from None
+    return path
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM (what a job scheduler sends) end a run without losing it. Inside the training loop the
+    first one lets the step under way finish, then a checkpoint is written; elsewhere (the frozen pass,
+    evaluation), or at a second signal, the run stops at once and keeps its last checkpoint."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.in_loop = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        first = self.received is None
+        self.received = signum
+        if not (first and self.in_loop):
+            raise KeyboardInterrupt
+
+    @property
+    def signum(self) -> int:
+        return self.received or signal.SIGINT
 
 
 class PlacedGraph:
@@ -236,21 +293,25 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        state = {"trainable": self.graph.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step}
-        with atomic_file(self.run_dir / "checkpoint.pt") as tmp:
-            torch.save(state, tmp)
+        runstate.save_checkpoint(self.run_dir, self.step, self.graph.trainable_state(), self.optimizer.state_dict(),
+                                 self.scheduler.state_dict())
 
-    def load_checkpoint(self) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        if not path.is_file():
-            raise UserError(f"nothing to resume in {self.run_dir}: no checkpoint.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.graph.load_trainable(state["trainable"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.step = state["step"]
+    def load_checkpoint(self) -> int:
+        """Continue from the run's last checkpoint (or from step 0 if it was stopped before the first one); the
+        metrics after that step are dropped, since they are replayed. Returns the step."""
+        state = runstate.load_checkpoint(self.run_dir)
+        if state is not None:
+            try:
+                self.graph.load_trainable(state.trainable, f"{self.run_dir}/checkpoint")
+                self.optimizer.load_state_dict(state.optimizer)
+                self.scheduler.load_state_dict(state.scheduler)
+                runstate.set_rng_state(state.rng["json"], state.rng["tensors"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise UserError(f"{self.run_dir}: the checkpoint does not fit this run ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160]})") from None
+            self.step = state.step
+        runstate.keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
+        return self.step
 
     def _metric(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -283,55 +344,56 @@ class Trainer:
                 "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
                 "routing": dict(zip(self.graph.refiners, (torch.stack(routing).sum(0) / len(questions)).tolist()))}
 
-    def _stop(self) -> dict:
+    def _stop(self, why: str) -> dict:
         self.save_checkpoint()
-        self.log(f"stopped after {self.step} steps (max_steps); resume with --resume {self.run_dir}")
-        return {"stopped_at_step": self.step}
+        self.log(f"{why}: stopped after step {self.step}/{self.total_steps} with a checkpoint; resume with: "
+                 f"lowmem-graph train --resume {self.run_dir}")
+        return {"stopped_at_step": self.step, "why": why}
 
     def close(self) -> None:
         self.placed.close()
 
-    def fit(self) -> dict:
+    def fit(self, stop: StopSignals | None = None) -> dict:
+        """Train from `self.step` to the end, evaluating after each epoch. `stop` (installed by `train`) ends the
+        loop between steps with a checkpoint."""
         cfg = self.cfg
+        stop = stop or StopSignals()          # not entered: it never fires
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        result = None
+        result = self._unfinished_epoch_end()
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
             losses, accs, started = [], [], time.time()
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if self.progress else True, leave=False)
-            for i in bar:
-                questions = [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                metrics = self.train_step(questions)
-                self.step += 1
-                losses.append(metrics["loss"])
-                accs.append(metrics["acc"])
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
-                              "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if cfg.max_steps is not None and self.step >= cfg.max_steps and i + 1 < self.steps_per_epoch:
-                    return self._stop()
+            stop.in_loop = True
+            try:
+                for i in bar:
+                    if stop.received:
+                        return {**self._stop(f"interrupted ({signal.Signals(stop.received).name})"),
+                                "signal": stop.received}
+                    questions = [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+                    metrics = self.train_step(questions)
+                    self.step += 1
+                    losses.append(metrics["loss"])
+                    accs.append(metrics["acc"])
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
+                                  "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps and i + 1 < self.steps_per_epoch:
+                        return self._stop("max_steps")
+            finally:
+                stop.in_loop = False
             bar.close()
-            result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
-            memory = memory_snapshot(self.device)
-            record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
-                      "train_loss": float(np.mean(losses)) if losses else None,
-                      "train_acc": float(np.mean(accs)) if accs else None,
-                      "eval_loss": result.loss, "eval_acc": result.accuracy, "eval_ci": list(result.interval),
-                      "eval_n": result.n, "routing": dict(zip(self.graph.refiners, result.routing)),
-                      "seconds": time.time() - started, **memory}
-            self._metric(record)
-            train_text = f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f}" if losses else ""
-            self.log(f"epoch {epoch + 1}/{cfg.epochs}  {train_text} | {cfg.eval_split} {result.summary()} | "
-                     f"{record['seconds']:.1f} s | {format_snapshot(memory)}")
-            self.save_checkpoint()
-            save_trainable(self.graph, self.run_dir / "trainable.safetensors")
+            self.save_checkpoint()      # the epoch's steps are safe before its (long) evaluation
+            if stop.received:
+                return {**self._stop(f"interrupted ({signal.Signals(stop.received).name})"), "signal": stop.received}
+            result = self._end_epoch(epoch, losses, accs, started)
             if cfg.max_steps is not None and self.step >= cfg.max_steps and self.step < self.total_steps:
-                return self._stop()        # stopped at an epoch's end: after its evaluation and weights
+                return self._stop("max_steps")     # stopped at an epoch's end: after its evaluation
         if result is None:   # resumed a finished run: nothing left to train
             result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
         tasks = cfg.evaluated().replace("+", "_")
@@ -342,6 +404,34 @@ class Trainer:
         plot_memory(self.run_dir / "metrics.jsonl", self.run_dir / "memory.png")
         plot_signals(self.run_dir / "metrics.jsonl", self.run_dir / "signals.png")
         return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
+
+    def _end_epoch(self, epoch: int, losses: list[float], accs: list[float], started: float):
+        """Evaluate after epoch `epoch` (0-based), log it and add its record to the metrics."""
+        cfg = self.cfg
+        result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
+        memory = memory_snapshot(self.device)
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
+                  "train_loss": float(np.mean(losses)) if losses else None,
+                  "train_acc": float(np.mean(accs)) if accs else None,
+                  "eval_loss": result.loss, "eval_acc": result.accuracy, "eval_ci": list(result.interval),
+                  "eval_n": result.n, "routing": dict(zip(self.graph.refiners, result.routing)),
+                  "seconds": time.time() - started, **memory}
+        self._metric(record)
+        train_text = f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f}" if losses else ""
+        self.log(f"epoch {epoch + 1}/{cfg.epochs}  {train_text} | {cfg.eval_split} {result.summary()} | "
+                 f"{record['seconds']:.1f} s | {format_snapshot(memory)}")
+        return result
+
+    def _unfinished_epoch_end(self):
+        """A run stopped after an epoch's last step but before its evaluation: evaluate that epoch now."""
+        epoch, into = divmod(self.step, self.steps_per_epoch)
+        if self.step == 0 or into:
+            return None
+        records = runstate.read_metrics(self.run_dir / "metrics.jsonl")
+        if any(r.get("kind") == "epoch" and r.get("epoch") == epoch for r in records):
+            return None
+        steps = [r for r in records if r.get("kind") == "step" and r.get("epoch") == epoch]
+        return self._end_epoch(epoch - 1, [r["loss"] for r in steps], [r["acc"] for r in steps], time.time())
 
 
 def projection_grad_norms(graph: FrozenGraph) -> dict[str, float]:
@@ -356,46 +446,49 @@ def projection_grad_norms(graph: FrozenGraph) -> dict[str, float]:
     return norms
 
 
-def new_run_dir(root: str | Path, name: str) -> Path:
-    root = Path(root)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{stamp}-{n}"
-    return path
-
-
 def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
           log=print) -> dict:
-    """Train (or resume) a run in `run_dir`. Bad input fails before the folder exists; a run that fails before
-    its first checkpoint leaves no folder behind."""
+    """Train (or resume) a run in `run_dir` (a new run takes an empty folder or makes it). config.yaml is written
+    first, so a run killed at any moment resumes: from its last checkpoint, or from step 0. A new run that fails
+    before its first checkpoint (bad input, out of memory) leaves no folder behind; an interrupted one (Ctrl-C,
+    SIGTERM) keeps it and raises `Interrupted` saying how to resume."""
     run_dir = Path(run_dir)
-    try:
-        trainer = Trainer(spec, cfg, run_dir, progress, log)     # the frozen pass runs here: it can OOM too
-    except torch.cuda.OutOfMemoryError as e:
-        raise UserError(out_of_memory_message(e)) from e
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            trainer.load_checkpoint()
-            log(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
-        else:
-            save_config(run_dir, spec, cfg)
-        summary = trainer.fit()
-        summary["trainer"] = trainer     # in-process callers (reproduce) evaluate further without reloading
-    except torch.cuda.OutOfMemoryError as e:
-        if created and not (run_dir / "checkpoint.pt").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
-    except BaseException:
-        if created and not (run_dir / "checkpoint.pt").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        trainer.close()
+    if resume:
+        for folder in (run_dir, run_dir / runstate.STORE):
+            remove_stale_temps(folder)          # what killed writes left
+    else:
+        claim_run_dir(run_dir)
+        save_config(run_dir, spec, cfg)
+    trainer = None
+    with StopSignals() as stop:
+        try:
+            trainer = Trainer(spec, cfg, run_dir, progress, log)     # the frozen pass runs here: it can OOM too
+            if resume:
+                log(f"resuming {run_dir} at step {trainer.load_checkpoint()}/{trainer.total_steps}")
+            summary = trainer.fit(stop)
+        except KeyboardInterrupt:
+            at = f"at step {trainer.step}" if trainer is not None else "before training"
+            kept = "its last checkpoint is kept" if runstate.has_checkpoint(run_dir) else "it restarts from step 0"
+            raise Interrupted(f"interrupted ({signal.Signals(stop.signum).name}) {at}; {kept}: "
+                              f"lowmem-graph train --resume {run_dir}", 128 + stop.signum) from None
+        except torch.cuda.OutOfMemoryError as e:
+            _discard_unstarted(run_dir, resume)
+            raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
+        except BaseException:
+            _discard_unstarted(run_dir, resume)
+            raise
+        finally:
+            if trainer is not None:
+                trainer.close()
+    if "signal" in summary:
+        raise Interrupted(f"interrupted ({signal.Signals(summary['signal']).name})", 128 + summary["signal"])
+    summary["trainer"] = trainer     # in-process callers (reproduce) evaluate further without reloading
     summary["run_dir"] = str(run_dir)
     summary["memory"] = memory_snapshot(trainer.device)
     return summary
+
+
+def _discard_unstarted(run_dir: Path, resume: bool) -> None:
+    """A new run that failed before its first checkpoint leaves nothing behind."""
+    if not resume and not runstate.has_checkpoint(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)

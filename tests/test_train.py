@@ -35,9 +35,8 @@ def test_run_folder_has_everything(tmp_path):
     run = tmp_path / "run"
     summary = train(load_preset("tiny"), _cfg(epochs=1), run, progress=False, log=lambda *_: None)
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "trainable.safetensors", "curves.png", "memory.png",
-            "signals.png",
-            "predictions-arc-easy-validation.jsonl"} <= names
+    assert {"config.yaml", "metrics.jsonl", "checkpoint", "trainable.safetensors", "curves.png", "memory.png",
+            "signals.png", "predictions-arc-easy-validation.jsonl"} <= names
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
     record = [r for r in epochs if r["kind"] == "epoch"][0]
@@ -49,9 +48,13 @@ def test_run_folder_has_everything(tmp_path):
                                        "readout.mistral", "output"}
     assert 0 < step["reader_grad_share"] < 1
     assert sum(step["routing"].values()) == pytest.approx(1.0, abs=1e-5)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert {"trainable", "optimizer", "scheduler", "rng", "step"} <= set(state)
-    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    # no pickles: tensors in safetensors, the rest JSON; trainable.safetensors is the checkpoint's own weights
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.json", "state.safetensors",
+                                                                       "trainable.safetensors"]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert {"step", "optimizer", "scheduler", "rng", "sha256"} <= set(state) and state["step"] == summary["steps"]
+    assert (run / "trainable.safetensors").resolve() == (run / "checkpoint" / "trainable.safetensors").resolve()
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
 
 
 def test_wilson_interval():

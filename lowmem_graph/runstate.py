@@ -1,0 +1,230 @@
+"""A run folder's state on disk: checkpoints without pickles, the metrics log, and what a kill leaves behind.
+
+    runs/<name>/
+      config.yaml                 written when the folder is made, before any model loads
+      metrics.jsonl               one JSON line per step and per epoch
+      checkpoint -> .checkpoints/step-000040     a symbolic link, swapped atomically
+      trainable.safetensors -> checkpoint/trainable.safetensors
+      .checkpoints/step-000040/   trainable.safetensors, state.safetensors (optimizer and RNG tensors),
+                                  state.json (step, scheduler, optimizer settings, RNG, file hashes)
+
+Nothing here unpickles: tensors are safetensors, the rest JSON, so a crafted run folder cannot run code. A new
+checkpoint is written whole into its own folder (flushed and fsynced), then the `checkpoint` link is replaced in
+one rename: a kill at any moment leaves the previous checkpoint or the new one, and `trainable.safetensors`
+(a link through `checkpoint`) always holds the weights of that same checkpoint. Folders of older versions, with a
+pickled `checkpoint.pt`, are read with `torch.load(weights_only=True)` (NumPy's RNG arrays allowed), or refused in
+one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .files import atomic_dir, file_sha256, fsync_dir
+
+FORMAT = 2
+LINK, TRAINABLE = "checkpoint", "trainable.safetensors"
+STORE = ".checkpoints"
+LEGACY = "checkpoint.pt"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+# ---- RNG state as JSON + tensors -------------------------------------------------------------------------------
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state, tensors
+
+
+def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=_index)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _index(key: str) -> int:
+    return int(key.rsplit(".", 1)[1])
+
+
+# ---- optimizer state: tensors to safetensors, the rest to JSON --------------------------------------------------
+def _split_optimizer(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        plain[str(index)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[str(index)][name] = value
+    return {"param_groups": state["param_groups"], "state": plain}, tensors
+
+
+def _join_optimizer(plain: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state = {int(index): dict(values) for index, values in plain["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict,
+                    scheduler: dict) -> Path:
+    """Write the checkpoint for `step` into a folder of its own, then point `checkpoint` at it in one rename."""
+    run_dir = Path(run_dir)
+    store = run_dir / STORE
+    name = f"step-{step:07d}"
+    plain_optimizer, tensors = _split_optimizer(optimizer)
+    rng, rng_tensors = rng_state()
+    target = store / name
+    if target.exists():                     # the same step saved again (an epoch end after --checkpoint-every)
+        shutil.rmtree(target)
+    with atomic_dir(target) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE),
+                  metadata={"step": str(step), "format": str(FORMAT)})
+        save_file({**tensors, **rng_tensors}, str(tmp / "state.safetensors"))
+        state = {"format": FORMAT, "step": step, "optimizer": plain_optimizer, "scheduler": scheduler, "rng": rng,
+                 "sha256": {f: file_sha256(tmp / f) for f in (TRAINABLE, "state.safetensors")}}
+        (tmp / "state.json").write_text(json.dumps(state))
+    _point(run_dir / LINK, f"{STORE}/{name}")
+    if not (run_dir / TRAINABLE).is_symlink():
+        (run_dir / TRAINABLE).unlink(missing_ok=True)       # a file from an older version: the link replaces it
+        _point(run_dir / TRAINABLE, f"{LINK}/{TRAINABLE}")
+    for old in store.iterdir():                         # earlier checkpoints and leftovers of killed writes
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return target
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a symbolic link to `target` in one rename (a kill leaves the old link or the new one)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+def has_checkpoint(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / LINK / "state.json").is_file() or (run_dir / LEGACY).is_file()
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The run's last checkpoint, verified (None if it has none yet); a damaged one is one line, never a
+    traceback, and never unpickled."""
+    run_dir = Path(run_dir)
+    folder = run_dir / LINK
+    if not folder.exists():
+        return _load_legacy(run_dir / LEGACY) if (run_dir / LEGACY).is_file() else None
+    where = f"{run_dir}/{LINK}"
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if state.get("format") != FORMAT:
+            raise UserError(f"{where}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")
+        for f, digest in state["sha256"].items():
+            if file_sha256(folder / f) != digest:
+                raise UserError(f"{where}/{f} is damaged (its SHA-256 does not match the one recorded): resume "
+                                "from another copy of the run, or start it again")
+        tensors = load_file(str(folder / "state.safetensors"))
+        trainable = load_file(str(folder / TRAINABLE))
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise UserError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+            from None
+    return Checkpoint(state["step"], trainable, _join_optimizer(state["optimizer"], tensors), state["scheduler"],
+                      {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}})
+
+
+def _load_legacy(path: Path) -> Checkpoint:
+    """A pickled checkpoint of an older version, loaded the only safe way: weights_only=True."""
+    safe = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))] \
+        if hasattr(np, "core") else []
+    try:
+        with torch.serialization.safe_globals(safe):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        python, numpy_state = state["rng"]["python"], state["rng"]["numpy"]
+        rng = {"json": {"python": [python[0], list(python[1]), python[2]],
+                        "numpy": [numpy_state[0], np.asarray(numpy_state[1]).tolist(), *numpy_state[2:]]},
+               "tensors": {"rng.torch": state["rng"]["torch"],
+                           **{f"rng.cuda.{i}": s for i, s in enumerate(state["rng"].get("cuda", []))}}}
+        return Checkpoint(state["step"], state["trainable"], state["optimizer"], state["scheduler"], rng)
+    except Exception as e:      # an unpickler refusal, a damaged file, a different layout: the same answer
+        raise UserError(f"{path}: a checkpoint of an older version (a pickle) that does not load safely "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); start the run again") from None
+
+
+def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's trained weights (`trainable.safetensors`), or one line saying why they cannot be read."""
+    path = Path(run_dir) / TRAINABLE
+    if not path.exists():
+        if (Path(run_dir) / LEGACY).is_file():
+            return load_checkpoint(run_dir).trainable
+        raise UserError(f"{run_dir} has no {TRAINABLE} yet (has a step finished?)")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+# ---- the metrics log ---------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict]:
+    """Every complete record of a metrics log: a partial last line (a kill mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def keep_metrics_until(path: Path, step: int) -> int:
+    """Drop the records after `step` (a resumed run replays them) and any partial line; returns how many went."""
+    from .files import atomic_file
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    dropped = len(path.read_text(errors="replace").splitlines()) - len(kept)
+    if dropped:
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return dropped
