@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lowmem_graph.graph import Batch, FrozenGraph, autocast
-from lowmem_graph.memory.plan import make_plan, parse_size
+from lowmem_graph.memory.plan import make_plan, parse_size, with_placement
 from lowmem_graph.memory.stream import stream_refiners
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
@@ -147,13 +147,16 @@ def cuda_context_bytes(device) -> int:
 
 
 def _measured_peaks(device, context: int) -> dict:
-    """torch's peaks since the last reset, and the whole device's: the context plus the peak reserved bytes."""
+    """torch's peaks since the last reset, and the whole device's: what is in use outside torch's allocator (the
+    larger of the context at the start and now: kernels and library handles load lazily) plus the peak reserved."""
     if device.type != "cuda":
         return {}
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max(context, total - free - torch.cuda.memory_reserved(device))
     return {"measured_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MiB,
             "measured_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MiB,
-            "measured_context_mib": context / MiB,
-            "measured_peak_mib": (context + torch.cuda.max_memory_reserved(device)) / MiB}
+            "measured_context_mib": outside / MiB,
+            "measured_peak_mib": (outside + torch.cuda.max_memory_reserved(device)) / MiB}
 
 
 def host_peak_rss_mib() -> float:
@@ -255,10 +258,10 @@ def accelerate_offload_row(graph, inputs, device, steps: int, context: int = 0) 
                     if isinstance(module, bnb.nn.Linear4bit):
                         parent, _, attr = name.rpartition(".")
                         dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                                dtype=dtype, device=device).requires_grad_(False)
+                                                dtype=dtype).requires_grad_(False)      # made on the host
                         torch.nn.init.normal_(dense.weight, std=0.02)
                         swapped.append((layer.get_submodule(parent), attr, module))
-                        setattr(swapped[-1][0], attr, dense.to("cpu"))
+                        setattr(swapped[-1][0], attr, dense)
                 cpu_offload(layer, execution_device=device)
                 offloaded.append(layer)
         times = time_steps(graph, inputs, inputs[0].labels.shape[0], steps, device)
@@ -276,46 +279,47 @@ def accelerate_offload_row(graph, inputs, device, steps: int, context: int = 0) 
 
 
 def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smoke: bool) -> list[dict]:
+    """Every measurement, the CSV and plot rewritten after each one: a run stopped at its time limit keeps what it
+    measured."""
     device = torch.device("cpu" if smoke else "cuda")
     context = cuda_context_bytes(device) if device.type == "cuda" else 0
+    name = "cpu-smoke" if smoke else torch.cuda.get_device_name(device)
+    common = {"device": name, "batch": batch, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if device.type == "cuda":
+        common["pinned_copy_peak_gbs"] = pinned_copy_gbs(device)
     spec = load_preset("tiny" if smoke else "paper")
     seq = min(seq, spec.max_length)
+    common["seq"] = seq
     graph = build_graph(spec, device)
     inputs = random_inputs(graph, batch, seq, device)
-    rows, frozen_rows = [], []
-    reference = None
+    rows, reference, first = [], None, {}
+
+    def add(*new: dict) -> None:
+        for row in new:
+            row.update(common, host_peak_rss_mib=host_peak_rss_mib())
+            if "step_ms" in row and reference is not None:
+                row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
+            if "batch_ms" in row:       # the frozen pass against the first (roomiest) budget's, node by node
+                row["batch_vs_first_budget"] = row["batch_ms"] / first.setdefault(row["config"], row["batch_ms"])
+            rows.append(row)
+        write(rows, out_dir, name)
+
     for budget in budgets:
         plan = make_plan(spec, parse_size(budget), batch, seq)
-        frozen_rows += measure_frozen(budget, graph, plan, device, steps, context)
-        row = measure(f"plan {budget}", graph, plan, inputs, device, steps, context)
         if reference is None:
-            everything = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=True) for g in plan.groups],
-                                             prefetch_depth=0, micro_batch=batch)
+            everything = with_placement(spec, plan, [dataclasses.replace(g, resident=True) for g in plan.groups],
+                                        0, batch)
             reference = measure("all resident", graph, everything, inputs, device, steps, context)
-            rows.append(reference)
-        rows.append(row)
+            reference["step_vs_all_resident"] = 1.0
+            add(reference)
+        add(*measure_frozen(budget, graph, plan, device, steps, context))
+        add(measure(f"plan {budget}", graph, plan, inputs, device, steps, context))
     # the streaming overhead at its worst: every group streamed, at the all-resident row's micro-batch
-    worst = dataclasses.replace(plan, groups=[dataclasses.replace(g, resident=False) for g in plan.groups],
-                                prefetch_depth=2, micro_batch=batch)
-    rows.append(measure("every group streamed", graph, worst, inputs, device, steps, context))
-    rows.append(accelerate_offload_row(graph, inputs, device, steps, context))
+    worst = with_placement(spec, plan, [dataclasses.replace(g, resident=False) for g in plan.groups], 2, batch)
+    add(measure("every group streamed", graph, worst, inputs, device, steps, context))
+    add(accelerate_offload_row(graph, inputs, device, steps, context))
     for row in rows:
-        if "step_ms" in row:
-            row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
-    first = {}                          # the frozen pass against the first (roomiest) budget's, node by node
-    for row in frozen_rows:
-        row["batch_vs_first_budget"] = row["batch_ms"] / first.setdefault(row["config"], row["batch_ms"])
-    rows += frozen_rows
-    if device.type == "cuda":
-        peak = pinned_copy_gbs(device)
-        for row in rows:
-            row["pinned_copy_peak_gbs"] = peak
-    name = "cpu-smoke" if smoke else torch.cuda.get_device_name(device)
-    rss = host_peak_rss_mib()
-    for row in rows:
-        row.update(device=name, batch=batch, seq=seq, date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                   host_peak_rss_mib=rss)
-    write(rows, out_dir, name)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
     return rows
 
 
@@ -353,8 +357,6 @@ def write(rows: list[dict], out_dir: Path, device_name: str) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / f"memory-{slug}.png", dpi=110)
     plt.close(fig)
-    for row in rows:
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def main(argv=None) -> int:

@@ -81,7 +81,7 @@ def memory_section(rows: list[dict]) -> list[str]:
         if predicted is None and "error" not in r:
             continue
         budget = _num(r, "budget_gib")
-        lines.append(f"| {r['config']} | {budget:g} | {r.get('micro_batch', '')} | {predicted or 0:,.0f} | "
+        lines.append(f"| {r['config']} | {budget or 0:g} | {r.get('micro_batch', '')} | {predicted or 0:,.0f} | "
                      f"{measured or 0:,.0f} | {_num(r, 'measured_peak_allocated_mib') or 0:,.0f} | "
                      f"{ms or 0:,.1f} | {peak_verdict(predicted, measured)} |")
     return lines
@@ -141,7 +141,7 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
     version_text = (out_dir / "versions.txt").read_text().strip() if (out_dir / "versions.txt").exists() else ""
     memory = sorted(out_dir.glob("memory-*.csv"))
     kernels = sorted(out_dir.glob("kernels-*.csv"))
-    device = _read(memory[0])[0]["device"] if memory else (version_text.splitlines() or ["?"])[-1]
+    device = (_read(memory[0])[0].get("device") if memory else None) or (version_text.splitlines() or ["?"])[-1]
     lines = [f"# Device check: {device}", ""]
     if smoke:
         lines += ["**CPU smoke run** (no CUDA): the same code on the tiny preset; it checks the scripts, and no "
@@ -183,7 +183,14 @@ def main(argv=None) -> int:
         return 0
     if not args.out_dir:
         parser.error("OUT_DIR is required")
-    print(summarise(Path(args.out_dir), args.smoke).read_text())
+    try:
+        print(summarise(Path(args.out_dir), args.smoke).read_text())
+    except Exception as e:          # a summary that fails still says so in summary.md, with what it could not read
+        import traceback
+
+        (Path(args.out_dir) / "summary.md").write_text(
+            f"# Device check\n\nThe summary failed: {type(e).__name__}: {e}\n\n```\n{traceback.format_exc()}```\n")
+        raise
     return 0
 
 

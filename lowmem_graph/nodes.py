@@ -172,6 +172,8 @@ class FrozenNode:
 
         home = self.base.get_input_embeddings().weight.device
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())    # "cuda" and "cuda:0" are one device
         if placement is None and device == home:
             yield None
             return

@@ -13,12 +13,15 @@ import bench_memory  # noqa: E402
 def test_smoke_run_writes_rows_for_every_configuration(tmp_path):
     rows = bench_memory.run(["1G"], batch=4, seq=32, steps=1, out_dir=tmp_path, smoke=True)
     nodes = ["llama", "qwen2", "gemma2", "phi3", "mistral"]
-    assert [r["config"] for r in rows] == ["all resident", "plan 1G", "every group streamed",
-                                           "accelerate cpu_offload (bf16 layers)",
-                                           *(f"frozen pass {n}" for n in nodes)]
-    assert rows[2]["streamed_mib_per_step"] > 0 and rows[0]["streamed_mib_per_step"] == 0
-    assert "error" not in rows[3] and rows[3]["step_ms"] > 0 and rows[3]["offloaded_mib"] > 0
-    assert all(r["batch_ms"] > 0 and r["micro_batch"] == 4 for r in rows[4:])
+    assert [r["config"] for r in rows] == ["all resident", *(f"frozen pass {n}" for n in nodes), "plan 1G",
+                                           "every group streamed", "accelerate cpu_offload (bf16 layers)"]
+    by = {r["config"]: r for r in rows}
+    assert by["every group streamed"]["streamed_mib_per_step"] > 0 and by["all resident"]["streamed_mib_per_step"] == 0
+    # forced placements carry their own predictions, not the budget plan's
+    assert by["every group streamed"]["predicted_peak_mib"] != by["plan 1G"]["predicted_peak_mib"]
+    offload = by["accelerate cpu_offload (bf16 layers)"]
+    assert "error" not in offload and offload["step_ms"] > 0 and offload["offloaded_mib"] > 0
+    assert all(r["batch_ms"] > 0 and r["micro_batch"] == 4 for r in rows[1:6])
     with open(tmp_path / "memory-cpu-smoke.csv") as f:
         assert len(list(csv.DictReader(f))) == 9
     assert (tmp_path / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"

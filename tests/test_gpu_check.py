@@ -26,3 +26,40 @@ def test_gpu_check_smoke_run_writes_every_file(tmp_path):
                   "every group streamed", "accelerate cpu_offload", "## Fused injection kernel", "per_token"):
         assert words in summary, words
     assert (out / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_judges_each_figure_against_its_goal(tmp_path):
+    """Synthetic rows as a GPU run writes them: peaks within and beyond the prediction, the 6G step ratio, copies
+    against the pinned peak, a failed accelerate row; the summary names each verdict and survives the failure."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_summary
+
+    rows = [
+        {"config": "all resident", "budget_gib": 24, "micro_batch": 8, "predicted_peak_mib": 4800,
+         "measured_peak_mib": 4500, "step_ms": 100, "step_vs_all_resident": 1.0, "pinned_copy_peak_gbs": 50},
+        {"config": "plan 6G", "budget_gib": 6, "micro_batch": 8, "predicted_peak_mib": 4800,
+         "measured_peak_mib": 4900, "step_ms": 120, "step_vs_all_resident": 1.2, "pinned_copy_peak_gbs": 50},
+        {"config": "every group streamed", "budget_gib": 2, "micro_batch": 8, "predicted_peak_mib": 3000,
+         "measured_peak_mib": 2000, "step_ms": 300, "step_vs_all_resident": 3.0, "copy_gbs": 45,
+         "pinned_copy_peak_gbs": 50},
+        {"config": "frozen pass mistral", "budget_gib": 2, "micro_batch": 8, "predicted_peak_mib": 1900,
+         "measured_peak_mib": 1800, "batch_ms": 50},
+        {"config": "accelerate cpu_offload (bf16 layers)", "error": "RuntimeError: boom"},
+    ]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(tmp_path / "memory-fake-gpu.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "parts.txt").write_text("gpu-tests 0 30\nmemory 124 220\n")
+    text = gpu_summary.summarise(tmp_path, smoke=False).read_text()
+    assert "| all resident | 24 | 8 | 4,800 | 4,500 |" in text and "met (prediction 6.7% above measured)" in text
+    assert "**missed** (measured 2.1% over the prediction)" in text                      # plan 6G's peak
+    assert "**missed** (prediction 50.0% above measured)" in text                        # every group streamed
+    assert "step at 6G within 1.1x of all-resident: **missed** (1.20x)" in text
+    assert "copies at >= 80% of the pinned peak: met (90%)" in text
+    assert "failed: RuntimeError: boom" in text and "124 (timed out)" in text
+    assert "No kernel CSV" in text

@@ -23,6 +23,7 @@ The peak of a step is the plain sum of the breakdown (conservative: not every pa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -435,35 +436,46 @@ def _divisors(n: int) -> list[int]:
     return [m for m in range(n, 0, -1) if n % m == 0]
 
 
+def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int) -> dict:
+    """The training step's peak, part by part, for these groups (resident or streamed) at this micro-batch."""
+    refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
+    workspace = 0
+    if spec.quant == "nf4":
+        workspace = max(max(profile.nodes[g.node].layer_max_linear[g.first:g.last]) for g in groups) * ACT_BYTES
+    # each refiner's streamer holds its own slots, sized for its largest streamed group
+    slots = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
+             for n in dict.fromkeys(g.node for g in groups)]
+    return {
+        "resident_weights": sum(g.bytes for g in groups if g.resident) + sum(n.norm_bytes for n in refiners),
+        "stream_slots": sum(depth * b for b in slots),
+        **_activations(profile, groups, micro, seq, spec.injection),
+        "trainable+optimizer": profile.trainable * TRAIN_BYTES_PER_PARAM,
+        "workspace": workspace,
+        "cuda_context": CUDA_CONTEXT,
+    }
+
+
 def _candidates(spec, profile: _Profile, batch: int, seq: int):
     """Every (groups with residency, prefetch depth, micro-batch) choice with its breakdown."""
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
-    norms = sum(n.norm_bytes for n in refiners)
-    trainable = profile.trainable * TRAIN_BYTES_PER_PARAM
     upper = max(n.n_layers - n.inject for n in refiners)
-    sizes = sorted({min(s, upper) for s in GROUP_SIZES})
-    for size in sizes:
+    for size in sorted({min(s, upper) for s in GROUP_SIZES}):
         base = _groups(profile, size)
-        workspace = 0
-        if spec.quant == "nf4":
-            workspace = max(max(profile.nodes[g.node].layer_max_linear[g.first:g.last]) for g in base) * ACT_BYTES
         for micro in _divisors(batch):
-            acts = _activations(profile, base, micro, seq, spec.injection)
             for k in range(len(base), -1, -1):
                 groups = _with_resident(base, k)
-                # each refiner's streamer holds its own slots, sized for its largest streamed group
-                slots_per_depth = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
-                                   for n in dict.fromkeys(g.node for g in groups)]
                 for depth in ((0,) if k == len(base) else (2, 1)):
-                    breakdown = {
-                        "resident_weights": sum(g.bytes for g in groups if g.resident) + norms,
-                        "stream_slots": sum(depth * b for b in slots_per_depth),
-                        **acts,
-                        "trainable+optimizer": trainable,
-                        "workspace": workspace,
-                        "cuda_context": CUDA_CONTEXT,
-                    }
-                    yield groups, depth, micro, breakdown
+                    yield groups, depth, micro, _step_breakdown(spec, profile, groups, depth, micro, seq)
+
+
+def with_placement(spec, plan: Plan, groups: list[GroupPlan], prefetch_depth: int, micro_batch: int) -> Plan:
+    """`plan` with other groups, residency, slots or micro-batch, its predictions recomputed (benchmarks measure
+    such forced placements: everything resident, everything streamed)."""
+    profile = _profile(spec)
+    breakdown = _step_breakdown(spec, profile, groups, prefetch_depth, micro_batch, plan.seq)
+    return dataclasses.replace(plan, groups=groups, prefetch_depth=prefetch_depth, micro_batch=micro_batch,
+                               breakdown=breakdown, peak=sum(breakdown.values()),
+                               eval_breakdown=eval_breakdown(profile, breakdown, micro_batch, plan.seq))
 
 
 def _preference(groups, depth, micro, batch, peak):

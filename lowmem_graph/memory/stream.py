@@ -70,6 +70,8 @@ class HostSlab:
 
     def __del__(self):
         try:
+            if self.pinned and torch.cuda.is_initialized():
+                torch.cuda.synchronize()    # a copy from it may still be queued (a streamer never detached)
             self.unpin()
         except Exception:       # at interpreter exit CUDA may be gone already; the process frees it then
             pass
