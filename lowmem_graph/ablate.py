@@ -14,11 +14,10 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
 
 from .errors import UserError
 from .files import atomic_file
-from .spec import GraphSpec, from_dict
+from .spec import GraphSpec, from_dict, parse_yaml
 
 
 def apply_changes(spec: GraphSpec, changes: list[str]) -> GraphSpec:
@@ -35,7 +34,7 @@ def apply_changes(spec: GraphSpec, changes: list[str]) -> GraphSpec:
                 raise UserError(f"drop={value}: no node named {value!r} (nodes: {', '.join(names)})")
             raw["nodes"] = [n for n in raw["nodes"] if n["name"] != value]
             continue
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = parse_yaml(value, f"--set {change}") if value.strip() else ""
         parts = key.split(".")
         if parts[0] == "nodes":
             if len(parts) != 3 or parts[1] not in names:

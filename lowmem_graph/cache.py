@@ -10,7 +10,9 @@ At the paper's scale one refiner's entry is tens of GB, so an entry is a folder 
 questions by length to waste no compute on padding). The folder appears under its key only when complete. The
 key hashes everything the states depend on: the node's exact weights and quantisation, the layer, pooling,
 framing prefix, tokenizer, prompt format, maximum length and the questions. An entry whose shards do not match
-their checksums (truncated, corrupted, missing) is deleted and rebuilt, never used.
+their checksums (truncated, corrupted, missing), or whose manifest is not the one written (its own digest binds
+the order of the rows and the shards; a shard name must be a plain shard file of the entry), is deleted and
+rebuilt, never used.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Iterable
@@ -29,9 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .files import atomic_dir, atomic_file, file_sha256
+from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
 
-PROMPT_FORMAT = 3   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
+PROMPT_FORMAT = 4   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
+_SHARD = re.compile(r"^shard-\d{5}\.safetensors$")
 SHARD_BYTES = 256 * 2 ** 20   # rows held in host memory before they go to disk as one shard
 
 
@@ -91,10 +95,12 @@ class PrefixCache:
             return None
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
-            paths = [folder / s["file"] for s in manifest["shards"]]
-            with ThreadPoolExecutor(4) as pool:       # hashlib releases the GIL: shards hash in parallel
-                digests = list(pool.map(file_sha256, paths))
-            intact = digests == [s["sha256"] for s in manifest["shards"]]
+            intact = _manifest_ok(manifest)
+            if intact:
+                paths = [folder / s["file"] for s in manifest["shards"]]
+                with ThreadPoolExecutor(4) as pool:       # hashlib releases the GIL: shards hash in parallel
+                    digests = list(pool.map(file_sha256, paths))
+                intact = digests == [s["sha256"] for s in manifest["shards"]]
         except Exception:   # no manifest, unreadable, a shard missing: the same verdict
             intact = False
         if not intact:
@@ -108,6 +114,7 @@ class PrefixCache:
         """Write `rows` (row r belongs to question order[r]) shard by shard as they come; the entry appears under
         `key` only once complete. Refuses up front, in one line, when the disk cannot hold `expected_bytes`."""
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.root)           # what killed writes left
         free = shutil.disk_usage(self.root).free
         if expected_bytes > free:
             raise UserError(f"the prefix cache entry of {info.get('node', key)} needs about "
@@ -132,10 +139,29 @@ class PrefixCache:
                     held = 0
             if pending:
                 flush()
-            manifest = {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards}
+            manifest = {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards,
+                        "digest": _manifest_digest(list(order), shards)}
             if sum(s["rows"] for s in shards) != len(order):
                 raise RuntimeError(f"the frozen pass gave {sum(s['rows'] for s in shards)} rows for {len(order)} "
                                    "questions")
             with atomic_file(tmp / "manifest.json") as path:
                 path.write_text(json.dumps(manifest, default=str))
         return CacheEntry(self.root / key, manifest)
+
+
+def _manifest_digest(order: list[int], shards: list[dict]) -> str:
+    return fingerprint(order, shards)
+
+
+def _manifest_ok(manifest: dict) -> bool:
+    """The manifest as written: this format, shard names that stay inside the entry, the row order a permutation
+    of its rows, and its own digest over order and shards."""
+    shards, order = manifest.get("shards"), manifest.get("order")
+    if manifest.get("format") != PROMPT_FORMAT or not isinstance(shards, list) or not isinstance(order, list):
+        return False
+    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) and _SHARD.match(s["file"])
+               and isinstance(s.get("rows"), int) and s["rows"] >= 0 for s in shards):
+        return False
+    if sorted(order) != list(range(sum(s["rows"] for s in shards))):
+        return False
+    return manifest.get("digest") == _manifest_digest(order, shards)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import Interrupted, UserError
+
+# Errors of the machine a run writes to, not of our code: said in one line.
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                errno.EEXIST, errno.ENAMETOOLONG}
 
 
 def _spec_from_args(args):
@@ -110,6 +115,8 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate, write_predictions
     from .train import PlacedGraph, TrainConfig, load_questions, load_run_config
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
     run_dir = Path(args.run_dir)
     spec, cfg = load_run_config(run_dir)
     from .runstate import trainable_weights
@@ -248,6 +255,18 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"lowmem-graph: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:
+        if args.debug or e.errno not in _ENVIRONMENT:
+            raise
+        hint = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (disk quota exceeded)",
+                errno.EROFS: " (read-only file system)"}.get(e.errno, "")
+        print(f"lowmem-graph: error: {e.strerror}{hint}: {e.filename or ''}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print("lowmem-graph: error: out of host memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lowmem-graph: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ reported as a `UserError` naming the file and line, so a bad download fails at l
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ TASKS = ("arc-challenge", "arc-easy", "openbookqa", "mmlu")
 SPLITS = ("train", "validation", "test")
 MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
 LETTERS = "ABCDE"
+MAX_LINE = 1 << 20    # bytes a data row may take: a question is never a megabyte; a broken file can be one line
 
 # Split -> file or folder name in each official release.
 _ARC_FILES = {"train": "Train", "validation": "Dev", "test": "Test"}
@@ -82,7 +84,11 @@ def load_task(
 
 
 def _question(qid, stem, texts, labels, answer, where: str, subject: str = "") -> Question:
-    """The checks every source shares: 2 to 5 choices and an answer that names one of them."""
+    """The checks every source shares: text where text goes, 2 to 5 choices, an answer that names one of them."""
+    if not isinstance(stem, str) or not stem.strip():
+        raise UserError(f"{where}: the question text is {'empty' if isinstance(stem, str) else repr(stem)}")
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{where}: every choice must be text, got {texts!r}"[:300])
     if not 2 <= len(texts) <= 5:
         raise UserError(f"{where}: {len(texts)} choices, expected 2 to 5")
     if answer not in labels:
@@ -108,28 +114,52 @@ def _field(obj, key: str, where: str):
     return obj[key]
 
 
+def _lines(path: Path):
+    """(line number, text) of a UTF-8 file (a byte-order mark is fine); a line that is not UTF-8 or over MAX_LINE
+    bytes is one error naming its line, read without holding more than MAX_LINE of it."""
+    with open(path, "rb") as f:
+        line_no = 0
+        while True:
+            raw = f.readline(MAX_LINE + 1)
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                size = len(raw)
+                while chunk := f.readline(1 << 20):      # measure the rest without keeping it
+                    size += len(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                raise UserError(f"{path}:{line_no}: a line of {size / 2 ** 20:.1f} MiB, over the "
+                                f"{MAX_LINE // 2 ** 20} MiB a row may take")
+            try:
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
+
+
 def _load_jsonl(path: Path) -> list[Question]:
     """ARC and OpenBookQA share one row shape: {"id", "question": {"stem", "choices"}, "answerKey"}."""
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: bad JSON ({e.msg})") from None
-            q = _field(row, "question", where)
-            choices = _field(q, "choices", where)
-            if not isinstance(choices, list):
-                raise UserError(f"{where}: 'choices' is not a list")
-            texts = [_field(c, "text", where) for c in choices]
-            labels = [_field(c, "label", where) for c in choices]
-            questions.append(
-                _question(_field(row, "id", where), _field(q, "stem", where), texts, labels,
-                          _field(row, "answerKey", where), where)
-            )
+    for line_no, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: bad JSON ({e.msg})") from None
+        q = _field(row, "question", where)
+        choices = _field(q, "choices", where)
+        if not isinstance(choices, list):
+            raise UserError(f"{where}: 'choices' is not a list")
+        texts = [_field(c, "text", where) for c in choices]
+        labels = [_field(c, "label", where) for c in choices]
+        questions.append(
+            _question(_field(row, "id", where), _field(q, "stem", where), texts, labels,
+                      _field(row, "answerKey", where), where)
+        )
     return questions
 
 
@@ -157,18 +187,24 @@ def _load_mmlu_dir(data_dir: Path, split: str, subjects) -> list[Question]:
 def _load_mmlu_csv(path: Path, subject: str) -> list[Question]:
     """Headerless rows question,A,B,C,D,answer; quoted fields may span lines, so errors cite a row's first line."""
     questions = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        start = 1
-        for row in reader:
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != 6:
-                raise UserError(f"{where}: {len(row)} columns, expected 6 (question,A,B,C,D,answer)")
-            qid = f"{path.stem}-{len(questions)}"
-            questions.append(_question(qid, row[0], row[1:5], tuple("ABCD"), row[5].strip(), where, subject))
+    text = "".join(line for _, line in _lines(path))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise UserError(f"{path}:{start}: bad CSV ({e})") from None
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not row:
+            continue
+        if len(row) != 6:
+            raise UserError(f"{where}: {len(row)} columns, expected 6 (question,A,B,C,D,answer)")
+        qid = f"{path.stem}-{len(questions)}"
+        questions.append(_question(qid, row[0], row[1:5], tuple("ABCD"), row[5].strip(), where, subject))
     return questions
 
 

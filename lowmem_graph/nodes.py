@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
-from .files import atomic_dir, file_sha256
+from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
 from .spec import NodeSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -78,8 +82,9 @@ def bundled_config(ref: str):
     return AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = None):
-    """The model's config, with clear errors for unknown ids and models that are not causal LMs."""
+def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config, with clear errors for unknown ids and models that are not causal LMs. Python shipped
+    with a model runs only with `trust_remote_code` (a node's opt-in); never after a question at a prompt."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -88,8 +93,12 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
         return config, ref, False
     source, is_local = resolve_model(ref)
     try:
-        config = AutoConfig.from_pretrained(source, **({} if is_local else {"revision": revision}))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            **({} if is_local else {"revision": revision}))
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
+                            "only if you trust that code") from None
         where = "local folder" if is_local else "model id (not on the hub, or not in the local cache while offline)"
         raise UserError(f"cannot load config of {ref!r}: unknown {where}: {str(e).splitlines()[0]}") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -108,13 +117,38 @@ def hub_commit(source: str, revision: str | None = None) -> str | None:
 
 
 def source_identity(source: str, is_local: bool, commit: str | None = None) -> str:
-    """What names a model's weights: a hub id with its commit, or a local folder's path with its weight files'
-    sizes and times."""
+    """What names a model's weights: a hub id with its commit, or the SHA-256 of a local folder's weight, config and
+    tokenizer files (new weights of the same size and time are new weights)."""
     if not is_local:
         return f"{source}@{commit or 'unresolved'}"
-    stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(source).iterdir()
-                    if p.suffix in (".safetensors", ".bin", ".pt", ".json"))
-    return f"{Path(source).resolve()}|{stamps}"
+    return f"local:{folder_digest(Path(source))}"
+
+
+_HASHED = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the files that make a model (name and content). A file's digest is remembered under its inode,
+    size, mtime and ctime (ctime changes on every write and cannot be set back), so a folder is read once."""
+    from .tiny import cache_root
+
+    memo_path = cache_root() / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    parts, changed = [], False
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _HASHED):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+        if key not in memo:
+            memo[key], changed = file_sha256(path), True
+        parts.append((path.name, memo[key]))
+    if changed:
+        with contextlib.suppress(OSError):
+            with atomic_file(memo_path) as tmp:
+                tmp.write_text(json.dumps(memo))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def _quantised_cache_dir(identity: str, source: str, quant: str, compute=torch.float32) -> Path:
@@ -223,7 +257,8 @@ class FrozenNode:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         device = torch.device(device) if device is not None else default_device()
-        config, source, is_local = load_config(spec.model, revision=spec.revision)
+        trust = {"trust_remote_code": spec.trust_remote_code}
+        config, source, is_local = load_config(spec.model, revision=spec.revision, **trust)
         commit = None if is_local else hub_commit(source, spec.revision)
         identity = source_identity(source, is_local, commit)
         pinned = {} if is_local else {"revision": commit or spec.revision}
@@ -235,7 +270,7 @@ class FrozenNode:
             kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
         elif quant == "nf4":
             cached = _quantised_cache_dir(identity, source, quant, compute)   # the compute dtype is saved too
-            if (cached / "config.json").exists():
+            if _verified(cached):
                 load_from = str(cached)
             else:
                 save_to = cached
@@ -247,10 +282,12 @@ class FrozenNode:
             kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32
         try:
             from_hub = pinned if load_from == source else {}     # the commit the config resolved to
-            model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **from_hub)
-            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **({} if spec.tokenizer else from_hub))
-        except OSError as e:
-            raise UserError(f"cannot load model {spec.model!r}: {str(e).splitlines()[0]}") from None
+            model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **from_hub, **trust)
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **trust,
+                                                      **({} if spec.tokenizer else from_hub))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UserError(f"cannot load model {spec.model!r}: {type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
         if save_to is not None:
             _save_atomically(model, tokenizer, save_to)
         if not logits and model.get_output_embeddings() is not None:
@@ -407,6 +444,32 @@ class FrozenNode:
 
 
 def _save_atomically(model, tokenizer, path: Path) -> None:
+    """The quantised copy, with every file's SHA-256 in checksums.json (checked on each load)."""
+    remove_stale_temps(path.parent)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+
+
+def _verified(folder: Path) -> bool:
+    """Whether a quantised copy is there and whole (every file matches its recorded SHA-256); a damaged or
+    incomplete one is deleted, so the node is quantised again."""
+    if not folder.exists():
+        return False
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        sums = json.loads((folder / "checksums.json").read_text())
+        names = sorted(sums)
+        with ThreadPoolExecutor(4) as pool:        # hashlib releases the GIL
+            whole = list(pool.map(file_sha256, [folder / n for n in names])) == [sums[n] for n in names]
+        whole = whole and "config.json" in sums and all("/" not in n and n != ".." for n in names)
+    except (OSError, ValueError, TypeError, AttributeError):
+        whole = False
+    if not whole:
+        print(f"lowmem-graph: the quantised copy {folder} is damaged or incomplete: quantising the node again",
+              file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+    return whole

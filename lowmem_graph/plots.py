@@ -1,16 +1,17 @@
 """Training curves as a PNG: people would rather look at a loss curve than read one."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .files import atomic_file
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records); a partial last line (a killed write) is skipped (runstate.read_metrics)."""
+    from .runstate import read_metrics as records
+
     steps, epochs = [], []
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
+    for record in records(path):
         (steps if record.get("kind") == "step" else epochs).append(record)
     return steps, epochs
 

@@ -31,7 +31,11 @@ def load_protocol(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"protocol file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    from .spec import read_yaml
+
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with preset, train and benchmarks")
     unknown = set(raw) - {"preset", "train", "benchmarks"}
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: preset, train, benchmarks)")

@@ -17,9 +17,11 @@ one line.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
+import warnings
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         save_file({**tensors, **rng_tensors}, str(tmp / "state.safetensors"))
         state = {"format": FORMAT, "step": step, "optimizer": plain_optimizer, "scheduler": scheduler, "rng": rng,
                  "sha256": {f: file_sha256(tmp / f) for f in (TRAINABLE, "state.safetensors")}}
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps({**state, "digest": _digest(state)}))
     _point(run_dir / LINK, f"{STORE}/{name}")
     if not (run_dir / TRAINABLE).is_symlink():
         (run_dir / TRAINABLE).unlink(missing_ok=True)       # a file from an older version: the link replaces it
@@ -122,6 +124,12 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return target
+
+
+def _digest(state: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _point(link: Path, target: str) -> None:
@@ -149,6 +157,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     where = f"{run_dir}/{LINK}"
     try:
         state = json.loads((folder / "state.json").read_text())
+        if state.pop("digest", None) != _digest(state):
+            raise UserError(f"{where}/state.json is damaged (its digest does not match its content): resume from "
+                            "another copy of the run, or start it again")
         if state.get("format") != FORMAT:
             raise UserError(f"{where}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")
         for f, digest in state["sha256"].items():
@@ -168,8 +179,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 def _load_legacy(path: Path) -> Checkpoint:
     """A pickled checkpoint of an older version, loaded the only safe way: weights_only=True."""
-    safe = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))] \
-        if hasattr(np, "core") else []
+    safe = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):   # NumPy 2 and NumPy 1 pickles
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                safe.append(importlib.import_module(module)._reconstruct)
+            except (ImportError, AttributeError):
+                pass
     try:
         with torch.serialization.safe_globals(safe):
             state = torch.load(path, map_location="cpu", weights_only=True)

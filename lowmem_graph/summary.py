@@ -26,19 +26,19 @@ class NodeShape:
     site: str     # "read layer 16/16" or "inject before layer 24/32"
 
 
-def meta_model(ref: str, revision: str | None = None):
+def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
     from transformers import AutoModelForCausalLM
 
-    config, _, _ = load_config(ref, prefer_bundled=True, revision=revision)
+    config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config)
+        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
     shapes = {}
     for n in spec.nodes:
-        config, model = meta_model(n.model, n.revision)
+        config, model = meta_model(n.model, n.revision, n.trust_remote_code)
         text = config.get_text_config()
         layers = text.num_hidden_layers
         if n.role == "reader":

@@ -107,8 +107,8 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
         for one in (splits.split(",") if splits else [split]):
             chosen += load_task(task, one.strip(), data_dir)
         if sample:
-            if not sample.isdigit():
-                raise UserError(f"{part}@{sample}: expected a number of questions after @")
+            if not sample.isdigit() or int(sample) < 1:
+                raise UserError(f"{part}@{sample}: expected a number of questions (>= 1) after @")
             if int(sample) < len(chosen):
                 chosen = random.Random(0).sample(chosen, int(sample))
         questions += chosen[:limit] if limit else chosen
@@ -474,6 +474,13 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
         except torch.cuda.OutOfMemoryError as e:
             _discard_unstarted(run_dir, resume)
             raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
+        except MemoryError:
+            _discard_unstarted(run_dir, resume)
+            plan = getattr(trainer, "plan", None)
+            need = (f"the plan's host figure is {plan.host_peak / 2 ** 30:.2f} GiB" if plan is not None
+                    else "without --gpu-mem every node loads whole")
+            raise UserError(f"out of host memory ({need}); close other programs, use fewer or smaller nodes, or "
+                            "a smaller --batch-size") from None
         except BaseException:
             _discard_unstarted(run_dir, resume)
             raise

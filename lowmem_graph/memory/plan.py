@@ -243,7 +243,7 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         return _PROFILES[key]
     nodes = {}
     for n in spec.nodes:
-        config, model = meta_model(n.model, n.revision)
+        config, model = meta_model(n.model, n.revision, n.trust_remote_code)
         text = config.get_text_config()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         layers = len(base.layers)

@@ -1,0 +1,194 @@
+"""The catalogue of bad inputs: each one is one line on stderr, exit code 2, no traceback, and names what and where.
+
+A row is (what is wrong, how to make it, the words the line must hold). `setup(tmp)` writes what the case needs
+and returns the command line. The table only grows: a new bad input found anywhere gets a row here.
+"""
+import errno
+import json
+
+import pytest
+import yaml
+
+from lowmem_graph.cli import main
+from lowmem_graph.spec import preset_path
+
+TINY = yaml.safe_load(preset_path("tiny").read_text())
+QUICK = ["--limit-train", "8", "--limit-eval", "4", "--epochs", "1", "--no-progress"]
+
+
+def spec_file(tmp, change=None, text=None, raw=None):
+    path = tmp / "g.yaml"
+    if raw is not None:
+        path.write_bytes(raw)
+    elif text is not None:
+        path.write_text(text)
+    else:
+        spec = json.loads(json.dumps(TINY))
+        change(spec)
+        path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def arc_row(i=0, stem="Which gas do plants take in?", texts=("oxygen", "carbon dioxide"), answer="B"):
+    choices = [{"text": t, "label": "AB"[k]} for k, t in enumerate(texts)]
+    return json.dumps({"id": f"q{i}", "question": {"stem": stem, "choices": choices}, "answerKey": answer})
+
+
+def data_dir(tmp, body: bytes):
+    folder = tmp / "data"
+    folder.mkdir(exist_ok=True)
+    (folder / "ARC-Easy-Train.jsonl").write_bytes(body)
+    return ["--data-dir", str(folder), "--task", "arc-easy", "--eval-task", "arc-easy", "--eval-split", "train"]
+
+
+def run_folder(tmp, config=None, weights=b"not safetensors"):
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config if config is not None else
+                                     yaml.safe_dump({"graph": TINY, "train": {"epochs": 1}}))
+    (run / "trainable.safetensors").write_bytes(weights)
+    return str(run)
+
+
+def _set(path, value):
+    def change(spec):
+        target = spec
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return change
+
+
+CASES = [
+    # --- graph specs -----------------------------------------------------------------------------------------
+    ("spec: broken YAML", lambda t: ["inspect", "--graph", spec_file(t, text="nodes: [\n  {name: a\n")],
+     ["g.yaml", "line", "invalid YAML"]),
+    ("spec: not UTF-8", lambda t: ["inspect", "--graph", spec_file(t, raw=b"name: x\nnodes: []\n# caf\xe9\n")],
+     ["g.yaml", "line 3", "not UTF-8"]),
+    ("spec: heads 0", lambda t: ["inspect", "--graph", spec_file(t, _set(["output", "heads"], 0))],
+     ["output", "heads must be >= 1"]),
+    ("spec: prefix 123", lambda t: ["inspect", "--graph", spec_file(t, _set(["nodes", 0, "prefix"], 123))],
+     ["nodes[0]", "prefix", "must be str"]),
+    ("spec: blend as text", lambda t: ["inspect", "--graph", spec_file(t, _set(["nodes", 3, "blend"], "lots"))],
+     ["nodes[3]", "blend", "must be float"]),
+    ("spec: trust_remote_code 'yes'",
+     lambda t: ["inspect", "--graph", spec_file(t, _set(["nodes", 0, "trust_remote_code"], "yes"))],
+     ["trust_remote_code", "must be bool"]),
+    ("spec: null latent_dim", lambda t: ["inspect", "--graph", spec_file(t, _set(["latent_dim"], None))],
+     ["latent_dim", "required"]),
+    ("spec: name escapes --out", lambda t: ["inspect", "--graph", spec_file(t, _set(["name"], "../../x"))],
+     ["graph name", "'../../x'"]),
+    ("spec: node name with a slash", lambda t: ["inspect", "--graph", spec_file(t, _set(["nodes", 0, "name"], "a/b"))],
+     ["nodes[0]", "node name", "'a/b'"]),
+    ("spec: epochs as text", lambda t: ["train", "--graph", spec_file(t, _set(["train", "epochs"], "abc")), *QUICK[:4]],
+     ["train", "epochs", "must be int"]),
+    ("spec: unknown train setting", lambda t: ["train", "--graph", spec_file(t, _set(["train", "epoch"], 2))],
+     ["unknown setting", "epoch"]),
+    ("unknown preset", lambda t: ["inspect", "--preset", "huge"], ["unknown preset 'huge'"]),
+    # --- flags ------------------------------------------------------------------------------------------------
+    ("--lr nan", lambda t: ["train", "--lr", "nan", *QUICK], ["lr", "finite"]),
+    ("--lr inf", lambda t: ["train", "--lr", "inf", *QUICK], ["lr", "finite"]),
+    ("--lr 0", lambda t: ["train", "--lr", "0", *QUICK], ["lr must be > 0"]),
+    ("--limit-train 0", lambda t: ["train", "--limit-train", "0"], ["limit_train must be >= 1"]),
+    ("--limit-train -5", lambda t: ["train", "--limit-train", "-5"], ["limit_train must be >= 1"]),
+    ("--max-steps 0", lambda t: ["train", "--max-steps", "0", *QUICK], ["max_steps must be >= 1"]),
+    ("--checkpoint-every -1", lambda t: ["train", "--checkpoint-every", "-1", *QUICK], ["checkpoint_every"]),
+    ("--batch-size 0", lambda t: ["train", "--batch-size", "0", *QUICK], ["batch_size must be >= 1"]),
+    ("--set broken YAML", lambda t: ["train", "--set", "latent_dim=[1", *QUICK], ["--set latent_dim=[1", "YAML"]),
+    ("--set name outside --out", lambda t: ["train", "--set", "name=../../x", *QUICK], ["graph name", "../../x"]),
+    ("--set without =", lambda t: ["train", "--set", "latent_dim", *QUICK], ["expected key=value"]),
+    ("--gpu-mem lots", lambda t: ["train", "--gpu-mem", "lots", *QUICK], ["memory size 'lots'"]),
+    ("task@0", lambda t: ["train", "--task", "arc-easy@0", *QUICK], ["@0", ">= 1"]),
+    ("unknown task", lambda t: ["train", "--task", "arc-hard", *QUICK], ["unknown task 'arc-hard'"]),
+    ("plan: host memory too small", lambda t: ["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "2G"],
+     ["host memory", "2.00 GiB is available"]),
+    # --- data files -------------------------------------------------------------------------------------------
+    ("data: not UTF-8", lambda t: ["train", *data_dir(t, arc_row().encode() + b"\n" + b'{"id": "caf\xe9"}\n'), *QUICK],
+     ["ARC-Easy-Train.jsonl:2", "not UTF-8"]),
+    ("data: null stem", lambda t: ["train", *data_dir(t, arc_row(stem=None).encode()), *QUICK],
+     ["ARC-Easy-Train.jsonl:1", "question text"]),
+    ("data: null choice", lambda t: ["train", *data_dir(t, arc_row(texts=("a", None)).encode()), *QUICK],
+     ["ARC-Easy-Train.jsonl:1", "choice must be text"]),
+    ("data: a 20 MB line", lambda t: ["train", *data_dir(t, arc_row().encode() + b"\n" + b"x" * (20 << 20)), *QUICK],
+     ["ARC-Easy-Train.jsonl:2", "20.0 MiB"]),
+    ("data: bad JSON", lambda t: ["train", *data_dir(t, b'{"id": \n'), *QUICK], ["ARC-Easy-Train.jsonl:1", "bad JSON"]),
+    ("data: answer not a label", lambda t: ["train", *data_dir(t, arc_row(answer="E").encode()), *QUICK],
+     ["ARC-Easy-Train.jsonl:1", "answer 'E'"]),
+    # --- run folders ------------------------------------------------------------------------------------------
+    ("eval: trainable.safetensors corrupt", lambda t: ["eval", run_folder(t)], ["trainable.safetensors", "unreadable"]),
+    ("eval: config.yaml broken", lambda t: ["eval", run_folder(t, config="graph: [\n")], ["config.yaml", "YAML"]),
+    ("eval: config.yaml not a run's", lambda t: ["eval", run_folder(t, config="- 1\n- 2\n")],
+     ["config.yaml", "not a run's config"]),
+    ("eval: --limit 0", lambda t: ["eval", run_folder(t), "--limit", "0"], ["--limit must be >= 1"]),
+    ("resume: not a run folder", lambda t: ["train", "--resume", str(t)], ["not a run folder"]),
+    ("resume: config.yaml not UTF-8", lambda t: ["train", "--resume", _latin1_config(t)], ["config.yaml", "not UTF-8"]),
+    ("--run-dir not empty", lambda t: ["train", "--run-dir", _non_empty(t), *QUICK], ["exists and is not empty"]),
+    ("--out is a file", lambda t: ["train", "--out", _a_file(t), *QUICK], ["cannot make the runs folder"]),
+    ("reproduce: protocol broken", lambda t: ["reproduce", "--protocol", spec_file(t, text="train: {epochs: [\n")],
+     ["g.yaml", "invalid YAML"]),
+]
+
+
+def _latin1_config(tmp):
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(b"graph: {name: caf\xe9}\n")
+    return str(run)
+
+
+def _non_empty(tmp):
+    (tmp / "busy").mkdir()
+    (tmp / "busy" / "something").write_text("x")
+    return str(tmp / "busy")
+
+
+def _a_file(tmp):
+    (tmp / "runs").write_text("a file where the runs folder would go")
+    return str(tmp / "runs")
+
+
+@pytest.mark.parametrize("what, make, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(tmp_path, capsys, what, make, words):
+    argv = make(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, (what, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("lowmem-graph: error:"), err[-2000:]
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_a_full_disk_is_said_so(tmp_path, capsys, monkeypatch):
+    from lowmem_graph import train as training
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "x" / "config.yaml"))
+
+    monkeypatch.setattr(training, "save_config", full)
+    code = main(["train", "--out", str(tmp_path / "runs"), *QUICK])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "disk is full" in err and "config.yaml" in err
+
+
+def test_out_of_host_memory_is_said_so(tmp_path, capsys, monkeypatch):
+    from lowmem_graph import train as training
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(training.Trainer, "__init__", exhausted)
+    code = main(["train", "--out", str(tmp_path / "runs"), *QUICK])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "out of host memory" in err
+    assert not list((tmp_path / "runs").glob("*"))       # nothing half-written left
+
+
+def test_yaml_reads_1e_3_as_a_string_and_we_accept_it():
+    from lowmem_graph.train import TrainConfig
+
+    raw = yaml.safe_load("lr: 1e-3\nepochs: 2\n")
+    assert raw["lr"] == "1e-3"                               # YAML 1.1's float needs a dot
+    assert TrainConfig.from_dict(raw).lr == pytest.approx(1e-3)
+
