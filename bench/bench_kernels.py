@@ -1,12 +1,12 @@
-"""Injection-op benchmark: eager vs torch.compile vs Triton at the paper's shapes; see lowmem_graph/kernel_bench.py.
+"""Injection-op benchmark: eager vs torch.compile vs Triton at the paper's shapes; see bench/kernel_bench.py.
 
-    python bench/bench_kernels.py [--out bench/results] [--quick]
+    python bench/bench_kernels.py [--out bench/results] [--quick] [--smoke]
 
-Without a CUDA device it prints one line and writes nothing.
+Without a CUDA device it prints one line and writes nothing (--smoke: the same code on the CPU, tiny shapes).
 """
 import argparse
 
-from lowmem_graph.kernel_bench import add_bench_options, run_kernel_bench
+from kernel_bench import add_bench_options, run_kernel_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,10 +7,10 @@ The five real architectures are built from their bundled configurations with ran
 training from the prefix cache runs: the refiners from their injection layer up (checkpointed layer groups,
 resident or streamed as the plan says), the projections, the output node, backward and AdamW; the readers'
 pooled states and the refiners' injection-layer inputs are random tensors of the cached shapes. For each budget:
-measured peak (the CUDA context as `mem_get_info` sees it before anything is allocated, plus torch's peak reserved
-bytes) against the plan's prediction, and the median step time against the all-resident step. Also: every group streamed (the
-streaming overhead at its worst), the top layers offloaded with accelerate's `cpu_offload` (what users reach for
-today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer's copies achieved
+measured peak (device memory in use outside torch's allocator, read from the driver, plus torch's peak reserved
+bytes) against the plan's prediction, and the median step time against the all-resident step. Also: every group
+streamed (the streaming overhead at its worst), the top layers offloaded with accelerate's `cpu_offload` (what
+users reach for today), and host-to-device GB/s: the pinned-copy peak of this machine and what the streamer's copies achieved
 (timed by CUDA events on the copy stream), and the process's peak host RSS against the plan's host figure.
 The frozen pass is measured too: per budget and node, one micro-batch of random tokens through the layers the
 node needs, placed as the plan says (resident or streamed), its peak against the plan's and its time.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import resource
 import statistics
 import sys
 import time
@@ -30,14 +29,15 @@ from pathlib import Path
 
 import torch
 
-from lowmem_graph.graph import Batch, FrozenGraph, autocast
+from lowmem_graph.graph import Batch, FrozenGraph
 from lowmem_graph.memory.plan import make_plan, parse_size, with_placement
-from lowmem_graph.memory.stream import stream_refiners
+from lowmem_graph.memory.placement import Placement, norm_and_rotary
+from lowmem_graph.memory.report import MiB, device_peaks, outside_torch_bytes, peak_rss_mib
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
 from lowmem_graph.summary import meta_model
+from lowmem_graph.train import accumulate
 
-MiB = 2 ** 20
 
 
 def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int) -> FrozenNode:
@@ -100,27 +100,28 @@ def random_inputs(graph: FrozenGraph, batch: int, seq: int, device):
 
 
 def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[float]:
-    """Median-able wall times of full steps (forward, backward in micro-batches, AdamW), synchronised. Leaves
-    no gradients or optimizer state behind, so the next measurement starts from what a run holds."""
+    """Median-able wall times of full steps (the trainer's forward and backward in micro-batches, `accumulate`,
+    then AdamW), synchronised. Leaves no gradients or optimizer state behind, so the next measurement starts from
+    what a run holds."""
     optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
     batch, readers, prefixes = inputs
     n = batch.labels.shape[0]
+
+    def parts():
+        for lo in range(0, n, micro_batch):
+            part = slice(lo, lo + micro_batch)
+            sub = Batch({k: (ids[part], m[part]) for k, (ids, m) in batch.tokens.items()}, batch.labels[part],
+                        batch.n_choices[part], batch.ids[part])
+            yield sub, ({r: x[part].to(device, non_blocking=True) for r, x in readers.items()},
+                        {j: p[part].to(device, non_blocking=True) for j, p in prefixes.items()})
+
     times = []
     for _ in range(steps + 1):                          # the first step warms up and is dropped
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        for lo in range(0, n, micro_batch):
-            part = slice(lo, lo + micro_batch)
-            sub = Batch({k: (ids[part], m[part]) for k, (ids, m) in batch.tokens.items()}, batch.labels[part],
-                        batch.n_choices[part], batch.ids[part])
-            states = ({r: x[part].to(device, non_blocking=True) for r, x in readers.items()},
-                      {j: p[part].to(device, non_blocking=True) for j, p in prefixes.items()})
-            with autocast(device):
-                out = graph(sub, *states)
-            loss = torch.nn.functional.cross_entropy(out.logits.float(), sub.labels.to(device)) * len(sub.ids) / n
-            loss.backward()
+        accumulate(graph, parts(), n, device)
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -136,32 +137,13 @@ def _fresh_peak(device) -> None:
 
 
 def cuda_context_bytes(device) -> int:
-    """Device memory in use outside torch's allocator (the CUDA context, cuBLAS's handle, the driver's own), read
-    from the driver after one matrix product: what the plan's `cuda_context` allowance stands for."""
+    """Device memory in use outside torch's allocator after one matrix product (the CUDA context, cuBLAS):
+    what the plan's `cuda_context` allowance stands for."""
     a = torch.randn(256, 256, device=device)
     (a @ a).sum().item()
     del a
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free - torch.cuda.memory_reserved(device)
-
-
-def _measured_peaks(device, context: int) -> dict:
-    """torch's peaks since the last reset, and the whole device's: what is in use outside torch's allocator (the
-    larger of the context at the start and now: kernels and library handles load lazily) plus the peak reserved."""
-    if device.type != "cuda":
-        return {}
-    free, total = torch.cuda.mem_get_info(device)
-    outside = max(context, total - free - torch.cuda.memory_reserved(device))
-    return {"measured_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MiB,
-            "measured_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MiB,
-            "measured_context_mib": outside / MiB,
-            "measured_peak_mib": (outside + torch.cuda.max_memory_reserved(device)) / MiB}
-
-
-def host_peak_rss_mib() -> float:
-    """The process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return outside_torch_bytes(device)
 
 
 def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
@@ -179,7 +161,9 @@ def pinned_copy_gbs(device, nbytes: int = 1 << 30) -> float:
 
 def measure(label: str, graph, plan, inputs, device, steps: int, context: int = 0) -> dict:
     _fresh_peak(device)
-    streamers = stream_refiners(graph, plan, device)
+    placement = Placement(device, plan)
+    placement.start_steps(graph)
+    streamers = placement.streamers
     try:
         for s in streamers:
             s.copy_times = [] if device.type == "cuda" else None
@@ -192,15 +176,14 @@ def measure(label: str, graph, plan, inputs, device, steps: int, context: int = 
             torch.cuda.synchronize()
             copy_gbs = sum(n for n, _, _ in copies) / (sum(b.elapsed_time(e) for _, b, e in copies) / 1000) / 1e9
     finally:
-        for s in streamers:
-            s.detach()
+        placement.stop_steps()
     row = {"config": label, "budget_gib": plan.budget / 2 ** 30, "micro_batch": plan.micro_batch,
            "resident_mib": plan.resident_bytes / MiB, "streamed_mib": plan.streamed_bytes / MiB,
            "predicted_peak_mib": plan.peak / MiB, "step_ms": 1000 * statistics.median(times),
            "streamed_mib_per_step": streamed / MiB,
            "stream_gbs_lower_bound": streamed / statistics.median(times) / 1e9 if streamed else 0.0,
            "copy_gbs": copy_gbs, "predicted_eval_peak_mib": plan.eval_peak / MiB,
-           "predicted_host_mib": plan.host_peak / MiB, **_measured_peaks(device, context)}
+           "predicted_host_mib": plan.host_peak / MiB, **device_peaks(device, context)}
     return row
 
 
@@ -208,7 +191,7 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int, context: int 
     """The frozen pass under the plan, one node at a time: random tokens (a full micro-batch of full-length
     prompts, the plan's worst case) through the layers the node needs, placed as the plan says."""
     rows = []
-    for name, placement in plan.frozen.items():
+    for name, placed in plan.frozen.items():
         node = graph.nodes[name]
         vocab = node.model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (plan.frozen_micro_batch, plan.seq))
@@ -216,7 +199,7 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int, context: int 
         run = node.read if name in graph.readers else node.prefix
         _fresh_peak(device)
         times = []
-        with node.visiting(device, placement) as streamer:
+        with Placement(device, plan).frozen_pass(node) as streamer:
             for _ in range(repeats + 1):                # the first warms up and is dropped
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -227,10 +210,10 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int, context: int 
                 times.append(time.perf_counter() - start)
             loads = streamer.loads
         row = {"config": f"frozen pass {name}", "budget_gib": plan.budget / 2 ** 30,
-               "micro_batch": plan.frozen_micro_batch, "resident_mib": placement.resident_bytes / MiB,
-               "streamed_mib": placement.streamed_bytes / MiB, "predicted_peak_mib": placement.peak / MiB,
+               "micro_batch": plan.frozen_micro_batch, "resident_mib": placed.resident_bytes / MiB,
+               "streamed_mib": placed.streamed_bytes / MiB, "predicted_peak_mib": placed.peak / MiB,
                "batch_ms": 1000 * statistics.median(times[1:]), "group_loads": loads,
-               **_measured_peaks(device, context)}
+               **device_peaks(device, context)}
         rows.append(row)
     return rows
 
@@ -252,7 +235,9 @@ def accelerate_offload_row(graph, inputs, device, steps: int, context: int = 0) 
     try:
         for j in graph.refiners:
             node = graph.nodes[j]
-            node.place_top(device)
+            for part in norm_and_rotary(node):
+                part.to(device)
+            node.device = device
             for layer in list(node.layers)[node.inject_layer:]:
                 for name, module in list(layer.named_modules()):
                     if isinstance(module, bnb.nn.Linear4bit):
@@ -267,7 +252,7 @@ def accelerate_offload_row(graph, inputs, device, steps: int, context: int = 0) 
         times = time_steps(graph, inputs, inputs[0].labels.shape[0], steps, device)
         row["step_ms"] = 1000 * statistics.median(times)
         row["offloaded_mib"] = sum(m.in_features * m.out_features * dtype.itemsize for _, _, m in swapped) / MiB
-        row.update(_measured_peaks(device, context))
+        row.update(device_peaks(device, context))
     except Exception as e:      # report, do not hide: the comparison failed, and why
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
@@ -296,7 +281,7 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
 
     def add(*new: dict) -> None:
         for row in new:
-            row.update(common, host_peak_rss_mib=host_peak_rss_mib())
+            row.update(common, host_peak_rss_mib=peak_rss_mib())
             if "step_ms" in row and reference is not None:
                 row["step_vs_all_resident"] = row["step_ms"] / reference["step_ms"]
             if "batch_ms" in row:       # the frozen pass against the first (roomiest) budget's, node by node

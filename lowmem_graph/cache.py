@@ -1,8 +1,9 @@
 """The frozen-prefix cache: input-only work done once per data set and kept on disk.
 
 Readers' states and each refiner's residual stream at its injection layer depend on the input alone, so the
-model-major frozen pass (`FrozenGraph.precompute`) runs each node once over the whole data set and stores the
-result here. Training then runs only the refiners' upper layers, the projections and the output node.
+model-major frozen pass (frozen_pass.py) runs each node once over the whole data set and stores the result here;
+`FrozenStates` serves it back batch by batch. Training then runs only the refiners' upper layers, the projections
+and the output node.
 
 At the paper's scale one refiner's entry is tens of GB, so an entry is a folder written as the pass goes:
 `shard-NNNNN.safetensors` files of whole rows (flattened, with their offsets), each hashed when written, and
@@ -25,6 +26,7 @@ import shutil
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +56,41 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         text = json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry_key(node, what, data: str) -> str:
+    """The key of one node's entry: everything its states depend on (exact weights and quantisation, layer and
+    pooling, framing prefix, maximum length, tokenizer, prompt format, the questions)."""
+    return fingerprint(node.identity, what, node.spec.prefix, node.max_length, tokenizer_fingerprint(node.tokenizer),
+                       PROMPT_FORMAT, data)[:32]
+
+
+@dataclass
+class FrozenStates:
+    """What the frozen pass produced for one data set, served per batch in the shapes `FrozenGraph.forward` takes."""
+
+    rows: dict[str, int]                 # question id -> row
+    entries: dict[str, "CacheEntry"]     # node name -> entry
+
+    def for_batch(self, graph, batch) -> tuple[dict, dict]:
+        """(reader states in fp32: pooled (B, d_k) or per token (B, T_k, d_k); each refiner's stream entering its
+        injection layer, padded to the batch's tokens), on the graph's device."""
+        rows = [self.rows[i] for i in batch.ids]
+        device = next(graph.parameters()).device
+
+        def padded(name):
+            items = [self.entries[name].row(r) for r in rows]
+            out = items[0].new_zeros(len(items), batch.tokens[name][1].shape[1], items[0].shape[-1])
+            for b, (item, length) in enumerate(zip(items, batch.tokens[name][1].sum(1).tolist())):
+                if len(item) != length:
+                    raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
+                out[b, : len(item)] = item
+            return out.to(device)
+
+        readers = {r: (padded(r) if graph.spec.injection == "token"
+                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)).float()
+                   for r in graph.readers}
+        return readers, {j: padded(j) for j in graph.refiners}
 
 
 class CacheEntry:

@@ -132,9 +132,10 @@ def cmd_eval(args) -> None:
     graph.load_trainable(weights, str(run_dir / "trainable.safetensors"))
     try:
         (states,) = placed.frozen_states(questions) if cfg.prefix_cache else (None,)
+        placed.start_steps()
         result = evaluate(graph, questions, placed.micro_batch, progress=not args.no_progress, states=states)
     finally:
-        placed.close()
+        placed.stop_steps()
     out = write_predictions(result, Path(args.out) if args.out else
                             run_dir / f"predictions-{cfg.evaluated().replace('+', '_')}-{args.split}.jsonl")
     print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
@@ -178,6 +179,15 @@ def cmd_inspect(args) -> None:
     from .summary import format_description
 
     print(format_description(_spec_from_args(args)))
+
+
+def cmd_plan(args) -> None:
+    from .memory.plan import format_plan, make_plan, parse_size
+
+    spec = _spec_from_args(args)
+    host = parse_size(args.host_mem) if args.host_mem else None
+    plan = make_plan(spec, parse_size(args.gpu_mem), args.batch, args.seq, host)
+    print(format_plan(plan, spec))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,13 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_graph_args(p)
     p.set_defaults(func=cmd_inspect)
 
-    from .kernel_bench import add_bench_command
-    from .memory.plan import add_plan_command
+    p = sub.add_parser("plan", help="fit a graph to a device memory budget: residency, streaming, micro-batch "
+                                    "(no download)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="a shipped graph: tiny (default) or paper")
+    which.add_argument("--graph", help="a graph spec in YAML")
+    p.add_argument("--gpu-mem", required=True, help="device memory budget: 24G, 6GiB, 512M, ... (G = 2**30 bytes)")
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
+    p.set_defaults(func=cmd_plan)
 
     from .reproduce import add_reproduce_command
 
-    add_plan_command(sub)
-    add_bench_command(sub)
     add_reproduce_command(sub)
     return parser
 

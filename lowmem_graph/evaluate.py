@@ -42,7 +42,7 @@ class EvalResult:
 def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
              desc: str = "eval", states=None) -> EvalResult:
     """`batch_size` questions per forward (under a memory plan: its micro-batch). `states`: the frozen pass over
-    these questions (graph.precompute), so only the refiners' tops run. Same autocast as training."""
+    these questions (frozen_pass.run_frozen_pass), so only the refiners' tops run. Same autocast as training."""
     graph.eval()
     device = next(graph.parameters()).device
     predictions, total_loss, routing = [], 0.0, []

@@ -63,6 +63,7 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    tmp.chmod(0o755)        # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         for file in tmp.rglob("*"):

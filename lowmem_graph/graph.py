@@ -1,10 +1,12 @@
 """FrozenGraph: the trainable parts of the paper's graph, wired around frozen nodes.
 
-One step, top to bottom (`forward`):
-  tokenize per node -> readers (frozen, pooled) -> project W_k + average -> inject into each refiner at its
-  injection layer -> refiners' final states -> project W_j -> cross-attention output node -> choice logits.
+One training step, in the order `forward` runs it:
+  prompts (each node tokenizes with its own tokenizer) -> readers' states (frozen, pooled; from the prefix cache
+  when training from it) -> projections W_k and their average z -> injection into each refiner's residual stream
+  at its injection layer (fused_inject) -> the refiners' upper layers (frozen; checkpointed and streamed as the
+  run's placement says) -> readout W_j -> cross-attention output node -> choice logits.
 Only the projections and the output node are parameters of this module; frozen nodes live outside its
-state_dict, so checkpoints hold exactly what trains.
+state_dict, so checkpoints hold exactly what trains. Where the frozen tensors live is memory/placement.py's.
 """
 from __future__ import annotations
 
@@ -27,10 +29,6 @@ def autocast(device) -> AbstractContextManager:
     """The precision of every pass through the graph, training and evaluation alike: bf16 autocast on CUDA (the
     trainable weights stay fp32), full precision on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
-def _inject(h, xs, weights, carry, blend):
-    return fused_inject(h, xs, weights, carry, blend)
 
 
 class OutputNode(nn.Module):
@@ -78,31 +76,6 @@ class GraphOutput:
     routing: torch.Tensor         # (B, n_refiners): output-node attention share per refiner
 
 
-@dataclass
-class FrozenStates:
-    """What the frozen pass produced for one data set, served per batch in the shapes `forward` takes."""
-
-    rows: dict[str, int]                 # question id -> row
-    entries: dict[str, object]           # node name -> cache.CacheEntry
-
-    def for_batch(self, graph: "FrozenGraph", batch: Batch):
-        rows = [self.rows[i] for i in batch.ids]
-        device = next(graph.parameters()).device
-
-        def padded(name):
-            items = [self.entries[name].row(r) for r in rows]
-            out = items[0].new_zeros(len(items), batch.tokens[name][1].shape[1], items[0].shape[-1])
-            for b, (item, length) in enumerate(zip(items, batch.tokens[name][1].sum(1).tolist())):
-                if len(item) != length:
-                    raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
-                out[b, : len(item)] = item
-            return out.to(device)
-
-        readers = {r: (padded(r) if graph.spec.injection == "token"
-                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)).float() for r in graph.readers}
-        return readers, {j: padded(j) for j in graph.refiners}
-
-
 class FrozenGraph(nn.Module):
     def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode]):
         super().__init__()
@@ -119,10 +92,9 @@ class FrozenGraph(nn.Module):
 
     @classmethod
     def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None,
-              nodes_on_host: bool = False) -> "FrozenGraph":
-        """Load every node frozen (4-bit by default), then create the trainable parts on `device`.
-
-        `nodes_on_host` keeps the frozen models in host memory (a memory plan moves what it needs).
+              load_device=None) -> "FrozenGraph":
+        """Load every node frozen (4-bit by default) onto `load_device` (default: `device`; a placement says
+        where), computing in `device`'s dtype, then create the trainable parts on `device`.
         `seed` is applied right before the trainable parts are initialised, so their values do not depend on
         whether loading consumed random numbers (building a tiny model, say)."""
         device = torch.device(device) if device is not None else default_device()
@@ -130,8 +102,8 @@ class FrozenGraph(nn.Module):
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {spec.quant})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, "cpu" if nodes_on_host else device,
-                                                    spec.max_length, compute_device=device)
+            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, load_device or device, spec.max_length,
+                                                    compute_device=device)
         if seed is not None:
             torch.manual_seed(seed)
         return cls(spec, nodes).to(device)
@@ -181,75 +153,22 @@ class FrozenGraph(nn.Module):
 
     def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None,
                 prefixes: dict[str, torch.Tensor] | None = None) -> GraphOutput:
-        """`reader_states` and `prefixes` (each refiner's stream entering its injection layer) come from the
-        frozen-prefix cache when training from it; without them the frozen nodes run here."""
+        """One step's forward. `reader_states` and `prefixes` (each refiner's stream entering its injection layer)
+        come from the prefix cache when training from it; without them the frozen nodes run here."""
         states = reader_states if reader_states is not None else self.reader_states(batch)
         weights = [self.read_proj[r].weight for r in self.readers]
         projected, masks = [], []
         for j in self.refiners:
             node, (ids, mask) = self.nodes[j], batch.tokens[j]
+            # project, average, carry into j's width and blend into its residual stream: one fused op
             xs = self._reader_inputs(states, batch, j)
-            carry, blend = self.carry_weight(j), node.spec.blend
-            # bound now, not looked up later: a checkpointed recompute in backward calls it again
-            inject = functools.partial(_inject, xs=xs, weights=weights, carry=carry, blend=blend) if xs else None
+            inject = (functools.partial(fused_inject, xs=xs, weights=weights, carry=self.carry_weight(j),
+                                        blend=node.spec.blend) if xs else None)
             final = node.run(ids, mask, inject=inject, prefix=prefixes[j] if prefixes is not None else None)
             projected.append(self.readout[j](final.float()))
             masks.append(mask.to(final.device))
-        device = projected[0].device
-        logits, routing = self.output(projected, masks, batch.n_choices.to(device))
+        logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
         return GraphOutput(logits, routing)
-
-    # ---- the model-major frozen pass ------------------------------------------------------------------------
-    def precompute(self, questions: list[Question], cache, batch_size: int = 16, progress: bool = True,
-                   placements: dict | None = None) -> "FrozenStates":
-        """Run every node once over all questions, one model after the other, keeping what is input-only:
-        readers' states and refiners' streams at their injection layer. Entries already cached are reused.
-        `placements` (a memory plan's `frozen`) says per node which of those layers stay on the device and
-        which stream."""
-        from .cache import PROMPT_FORMAT, fingerprint, tokenizer_fingerprint
-
-        ids = [q.id for q in questions]
-        if len(set(ids)) != len(ids):
-            raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
-        texts = [format_prompt(q) for q in questions]
-        data = fingerprint(list(zip(ids, texts)))
-        entries = {}
-        for name, node in self.nodes.items():
-            reader = name in self.readers
-            pooled = reader and self.spec.injection == "pooled"
-            what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
-                    else ("prefix", node.inject_layer))
-            key = fingerprint(node.identity, what, node.spec.prefix, node.max_length,
-                              tokenizer_fingerprint(node.tokenizer), PROMPT_FORMAT, data)[:32]
-            entry = cache.load(key)
-            if entry is None:
-                lengths = node.token_lengths(texts)
-                order = sorted(range(len(texts)), key=lambda i: -lengths[i])   # little padding; longest first
-                per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
-                expected = per_row * (len(texts) if pooled else sum(lengths))
-                with node.visiting(next(self.parameters()).device, (placements or {}).get(name)):
-                    rows = self._frozen_rows(node, reader, [texts[i] for i in order], batch_size, progress)
-                    entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
-                                       expected)
-            entries[name] = entry
-        return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
-
-    def _frozen_rows(self, node: FrozenNode, reader: bool, texts: list[str], batch_size: int, progress: bool):
-        """One node over all prompts, yielding per prompt a reader's states (per token in the node's dtype, or
-        pooled in fp32) or a refiner's stream entering its injection layer."""
-        from tqdm.auto import tqdm
-
-        pooled = reader and self.spec.injection == "pooled"
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"caching {node.spec.name}",
-                          disable=None if progress else True, leave=False):
-            enc = node.encode(texts[start:start + batch_size])
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            if reader:
-                out = node.read(ids, mask)
-                out = node.pool(out.float(), mask)[:, None] if pooled else out
-            else:
-                out = node.prefix(ids, mask)
-            yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -6,15 +6,14 @@ lets the rest of the project treat them like any other Hugging Face model.
 
 import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .files import atomic_dir
 
 _HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -179,14 +178,9 @@ def convert_llama2c(checkpoint_path, out_dir, tokenizer_path=None) -> Path:
     tokenizer = _build_tokenizer(tokenizer_path, h["vocab"], h["seq_len"])
     model = _build_model(checkpoint_path, h)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    if out_dir.is_dir():
+        out_dir.rmdir()                 # empty (checked above): the finished folder takes its place
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared model folder
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -188,62 +188,6 @@ class FrozenNode:
         self.n_layers = len(self.layers)
         self.read_layer = spec.read_index(self.n_layers)
         self.inject_layer = spec.inject_index(self.n_layers)
-        self._inject = self._prefix = None
-        self.layers[self.inject_layer].register_forward_pre_hook(self._inject_hook, with_kwargs=True)
-
-    @contextlib.contextmanager
-    def visiting(self, device, placement=None):
-        """What the frozen pass runs of this node on `device` for the block, back on the host after, so the
-        model-major pass holds one model at a time: the layers up to the read layer (readers) or below the
-        injection layer (refiners), the final norm and rotary tables. The embedding table stays on the host (a
-        lookup moves B x T x d activations, not the table); nothing above is needed.
-
-        `placement` (a memory plan's `FrozenPlacement`) groups those layers: resident groups move, the rest
-        stream through its slots, on the host too, so CPU tests run the streaming for real. Without one, all
-        needed layers move, and a node that already lives on `device` is left as it is. Yields the
-        LayerStreamer that placed the layers (None when nothing moved)."""
-        from .memory.stream import LayerStreamer
-
-        home = self.base.get_input_embeddings().weight.device
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())    # "cuda" and "cuda:0" are one device
-        if placement is None and device == home:
-            yield None
-            return
-        needed = self.read_layer + 1 if self.spec.role == "reader" else self.inject_layer
-        if placement is None:
-            groups, resident, slots = ([list(range(needed))] if needed else []), {0}, 1
-        else:
-            groups = [list(range(g.first, g.last)) for g in placement.groups]
-            resident = {i for i, g in enumerate(placement.groups) if g.resident}
-            slots = max(1, placement.prefetch_depth)
-            if sum(map(len, groups)) != needed:
-                raise RuntimeError(f"the plan places {sum(map(len, groups))} frozen-pass layers of "
-                                   f"{self.spec.name!r}, which needs its first {needed}")
-        small = [p for p in (self.base.norm, getattr(self.base, "rotary_emb", None)) if p is not None]
-        for part in small:
-            part.to(device)
-        streamer = LayerStreamer(self.layers, groups, resident, device, slots=slots)
-        self.device = device
-        try:
-            yield streamer
-        finally:
-            streamer.detach()
-            for part in small:
-                part.to(home)
-            self.device = home
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def place_top(self, device) -> None:
-        """Run from the injection layer up on `device` with the model itself on the host: the final norm and
-        rotary tables move; the upper decoder layers are placed by a LayerStreamer (resident or streamed)."""
-        self.base.norm.to(device)
-        rotary = getattr(self.base, "rotary_emb", None)
-        if rotary is not None:
-            rotary.to(device)
-        self.device = torch.device(device)
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -347,7 +291,6 @@ class FrozenNode:
         def stop(module, args, output):
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
-        self._inject = self._prefix = None
         handle = self.layers[self.read_layer].register_forward_hook(stop)
         try:
             with self._autocast():
@@ -374,7 +317,6 @@ class FrozenNode:
         def stop(module, args, kwargs):
             raise _StopForward(args[0] if args else kwargs["hidden_states"])
 
-        self._inject = self._prefix = None
         handle = self.layers[self.inject_layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
             with self._autocast():
@@ -390,10 +332,20 @@ class FrozenNode:
 
         With `prefix` (what `prefix()` returned for these inputs) the layers below the injection are skipped.
         Layers below the injection see no tensor that needs grad, so autograd records nothing there.
-        (A checkpointed group recomputes from the input it recorded, after the hook, so the hook runs once.)
+        The steering is a pre-hook on the injection layer for this call only (a checkpointed group recomputes from
+        the input it recorded, after the hook, so the hook runs once).
         """
-        self._inject, self._prefix = inject, prefix
+        def steer(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if prefix is not None:     # the cached stream, not what the pass-throughs carried (Gemma scales it)
+                h = prefix.to(h.device, h.dtype)
+            if inject is not None:
+                h = inject(h)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
         mask = attention_mask.to(self.device)
+        handle = (self.layers[self.inject_layer].register_forward_pre_hook(steer, with_kwargs=True, prepend=True)
+                  if inject is not None or prefix is not None else None)      # first: other hooks see the steered h
         try:
             with self._autocast():
                 if prefix is None:
@@ -402,7 +354,8 @@ class FrozenNode:
                     with self._lower_layers_skipped():
                         out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
         finally:
-            self._inject = self._prefix = None   # a later plain call must not see this batch's steering
+            if handle is not None:
+                handle.remove()
         return out.last_hidden_state
 
     def _forward(self, input_ids, attention_mask):
@@ -425,18 +378,6 @@ class FrozenNode:
         finally:
             for i, layer in enumerate(lower):
                 self.layers[i] = layer
-
-    def _inject_hook(self, module, args, kwargs):
-        if self._inject is None and self._prefix is None:
-            return None
-        h = args[0] if args else kwargs["hidden_states"]
-        if self._prefix is not None:     # the cached stream, not what the pass-throughs carried (Gemma scales it)
-            h = self._prefix.to(h.device, h.dtype)
-        if self._inject is not None:
-            h = self._inject(h)
-        if args:
-            return (h,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h}
 
     def frozen_tensors(self):
         """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""

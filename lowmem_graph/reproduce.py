@@ -8,10 +8,9 @@ is trained on, and evaluate on the three test splits.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
 
 from .errors import UserError
 from .evaluate import evaluate, write_predictions
@@ -27,19 +26,25 @@ PAPER = {
 }
 
 
+@dataclass
+class Protocol:
+    """A reproduction protocol file: which graph, its training settings, the benchmarks tested."""
+
+    preset: str | None = None
+    train: dict | None = None
+    benchmarks: list | None = None
+
+
 def load_protocol(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"protocol file not found: {path}")
     from .spec import read_yaml
 
+    from .spec import typed_fields
+
     raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping with preset, train and benchmarks")
-    unknown = set(raw) - {"preset", "train", "benchmarks"}
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: preset, train, benchmarks)")
-    return raw
+    return {k: v for k, v in typed_fields(Protocol, raw, str(path), "key").items() if v is not None}
 
 
 def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path, limit_test: int | None = None,
@@ -59,7 +64,8 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
         except UserError as e:
             rows.append({"benchmark": bench, "status": f"not run: {e}"})
             continue
-        (states,) = trainer.frozen_states(questions) if trainer.train_states is not None else (None,)
+        (states,) = trainer.placed.frozen_states(questions) if trainer.train_states is not None else (None,)
+        trainer.placed.start_steps()
         result = evaluate(trainer.graph, questions, trainer.micro_batch, progress, f"test {bench}", states)
         write_predictions(result, run_dir / f"predictions-{bench}-test.jsonl")
         rows.append({"benchmark": bench, "status": "ok", "accuracy": result.accuracy,

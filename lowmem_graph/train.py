@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 import yaml
 from tqdm.auto import tqdm
 
@@ -72,10 +73,6 @@ class TrainConfig:
                 raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
         return cfg
 
-    def frozen_batch_size(self, plan=None) -> int:
-        """Questions per forward in the frozen pass: the plan's frozen micro-batch, else the training batch."""
-        return plan.frozen_micro_batch if plan is not None else self.batch_size
-
     def evaluated(self) -> str:
         """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
         return self.eval_task or "+".join(part.partition(":")[0].partition("@")[0] for part in self.task.split("+"))
@@ -115,13 +112,9 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
     return questions
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _schedule(total_steps: int, warmup: float):
+    """Linear warm-up, then cosine decay to 0. Not transformers' get_cosine_schedule_with_warmup: its warm-up
+    starts at lr 0, so the first step would change nothing; ours starts at lr / warm-up steps."""
     warm = max(1, int(total_steps * warmup))
 
     def factor(step: int) -> float:
@@ -218,14 +211,17 @@ class StopSignals:
 
 
 class PlacedGraph:
-    """The graph placed for a run's settings, the same for training and evaluation: every node on the device;
-    or, under a --gpu-mem plan, nodes in host memory, the frozen pass moving one node at a time (its layers
-    resident or streamed), then only the refiners' top layers on the device, resident or streamed."""
+    """The graph built for a run's settings, and its placement (memory/placement.py): everything on the device, or
+    under a --gpu-mem plan, nodes in host memory with each phase moving what it needs. The same for training and
+    evaluation. Two explicit calls: `frozen_states` (the frozen pass) and `start_steps` (the refiners' upper
+    layers placed for training or evaluation)."""
 
     def __init__(self, spec: GraphSpec, cfg: TrainConfig, log=print, progress: bool = True):
+        from .memory.placement import Placement
+
         self.cfg, self.log, self.progress = cfg, log, progress
         self.device = cfg.resolved_device()
-        self.plan, self.streamers = None, []
+        self.plan = None
         if cfg.gpu_mem:
             from .memory.plan import format_plan, make_plan, parse_size
 
@@ -233,8 +229,9 @@ class PlacedGraph:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
             self.plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
             log(format_plan(self.plan, spec))
+        self.placement = Placement(self.device, self.plan)
         self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
-                                       nodes_on_host=self.plan is not None)
+                                       load_device=self.placement.load_device)
 
     @property
     def micro_batch(self) -> int:
@@ -242,28 +239,28 @@ class PlacedGraph:
         return self.plan.micro_batch if self.plan is not None else self.cfg.batch_size
 
     def frozen_states(self, *question_sets: list[Question]) -> list:
-        """The model-major frozen pass over each set of questions (cached). Under a memory plan each node visits
-        the device in turn, placed as the plan says; then, once, only the refiners' top layers are placed there,
-        resident or streamed."""
+        """The model-major frozen pass over each set of questions (cached), each node placed as the plan says.
+        What `start_steps` placed is given back first: the pass needs the room."""
         from .cache import PrefixCache
+        from .frozen_pass import run_frozen_pass
         from .tiny import cache_root
 
-        self.close()
+        self.stop_steps()
         cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
-        placements = self.plan.frozen if self.plan is not None else None
-        states = [self.graph.precompute(questions, cache, self.cfg.frozen_batch_size(self.plan), self.progress,
-                                        placements) for questions in question_sets]
-        if self.plan is not None:
-            from .memory.stream import stream_refiners
+        batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
+        return [run_frozen_pass(self.graph, questions, cache, self.placement, batch, self.progress)
+                for questions in question_sets]
 
-            self.streamers = stream_refiners(self.graph, self.plan, self.device)
-        return states
+    def start_steps(self) -> None:
+        """The refiners' upper layers placed for training and evaluation (resident or streamed)."""
+        self.placement.start_steps(self.graph)
 
-    def close(self) -> None:
-        """Give back what a memory plan placed: streamers detach (their pinned slabs unregister)."""
-        for streamer in self.streamers:
-            streamer.detach()
-        self.streamers = []
+    def stop_steps(self) -> None:
+        self.placement.stop_steps()
+
+    @property
+    def streamers(self):
+        return self.placement.streamers
 
 
 class Trainer:
@@ -275,7 +272,7 @@ class Trainer:
         self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
-        set_seed(cfg.seed)
+        transformers.set_seed(cfg.seed)
         self.placed = PlacedGraph(spec, cfg, log, progress)
         self.graph, self.plan, self.device = self.placed.graph, self.placed.plan, self.placed.device
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
@@ -286,10 +283,8 @@ class Trainer:
         self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
-            self.train_states, self.eval_states = self.frozen_states(self.train_set, self.eval_set)
-
-    def frozen_states(self, *question_sets: list[Question]) -> list:
-        return self.placed.frozen_states(*question_sets)
+            self.train_states, self.eval_states = self.placed.frozen_states(self.train_set, self.eval_set)
+        self.placed.start_steps()
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -321,19 +316,11 @@ class Trainer:
     def train_step(self, questions: list[Question]) -> dict:
         """One optimizer step over `questions`, in micro-batches when the plan asks for them (same gradient)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, correct, routing = 0.0, 0, []
-        for start in range(0, len(questions), self.micro_batch):
-            chunk = questions[start:start + self.micro_batch]
-            batch = self.graph.collate(chunk)
-            frozen = self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ()
-            with autocast(self.device):
-                out = self.graph(batch, *frozen)
-            labels = batch.labels.to(out.logits.device)
-            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
-            (loss / len(questions)).backward()
-            total_loss += loss.item()
-            correct += int((out.logits.argmax(-1) == labels).sum())
-            routing.append(out.routing.detach().float().sum(0))
+        parts = ((batch, self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ())
+                 for batch in (self.graph.collate(questions[start:start + self.micro_batch])
+                               for start in range(0, len(questions), self.micro_batch)))
+        total_loss, correct, routing = (float(x) if x.dim() == 0 else x
+                                        for x in accumulate(self.graph, parts, len(questions), self.device))
         norms = projection_grad_norms(self.graph)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
         self.optimizer.step()
@@ -342,7 +329,7 @@ class Trainer:
         matrices = sum(v for k, v in norms.items() if k.startswith(("read_proj.", "readout.", "carry.")))
         return {"loss": total_loss / len(questions), "acc": correct / len(questions), "grad_norm": float(grad_norm),
                 "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
-                "routing": dict(zip(self.graph.refiners, (torch.stack(routing).sum(0) / len(questions)).tolist()))}
+                "routing": dict(zip(self.graph.refiners, (routing / len(questions)).tolist()))}
 
     def _stop(self, why: str) -> dict:
         self.save_checkpoint()
@@ -351,7 +338,7 @@ class Trainer:
         return {"stopped_at_step": self.step, "why": why}
 
     def close(self) -> None:
-        self.placed.close()
+        self.placed.stop_steps()
 
     def fit(self, stop: StopSignals | None = None) -> dict:
         """Train from `self.step` to the end, evaluating after each epoch. `stop` (installed by `train`) ends the
@@ -432,6 +419,23 @@ class Trainer:
             return None
         steps = [r for r in records if r.get("kind") == "step" and r.get("epoch") == epoch]
         return self._end_epoch(epoch - 1, [r["loss"] for r in steps], [r["acc"] for r in steps], time.time())
+
+
+def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward of every micro-batch in `parts` ((batch, frozen states) pairs; the states empty when
+    the nodes run here), gradients summed as for one batch of `total` examples. Returns the summed loss (fp64), the
+    number correct and the summed routing share per refiner, as tensors: the caller reads them once."""
+    loss_sum = correct = routing = 0
+    for batch, frozen in parts:
+        with autocast(device):
+            out = graph(batch, *frozen)
+        labels = batch.labels.to(out.logits.device)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
+        (loss / total).backward()
+        loss_sum = loss_sum + loss.detach().double()
+        correct = correct + (out.logits.argmax(-1) == labels).sum()
+        routing = routing + out.routing.detach().float().sum(0)
+    return loss_sum, correct, routing
 
 
 def projection_grad_norms(graph: FrozenGraph) -> dict[str, float]:

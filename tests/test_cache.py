@@ -10,6 +10,17 @@ from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
 
 
+def precompute(graph, questions, cache, batch_size=16, placements=None):
+    """The frozen pass as a run makes it: every node on the CPU, or placed as `placements` (per node) say."""
+    from types import SimpleNamespace
+
+    from lowmem_graph.frozen_pass import run_frozen_pass
+    from lowmem_graph.memory.placement import Placement
+
+    plan = SimpleNamespace(frozen=placements) if placements is not None else None
+    return run_frozen_pass(graph, questions, cache, Placement("cpu", plan), batch_size, progress=False)
+
+
 def _losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
 
@@ -34,7 +45,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, 
     graph = FrozenGraph(tiny_spec, tiny_nodes)
     messages = []
     cache = PrefixCache(tmp_path, log=messages.append, shard_bytes=4096)
-    first = graph.precompute(questions, cache, progress=False)
+    first = precompute(graph, questions, cache)
     reference = first.entries["phi3"].row(3).clone()
     victim = sorted(first.entries["phi3"].folder.glob("shard-*.safetensors"))[1]
     raw = bytearray(victim.read_bytes())
@@ -47,10 +58,10 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, 
         (victim.parent / "manifest.json").unlink()
     else:
         victim.unlink()
-    again = graph.precompute(questions, cache, progress=False)
+    again = precompute(graph, questions, cache)
     assert len(messages) == 1 and victim.parent.name in messages[0] and "rebuilding" in messages[0]
     assert torch.equal(again.entries["phi3"].row(3), reference)
-    graph.precompute(questions, cache, progress=False)
+    precompute(graph, questions, cache)
     assert len(messages) == 1          # intact now
 
 
@@ -59,7 +70,7 @@ def test_entries_are_sharded_and_rows_belong_to_their_questions(tmp_path, tiny_s
     from lowmem_graph.data import format_prompt
 
     graph = FrozenGraph(tiny_spec, tiny_nodes)
-    states = graph.precompute(questions, PrefixCache(tmp_path, shard_bytes=256), batch_size=4, progress=False)
+    states = precompute(graph, questions, PrefixCache(tmp_path, shard_bytes=256), batch_size=4)
     for name in ("qwen2", "mistral"):                   # a reader and a refiner
         node, entry = tiny_nodes[name], states.entries[name]
         assert len(entry.shards) > 1 and len(entry) == len(questions)
@@ -80,7 +91,7 @@ def test_a_full_disk_is_refused_before_the_pass(tmp_path, tiny_spec, tiny_nodes,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
     graph = FrozenGraph(tiny_spec, tiny_nodes)
     with pytest.raises(UserError, match=r"needs about .* GiB, but .* free"):
-        graph.precompute(questions, PrefixCache(tmp_path), progress=False)
+        precompute(graph, questions, PrefixCache(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -89,14 +100,14 @@ def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, qu
 
     graph = FrozenGraph(tiny_spec, tiny_nodes)
     cache = PrefixCache(tmp_path)
-    graph.precompute(questions[:8], cache, progress=False)
-    graph.precompute(questions[:9], cache, progress=False)
+    precompute(graph, questions[:8], cache)
+    precompute(graph, questions[:9], cache)
     assert len(list(tmp_path.glob("*/manifest.json"))) == 10
     node = tiny_nodes["llama"]
     original = node.spec
     node.spec = replace(original, prefix="Another framing.\n")
     try:
-        graph.precompute(questions[:8], cache, progress=False)
+        precompute(graph, questions[:8], cache)
     finally:
         node.spec = original
     assert len(list(tmp_path.glob("*/manifest.json"))) == 11
@@ -125,10 +136,9 @@ def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tin
         groups = [GroupPlan(name, i, i + 1, 0, resident=i == 0 and node.spec.role == "reader")
                   for i in range(needed)]
         placements[name] = FrozenPlacement(groups, 2, {})
-    plain = graph.precompute(questions, PrefixCache(tmp_path / "plain"), batch_size=4, progress=False)
+    plain = precompute(graph, questions, PrefixCache(tmp_path / "plain"), batch_size=4)
     assert made == []                                   # nodes already on the device: nothing moves
-    streamed = graph.precompute(questions, PrefixCache(tmp_path / "streamed"), batch_size=4, progress=False,
-                                placements=placements)
+    streamed = precompute(graph, questions, PrefixCache(tmp_path / "streamed"), batch_size=4, placements=placements)
     assert len(made) == len(tiny_nodes)
     batches = len(questions) // 4
     for streamer in made:

@@ -36,10 +36,18 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
     spec, forced = SPEC, _forced_plan()
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     from lowmem_graph.memory import stream
+    from lowmem_graph.memory.placement import Placement
 
     made, visits = [], []
-    real_stream = stream.stream_refiners
-    monkeypatch.setattr(stream, "stream_refiners", lambda *a: made.append(real_stream(*a)) or made[-1])
+    real_start = Placement.start_steps
+
+    def recorded_start(self, graph):
+        fresh = not self.streamers
+        real_start(self, graph)
+        if fresh and self.streamers:
+            made.append(list(self.streamers))
+
+    monkeypatch.setattr(Placement, "start_steps", recorded_start)
 
     class Recorded(stream.LayerStreamer):
         def __init__(self, *args, **kwargs):
@@ -96,7 +104,6 @@ def test_streaming_plan_on_cuda_trains_like_the_plain_run(tmp_path, monkeypatch)
     quiet = dict(progress=False, log=lambda *_: None)
     planned = train(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
                     tmp_path / "planned", **quiet)
-    plain = train(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain",
-                  **quiet)
+    train(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain", **quiet)
     torch.testing.assert_close(_losses(tmp_path / "planned"), _losses(tmp_path / "plain"), rtol=2e-2, atol=2e-2)
     assert planned["memory"]["cuda_peak_allocated_mb"] > 0

@@ -58,7 +58,7 @@ def test_inject_hook_rewrites_input_of_the_injection_layer(tiny_nodes):
         steered = node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0 + 1.0)
     finally:
         handle.remove()
-    # our hook runs first (registered at load), so the layer sees the rewritten stream
+    # the steering hook runs first (prepended for the call), so the layer and later hooks see the rewritten stream
     assert torch.equal(seen["h"], torch.ones_like(seen["h"]))
     assert not torch.allclose(plain, steered)
     assert node.inject_layer == round(0.75 * node.n_layers)

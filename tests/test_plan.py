@@ -1,10 +1,10 @@
 """The budget planner: sizes from meta models, residency, streaming, micro-batch, and clear refusals."""
-import argparse
 import dataclasses
 from itertools import pairwise
 
 import pytest
 
+from lowmem_graph.cli import cmd_plan
 from lowmem_graph.errors import UserError
 from lowmem_graph.memory import plan as planning
 from lowmem_graph.memory.plan import (
@@ -12,8 +12,6 @@ from lowmem_graph.memory.plan import (
     GiB,
     MiB,
     Plan,
-    add_plan_command,
-    cmd_plan,
     format_plan,
     layer_bytes,
     make_plan,
@@ -248,9 +246,9 @@ def test_format_plan(paper):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="lowmem-graph")
-    add_plan_command(parser.add_subparsers(dest="command", required=True))
-    return parser
+    from lowmem_graph.cli import build_parser
+
+    return build_parser()
 
 
 def test_plan_command(capsys):
@@ -277,13 +275,9 @@ def test_plan_command_errors(capsys):
         cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "512M"]))
 
 
-def test_plan_through_cli_when_wired(capsys):
+def test_plan_through_the_cli(capsys):
     from lowmem_graph import cli
 
-    parser = cli.build_parser()
-    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "plan" not in choices:
-        pytest.skip("plan is not wired into lowmem_graph.cli yet")
     assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "6G"]) == 0
     assert "predicted peak" in capsys.readouterr().out
     assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "512M"]) == 2

@@ -143,19 +143,19 @@ def test_a_signal_checkpoints_at_the_step_reached_and_resume_ends_equal(tmp_path
 
 
 def test_ctrl_c_during_the_frozen_pass_keeps_a_folder_that_resumes_from_step_0(tmp_path, monkeypatch, straight):
-    from lowmem_graph.graph import FrozenGraph
+    from lowmem_graph import frozen_pass
 
-    real = FrozenGraph.precompute
+    real = frozen_pass.run_frozen_pass
 
-    def interrupted(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FrozenGraph, "precompute", interrupted)
+    monkeypatch.setattr(frozen_pass, "run_frozen_pass", interrupted)
     run = tmp_path / "run"
     with pytest.raises(Interrupted, match="restarts from step 0"):
         train(load_preset("tiny"), _cfg(), run, **QUIET)
     assert (run / "config.yaml").is_file() and not runstate.has_checkpoint(run)
-    monkeypatch.setattr(FrozenGraph, "precompute", real)
+    monkeypatch.setattr(frozen_pass, "run_frozen_pass", real)
     train(load_preset("tiny"), _cfg(), run, resume=True, **QUIET)
     _assert_same(straight, _weights(run))
 
@@ -258,9 +258,11 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
 # ---- no cache trusted blindly -------------------------------------------------------------------------------------
 def _cached_entry(tiny_graph, questions, tmp_path):
     from lowmem_graph.cache import PrefixCache
+    from lowmem_graph.frozen_pass import run_frozen_pass
+    from lowmem_graph.memory.placement import Placement
 
     cache = PrefixCache(tmp_path / "prefix", log=lambda *_: None)
-    tiny_graph.precompute(questions, cache, batch_size=8, progress=False)
+    run_frozen_pass(tiny_graph, questions, cache, Placement("cpu"), 8, progress=False)
     return cache, sorted((tmp_path / "prefix").iterdir())[0]
 
 

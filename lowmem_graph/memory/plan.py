@@ -4,7 +4,7 @@ Everything is computed from configs on the meta device (no download, no weights)
 *estimate* that a GPU benchmark checks against measured peaks, so every part is exposed in `Plan.breakdown`
 and every constant below says in one line why it has its value.
 
-How a run uses the device (DESIGN.md section 2):
+How a run uses the device (memory/placement.py carries it out):
 
 * Frozen pass (model-major, once over the data set, no grad): one node at a time runs the decoder layers it
   needs (a reader: layers up to its read layer; a refiner: layers below its injection layer) with one layer's
@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-
-KiB, MiB, GiB = 2 ** 10, 2 ** 20, 2 ** 30
+from .report import GiB, KiB, MiB
+from .report import format_mib as _mib
 
 # --- constants (each one line of why) --------------------------------------------------------------------------
 # bitsandbytes NF4 with double quant, per linear weight of n params: n/2 packed bytes (two 4-bit codes per uint8),
@@ -244,7 +244,6 @@ def _profile(spec, quant: str | None = None) -> _Profile:
     nodes = {}
     for n in spec.nodes:
         config, model = meta_model(n.model, n.revision, n.trust_remote_code)
-        text = config.get_text_config()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         layers = len(base.layers)
         if n.role == "reader":
@@ -545,10 +544,6 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
-def _mib(n: int) -> str:
-    return f"{n / MiB:,.0f} MiB" if n >= 10 * MiB or n == 0 else f"{n / MiB:.2f} MiB"
-
-
 _WHY = {
     "resident_weights": "resident layer groups + final norms",
     "stream_slots": "device slots for streamed groups",
@@ -611,28 +606,3 @@ def format_plan(plan: Plan, spec) -> str:
               (f"smallest budget with a plan: {_gib(plan.minimum)} (training step alone "
                f"{_gib(plan.minimum_training)}, frozen pass {_gib(plan.minimum_frozen)})")]
     return "\n".join(lines)
-
-
-# --- command line --------------------------------------------------------------------------------------------------
-def cmd_plan(args) -> None:
-    from ..cli import _spec_from_args
-
-    spec = _spec_from_args(args)
-    host = parse_size(args.host_mem) if args.host_mem else None
-    plan = make_plan(spec, parse_size(args.gpu_mem), args.batch, args.seq, host)
-    print(format_plan(plan, spec))
-
-
-def add_plan_command(subparsers):
-    """Register `plan` on the CLI's subparsers (cli.py wires it in)."""
-    p = subparsers.add_parser("plan", help="fit a graph to a device memory budget: residency, streaming, micro-batch "
-                                           "(no download)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", help="a shipped graph: tiny (default) or paper")
-    which.add_argument("--graph", help="a graph spec in YAML")
-    p.add_argument("--gpu-mem", required=True, help="device memory budget: 24G, 6GiB, 512M, ... (G = 2**30 bytes)")
-    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
-    p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
-    p.set_defaults(func=cmd_plan)
-    return p

@@ -3,6 +3,7 @@ device, the bytes of tensors a block of code allocates (`LiveBytes`: how the pla
 a CPU, where torch keeps no allocator statistics)."""
 from __future__ import annotations
 
+import resource
 import weakref
 
 import psutil
@@ -10,7 +11,53 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-MB = 1024 ** 2
+KiB, MiB, GiB = 2 ** 10, 2 ** 20, 2 ** 30
+MB = MiB        # the metrics' "_mb" keys are MiB
+
+
+def format_mib(n: int | float) -> str:
+    """Bytes as MiB the way every table here prints them: thousands separated, two decimals below 10 MiB."""
+    return f"{n / MiB:,.0f} MiB" if n >= 10 * MiB or n == 0 else f"{n / MiB:.2f} MiB"
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def outside_torch_bytes(device) -> int:
+    """Device memory in use outside torch's caching allocator (the CUDA context, library handles, loaded kernels),
+    read from the driver."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def device_peaks(device, outside: int = 0) -> dict[str, float]:
+    """torch's peaks since the last reset and the whole device's: what is in use outside torch's allocator (the
+    larger of `outside`, read earlier, and now: kernels and handles load lazily) plus the peak reserved, in MiB."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    outside = max(outside, outside_torch_bytes(device))
+    reserved = torch.cuda.max_memory_reserved(device)
+    return {"measured_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / MiB,
+            "measured_peak_reserved_mib": reserved / MiB, "measured_context_mib": outside / MiB,
+            "measured_peak_mib": (outside + reserved) / MiB}
+
+
+def peak_during(fn, device) -> int:
+    """Bytes `fn()` allocates at its peak above what was allocated before: torch's CUDA statistics on a GPU,
+    `LiveBytes` elsewhere."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with LiveBytes() as live:
+        fn()
+    return live.peak
 
 
 def memory_snapshot(device: torch.device | str | None = None) -> dict[str, float]:

@@ -26,7 +26,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..errors import UserError
 from ..nodes import default_device
 from .checkpoint import GroupCheckpoint, check_groups
 
@@ -82,14 +81,13 @@ class LayerStreamer:
 
     `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint.
     `slots=2` double-buffers; `slots=1` halves the slot memory, but then nothing can be prefetched.
-    `pin` page-locks the slab (default: on CUDA). Raises UserError when resident groups + slots would exceed
-    `budget_bytes`. Installed on construction; a construction that fails leaves every layer as it was.
+    `pin` page-locks the slab (default: on CUDA). Installed on construction; a construction that fails leaves
+    every layer as it was.
     `detach()` (or leaving a `with` block) puts every tensor back on its device, streamed ones as slab views.
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]], resident: Iterable[int] = (),
-                 device: torch.device | str | None = None, budget_bytes: int | None = None, slots: int = 2,
-                 pin: bool | None = None):
+                 device: torch.device | str | None = None, slots: int = 2, pin: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         groups = check_groups(groups, len(layers))
         resident = set(resident)
@@ -105,11 +103,6 @@ class LayerStreamer:
         layouts = [_layout(sites[g]) for g in self.order]
         self.slot_bytes = max((nbytes for _, nbytes in layouts), default=0)
         n_slots = min(slots, len(self.order))
-        need = self.resident_bytes + n_slots * self.slot_bytes
-        if budget_bytes is not None and need > budget_bytes:
-            raise UserError(f"layer streaming needs {_mib(need)} on {self.device} (resident groups "
-                            f"{_mib(self.resident_bytes)} + {n_slots} slots of {_mib(self.slot_bytes)}), "
-                            f"over the budget of {_mib(budget_bytes)}: make fewer groups resident or groups smaller")
 
         self._starts, total = [], 0
         for _, nbytes in layouts:
@@ -150,7 +143,7 @@ class LayerStreamer:
         self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
         if self._stream is not None:
             self._ready = [torch.cuda.Event() for _ in self.slots]
-        self.device_bytes = need          # what the device tier was sized for: resident groups + slots
+        self.device_bytes = self.resident_bytes + n_slots * self.slot_bytes    # the device tier: resident + slots
         self.peak_device_bytes = self.held_bytes()   # measured: see held_bytes
         self.loads = 0          # group copies slab -> slot
         self.misses = 0         # groups not prefetched when they started: the compute waited for a whole copy
@@ -306,34 +299,6 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2 ** 20:.1f} MiB"
-
-
 def _check_cuda(code, what: str) -> None:
     if int(code) != 0:
         raise RuntimeError(f"{what} failed with CUDA error {int(code)}")
-
-
-def stream_refiners(graph, plan, device) -> list[LayerStreamer]:
-    """Apply a memory plan to a graph whose nodes live on the host: each refiner runs from its injection layer
-    up on `device`, in the plan's layer groups (each checkpointed), resident ones on the device and the rest
-    streamed through the plan's slots. The readers and the layers below injection stay on the host: the
-    prefix cache already holds what they produce."""
-    streamers = []
-    try:
-        for name in graph.refiners:
-            node = graph.nodes[name]
-            mine = [g for g in plan.groups if g.node == name]
-            if not mine or mine[0].first != node.inject_layer:
-                raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer "
-                                   f"{node.inject_layer}")
-            node.place_top(device)
-            streamers.append(LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
-                                           {i for i, g in enumerate(mine) if g.resident}, device,
-                                           slots=max(1, plan.prefetch_depth)))
-    except BaseException:       # a later streamer failed: the earlier ones let go of their layers and pages
-        for streamer in streamers:
-            streamer.detach()
-        raise
-    return streamers

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .files import atomic_file
+from lowmem_graph.files import atomic_file
 
 NO_GPU = "no CUDA device: kernel benchmarks need a GPU; nothing measured"
 IMPLS = ("eager", "compile", "triton")
@@ -229,43 +229,36 @@ def _implementation(impl: str, smoke: bool = False):
     without donated buffers, as torch requires, while fwd and full keep torch's defaults."""
     import torch
 
-    from .ops import inject_reference
+    from lowmem_graph.ops import inject_reference
 
     if impl == "compile":
         torch._dynamo.reset()
         return torch.compile(inject_reference, backend="eager" if smoke else "inductor")
     if impl == "triton":
-        from .kernels.inject import fused_inject_triton
+        from lowmem_graph.kernels.inject import fused_inject_triton
 
         return fused_inject_triton
     return inject_reference
 
 
 def _measure(fn, leaves) -> tuple[list[float], int]:
-    """(median, p20, p80) ms from do_bench, then the peak bytes one more call allocates above what was held.
-    With the leaves on the CPU (smoke mode): wall-clock quantiles of a few calls and `LiveBytes`' peak."""
-    import torch
+    """(median, p20, p80) ms (do_bench on a GPU; wall-clock quantiles of a few calls on the CPU, smoke mode), then
+    the peak bytes one more call allocates above what was held (memory.report.peak_during)."""
+    from lowmem_graph.memory.report import peak_during
 
-    if not leaves[0].is_cuda:
-        return _measure_on_cpu(fn, leaves)
-    from triton.testing import do_bench
-
-    times = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=leaves)
+    times = _times(fn, leaves)
     for t in leaves:
         t.grad = None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return times, torch.cuda.max_memory_allocated() - before
+    return times, peak_during(fn, leaves[0].device)
 
 
-def _measure_on_cpu(fn, leaves, repeats: int = 5) -> tuple[list[float], int]:
+def _times(fn, leaves, repeats: int = 5) -> list[float]:
+    if leaves[0].is_cuda:
+        from triton.testing import do_bench
+
+        return do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=leaves)
     import statistics
     import time
-
-    from .memory.report import LiveBytes
 
     times = []
     for _ in range(repeats + 1):                    # the first call warms up (and compiles) and is dropped
@@ -274,12 +267,8 @@ def _measure_on_cpu(fn, leaves, repeats: int = 5) -> tuple[list[float], int]:
         start = time.perf_counter()
         fn()
         times.append(1000 * (time.perf_counter() - start))
-    for t in leaves:
-        t.grad = None
-    with LiveBytes() as live:
-        fn()
     q = statistics.quantiles(times[1:], n=5, method="inclusive")
-    return [statistics.median(times[1:]), q[0], q[3]], live.peak
+    return [statistics.median(times[1:]), q[0], q[3]]
 
 
 def _timed_call(op, direction: str, inputs):
@@ -353,15 +342,3 @@ def add_bench_options(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="only the paper's shapes, no sequence-length sweep")
     parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny shapes (checks the "
                                                              "code, measures nothing); needs TRITON_INTERPRET=1")
-
-
-def _cmd_bench(args) -> None:
-    run_kernel_bench(args.out, args.quick, args.smoke)
-
-
-def add_bench_command(subparsers) -> None:
-    """`lowmem-graph bench kernels [--out DIR] [--quick]`."""
-    p = subparsers.add_parser("bench", help="GPU benchmarks: kernels = the injection op, eager vs compile vs Triton")
-    p.add_argument("what", choices=["kernels"])
-    add_bench_options(p)
-    p.set_defaults(func=_cmd_bench)

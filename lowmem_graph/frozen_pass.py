@@ -1,0 +1,58 @@
+"""The model-major frozen pass: every node once over the whole data set, one model after the other.
+
+Everything before an injection point depends on the input alone: the readers' states and each refiner's residual
+stream entering its injection layer. So each node runs once per data set, placed on the device as the run's
+placement says (`Placement.frozen_pass`), and what it produces goes to the prefix cache; training and evaluation
+then run only the refiners' upper layers. Prompts run longest first, so a micro-batch wastes little on padding.
+"""
+from __future__ import annotations
+
+from .cache import FrozenStates, PrefixCache, entry_key, fingerprint
+from .data import Question, format_prompt
+from .errors import UserError
+
+
+def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placement, batch_size: int = 16,
+                    progress: bool = True) -> FrozenStates:
+    """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward."""
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
+    texts = [format_prompt(q) for q in questions]
+    data = fingerprint(list(zip(ids, texts)))
+    entries = {}
+    for name, node in graph.nodes.items():
+        reader = name in graph.readers
+        pooled = reader and graph.spec.injection == "pooled"
+        what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
+                else ("prefix", node.inject_layer))
+        key = entry_key(node, what, data)
+        entry = cache.load(key)
+        if entry is None:
+            lengths = node.token_lengths(texts)
+            order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
+            per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
+            expected = per_row * (len(texts) if pooled else sum(lengths))
+            with placement.frozen_pass(node):
+                rows = _rows(node, reader, pooled, [texts[i] for i in order], batch_size, progress)
+                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
+                                   expected)
+        entries[name] = entry
+    return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
+
+
+def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, progress: bool):
+    """One node over all prompts, yielding per prompt a reader's states (per token in the node's dtype, or
+    pooled in fp32) or a refiner's stream entering its injection layer."""
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(texts), batch_size), desc=f"caching {node.spec.name}",
+                      disable=None if progress else True, leave=False):
+        enc = node.encode(texts[start:start + batch_size])
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if reader:
+            out = node.read(ids, mask)
+            out = node.pool(out.float(), mask)[:, None] if pooled else out
+        else:
+            out = node.prefix(ids, mask)
+        yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))

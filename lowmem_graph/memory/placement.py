@@ -1,0 +1,114 @@
+"""Where every frozen tensor lives, decided and applied in one place, for each phase of a run.
+
+Without a memory plan every node loads onto the device, whole, and stays there. Under a plan (`--gpu-mem`):
+
+* loading: every node loads into host memory (`load_device`), computing in the device's dtype;
+* the frozen pass (`frozen_pass(node)`, one node at a time): the layers the node runs (a reader's up to its read
+  layer, a refiner's below its injection layer), its final norm and rotary tables go to the device, grouped as the
+  plan says: resident groups move, the rest stream through the node's own slots. The embedding table stays on the
+  host (a lookup moves B x T x d activations, not the table). Everything goes back when the node is done;
+* steps (`start_steps(graph)`: training and evaluation): each refiner's layers from its injection layer up, in
+  the plan's checkpointed groups, resident or streamed, with its final norm and rotary tables; the readers and
+  the layers below injection stay on the host, since the prefix cache holds what they produce. `stop_steps()`
+  gives all of it back.
+
+The nodes know nothing of this: they compute on `node.device`, which the placement sets while it moves them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..nodes import FrozenNode
+from . import stream
+
+
+class Placement:
+    """One run's placement: `plan` (a memory.plan.Plan) or None for everything on `device`."""
+
+    def __init__(self, device: torch.device | str, plan=None):
+        self.device = _exact(torch.device(device))
+        self.plan = plan
+        self.streamers: list[stream.LayerStreamer] = []
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where nodes load: the host under a plan (each phase moves what it needs), else the device."""
+        return torch.device("cpu") if self.plan is not None else self.device
+
+    @contextlib.contextmanager
+    def frozen_pass(self, node: FrozenNode):
+        """Node `node` on the device for the block, as the plan places its frozen-pass layers; back on the host after.
+        Without a plan (the node already lives on the device) nothing moves. Yields the LayerStreamer that placed
+        the layers, or None."""
+        home = _exact(node.base.get_input_embeddings().weight.device)
+        placement = self.plan.frozen.get(node.spec.name) if self.plan is not None else None
+        if placement is None and home == self.device:
+            yield None
+            return
+        needed = node.read_layer + 1 if node.spec.role == "reader" else node.inject_layer
+        if placement is None:
+            groups, resident, slots = ([list(range(needed))] if needed else []), {0}, 1
+        else:
+            groups = [list(range(g.first, g.last)) for g in placement.groups]
+            resident = {i for i, g in enumerate(placement.groups) if g.resident}
+            slots = max(1, placement.prefetch_depth)
+            if sum(map(len, groups)) != needed:
+                raise RuntimeError(f"the plan places {sum(map(len, groups))} frozen-pass layers of "
+                                   f"{node.spec.name!r}, which needs its first {needed}")
+        small = norm_and_rotary(node)
+        for part in small:
+            part.to(self.device)
+        streamer = stream.LayerStreamer(node.layers, groups, resident, self.device, slots=slots)
+        node.device = self.device
+        try:
+            yield streamer
+        finally:
+            streamer.detach()
+            for part in small:
+                part.to(home)
+            node.device = home
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def start_steps(self, graph) -> None:
+        """Place the refiners' upper layers for training steps and evaluation, as the plan says (a no-op without
+        a plan, or when they are placed already). If a later refiner's streamer fails, the earlier ones let go of
+        their layers and pages."""
+        if self.plan is None or self.streamers:
+            return
+        try:
+            for name in graph.refiners:
+                node = graph.nodes[name]
+                mine = [g for g in self.plan.groups if g.node == name]
+                if not mine or mine[0].first != node.inject_layer:
+                    raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer "
+                                       f"{node.inject_layer}")
+                for part in norm_and_rotary(node):
+                    part.to(self.device)
+                node.device = self.device
+                self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
+                                                    {i for i, g in enumerate(mine) if g.resident}, self.device,
+                                                    slots=max(1, self.plan.prefetch_depth)))
+        except BaseException:
+            self.stop_steps()
+            raise
+
+    def stop_steps(self) -> None:
+        """Give back what `start_steps` placed: streamers detach (their pinned slabs unregister)."""
+        for streamer in self.streamers:
+            streamer.detach()
+        self.streamers = []
+
+
+def norm_and_rotary(node: FrozenNode) -> list[torch.nn.Module]:
+    """The small parts a node's upper layers need beside them on the device: the final norm, rotary tables."""
+    return [m for m in (node.base.norm, getattr(node.base, "rotary_emb", None)) if m is not None]
+
+
+def _exact(device: torch.device) -> torch.device:
+    """"cuda" and "cuda:0" are one device: compare them as such."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
