@@ -9,11 +9,12 @@ which stay, and two slots (double buffer) sized for the largest streamed group.
 
 A group is loaded by one copy, slab -> slot, on a side CUDA stream, then its tensors are rebound to typed
 views into the slot (`param.data = view`, `quant_state.absmax = view`, ...); at rest they are views into the
-slab. Group k of the streamed order always uses slot k % 2. So prefetching the next group in the direction
+slab. Group k of the streamed order uses slot (k + shift) % 2. So prefetching the next group in the direction
 of travel (up in the forward, down in backward) never hits the slot in use, and a group reloaded for its
 backward lands where its forward read it: bitsandbytes' backward reads a view of the packed weight taken in
 the forward. A pass without grad (the frozen pass, evaluation) ends by prefetching the first group for the
-next pass when its slot is not the one in use (an even number of streamed groups). On CPU the same code runs
+next pass; with an odd number of streamed groups that group's slot is the one in use, so the shift flips
+between such passes and the prefetch goes to the free slot. On CPU the same code runs
 with plain copies, so the tests exercise layout, rebinding, slot reuse and prefetch order for real.
 
 Gradients through streamed groups need checkpointing (what the forward saved would be overwritten), so every
@@ -141,6 +142,7 @@ class LayerStreamer:
             self._release_host()
             raise
         self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
+        self._shift = 0
         if self._stream is not None:
             self._ready = [torch.cuda.Event() for _ in self.slots]
         self.device_bytes = self.resident_bytes + n_slots * self.slot_bytes    # the device tier: resident + slots
@@ -208,7 +210,7 @@ class LayerStreamer:
         rank = self._rank.get(g)
         if rank is None:
             return
-        slot = rank % len(self.slots)
+        slot = self._slot(rank)
         if self._in_slot[slot] != rank:
             self.misses += 1
             self._load(rank)
@@ -216,13 +218,21 @@ class LayerStreamer:
             torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
         following = rank - 1 if backward else rank + 1
         if following == len(self.order) and not torch.is_grad_enabled():
-            following = 0       # no backward comes: the next pass starts from the bottom (if its slot is free)
-        if len(self.slots) == 2 and 0 <= following < len(self.order) and following % 2 != slot:
+            following = 0       # no backward comes: the next pass starts from the bottom
+            if len(self.order) % 2 and len(self.slots) == 2:
+                self._shift ^= 1    # odd count: group 0's usual slot is the one in use; the next pass swaps slots
+        if len(self.slots) == 2 and 0 <= following < len(self.order) and self._slot(following) != slot:
             self._load(following)
         self.peak_device_bytes = max(self.peak_device_bytes, self.held_bytes())
 
+    def _slot(self, rank: int) -> int:
+        """Streamed group `rank` goes to this slot: alternating, so the next group in either direction never
+        lands in the slot in use. The pairing changes only between passes without grad (see _before_group), so a
+        group reloaded for its backward finds the slot its forward used."""
+        return (rank + self._shift) % len(self.slots)
+
     def _load(self, rank: int) -> None:
-        slot = rank % len(self.slots)
+        slot = self._slot(rank)
         if self._in_slot[slot] == rank:
             return
         if self._in_slot[slot] is not None:
