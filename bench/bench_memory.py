@@ -36,7 +36,7 @@ from lowmem_graph.memory.report import MiB, device_peaks, outside_torch_bytes, p
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
 from lowmem_graph.summary import meta_model
-from lowmem_graph.train import accumulate
+from lowmem_graph.train import step_gradients
 
 
 
@@ -99,9 +99,9 @@ def random_inputs(graph: FrozenGraph, batch: int, seq: int, device):
     return b, readers, prefixes
 
 
-def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[float]:
-    """Median-able wall times of full steps (the trainer's forward and backward in micro-batches, `accumulate`,
-    then AdamW), synchronised. Leaves no gradients or optimizer state behind, so the next measurement starts from
+def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=None) -> list[float]:
+    """Median-able wall times of full steps (the trainer's forward and backward over micro-batches, in the plan's
+    schedule: `step_gradients`, then AdamW), synchronised. Leaves no gradients or optimizer state behind, so the next measurement starts from
     what a run holds."""
     optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
     batch, readers, prefixes = inputs
@@ -121,7 +121,7 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device) -> list[floa
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        accumulate(graph, parts(), n, device)
+        step_gradients(graph, parts(), n, device, placement)
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -168,8 +168,8 @@ def measure(label: str, graph, plan, inputs, device, steps: int, context: int = 
         for s in streamers:
             s.copy_times = [] if device.type == "cuda" else None
         before = sum(s.streamed_bytes for s in streamers)
-        times = time_steps(graph, inputs, plan.micro_batch, steps, device)
-        streamed = (sum(s.streamed_bytes for s in streamers) - before) / (steps + 1)
+        times = time_steps(graph, inputs, plan.micro_batch, steps, device, placement)
+        streamed = (sum(s.streamed_bytes for s in streamers) - before + placement.kept.fetched) / (steps + 1)
         copies = [(n, b, e) for s in streamers for n, b, e in (s.copy_times or [])]
         copy_gbs = None
         if copies:
@@ -178,6 +178,7 @@ def measure(label: str, graph, plan, inputs, device, steps: int, context: int = 
     finally:
         placement.stop_steps()
     row = {"config": label, "budget_gib": plan.budget / 2 ** 30, "micro_batch": plan.micro_batch,
+           "schedule": plan.schedule, "predicted_traffic_gb": plan.traffic_per_step / 1e9,
            "resident_mib": plan.resident_bytes / MiB, "streamed_mib": plan.streamed_bytes / MiB,
            "predicted_peak_mib": plan.peak / MiB, "step_ms": 1000 * statistics.median(times),
            "streamed_mib_per_step": streamed / MiB,

@@ -156,17 +156,26 @@ class FrozenGraph(nn.Module):
         """One step's forward. `reader_states` and `prefixes` (each refiner's stream entering its injection layer)
         come from the prefix cache when training from it; without them the frozen nodes run here."""
         states = reader_states if reader_states is not None else self.reader_states(batch)
-        weights = [self.read_proj[r].weight for r in self.readers]
-        projected, masks = [], []
+        finals = []
         for j in self.refiners:
-            node, (ids, mask) = self.nodes[j], batch.tokens[j]
-            # project, average, carry into j's width and blend into its residual stream: one fused op
-            xs = self._reader_inputs(states, batch, j)
-            inject = (functools.partial(fused_inject, xs=xs, weights=weights, carry=self.carry_weight(j),
-                                        blend=node.spec.blend) if xs else None)
-            final = node.run(ids, mask, inject=inject, prefix=prefixes[j] if prefixes is not None else None)
-            projected.append(self.readout[j](final.float()))
-            masks.append(mask.to(final.device))
+            ids, mask = batch.tokens[j]
+            finals.append(self.nodes[j].run(ids, mask, inject=self.injection(j, states, batch),
+                                            prefix=prefixes[j] if prefixes is not None else None))
+        return self.head(finals, batch)
+
+    def injection(self, refiner: str, states: dict[str, torch.Tensor], batch: Batch):
+        """`h -> h'` for refiner j's injection layer: the readers' states projected (W_k), averaged, carried into
+        j's width and blended into its residual stream, as one fused op (None without readers)."""
+        xs = self._reader_inputs(states, batch, refiner)
+        if not xs:
+            return None
+        return functools.partial(fused_inject, xs=xs, weights=[self.read_proj[r].weight for r in self.readers],
+                                 carry=self.carry_weight(refiner), blend=self.nodes[refiner].spec.blend)
+
+    def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
+        """The refiners' final states (after their final norm) -> readout W_j -> the output node's choice logits."""
+        projected = [self.readout[j](final.float()) for j, final in zip(self.refiners, finals)]
+        masks = [batch.tokens[j][1].to(final.device) for j, final in zip(self.refiners, finals)]
         logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
         return GraphOutput(logits, routing)
 

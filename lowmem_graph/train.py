@@ -320,7 +320,8 @@ class Trainer:
                  for batch in (self.graph.collate(questions[start:start + self.micro_batch])
                                for start in range(0, len(questions), self.micro_batch)))
         total_loss, correct, routing = (float(x) if x.dim() == 0 else x
-                                        for x in accumulate(self.graph, parts, len(questions), self.device))
+                                        for x in step_gradients(self.graph, parts, len(questions), self.device,
+                                                                self.placed.placement))
         norms = projection_grad_norms(self.graph)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
         self.optimizer.step()
@@ -419,6 +420,17 @@ class Trainer:
             return None
         steps = [r for r in records if r.get("kind") == "step" and r.get("epoch") == epoch]
         return self._end_epoch(epoch - 1, [r["loss"] for r in steps], [r["acc"] for r in steps], time.time())
+
+
+def step_gradients(graph: FrozenGraph, parts, total: int, device, placement=None):
+    """The gradients of one optimizer step, in the schedule the plan chose: micro-batch by micro-batch
+    (`accumulate`), or layer-major (memory/schedule.py: each streamed group loaded once for all micro-batches)."""
+    schedule = placement.plan.schedule if placement is not None and placement.plan is not None else None
+    if schedule in ("layer-major", "layer-major-host"):
+        from .memory.schedule import layer_major_step
+
+        return layer_major_step(graph, parts, total, device, placement.streamers, placement.kept)
+    return accumulate(graph, parts, total, device)
 
 
 def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,8 +32,9 @@ def _losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
 
 
-def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
-    spec, forced = SPEC, _forced_plan()
+@pytest.mark.parametrize("schedule", ["micro-batch-major", "layer-major-host"])
+def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch, schedule):
+    spec, forced = SPEC, dataclasses.replace(_forced_plan(), schedule=schedule)
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     from lowmem_graph.memory import stream
     from lowmem_graph.memory.placement import Placement
@@ -95,10 +96,11 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_streaming_plan_on_cuda_trains_like_the_plain_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["micro-batch-major", "layer-major", "layer-major-host"])
+def test_streaming_plan_on_cuda_trains_like_the_plain_run(tmp_path, monkeypatch, schedule):
     """The whole --gpu-mem path on a GPU: host nodes, frozen pass one node at a time, streamed groups, the fused
     Triton injection inside training. bf16 autocast: the same losses within bf16 tolerance."""
-    spec, forced = SPEC, _forced_plan()
+    spec, forced = SPEC, dataclasses.replace(_forced_plan(), schedule=schedule)
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3, "device": "cuda"}
     quiet = dict(progress=False, log=lambda *_: None)

@@ -181,7 +181,8 @@ def test_streaming_fills_budget_with_resident_groups_first(paper_low_inject):
         _check_plan(plan)
         assert 0 < plan.streamed_bytes <= sum(g.bytes for g in plan.groups), budget
         assert plan.prefetch_depth == 2
-        assert plan.traffic_per_step == 2 * plan.streamed_bytes * (plan.batch // plan.micro_batch)
+        assert plan.traffic_per_step == planning.traffic(plan.streamed_bytes, plan.schedule, plan.accumulation,
+                                                         plan.activation_traffic)
         assert plan.traffic_per_step >= previous      # less memory, more PCIe traffic
         previous = plan.traffic_per_step
     # the smallest budget streams nearly everything

@@ -31,6 +31,10 @@ class Placement:
         self.device = _exact(torch.device(device))
         self.plan = plan
         self.streamers: list[stream.LayerStreamer] = []
+        from .schedule import Kept
+
+        # what a layer-major step keeps between its phases: on the device, or in pinned host memory
+        self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
 
     @property
     def load_device(self) -> torch.device:

@@ -71,6 +71,8 @@ HEAD_PER_TOKEN = (14, 32)  # (x d, x latent_dim) bytes
 # Host memory under a plan (every node lives there; the device holds what the plan moves):
 HOST_RUNTIME = 2 * GiB     # Python, torch, transformers, the CUDA libraries' host side: 0.45 GiB measured without CUDA.
 CACHE_SHARD_BYTES = 256 * MiB   # prefix-cache rows gathered for one shard, and the shard as written (twice this).
+# the training schedules (memory/schedule.py): micro-batch by micro-batch, or every micro-batch through a loaded group
+MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST = "micro-batch-major", "layer-major", "layer-major-host"
 GROUP_SIZES = (2, 3, 4)    # layers per checkpoint/stream group: one streamed copy is 225-450 MB for Mistral.
 SEARCH_STEP = 64 * MiB     # the minimum is exact; the tests check that this much less is refused.
 
@@ -147,6 +149,8 @@ class Plan(_Placed):
     trainable_params: int = 0
     minimum_training: int = 0               # the smallest training-step peak over all choices
     minimum_frozen: int = 0                 # the frozen pass at micro-batch 1
+    schedule: str = "micro-batch-major"     # or "layer-major"(-host): every micro-batch through a loaded group
+    activation_traffic: int = 0             # layer-major-host: kept activations fetched back per step
     eval_breakdown: dict[str, int] = field(default_factory=dict)   # evaluation at the plan's micro-batch
     host_breakdown: dict[str, int] = field(default_factory=dict)   # host memory the run needs
     host_available: int = 0                 # what the machine had available when planned (or was told)
@@ -165,8 +169,8 @@ class Plan(_Placed):
 
     @property
     def traffic_per_step(self) -> int:
-        """Host-to-device bytes per optimizer step: each streamed group twice (forward, recompute) per micro-batch."""
-        return 2 * self.streamed_bytes * self.accumulation
+        """Host-to-device bytes per optimizer step (see `traffic`)."""
+        return traffic(self.streamed_bytes, self.schedule, self.accumulation, self.activation_traffic)
 
 
 # --- sizes from the meta device ---------------------------------------------------------------------------------
@@ -372,14 +376,40 @@ def _groups(profile: _Profile, size: int) -> list[GroupPlan]:
             for g in _split(node.name, node.layer_bytes, node.inject, node.n_layers, size)]
 
 
-def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: int, injection: str) -> dict[str, int]:
+def _kept_bytes(node: _Node, n_groups: int, batch: int, seq: int) -> int:
+    """What the layer-major schedule keeps of one refiner for the whole batch: every group boundary (n + 1) and,
+    during the backward, the gradients at two boundaries (the one coming in, the one going out)."""
+    return (n_groups + 3) * batch * seq * node.width * ACT_BYTES
+
+
+def _activation_traffic(profile: _Profile, groups: list[GroupPlan], batch: int, seq: int) -> int:
+    """Host-to-device bytes of a layer-major step whose kept activations live on the host: each group's inputs
+    fetched in the forward, the last outputs for the head, then each group's inputs and gradients in backward."""
+    total = 0
+    for node in (n for n in profile.nodes.values() if n.role == "refiner"):
+        n_groups = sum(1 for g in groups if g.node == node.name)
+        total += (3 * n_groups + 1) * batch * seq * node.width * ACT_BYTES
+    return total
+
+
+def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: int, injection: str,
+                 batch: int | None = None, kept_on_host: bool = False) -> dict[str, int]:
+    """The step's activations at `micro`. With `batch` (the layer-major schedule) every micro-batch's group inputs
+    are kept between phases, for the whole batch (see `_kept_bytes`), on the device or (`kept_on_host`) in pinned
+    host memory; each micro-batch's recorded masks and tables stay on the device."""
     tokens = micro * seq
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     saved, head = 0, 0
     for node in refiners:
         n_groups = sum(1 for g in groups if g.node == node.name)
-        # every group's input, plus the cached injection-layer input that the blend's backward keeps
-        saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
+        if batch is None:
+            # every group's input, plus the cached injection-layer input that the blend's backward keeps
+            saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
+        elif kept_on_host:
+            # the micro-batch at work: its group input and output, the gradient coming in and going out
+            saved += 4 * tokens * node.width * ACT_BYTES + batch // micro * forward_tables(node, micro, seq)
+        else:
+            saved += _kept_bytes(node, n_groups, batch, seq) + batch // micro * forward_tables(node, micro, seq)
         head += tokens * (HEAD_PER_TOKEN[0] * node.width + HEAD_PER_TOKEN[1] * profile.latent)
         if injection == "token":   # per-token reader states (fp32) and their latent, kept for the injection's backward
             head += tokens * 4 * 2 * (sum(profile.reader_widths) + profile.latent)
@@ -435,8 +465,11 @@ def _divisors(n: int) -> list[int]:
     return [m for m in range(n, 0, -1) if n % m == 0]
 
 
-def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int) -> dict:
-    """The training step's peak, part by part, for these groups (resident or streamed) at this micro-batch."""
+def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int,
+                    schedule: str = "micro-batch-major", batch: int | None = None) -> dict:
+    """The training step's peak, part by part, for these groups (resident or streamed) at this micro-batch, in
+    this schedule (`batch` for the layer-major ones)."""
+    layer_major = schedule != MICRO_BATCH_MAJOR
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     workspace = 0
     if spec.quant == "nf4":
@@ -447,7 +480,8 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     return {
         "resident_weights": sum(g.bytes for g in groups if g.resident) + sum(n.norm_bytes for n in refiners),
         "stream_slots": sum(depth * b for b in slots),
-        **_activations(profile, groups, micro, seq, spec.injection),
+        **_activations(profile, groups, micro, seq, spec.injection, batch if layer_major else None,
+                       schedule == LAYER_MAJOR_HOST),
         "trainable+optimizer": profile.trainable * TRAIN_BYTES_PER_PARAM,
         "workspace": workspace,
         "cuda_context": CUDA_CONTEXT,
@@ -464,23 +498,42 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
             for k in range(len(base), -1, -1):
                 groups = _with_resident(base, k)
                 for depth in ((0,) if k == len(base) else (2, 1)):
-                    yield groups, depth, micro, _step_breakdown(spec, profile, groups, depth, micro, seq)
+                    schedules = (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST) if depth and micro < batch \
+                        else (MICRO_BATCH_MAJOR,)   # streamed and accumulated: each group once for all
+                    for schedule in schedules:
+                        yield groups, depth, micro, schedule, _step_breakdown(spec, profile, groups, depth, micro,
+                                                                              seq, schedule, batch)
 
 
-def with_placement(spec, plan: Plan, groups: list[GroupPlan], prefetch_depth: int, micro_batch: int) -> Plan:
-    """`plan` with other groups, residency, slots or micro-batch, its predictions recomputed (benchmarks measure
-    such forced placements: everything resident, everything streamed)."""
+def with_placement(spec, plan: Plan, groups: list[GroupPlan], prefetch_depth: int, micro_batch: int,
+                   schedule: str = MICRO_BATCH_MAJOR) -> Plan:
+    """`plan` with other groups, residency, slots, micro-batch or schedule, its predictions recomputed (benchmarks
+    and tests measure such forced placements: everything resident, everything streamed)."""
     profile = _profile(spec)
-    breakdown = _step_breakdown(spec, profile, groups, prefetch_depth, micro_batch, plan.seq)
+    breakdown = _step_breakdown(spec, profile, groups, prefetch_depth, micro_batch, plan.seq, schedule, plan.batch)
+    activations = _activation_traffic(profile, groups, plan.batch, plan.seq) if schedule == LAYER_MAJOR_HOST else 0
     return dataclasses.replace(plan, groups=groups, prefetch_depth=prefetch_depth, micro_batch=micro_batch,
-                               breakdown=breakdown, peak=sum(breakdown.values()),
+                               schedule=schedule, activation_traffic=activations, breakdown=breakdown,
+                               peak=sum(breakdown.values()),
                                eval_breakdown=eval_breakdown(profile, breakdown, micro_batch, plan.seq))
 
 
-def _preference(groups, depth, micro, batch, peak):
-    """Lower is better: stream nothing if possible; else double buffered; least PCIe traffic; big micro-batch."""
+def traffic(streamed: int, schedule: str, accumulation: int, activations: int = 0) -> int:
+    """Host-to-device bytes per optimizer step: each streamed group twice (forward, then recompute and backward),
+    per micro-batch, or once for all of them under a layer-major schedule; plus, when a layer-major step keeps
+    its activations on the host, fetching them back (`activations`)."""
+    if schedule == MICRO_BATCH_MAJOR:
+        return 2 * streamed * accumulation
+    return 2 * streamed + (activations if schedule == LAYER_MAJOR_HOST else 0)
+
+
+def _preference(profile, groups, depth, micro, schedule, batch, seq, peak):
+    """Lower is better: stream nothing if possible; else double buffered; least PCIe traffic; big micro-batch;
+    the plainer schedule on a tie."""
     streamed = sum(g.bytes for g in groups if not g.resident)
-    return (depth == 1, 2 * streamed * (batch // micro), -micro, peak)
+    moved = traffic(streamed, schedule, batch // micro, _activation_traffic(profile, groups, batch, seq)
+                    if schedule == LAYER_MAJOR_HOST else 0)
+    return (depth == 1, moved, -micro, (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST).index(schedule), peak)
 
 
 def _gib(n: int) -> str:
@@ -506,15 +559,15 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
 
     frozen_min = max(_frozen_placement(n, 1, seq, quant, profile.trainable, None).peak for n in profile.nodes.values())
     best, best_key, train_min = None, None, None
-    for groups, depth, micro, breakdown in _candidates(spec, profile, batch, seq):
+    for groups, depth, micro, schedule, breakdown in _candidates(spec, profile, batch, seq):
         peak = sum(breakdown.values())
         evaluation = eval_breakdown(profile, breakdown, micro, seq)
         worst = max(peak, sum(evaluation.values()))
         train_min = worst if train_min is None else min(train_min, worst)
         if worst <= budget:
-            key = _preference(groups, depth, micro, batch, peak)
+            key = _preference(profile, groups, depth, micro, schedule, batch, seq, peak)
             if best_key is None or key < best_key:
-                best, best_key = (groups, depth, micro, breakdown, peak, evaluation), key
+                best, best_key = (groups, depth, micro, schedule, breakdown, peak, evaluation), key
     minimum = max(train_min, frozen_min)
     if best is None or frozen_min > budget:
         need = math.ceil(minimum / GiB * 100) / 100
@@ -522,7 +575,7 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
             f"graph {spec.name!r} (batch {batch}, seq {seq}, {quant}) needs at least {need:.2f} GiB of device "
             f"memory ({minimum:,} bytes: training step {_gib(train_min)}, frozen pass {_gib(frozen_min)}); "
             f"the budget is {_gib(budget)}")
-    groups, depth, micro, breakdown, peak, evaluation = best
+    groups, depth, micro, schedule, breakdown, peak, evaluation = best
 
     for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
         frozen = {n.name: _frozen_placement(n, frozen_micro, seq, quant, profile.trainable, budget)
@@ -531,6 +584,11 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
     host = host_breakdown(profile, groups, frozen, batch, seq)
+    activations = 0
+    if schedule == LAYER_MAJOR_HOST:
+        host["kept_activations"] = sum(_kept_bytes(n, sum(1 for g in groups if g.node == n.name), batch, seq)
+                                       for n in profile.nodes.values() if n.role == "refiner")
+        activations = _activation_traffic(profile, groups, batch, seq)
     available = host_available() if host_budget is None else host_budget
     if sum(host.values()) > available:
         parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host.items())
@@ -539,8 +597,8 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
             f"({parts}), but {_gib(available)} is available: close other programs, use a machine with more "
             "memory, or a smaller graph")
     return Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
-                frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, evaluation, host,
-                available)
+                frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, schedule, activations,
+                evaluation, host, available)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -558,6 +616,7 @@ _WHY = {
     "slab_being_built": "the largest pinned slab, while its tensors are copied in",
     "prefix_cache_rows": "a shard being written (x2) + one batch of cached rows",
     "runtime": "fixed allowance: Python, torch, CUDA libraries",
+    "kept_activations": "layer-major: every micro-batch's group inputs and gradients",
 }
 
 
@@ -575,7 +634,7 @@ def format_plan(plan: Plan, spec) -> str:
                      f"{'resident' if g.resident else 'streamed'}")
     streamed = plan.streamed_bytes
     lines += ["", f"resident {_mib(plan.resident_bytes)}; streamed {_mib(streamed)}"
-              + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}, "
+              + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}; {plan.schedule} schedule, "
                  f"{plan.traffic_per_step / 1e9:.2f} GB host-to-device per step)" if streamed else ""),
               f"trainable parameters: {plan.trainable_params:,}", "", "training step peak:"]
     for k, v in plan.breakdown.items():

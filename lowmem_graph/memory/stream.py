@@ -119,7 +119,7 @@ class LayerStreamer:
         self.host = HostSlab(total)
         self.slab = self.host.tensor
         originals = [site for group in sites for site in group]
-        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self._before_group)
+        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self.load_group)
         try:
             for start, (placed, _), g in zip(self._starts, layouts, self.order):
                 for (_, _, t), offset in zip(sites[g], placed):
@@ -205,7 +205,7 @@ class LayerStreamer:
                 tensors[(t.data_ptr(), t.nbytes)] = t.nbytes
         return sum(held.values()) + sum(tensors.values())
 
-    def _before_group(self, g: int, backward: bool) -> None:
+    def load_group(self, g: int, backward: bool) -> None:
         """Group g is about to compute: have it in its slot, then prefetch the next group in this direction."""
         rank = self._rank.get(g)
         if rank is None:
@@ -227,7 +227,7 @@ class LayerStreamer:
 
     def _slot(self, rank: int) -> int:
         """Streamed group `rank` goes to this slot: alternating, so the next group in either direction never
-        lands in the slot in use. The pairing changes only between passes without grad (see _before_group), so a
+        lands in the slot in use. The pairing changes only between passes without grad (see load_group), so a
         group reloaded for its backward finds the slot its forward used."""
         return (rank + self._shift) % len(self.slots)
 
