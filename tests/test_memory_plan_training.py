@@ -15,17 +15,20 @@ from lowmem_graph.train import TrainConfig, train
 SPEC = apply_changes(load_preset("tiny"), ["nodes.phi3.inject_depth=0.25", "nodes.mistral.inject_depth=0.25"])
 
 
-def _forced_plan():
+def _forced_plan(schedule="micro-batch-major"):
     """The tiny graph fits any budget whole, so the plan is forced: in training, each refiner's layers 1-3 as
-    groups of one, layer 1 resident, 2 and 3 streamed; in the frozen pass every reader streams its layers
-    after the first (the refiners, injecting at layer 1, have one frozen layer)."""
+    groups of one, layer 1 resident (keeping its activations, but under a layer-major schedule), 2 and 3 streamed;
+    in the frozen pass every reader streams its layers after the first (the refiners, injecting at layer 1, have
+    one frozen layer)."""
     real = planning.make_plan(SPEC, planning.parse_size("1G"), 8, SPEC.max_length)
-    groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1)) for node in ("phi3", "mistral") for i in (1, 2, 3)]
+    keep = schedule == "micro-batch-major"
+    groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1), checkpointed=not (keep and i == 1))
+              for node in ("phi3", "mistral") for i in (1, 2, 3)]
     frozen = {name: FrozenPlacement([GroupPlan(name, i, i + 1, 0, resident=i == 0)
                                      for i in range(sum(g.last - g.first for g in placed.groups))],
                                     2, placed.breakdown)
               for name, placed in real.frozen.items()}
-    return dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2, frozen=frozen)
+    return dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2, frozen=frozen, schedule=schedule)
 
 
 def _losses(run):
@@ -34,7 +37,7 @@ def _losses(run):
 
 @pytest.mark.parametrize("schedule", ["micro-batch-major", "layer-major-host"])
 def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch, schedule):
-    spec, forced = SPEC, dataclasses.replace(_forced_plan(), schedule=schedule)
+    spec, forced = SPEC, _forced_plan(schedule)
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     from lowmem_graph.memory import stream
     from lowmem_graph.memory.placement import Placement
@@ -100,7 +103,7 @@ def test_streaming_plan_trains_like_the_plain_run(tmp_path, monkeypatch, schedul
 def test_streaming_plan_on_cuda_trains_like_the_plain_run(tmp_path, monkeypatch, schedule):
     """The whole --gpu-mem path on a GPU: host nodes, frozen pass one node at a time, streamed groups, the fused
     Triton injection inside training. bf16 autocast: the same losses within bf16 tolerance."""
-    spec, forced = SPEC, dataclasses.replace(_forced_plan(), schedule=schedule)
+    spec, forced = SPEC, _forced_plan(schedule)
     monkeypatch.setattr(planning, "make_plan", lambda *args, **kwargs: forced)
     base = {**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 2, "lr": 3e-3, "device": "cuda"}
     quiet = dict(progress=False, log=lambda *_: None)

@@ -76,6 +76,9 @@ def _check_plan(plan: Plan):
     assert plan.batch % plan.micro_batch == 0 and plan.batch % plan.frozen_micro_batch == 0
     flags = [g.resident for g in plan.groups]
     assert flags == sorted(flags, reverse=True), "resident groups come first, only the overflow streams"
+    assert all(g.checkpointed for g in plan.groups if not g.resident), "a streamed group is always recomputed"
+    if plan.schedule != "micro-batch-major":
+        assert all(g.checkpointed for g in plan.groups) and plan.accumulation > 1 and plan.streamed_bytes > 0
     streamed = [g.bytes for g in plan.groups if not g.resident]
     assert plan.prefetch_depth in ((0,) if not streamed else (1, 2))
     per_refiner = {}      # each refiner's streamer has its own slots, sized for its largest streamed group
@@ -102,6 +105,11 @@ def test_paper_at_24g_everything_resident(paper):
     _check_plan(plan)
     assert plan.streamed_bytes == 0 and plan.prefetch_depth == 0 and plan.breakdown["stream_slots"] == 0
     assert plan.micro_batch == 8
+    # room to spare: nothing is recomputed (every group keeps its activations), the plain step
+    assert not any(g.checkpointed for g in plan.groups) and plan.breakdown["recompute"] < plan.breakdown[
+        "checkpoint_inputs"]
+    tighter = make_plan(paper, parse_size("6G"))
+    assert 0 < sum(g.checkpointed for g in tighter.groups) and tighter.micro_batch == 8
     assert all(g.resident for g in plan.groups)
     # the trained groups are exactly each refiner's upper quarter, layers 24..31, in 2-4 layer groups
     for node in ("phi3", "mistral"):

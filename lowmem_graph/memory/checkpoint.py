@@ -15,7 +15,7 @@ a group. A forward hook on any layer but the group's last sees the group's input
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,9 +34,11 @@ class GroupCheckpoint:
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]],
-                 before_group: Callable[[int, bool], None] | None = None):
+                 before_group: Callable[[int, bool], None] | None = None, plain: Iterable[int] = ()):
+        """`plain`: indices of groups left as they are (they keep their activations, autograd as usual)."""
         self.layers = layers
         self.groups = check_groups(groups, len(layers))
+        self.plain = set(plain)
         self.before_group = before_group
         self._pending = None        # (group input, recorded layer calls) while a group is being collected
         self.recording: list | None = None    # see `record`
@@ -45,6 +47,8 @@ class GroupCheckpoint:
             raise RuntimeError(f"decoder layers {taken} already have their forward replaced "
                                "(a second GroupCheckpoint or streamer on the same layers?)")
         for g, group in enumerate(self.groups):
+            if g in self.plain:
+                continue
             for pos, index in enumerate(group):
                 layers[index].forward = self._deferred(g, pos, index, layers[index].forward)
 
@@ -67,7 +71,9 @@ class GroupCheckpoint:
         return _run_group(calls[start:start + len(self.groups[g])], hidden)
 
     def detach(self) -> None:
-        for group in self.groups:
+        for g, group in enumerate(self.groups):
+            if g in self.plain:
+                continue
             for index in group:
                 del self.layers[index].forward      # the instance attribute: the class's forward is back
 

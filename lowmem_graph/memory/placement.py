@@ -94,7 +94,8 @@ class Placement:
                 node.device = self.device
                 self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
                                                     {i for i, g in enumerate(mine) if g.resident}, self.device,
-                                                    slots=max(1, self.plan.prefetch_depth)))
+                                                    slots=max(1, self.plan.prefetch_depth),
+                                                    plain={i for i, g in enumerate(mine) if not g.checkpointed}))
         except BaseException:
             self.stop_steps()
             raise

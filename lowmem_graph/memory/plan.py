@@ -103,6 +103,7 @@ class GroupPlan:
     last: int           # exclusive
     bytes: int
     resident: bool
+    checkpointed: bool = True   # keeps only its input and recomputes in backward (a streamed group always does)
 
 
 class _Placed:
@@ -332,9 +333,10 @@ def _split(node: str, layer_bytes: list[int], first: int, last: int, size: int) 
             for lo in range(first, last, size)]
 
 
-def _with_resident(groups: list[GroupPlan], k: int) -> list[GroupPlan]:
-    """The first k groups resident, the overflow streamed."""
-    return [GroupPlan(g.node, g.first, g.last, g.bytes, i < k) for i, g in enumerate(groups)]
+def _with_resident(groups: list[GroupPlan], k: int, keep: int = 0) -> list[GroupPlan]:
+    """The first k groups resident, the overflow streamed; the first `keep` of them keep their activations (no
+    recompute), the rest are checkpointed."""
+    return [GroupPlan(g.node, g.first, g.last, g.bytes, i < k, i >= keep) for i, g in enumerate(groups)]
 
 
 def _frozen_choices(node: _Node, micro: int, seq: int, quant: str, trainable: int):
@@ -401,7 +403,10 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     saved, head = 0, 0
     for node in refiners:
-        n_groups = sum(1 for g in groups if g.node == node.name)
+        n_groups = sum(1 for g in groups if g.node == node.name and g.checkpointed)
+        # a group that is not checkpointed keeps what its layers saved, for the whole step
+        saved += sum((g.last - g.first) * layer_saved(node, micro, seq) for g in groups
+                     if g.node == node.name and not g.checkpointed)
         if batch is None:
             # every group's input, plus the cached injection-layer input that the blend's backward keeps
             saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
@@ -416,7 +421,7 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
     recompute = 0
     for g in groups:
         node = profile.nodes[g.node]
-        recompute = max(recompute, (g.last - g.first) * layer_saved(node, micro, seq)
+        recompute = max(recompute, (g.last - g.first) * layer_saved(node, micro, seq) * g.checkpointed
                         + layer_backward(node, micro, seq))
     return {"checkpoint_inputs": saved, "recompute": recompute, "head_activations": head}
 
@@ -496,13 +501,15 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
         base = _groups(profile, size)
         for micro in _divisors(batch):
             for k in range(len(base), -1, -1):
-                groups = _with_resident(base, k)
-                for depth in ((0,) if k == len(base) else (2, 1)):
-                    schedules = (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST) if depth and micro < batch \
-                        else (MICRO_BATCH_MAJOR,)   # streamed and accumulated: each group once for all
-                    for schedule in schedules:
-                        yield groups, depth, micro, schedule, _step_breakdown(spec, profile, groups, depth, micro,
-                                                                              seq, schedule, batch)
+                for keep in range(k + 1):
+                    groups = _with_resident(base, k, keep)
+                    for depth in ((0,) if k == len(base) else (2, 1)):
+                        # streamed and accumulated: each group once for all micro-batches (all checkpointed)
+                        schedules = (MICRO_BATCH_MAJOR,) + ((LAYER_MAJOR, LAYER_MAJOR_HOST)
+                                                            if depth and micro < batch and not keep else ())
+                        for schedule in schedules:
+                            yield groups, depth, micro, schedule, _step_breakdown(spec, profile, groups, depth,
+                                                                                  micro, seq, schedule, batch)
 
 
 def with_placement(spec, plan: Plan, groups: list[GroupPlan], prefetch_depth: int, micro_batch: int,
@@ -529,11 +536,13 @@ def traffic(streamed: int, schedule: str, accumulation: int, activations: int = 
 
 def _preference(profile, groups, depth, micro, schedule, batch, seq, peak):
     """Lower is better: stream nothing if possible; else double buffered; least PCIe traffic; big micro-batch;
-    the plainer schedule on a tie."""
+    least recompute (a group that keeps its activations is not run twice); the plainer schedule on a tie."""
     streamed = sum(g.bytes for g in groups if not g.resident)
     moved = traffic(streamed, schedule, batch // micro, _activation_traffic(profile, groups, batch, seq)
                     if schedule == LAYER_MAJOR_HOST else 0)
-    return (depth == 1, moved, -micro, (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST).index(schedule), peak)
+    recomputed = sum(g.last - g.first for g in groups if g.checkpointed)
+    return (depth == 1, moved, -micro, recomputed, (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST).index(schedule),
+            peak)
 
 
 def _gib(n: int) -> str:
@@ -631,7 +640,8 @@ def format_plan(plan: Plan, spec) -> str:
         index[g.node] = index.get(g.node, 0) + 1
         span = f"{g.first}-{g.last - 1}" if g.last - g.first > 1 else str(g.first)
         lines.append(f"{g.node:<10} {span:>8} {index[g.node]:>5} {_mib(g.bytes):>12}  "
-                     f"{'resident' if g.resident else 'streamed'}")
+                     f"{'resident' if g.resident else 'streamed'}, "
+                     f"{'recomputed in backward' if g.checkpointed else 'keeps its activations'}")
     streamed = plan.streamed_bytes
     lines += ["", f"resident {_mib(plan.resident_bytes)}; streamed {_mib(streamed)}"
               + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}; {plan.schedule} schedule, "

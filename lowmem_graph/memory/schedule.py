@@ -54,6 +54,8 @@ def layer_major_step(graph, parts, total: int, device, streamers, kept: Kept):
 
     parts = list(parts)
     refiners = list(zip(graph.refiners, streamers))
+    if any(s.checkpoint.plain for s in streamers):
+        raise ValueError("the layer-major schedule runs every group from a kept input: all must be checkpointed")
     calls = {j: [] for j in graph.refiners}         # per micro-batch: the layer calls the model's loop made
     inputs = {j: [] for j in graph.refiners}        # inputs[j][g][m]: group g's input for micro-batch m
     with torch.no_grad():

@@ -80,7 +80,8 @@ class HostSlab:
 class LayerStreamer:
     """Keep groups `resident` (indices into `groups`) on `device`; stream the others through `slots` slots.
 
-    `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint.
+    `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint but those in
+    `plain` (resident groups that keep their activations).
     `slots=2` double-buffers; `slots=1` halves the slot memory, but then nothing can be prefetched.
     `pin` page-locks the slab (default: on CUDA). Installed on construction; a construction that fails leaves
     every layer as it was.
@@ -88,7 +89,8 @@ class LayerStreamer:
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]], resident: Iterable[int] = (),
-                 device: torch.device | str | None = None, slots: int = 2, pin: bool | None = None):
+                 device: torch.device | str | None = None, slots: int = 2, pin: bool | None = None,
+                 plain: Iterable[int] = ()):
         self.device = torch.device(device) if device is not None else default_device()
         groups = check_groups(groups, len(layers))
         resident = set(resident)
@@ -97,6 +99,10 @@ class LayerStreamer:
         if slots not in (1, 2):
             raise ValueError(f"slots must be 1 or 2, got {slots}")
         self.order = [g for g in range(len(groups)) if g not in resident]      # streamed groups, in order
+        plain = set(plain)
+        if plain & set(self.order):
+            raise ValueError(f"streamed groups {sorted(plain & set(self.order))} must be checkpointed: their weights "
+                             "leave the device before backward")
         self._rank = {g: rank for rank, g in enumerate(self.order)}
         sites = [_sites([layers[i] for i in group]) for group in groups]
         resident_sites = [site for g in sorted(resident) for site in sites[g]]
@@ -119,7 +125,7 @@ class LayerStreamer:
         self.host = HostSlab(total)
         self.slab = self.host.tensor
         originals = [site for group in sites for site in group]
-        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self.load_group)
+        self.checkpoint = GroupCheckpoint(layers, groups, before_group=self.load_group, plain=plain)
         try:
             for start, (placed, _), g in zip(self._starts, layouts, self.order):
                 for (_, _, t), offset in zip(sites[g], placed):
