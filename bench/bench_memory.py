@@ -40,15 +40,16 @@ from lowmem_graph.train import step_gradients
 
 
 
-def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int) -> FrozenNode:
+def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int, quant: str = "nf4") -> FrozenNode:
     """A node of the real architecture with random weights: decoder linears NF4 (double quant), the rest bf16,
-    all on the host. Quantised on `device` (fast on a GPU), one linear at a time."""
+    all on the host. Quantised on `device` (fast on a GPU), one linear at a time. `quant="fp32"`: every weight
+    dense in fp32 (bitsandbytes' 4-bit matmul on a CPU is far slower than the arithmetic it does)."""
     import bitsandbytes as bnb
 
     config, model = meta_model(node_spec.model)
     torch.manual_seed(seed)
     base = model.get_decoder()
-    for layer in base.layers:
+    for layer in base.layers if quant == "nf4" else []:
         for name, linear in list(layer.named_modules()):
             if not isinstance(linear, torch.nn.Linear):
                 continue
@@ -66,7 +67,7 @@ def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int)
     for module in model.modules():                      # everything still on meta: real, small, random
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
-                fresh = torch.empty(p.shape, dtype=torch.bfloat16)
+                fresh = torch.empty(p.shape, dtype=torch.bfloat16 if quant == "nf4" else torch.float32)
                 fresh.normal_(0, 0.02) if p.dim() > 1 else fresh.fill_(1.0)
                 setattr(module, pname, torch.nn.Parameter(fresh, requires_grad=False))
         for bname, b in list(module.named_buffers(recurse=False)):
@@ -79,8 +80,8 @@ def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int)
     return FrozenNode(node_spec, model, None, max_length, f"random:{node_spec.model}:{seed}", "cpu")
 
 
-def build_graph(spec, device) -> FrozenGraph:
-    nodes = {n.name: random_nf4_node(n, spec.max_length, device, i) for i, n in enumerate(spec.nodes)}
+def build_graph(spec, device, quant: str = "nf4") -> FrozenGraph:
+    nodes = {n.name: random_nf4_node(n, spec.max_length, device, i, quant) for i, n in enumerate(spec.nodes)}
     torch.manual_seed(0)
     return FrozenGraph(spec, nodes).to(device)
 
@@ -301,7 +302,8 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
         add(*measure_frozen(budget, graph, plan, device, steps, context))
         add(measure(f"plan {budget}", graph, plan, inputs, device, steps, context))
     # the streaming overhead at its worst: every group streamed, at the all-resident row's micro-batch
-    worst = with_placement(spec, plan, [dataclasses.replace(g, resident=False) for g in plan.groups], 2, batch)
+    worst = with_placement(spec, plan, [dataclasses.replace(g, resident=False, checkpointed=True)
+                                        for g in plan.groups], 2, batch)
     add(measure("every group streamed", graph, worst, inputs, device, steps, context))
     add(accelerate_offload_row(graph, inputs, device, steps, context))
     for row in rows:

@@ -75,8 +75,12 @@ class FrozenStates:
     def for_batch(self, graph, batch) -> tuple[dict, dict]:
         """(reader states in fp32: pooled (B, d_k) or per token (B, T_k, d_k); each refiner's stream entering its
         injection layer, padded to the batch's tokens), on the graph's device."""
+        return to_device(self.gather(graph, batch), next(graph.parameters()).device)
+
+    def gather(self, graph, batch, pin: bool = False) -> tuple[dict, dict]:
+        """What `for_batch` gives, in host memory (page-locked with `pin`, so the copy to the device can overlap):
+        the part of a step that can run ahead of it, on another thread."""
         rows = [self.rows[i] for i in batch.ids]
-        device = next(graph.parameters()).device
 
         def padded(name):
             items = [self.entries[name].row(r) for r in rows]
@@ -85,12 +89,17 @@ class FrozenStates:
                 if len(item) != length:
                     raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
                 out[b, : len(item)] = item
-            return out.to(device)
+            return out
 
         readers = {r: (padded(r) if graph.spec.injection == "token"
-                       else torch.cat([self.entries[r].row(i) for i in rows]).to(device)).float()
-                   for r in graph.readers}
-        return readers, {j: padded(j) for j in graph.refiners}
+                       else torch.cat([self.entries[r].row(i) for i in rows])).float() for r in graph.readers}
+        states = readers, {j: padded(j) for j in graph.refiners}
+        return tuple({k: v.pin_memory() for k, v in part.items()} for part in states) if pin else states
+
+
+def to_device(states: tuple[dict, dict], device) -> tuple[dict, dict]:
+    """Cached states onto the device without blocking the host (from page-locked memory the copy is asynchronous)."""
+    return tuple({k: v.to(device, non_blocking=True) for k, v in part.items()} for part in states)
 
 
 class CacheEntry:

@@ -113,8 +113,10 @@ class FrozenGraph(nn.Module):
         return self.carry[refiner].weight if self.spec.carry == "separate" else self.readout[refiner].weight.t()
 
     # ---- data ------------------------------------------------------------------------------------------------
-    def collate(self, questions: list[Question]) -> Batch:
-        """Each node tokenizes the same prompts with its own tokenizer and framing prefix."""
+    def collate(self, questions: list[Question], cached: bool = False) -> Batch:
+        """Each node tokenizes the same prompts with its own tokenizer and framing prefix. With `cached` (the
+        step reads the readers' pooled states from the prefix cache) only the refiners tokenize: nothing else
+        uses a reader's tokens then."""
         too_many = [q.id for q in questions if len(q.choices) > self.spec.output.max_choices]
         if too_many:
             raise UserError(f"question {too_many[0]} has more choices than output.max_choices="
@@ -123,6 +125,8 @@ class FrozenGraph(nn.Module):
         per_token = self.spec.injection == "token"
         tokens, offsets = {}, {}
         for name, node in self.nodes.items():
+            if cached and not per_token and name in self.readers:
+                continue
             enc = node.encode(texts, offsets=per_token)
             tokens[name] = (enc["input_ids"], enc["attention_mask"])
             offsets[name] = enc.get("offset_mapping")

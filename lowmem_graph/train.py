@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,12 +314,24 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def train_step(self, questions: list[Question]) -> dict:
-        """One optimizer step over `questions`, in micro-batches when the plan asks for them (same gradient)."""
+    def step_inputs(self, questions: list[Question]) -> list:
+        """A step's micro-batches, each (batch, its cached states in host memory, pinned on CUDA, or nothing when
+        the nodes run here): tokenizing, reading the cache and padding, the part of a step that `fit` runs ahead
+        on another thread."""
+        cached = self.train_states is not None
+        batches = [self.graph.collate(questions[start:start + self.micro_batch], cached=cached)
+                   for start in range(0, len(questions), self.micro_batch)]
+        pin = self.device.type == "cuda"
+        return [(batch, self.train_states.gather(self.graph, batch, pin) if cached else None) for batch in batches]
+
+    def train_step(self, questions: list[Question], inputs: list | None = None) -> dict:
+        """One optimizer step over `questions`, in micro-batches when the plan asks for them (same gradient).
+        `inputs`: what `step_inputs` made for them, ahead of time."""
+        from .cache import to_device
+
         self.optimizer.zero_grad(set_to_none=True)
-        parts = ((batch, self.train_states.for_batch(self.graph, batch) if self.train_states is not None else ())
-                 for batch in (self.graph.collate(questions[start:start + self.micro_batch])
-                               for start in range(0, len(questions), self.micro_batch)))
+        parts = ((batch, to_device(host, self.device) if host is not None else ())
+                 for batch, host in (inputs if inputs is not None else self.step_inputs(questions)))
         total_loss, correct, routing = (float(x) if x.dim() == 0 else x
                                         for x in step_gradients(self.graph, parts, len(questions), self.device,
                                                                 self.placed.placement))
@@ -356,13 +369,21 @@ class Trainer:
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if self.progress else True, leave=False)
             stop.in_loop = True
+
+            def questions_of(i):
+                return [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+
+            ahead = ThreadPoolExecutor(1)       # the next step's inputs are assembled while this one computes
+            upcoming = ahead.submit(self.step_inputs, questions_of(first)) if first < self.steps_per_epoch else None
             try:
                 for i in bar:
                     if stop.received:
                         return {**self._stop(f"interrupted ({signal.Signals(stop.received).name})"),
                                 "signal": stop.received}
-                    questions = [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-                    metrics = self.train_step(questions)
+                    questions, inputs = questions_of(i), upcoming.result()
+                    upcoming = ahead.submit(self.step_inputs, questions_of(i + 1)) \
+                        if i + 1 < self.steps_per_epoch else None
+                    metrics = self.train_step(questions, inputs)
                     self.step += 1
                     losses.append(metrics["loss"])
                     accs.append(metrics["acc"])
@@ -375,6 +396,7 @@ class Trainer:
                         return self._stop("max_steps")
             finally:
                 stop.in_loop = False
+                ahead.shutdown(wait=True, cancel_futures=True)
             bar.close()
             self.save_checkpoint()      # the epoch's steps are safe before its (long) evaluation
             if stop.received:

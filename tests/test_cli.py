@@ -138,7 +138,7 @@ def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch
 
     from lowmem_graph.train import Trainer
 
-    def oom(self, questions):
+    def oom(self, questions, inputs=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train_step", oom)

@@ -118,8 +118,8 @@ def _signal_after(monkeypatch, step: int, signum: int):
     """Send `signum` to this process while step `step` is under way, as a scheduler or a Ctrl-C would."""
     real = Trainer.train_step
 
-    def step_then_signal(self, questions):
-        out = real(self, questions)
+    def step_then_signal(self, questions, inputs=None):
+        out = real(self, questions, inputs)
         if self.step + 1 == step:
             os.kill(os.getpid(), signum)
         return out

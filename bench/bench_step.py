@@ -1,0 +1,187 @@
+"""The training step, timed anywhere (CPU or GPU): what placement, streaming and the schedules cost.
+
+    python bench/bench_step.py [--graphs tiny,reduced] [--batch 8] [--seq 64] [--repeats 5] [--out bench/results]
+
+Graphs: `tiny` (the preset's five tiny architectures) and `reduced` (the paper graph's five real architectures at
+1/8 of their width, 32/28/26/32/32 layers, random NF4 weights). Inputs are random tensors of the prefix cache's
+shapes, so a step is what training from the cache runs (bench/bench_memory.py builds the same). Rows, each the
+median of `--repeats` steps after one warm-up, all measured in this one run:
+
+* plain: every node resident, no checkpointing, one micro-batch: what a user pays without any of this;
+* planned: the plan for a roomy budget (everything fits: groups keep their activations) and a tight one;
+* resident, checkpointed / streamed, checkpointed: every group checkpointed at the whole batch, resident or
+  streamed through two slots: the streaming machinery's own cost (goal on the CPU: within 1.15x);
+* micro-batch-major / layer-major: every group streamed at micro-batch 2 (accumulation batch/2), the two
+  schedules: group copies per step and time.
+
+Ratios are against `plain` in the same run; the device is named in every row. CSV and PNG go to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_memory  # noqa: E402
+
+from lowmem_graph.memory.placement import Placement  # noqa: E402
+from lowmem_graph.memory.plan import make_plan, with_placement  # noqa: E402
+from lowmem_graph.memory.report import GiB  # noqa: E402
+from lowmem_graph.spec import load_preset  # noqa: E402
+
+REDUCED = {"llama": "meta-llama__Llama-3.2-1B", "qwen": "Qwen__Qwen2.5-1.5B", "gemma": "google__gemma-2-2b",
+           "phi3": "microsoft__Phi-3-mini-4k-instruct", "mistral": "mistralai__Mistral-7B-v0.1"}
+
+
+def reduced_paper(folder: Path, scale: int = 8):
+    """The paper's spec with each node a local folder holding its real configuration at 1/scale width."""
+    from transformers import AutoConfig
+
+    spec = load_preset("paper")
+    for node in spec.nodes:
+        path = resources.files("lowmem_graph.presets") / "configs" / f"{REDUCED[node.name]}.json"
+        config = AutoConfig.for_model(**json.loads(path.read_text()))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.hidden_size //= scale
+        config.intermediate_size //= scale
+        config.num_attention_heads = max(1, config.num_attention_heads // scale)
+        config.num_key_value_heads = max(1, config.num_key_value_heads // scale)
+        config.head_dim = head_dim
+        config.vocab_size = 512
+        config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
+        config.save_pretrained(folder / node.name)
+        node.model = str(folder / node.name)
+    spec.name = "reduced"
+    spec.latent_dim = 128
+    return spec
+
+
+def _copies(placement) -> int:
+    return sum(s.loads for s in placement.streamers)
+
+
+def measure(label, graph, inputs, device, repeats, plan=None) -> dict:
+    """Median step time of `plan` placed (None: the plain step, nothing placed) and its group copies per step."""
+    placement = Placement(device, plan)
+    placement.start_steps(graph)
+    try:
+        before = _copies(placement)
+        micro = plan.micro_batch if plan is not None else inputs[0].labels.shape[0]
+        times = bench_memory.time_steps(graph, inputs, micro, repeats, device, placement if plan else None)
+        copies = (_copies(placement) - before) / (repeats + 1)
+    finally:
+        placement.stop_steps()
+    groups = plan.groups if plan is not None else []
+    return {"config": label, "micro_batch": micro, "schedule": plan.schedule if plan else "-",
+            "groups": len(groups), "streamed_groups": sum(not g.resident for g in groups),
+            "recomputed_groups": sum(g.checkpointed for g in groups), "step_ms": 1000 * statistics.median(times),
+            "step_ms_p20": 1000 * statistics.quantiles(times, n=5)[0] if len(times) > 1 else None,
+            "group_copies_per_step": copies}
+
+
+def quant_for(which: str, device) -> str:
+    """NF4 as runs use it, but for the reduced graph on a CPU: bitsandbytes' CPU 4-bit matmul makes its step take
+    40 s (measured), which drowns what this benchmark compares; fp32 layers of the same shapes instead."""
+    return "fp32" if which == "reduced" and device.type == "cpu" else "nf4"
+
+
+def run(graphs: list[str], batch: int, seq: int, repeats: int, out_dir: Path, quant_arg: str = "auto") -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rows = []
+    for which in graphs:
+        folder = Path(tempfile.mkdtemp(prefix="bench-step-"))
+        spec = load_preset("tiny") if which == "tiny" else reduced_paper(folder)
+        seq_here = min(seq, spec.max_length)
+        quant = quant_for(which, device) if quant_arg == "auto" else quant_arg
+        spec.quant = quant
+        graph = bench_memory.build_graph(spec, device, quant)
+        inputs = bench_memory.random_inputs(graph, batch, seq_here, device)
+        roomy = make_plan(spec, 64 * GiB, batch, seq_here, host_budget=64 * GiB)
+        every = [dataclasses.replace(g, resident=True, checkpointed=True) for g in roomy.groups]
+        streamed = [dataclasses.replace(g, resident=False, checkpointed=True) for g in roomy.groups]
+        cases = [("plain", None), ("planned, roomy budget", roomy),
+                 ("resident, checkpointed", with_placement(spec, roomy, every, 0, batch)),
+                 ("streamed, checkpointed", with_placement(spec, roomy, streamed, 2, batch))]
+        if batch >= 4:
+            cases += [(f"streamed, micro {2}: {s}", with_placement(spec, roomy, streamed, 2, 2, s))
+                      for s in ("micro-batch-major", "layer-major")]
+        measured = []
+        for label, plan in cases:
+            row = measure(label, graph, inputs, device, repeats, plan)
+            measured.append(row)
+        plain = measured[0]["step_ms"]
+        for row in measured:
+            row.update(graph=which, quant=quant, device=name, batch=batch, seq=seq_here, repeats=repeats,
+                       date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                       vs_plain=row["step_ms"] / plain)
+        by = {r["config"]: r for r in measured}
+        by["streamed, checkpointed"]["vs_resident_checkpointed"] = (
+            by["streamed, checkpointed"]["step_ms"] / by["resident, checkpointed"]["step_ms"])
+        rows += measured
+    write(rows, out_dir, name)
+    return rows
+
+
+def write(rows: list[dict], out_dir: Path, device: str) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_dir / f"step-{slug}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    graphs = list(dict.fromkeys(r["graph"] for r in rows))
+    fig, axes = plt.subplots(1, len(graphs), figsize=(7 * len(graphs), 4.5), squeeze=False)
+    for ax, g in zip(axes[0], graphs):
+        part = [r for r in rows if r["graph"] == g]
+        ax.barh([r["config"] for r in part], [r["vs_plain"] for r in part])
+        ax.axvline(1.0, color="gray", lw=0.8)
+        for i, r in enumerate(part):
+            ax.text(r["vs_plain"], i, f" {r['step_ms']:.0f} ms, {r['group_copies_per_step']:.0f} copies",
+                    va="center", fontsize=7)
+        ax.set(xlabel="step time / plain step (median)", title=f"{g} graph, batch {part[0]['batch']} x "
+                                                                 f"{part[0]['seq']} ({device})")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"step-{slug}.png", dpi=110)
+    plt.close(fig)
+    for row in rows:
+        print(f"{row['graph']:<8} {row['config']:<40} {row['step_ms']:>9.1f} ms  x{row['vs_plain']:.2f} plain  "
+              f"{row['group_copies_per_step']:>5.1f} copies/step"
+              + (f"  x{row['vs_resident_checkpointed']:.2f} resident-checkpointed"
+                 if "vs_resident_checkpointed" in row else ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graphs", default="tiny,reduced")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quant", default="auto", choices=["auto", "nf4", "fp32"],
+                        help="frozen weights (auto: NF4, but fp32 for the reduced graph on a CPU)")
+    args = parser.parse_args(argv)
+    run(args.graphs.split(","), args.batch, args.seq, args.repeats, Path(args.out), args.quant)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
