@@ -14,7 +14,9 @@ median of `--repeats` steps after one warm-up, all measured in this one run:
 * micro-batch-major / layer-major: every group streamed at micro-batch 2 (accumulation batch/2), the two
   schedules: group copies per step and time.
 
-Ratios are against `plain` in the same run; the device is named in every row. CSV and PNG go to `--out`.
+Every case is measured once per round, in three rounds (drift on a shared machine then hits every case alike);
+figures are medians over rounds, ratios medians of the ratios within a round, against `plain`. The device is named
+in every row. CSV and PNG go to `--out`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from lowmem_graph.memory.plan import make_plan, with_placement  # noqa: E402
 from lowmem_graph.memory.report import GiB  # noqa: E402
 from lowmem_graph.spec import load_preset  # noqa: E402
 
+ROUNDS = 3
 REDUCED = {"llama": "meta-llama__Llama-3.2-1B", "qwen": "Qwen__Qwen2.5-1.5B", "gemma": "google__gemma-2-2b",
            "phi3": "microsoft__Phi-3-mini-4k-instruct", "mistral": "mistralai__Mistral-7B-v0.1"}
 
@@ -115,18 +118,22 @@ def run(graphs: list[str], batch: int, seq: int, repeats: int, out_dir: Path, qu
         if batch >= 4:
             cases += [(f"streamed, micro {2}: {s}", with_placement(spec, roomy, streamed, 2, 2, s))
                       for s in ("micro-batch-major", "layer-major")]
+        # rounds, every case once per round, so drift on a shared machine hits all of them alike; each figure is a
+        # median over rounds and each ratio a median of the ratios within a round
+        rounds = [[measure(label, graph, inputs, device, repeats, plan) for label, plan in cases]
+                  for _ in range(ROUNDS)]
         measured = []
-        for label, plan in cases:
-            row = measure(label, graph, inputs, device, repeats, plan)
-            measured.append(row)
-        plain = measured[0]["step_ms"]
-        for row in measured:
+        for c, (label, _) in enumerate(cases):
+            row = dict(rounds[0][c])
+            row["step_ms"] = statistics.median(r[c]["step_ms"] for r in rounds)
+            row["vs_plain"] = statistics.median(r[c]["step_ms"] / r[0]["step_ms"] for r in rounds)
             row.update(graph=which, quant=quant, device=name, batch=batch, seq=seq_here, repeats=repeats,
-                       date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                       vs_plain=row["step_ms"] / plain)
-        by = {r["config"]: r for r in measured}
-        by["streamed, checkpointed"]["vs_resident_checkpointed"] = (
-            by["streamed, checkpointed"]["step_ms"] / by["resident, checkpointed"]["step_ms"])
+                       rounds=ROUNDS, date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+            measured.append(row)
+        streamed, resident = ([label for label, _ in cases].index(k)
+                              for k in ("streamed, checkpointed", "resident, checkpointed"))
+        measured[streamed]["vs_resident_checkpointed"] = statistics.median(
+            r[streamed]["step_ms"] / r[resident]["step_ms"] for r in rounds)
         rows += measured
     write(rows, out_dir, name)
     return rows

@@ -5,9 +5,10 @@
 #
 # On a machine with CUDA and the project installed it finishes in under 8 minutes; without CUDA it runs the same
 # code as a CPU smoke run (tiny preset, tiny kernel shapes, under 5 minutes; tests/test_gpu_check.py runs it, so this
-# script cannot rot). It writes eight files: summary.md (the device, the commands, every figure against its goal),
-# versions.txt, parts.txt (exit code and seconds of each part), logs.txt (every part's output),
-# memory-<device>.csv/.png (bench/bench_memory.py) and kernels-<device>.csv/.png (bench/bench_kernels.py).
+# script cannot rot). It leaves eight files (what the device tool brings back): summary.md (the device, the
+# versions, each part's exit code and time, every figure against its goal), logs.txt (every part's output),
+# memory-<device>.csv/.png (bench/bench_memory.py), kernels-<device>.csv/.png (bench/bench_kernels.py) and
+# step-<device>.csv/.png (bench/bench_step.py).
 # Each part runs under its own time limit, so a part that fails or hangs still leaves the others' results.
 #
 # bitsandbytes on a GPU machine that lacks it: its 0.50.2 manylinux wheel carries its CUDA library. Where pip can
@@ -25,9 +26,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 : > "$out/parts.txt"
 : > "$out/logs.txt"
-smoke="" steps=3
+smoke="" steps=3 graphs=tiny,reduced
 if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    smoke="--smoke" steps=1
+    smoke="--smoke" steps=1 graphs=tiny
     export TRITON_INTERPRET=1      # Triton runs on the CPU only through its interpreter
 fi
 
@@ -46,8 +47,10 @@ python3 bench/gpu_summary.py --versions > "$out/versions.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
     >> "$out/versions.txt" 2>/dev/null
 cat "$out/versions.txt"
-part gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider
-part memory 220 python3 bench/bench_memory.py --budgets 24G,6G,3G,2G --steps $steps --out "$out" $smoke
-part kernels 100 python3 bench/bench_kernels.py --quick --out "$out" $smoke
+part gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider
+part memory 200 python3 bench/bench_memory.py --budgets 24G,6G,3G,2G --steps $steps --out "$out" $smoke
+part kernels 90 python3 bench/bench_kernels.py --quick --out "$out" $smoke
+part step 80 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
 python3 bench/gpu_summary.py "$out" $smoke >> "$out/logs.txt" 2>&1 || echo "summary failed: see logs.txt"
+rm -f "$out/versions.txt" "$out/parts.txt"       # both are in summary.md (and logs.txt)
 echo "summary: $out/summary.md"

@@ -135,6 +135,21 @@ def kernel_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def step_section(rows: list[dict]) -> list[str]:
+    lines = ["## The training step: placement, streaming and the schedules (bench/bench_step.py)", "",
+             "| graph | configuration | micro-batch | schedule | step ms | x plain | group copies per step |",
+             "|---|---|---|---|---|---|---|"]
+    goals = []
+    for r in rows:
+        lines.append(f"| {r['graph']} | {r['config']} | {r['micro_batch']} | {r['schedule']} | "
+                     f"{_num(r, 'step_ms'):,.1f} | {_num(r, 'vs_plain'):.2f} | {_num(r, 'group_copies_per_step'):.1f} |")
+        if _num(r, "vs_resident_checkpointed") is not None:
+            ratio = _num(r, "vs_resident_checkpointed")
+            goals.append(f"- {r['graph']}: every group streamed against every group resident (both checkpointed): "
+                         + _verdict(ratio <= 1.15, f"{ratio:.2f}x; the CPU goal is 1.15x"))
+    return lines + [""] + goals
+
+
 def summarise(out_dir: Path, smoke: bool) -> Path:
     parts = [line.split() for line in (out_dir / "parts.txt").read_text().splitlines()] \
         if (out_dir / "parts.txt").exists() else []
@@ -151,7 +166,9 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
     commands = {"gpu-tests": "python3 -m pytest -q -m gpu",
                 "memory": "python3 bench/bench_memory.py --budgets 24G,6G,3G,2G "
                           + ("--steps 1 --smoke" if smoke else "--steps 3"),
-                "kernels": "python3 bench/bench_kernels.py --quick" + (" --smoke" * smoke)}
+                "kernels": "python3 bench/bench_kernels.py --quick" + (" --smoke" * smoke),
+                "step": "python3 bench/bench_step.py --graphs " + ("tiny --repeats 1" if smoke else
+                                                                    "tiny,reduced --repeats 3")}
     for name, rc, seconds in (p[:3] for p in parts if len(p) >= 3):
         status = {"0": "0", "124": "124 (timed out)", "137": "137 (killed)"}.get(rc, rc)
         lines.append(f"| {name} | `{commands.get(name, '')}` | {status} | {seconds} |")
@@ -167,6 +184,8 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
     else:
         lines += ["## Memory", "", "No memory CSV: see the memory part's log.", ""]
     lines += kernel_section(_read(kernels[0])) if kernels else ["## Kernels", "", "No kernel CSV: see its log."]
+    steps = sorted(out_dir.glob("step-*.csv"))
+    lines += [""] + (step_section(_read(steps[0])) if steps else ["## Step", "", "No step CSV: see its log."])
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

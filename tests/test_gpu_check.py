@@ -1,5 +1,6 @@
 """The prepared device check runs here as its CPU smoke run, so the script that a GPU session spends its
 device-minutes on cannot rot: every part exits 0 and every file it promises is written."""
+import re
 import subprocess
 from pathlib import Path
 
@@ -17,13 +18,16 @@ def test_gpu_check_smoke_run_writes_every_file(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["kernels-cpu-smoke.csv", "kernels-cpu-smoke.png", "logs.txt", "memory-cpu-smoke.csv",
-                     "memory-cpu-smoke.png", "parts.txt", "summary.md", "versions.txt"]    # the device tool takes 8
-    parts = {line.split()[0]: line.split()[1] for line in (out / "parts.txt").read_text().splitlines()}
-    assert parts == {"gpu-tests": "0", "memory": "0", "kernels": "0"}, (out / "logs.txt").read_text()[-3000:]
+    step = [n for n in names if n.startswith("step-")]
+    assert names == sorted(["kernels-cpu-smoke.csv", "kernels-cpu-smoke.png", "logs.txt", "memory-cpu-smoke.csv",
+                            "memory-cpu-smoke.png", "summary.md", *step]) and len(step) == 2   # the device tool takes 8
     summary = (out / "summary.md").read_text()
+    for part in ("gpu-tests", "memory", "kernels", "step"):           # each part's exit code, in the summary
+        exit_code = re.search(rf"\| {part} \| `[^`]*` \| (\S+) \|", summary)
+        assert exit_code and exit_code[1] == "0", (part, (out / "logs.txt").read_text()[-3000:])
     for words in ("CPU smoke run", "bitsandbytes 0.50", "## Memory: measured peak", "frozen pass mistral",
-                  "every group streamed", "accelerate cpu_offload", "## Fused injection kernel", "per_token"):
+                  "every group streamed", "accelerate cpu_offload", "## Fused injection kernel", "per_token",
+                  "## The training step", "layer-major"):
         assert words in summary, words
     assert (out / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
