@@ -26,9 +26,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 : > "$out/parts.txt"
 : > "$out/logs.txt"
-smoke="" steps=3 graphs=tiny,reduced
+smoke="" steps=3 graphs=tiny,reduced budgets=24G,6G,3G,2G
 if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    smoke="--smoke" steps=1 graphs=tiny
+    smoke="--smoke" steps=1 graphs=tiny budgets=24G,2G
     export TRITON_INTERPRET=1      # Triton runs on the CPU only through its interpreter
 fi
 
@@ -48,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.l
     >> "$out/versions.txt" 2>/dev/null
 cat "$out/versions.txt"
 part gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider
-part memory 200 python3 bench/bench_memory.py --budgets 24G,6G,3G,2G --steps $steps --out "$out" $smoke
+part memory 200 python3 bench/bench_memory.py --budgets $budgets --steps $steps --out "$out" $smoke
 part kernels 90 python3 bench/bench_kernels.py --quick --out "$out" $smoke
 part step 80 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
 python3 bench/gpu_summary.py "$out" $smoke >> "$out/logs.txt" 2>&1 || echo "summary failed: see logs.txt"

@@ -164,8 +164,8 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
     lines += ["Command: `bash bench/gpu_check.sh OUT_DIR` (its parts below, each under its own time limit).", "",
               "```", version_text, "```", "", "| part | command | exit | seconds |", "|---|---|---|---|"]
     commands = {"gpu-tests": "python3 -m pytest -q -m gpu",
-                "memory": "python3 bench/bench_memory.py --budgets 24G,6G,3G,2G "
-                          + ("--steps 1 --smoke" if smoke else "--steps 3"),
+                "memory": "python3 bench/bench_memory.py --budgets "
+                          + ("24G,2G --steps 1 --smoke" if smoke else "24G,6G,3G,2G --steps 3"),
                 "kernels": "python3 bench/bench_kernels.py --quick" + (" --smoke" * smoke),
                 "step": "python3 bench/bench_step.py --graphs " + ("tiny --repeats 1" if smoke else
                                                                     "tiny,reduced --repeats 3")}
