@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -41,27 +39,15 @@ from lowmem_graph.memory.report import GiB  # noqa: E402
 from lowmem_graph.spec import load_preset  # noqa: E402
 
 ROUNDS = 3
-REDUCED = {"llama": "meta-llama__Llama-3.2-1B", "qwen": "Qwen__Qwen2.5-1.5B", "gemma": "google__gemma-2-2b",
-           "phi3": "microsoft__Phi-3-mini-4k-instruct", "mistral": "mistralai__Mistral-7B-v0.1"}
 
 
 def reduced_paper(folder: Path, scale: int = 8):
     """The paper's spec with each node a local folder holding its real configuration at 1/scale width."""
-    from transformers import AutoConfig
+    from lowmem_graph.tiny import reduced_config
 
     spec = load_preset("paper")
     for node in spec.nodes:
-        path = resources.files("lowmem_graph.presets") / "configs" / f"{REDUCED[node.name]}.json"
-        config = AutoConfig.for_model(**json.loads(path.read_text()))
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        config.hidden_size //= scale
-        config.intermediate_size //= scale
-        config.num_attention_heads = max(1, config.num_attention_heads // scale)
-        config.num_key_value_heads = max(1, config.num_key_value_heads // scale)
-        config.head_dim = head_dim
-        config.vocab_size = 512
-        config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
-        config.save_pretrained(folder / node.name)
+        reduced_config(node.model, scale, vocab=512).save_pretrained(folder / node.name)
         node.model = str(folder / node.name)
     spec.name = "reduced"
     spec.latent_dim = 128

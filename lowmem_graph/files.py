@@ -18,16 +18,8 @@ from pathlib import Path
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync(path: str | Path) -> None:
+    """Flush a file's bytes to the disk; for a folder, make the renames inside it durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,9 +40,9 @@ def atomic_file(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        _fsync_file(Path(tmp))
+        fsync(Path(tmp))
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -68,13 +60,13 @@ def atomic_dir(path: str | Path):
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
-                _fsync_file(file)
-        fsync_dir(tmp)
+                fsync(file)
+        fsync(tmp)
         if path.exists():
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, path)
-            fsync_dir(path.parent)
+            fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .files import atomic_dir, file_sha256, fsync_dir
+from .files import atomic_dir, file_sha256, fsync
 
 FORMAT = 2
 LINK, TRAINABLE = "checkpoint", "trainable.safetensors"
@@ -138,7 +138,7 @@ def _point(link: Path, target: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    fsync_dir(link.parent)
+    fsync(link.parent)
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,6 @@
 """The planner's per-layer constants against measurement: the five real architectures at reduced width, run on the
 CPU in bf16, their saved tensors and allocations measured (saved_tensors_hooks, `LiveBytes`), and compared with what
 `memory/plan.py` predicts for the same shapes. The prediction must cover the measurement and be within 10% of it."""
-import json
-from importlib import resources
-
 import pytest
 import torch
 
@@ -11,8 +8,8 @@ from lowmem_graph.memory import plan as planning
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
 from lowmem_graph.memory.report import LiveBytes
 
-ARCHS = {"llama": "meta-llama__Llama-3.2-1B", "qwen2": "Qwen__Qwen2.5-1.5B", "gemma2": "google__gemma-2-2b",
-         "phi3": "microsoft__Phi-3-mini-4k-instruct", "mistral": "mistralai__Mistral-7B-v0.1"}
+ARCHS = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Qwen2.5-1.5B", "gemma2": "google/gemma-2-2b",
+         "phi3": "microsoft/Phi-3-mini-4k-instruct", "mistral": "mistralai/Mistral-7B-v0.1"}
 SCALE = 8                   # widths and heads / 8; the sequence keeps the real ratio to the width (512 : 4096)
 MICRO, LAYERS = 2, 4
 
@@ -20,20 +17,11 @@ MICRO, LAYERS = 2, 4
 def reduced_model(arch: str):
     """(config, model, seq): the architecture's real configuration with widths and head counts divided by SCALE,
     random bf16 weights, frozen."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = resources.files("lowmem_graph.presets") / "configs" / f"{ARCHS[arch]}.json"
-    config = AutoConfig.for_model(**json.loads(path.read_text()))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    config.hidden_size //= SCALE
-    config.intermediate_size //= SCALE
-    config.num_attention_heads = max(1, config.num_attention_heads // SCALE)
-    config.num_key_value_heads = max(1, config.num_key_value_heads // SCALE)
-    config.head_dim = head_dim
-    config.num_hidden_layers, config.vocab_size = LAYERS, 256
-    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:LAYERS]
+    from lowmem_graph.tiny import reduced_config
+
+    config = reduced_config(ARCHS[arch], SCALE, LAYERS)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
     return config, model, max(16, config.hidden_size // 8)
