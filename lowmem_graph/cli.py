@@ -62,7 +62,7 @@ def _add_data_args(p):
 def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
-             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem"]
+             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor"]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
@@ -181,6 +181,39 @@ def cmd_inspect(args) -> None:
     print(format_description(_spec_from_args(args)))
 
 
+def cmd_align(args) -> None:
+    import shutil
+
+    from .ridge import align_graph, pooled_states, write_alignment
+    from .train import PlacedGraph, TrainConfig, create_run_dir, load_questions
+
+    spec = _spec_from_args(args)
+    if args.limit is not None and args.limit < 5:
+        raise UserError(f"--limit must be >= 5 (a Ridge map needs held-out folds), got {args.limit}")
+    cfg = TrainConfig.from_dict({**spec.train, **{k: v for k, v in {"task": args.task, "data_dir": args.data_dir,
+                                                                    "device": args.device, "gpu_mem": args.gpu_mem,
+                                                                    "seed": args.seed}.items() if v is not None}})
+    questions = load_questions(cfg.task, args.split, cfg.data_dir, args.limit)
+    other = load_questions(args.cross_task, args.split, cfg.data_dir, args.limit) if args.cross_task else None
+    if len(questions) < 10:
+        raise UserError(f"{cfg.task} {args.split}: {len(questions)} questions; a held-out R^2 needs at least 10")
+    run_dir = create_run_dir(args.out, f"align-{spec.name}")
+    try:
+        placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)
+        states = placed.frozen_states(*([questions] + ([other] if other else [])))
+        pooled = pooled_states(placed.graph, states[0], questions)
+        pooled_other = pooled_states(placed.graph, states[1], other) if other else None
+        rows = align_graph(pooled, pooled_other, cfg.seed, progress=not args.no_progress)
+        title = (f"{spec.name}: {cfg.task} {args.split}, {len(questions)} questions"
+                 + (f"; second task {args.cross_task}" if other else ""))
+        files = write_alignment(rows, run_dir, title)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(files[1].read_text())
+    print("written: " + ", ".join(str(f) for f in files))
+
+
 def cmd_plan(args) -> None:
     from .memory.plan import format_plan, make_plan, parse_size
 
@@ -203,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G or 6G: plan what stays resident, "
                                                      "what streams, and the micro-batch (see `lowmem-graph plan`)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--init", choices=["random", "ridge"],
+                   help="ridge: start the projections as Ridge maps into an anchor node's principal directions")
+    p.add_argument("--init-anchor", metavar="NODE", help="the anchor for --init ridge (default: the first refiner)")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
     p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
     p.add_argument("--run-dir", help="exact run folder (default: <out>/<graph>-<time>)")
@@ -249,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
     p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("align", help="how well the nodes' spaces line up: Ridge maps between every pair, held-out R^2 "
+                                     "beside a permutation control")
+    _add_graph_args(p)
+    p.add_argument("--task", help="questions whose states are aligned (default: the spec's training task)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, help="at most N questions per task part")
+    p.add_argument("--cross-task", help="a second task: the maps fitted on --task, scored on it")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--gpu-mem", metavar="SIZE")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", default="runs", help="where the run folder goes (default: runs/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_align)
 
     from .reproduce import add_reproduce_command
 

@@ -95,3 +95,33 @@ def plot_signals(metrics_path: str | Path, out_path: str | Path) -> Path:
     ax_route.set(xlabel="step", ylabel="attention share", ylim=(0, 1), title="output-node routing per refiner")
     ax_route.legend(fontsize=7)
     return _save(fig, out_path)
+
+
+def plot_alignment(rows: list[dict], out_path: str | Path, title: str) -> Path:
+    """Heatmaps of held-out R^2 between every ordered pair of nodes: the maps, the permutation control and (when
+    measured) the second task."""
+    plt = _pyplot()
+    nodes = list(dict.fromkeys([r["from"] for r in rows] + [r["to"] for r in rows]))
+    panels = [("r2", "R^2 held out"), ("r2_permuted", "permutation control")]
+    if "r2_other_task" in rows[0]:
+        panels.append(("r2_other_task", "on the second task"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        grid = [[float("nan")] * len(nodes) for _ in nodes]
+        for r in rows:
+            grid[nodes.index(r["from"])][nodes.index(r["to"])] = r[key]
+        image = ax.imshow(grid, vmin=-0.25, vmax=1.0, cmap="viridis")
+        for i in range(len(nodes)):
+            for j in range(len(nodes)):
+                if i != j:
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i][j] < 0.5 else "black")
+        ax.set_xticks(range(len(nodes)), nodes, rotation=45, ha="right")
+        ax.set_yticks(range(len(nodes)), nodes)
+        ax.set(xlabel="to", ylabel="from" if key == "r2" else None, title=label)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title)
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(out_path)

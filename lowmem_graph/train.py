@@ -57,6 +57,8 @@ class TrainConfig:
     cache_dir: str | None = None      # where the prefix cache lives (default: <cache root>/prefix)
     checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
+    init: str = "random"              # random | ridge: projections start as Ridge maps into an anchor's latent
+    init_anchor: str | None = None    # the node whose principal directions span the latent (default: 1st refiner)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
@@ -68,7 +70,8 @@ class TrainConfig:
                   ("limit_train", cfg.limit_train is None or cfg.limit_train >= 1, ">= 1 (or left out: no limit)"),
                   ("limit_eval", cfg.limit_eval is None or cfg.limit_eval >= 1, ">= 1 (or left out: no limit)"),
                   ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0 (0: at each epoch's end only)"),
-                  ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)")]
+                  ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)"),
+                  ("init", cfg.init in ("random", "ridge"), "random or ridge")]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
@@ -285,6 +288,8 @@ class Trainer:
         self.train_states = self.eval_states = None
         if cfg.prefix_cache:
             self.train_states, self.eval_states = self.placed.frozen_states(self.train_set, self.eval_set)
+        if cfg.init == "ridge":
+            self._ridge_init()
         self.placed.start_steps()
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -308,6 +313,17 @@ class Trainer:
             self.step = state.step
         runstate.keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
         return self.step
+
+    def _ridge_init(self) -> None:
+        """Start the projections aligned (ridge.ridge_init), from the training questions' cached states."""
+        from .ridge import pooled_states, ridge_init
+
+        if self.train_states is None:
+            raise UserError("init: ridge fits its maps on the prefix cache's states: drop prefix_cache: false")
+        states = pooled_states(self.graph, self.train_states, self.train_set)
+        anchor = ridge_init(self.graph, states, self.cfg.init_anchor, self.cfg.seed)
+        self.log(f"ridge init: the latent is spanned by {anchor}'s leading principal directions; every projection "
+                 f"is a Ridge map into it ({len(self.train_set)} questions)")
 
     def _metric(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
