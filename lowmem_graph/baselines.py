@@ -161,7 +161,7 @@ def run_baselines(spec: GraphSpec, cfg: TrainConfig, out_dir: str | Path, progre
     target = _trainable(spec)
     rows = []
     for node_spec in spec.nodes:
-        node = FrozenNode.load(node_spec, spec.quant, device, spec.max_length, logits=True)
+        node = FrozenNode.load(node_spec, node_spec.format(spec.quant), device, spec.max_length, logits=True)
         zero = score_zero_shot(node, questions, progress=progress)
         del node                        # one frozen model in memory at a time
         gc.collect()

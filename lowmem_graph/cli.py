@@ -214,6 +214,51 @@ def cmd_align(args) -> None:
     print("written: " + ", ".join(str(f) for f in files))
 
 
+def cmd_probe_quant(args) -> None:
+    import re
+    import shutil
+
+    import torch
+
+    from .nodes import FrozenNode
+    from .probe import default_texts, probe_node, read_texts, write_probe
+    from .spec import NodeSpec
+    from .train import TrainConfig, create_run_dir
+
+    if args.models and (args.preset or args.graph):
+        raise UserError("give model paths or ids, or --preset/--graph, not both")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.models:
+        max_length = 512
+        nodes = [(NodeSpec(name=re.sub(r"[^A-Za-z0-9_-]+", "-", Path(m).stem or m).strip("-") or "model",
+                           model=m, role="reader"), ("output", -1)) for m in args.models]
+    else:
+        spec = _spec_from_args(args)
+        max_length = spec.max_length
+        nodes = [(n, ("output", None) if n.role == "reader" else ("input", None)) for n in spec.nodes]
+    texts = read_texts(args.text, args.limit) if args.text else default_texts(args.limit or 64)
+    device = TrainConfig(device=args.device or "auto").resolved_device()
+    run_dir = create_run_dir(args.out, "probe-quant")
+    rows = []
+    try:
+        for node_spec, (kind, layer) in nodes:
+            node = FrozenNode.load(node_spec, "bf16" if device.type == "cuda" else "fp32", device, max_length,
+                                   logits=True)
+            if layer is None:
+                layer = node.read_layer if kind == "output" else node.inject_layer
+            rows += probe_node(node, texts, (kind, layer % node.n_layers), args.batch_size, not args.no_progress)
+            del node
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        files = write_probe(rows, run_dir, args.threshold)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(files[1].read_text())
+    print(f"{len(texts)} texts; written: " + ", ".join(str(f) for f in files))
+
+
 def cmd_plan(args) -> None:
     from .memory.plan import format_plan, make_plan, parse_size
 
@@ -300,6 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="where the run folder goes (default: runs/)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("probe-quant", help="what INT8, INT4 and NF4 cost each node: perplexity and hidden-state error "
+                                           "against full precision")
+    p.add_argument("models", nargs="*", help="model ids or paths (or --preset/--graph for every node of a graph)")
+    _add_graph_args(p)
+    p.add_argument("--text", help="a UTF-8 file, one text per line (default: the bundled questions and answers)")
+    p.add_argument("--limit", type=int, help="at most N texts (default 64 of the bundled ones)")
+    p.add_argument("--threshold", type=float, default=10.0, help="flag a node whose NF4 perplexity gap exceeds this "
+                                                                  "many percent (default 10)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device")
+    p.add_argument("--out", default="runs", help="where the run folder goes (default: runs/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_probe_quant)
 
     from .reproduce import add_reproduce_command
 

@@ -101,8 +101,9 @@ class FrozenGraph(nn.Module):
         nodes = {}
         for node_spec in spec.nodes:
             if progress:
-                progress(f"loading {node_spec.name} ({node_spec.model}, {spec.quant})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, spec.quant, load_device or device, spec.max_length,
+                progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
+            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or device,
+                                                    spec.max_length,
                                                     compute_device=device)
         if seed is not None:
             torch.manual_seed(seed)

@@ -122,6 +122,11 @@ class NodeSpec:
     tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
     revision: str | None = None     # hub models: the branch, tag or commit to load (default: the hub's main)
     trust_remote_code: bool = False  # run Python that ships with the model (off: never asked, never run)
+    quant: str | None = None        # this node's frozen format (nf4, bf16, fp32), if not the graph's
+
+    def format(self, graph_quant: str) -> str:
+        """The node's frozen weight format: its own `quant`, else the graph's."""
+        return self.quant or graph_quant
 
     def read_index(self, n_layers: int) -> int:
         """0-based index of the decoder layer whose output a reader reads (read_layer: 1-based, negative from the top)."""
@@ -203,6 +208,10 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
                f"inject_depth must be in (0, 1), got {n.inject_depth!r}")
         _check(isinstance(n.blend, (int, float)) and 0 <= n.blend <= 1, where,
                f"blend must be in [0, 1], got {n.blend!r}")
+        _check(n.quant != "int8", where, "quant: int8 is measured by `probe-quant` but cannot be a node's format: "
+               "bitsandbytes' Linear8bitLt rebinds its weight at every forward, which layer streaming cannot follow; "
+               "use bf16 for a node that 4-bit hurts")
+        _check(n.quant in (None, "nf4", "bf16", "fp32"), where, f"quant must be nf4, bf16 or fp32, got {n.quant!r}")
     # no readers is allowed: the refiners then feed the output node unsteered (the paper's learned-head baseline)
     _check(spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
     _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")

@@ -201,6 +201,7 @@ class _Node:
     fused_qkv: bool = False      # one projection makes q, k and v (Phi-3)
     fused_mlp: bool = False      # one projection makes gate and up (Phi-3)
     masks: int = 1               # 4-D masks a forward builds: one per kind of layer (Gemma-2: sliding and full)
+    quant: str = "nf4"           # the node's frozen weight format
     embedding_bytes: int = 0     # the input embedding table (bf16 under NF4), kept in host memory
 
     @property
@@ -255,7 +256,7 @@ def _profile(spec, quant: str | None = None) -> _Profile:
             needed, inject = n.read_index(layers) + 1, layers
         else:
             needed = inject = n.inject_index(layers)
-        nodes[n.name] = node_profile(n.name, n.role, config, model, quant, needed, inject)
+        nodes[n.name] = node_profile(n.name, n.role, config, model, n.quant or quant, needed, inject)
     _, parts = describe(spec)
     profile = _Profile(nodes, sum(parts.values()), spec.latent_dim,
                        [nodes[r.name].width for r in spec.readers])
@@ -285,7 +286,7 @@ def node_profile(name: str, role: str, config, model, quant: str, needed: int, i
                  _param_bytes(norm, quant)[0] if norm is not None else 0, needed, inject, heads * head_dim, head_dim,
                  sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
                  heads * head_dim + 2 * kv_heads * head_dim in outputs, 2 * intermediate in outputs,
-                 len(set(getattr(text, "layer_types", None) or ["full"])),
+                 len(set(getattr(text, "layer_types", None) or ["full"])), quant,
                  table.numel() * (SMALL_BYTES if quant == "nf4" else QUANT_BYTES[quant]))
 
 
@@ -339,14 +340,14 @@ def _with_resident(groups: list[GroupPlan], k: int, keep: int = 0) -> list[Group
     return [GroupPlan(g.node, g.first, g.last, g.bytes, i < k, i >= keep) for i, g in enumerate(groups)]
 
 
-def _frozen_choices(node: _Node, micro: int, seq: int, quant: str, trainable: int):
+def _frozen_choices(node: _Node, micro: int, seq: int, trainable: int):
     """Every placement of a node's frozen-pass layers (group size, resident groups, slots) at this micro-batch."""
     tokens = micro * seq
     largest = max(node.layer_max_linear[:node.needed], default=0)
     fixed = {
         "activations": (layer_inference(node, micro, seq) + 2 * tokens * node.width * ACT_BYTES
                         + forward_tables(node, micro, seq)),
-        "workspace": largest * ACT_BYTES if quant == "nf4" else 0,
+        "workspace": largest * ACT_BYTES if node.quant == "nf4" else 0,
         "trainable_params": trainable * PARAM_BYTES,
         "cuda_context": CUDA_CONTEXT,
     }
@@ -362,11 +363,11 @@ def _frozen_choices(node: _Node, micro: int, seq: int, quant: str, trainable: in
                     "stream_slots": depth * slot, **fixed})
 
 
-def _frozen_placement(node: _Node, micro: int, seq: int, quant: str, trainable: int,
+def _frozen_placement(node: _Node, micro: int, seq: int, trainable: int,
                       budget: int | None) -> FrozenPlacement | None:
     """The best placement within `budget` (None: the smallest peak): double buffered over one slot, then the
     fewest streamed bytes, then the smallest peak."""
-    choices = list(_frozen_choices(node, micro, seq, quant, trainable))
+    choices = list(_frozen_choices(node, micro, seq, trainable))
     if budget is None:
         return min(choices, key=lambda c: c.peak)
     fits = [c for c in choices if c.peak <= budget]
@@ -477,8 +478,9 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     layer_major = schedule != MICRO_BATCH_MAJOR
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     workspace = 0
-    if spec.quant == "nf4":
-        workspace = max(max(profile.nodes[g.node].layer_max_linear[g.first:g.last]) for g in groups) * ACT_BYTES
+    if any(profile.nodes[g.node].quant == "nf4" for g in groups):
+        workspace = max(max(profile.nodes[g.node].layer_max_linear[g.first:g.last]) for g in groups
+                        if profile.nodes[g.node].quant == "nf4") * ACT_BYTES
     # each refiner's streamer holds its own slots, sized for its largest streamed group
     slots = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
              for n in dict.fromkeys(g.node for g in groups)]
@@ -566,7 +568,7 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
     profile = _profile(spec)
     quant = spec.quant
 
-    frozen_min = max(_frozen_placement(n, 1, seq, quant, profile.trainable, None).peak for n in profile.nodes.values())
+    frozen_min = max(_frozen_placement(n, 1, seq, profile.trainable, None).peak for n in profile.nodes.values())
     best, best_key, train_min = None, None, None
     for groups, depth, micro, schedule, breakdown in _candidates(spec, profile, batch, seq):
         peak = sum(breakdown.values())
@@ -587,7 +589,7 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
     groups, depth, micro, schedule, breakdown, peak, evaluation = best
 
     for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
-        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, quant, profile.trainable, budget)
+        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable, budget)
                   for n in profile.nodes.values()}
         if all(frozen.values()):
             break
