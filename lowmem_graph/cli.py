@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .errors import Interrupted, UserError
+from .spec import FORMATS, PRESETS
 
 # Errors of the machine a run writes to, not of our code: said in one line.
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
@@ -16,22 +17,30 @@ _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 
 def _spec_from_args(args):
+    """The graph of --preset or --graph, with the --set changes and --quant."""
+    from .ablate import apply_changes
     from .spec import load_preset, load_spec
 
     if args.graph and args.preset:
         raise UserError("give --graph FILE or --preset NAME, not both")
-    return load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny")
+    spec = apply_changes(load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
+    if args.quant:
+        spec.quant = args.quant
+    return spec
 
 
 def _add_graph_args(p):
-    p.add_argument("--preset", help="a shipped graph: tiny (default) or paper")
-    p.add_argument("--graph", help="a graph spec in YAML")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", help="a shipped graph (default: tiny)")
+    which.add_argument("--graph", help="a graph spec in YAML")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, nodes.gemma.quant=int8, "
+                        "drop=gemma (repeatable)")
+    p.add_argument("--quant", choices=FORMATS, help="frozen weights of every node without its own "
+                                                    "(default: the spec's, nf4)")
 
 
 def _add_training_args(p):
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, drop=gemma (repeatable)")
-    p.add_argument("--quant", choices=["nf4", "bf16", "fp32"], help="frozen weights (default: the spec's, nf4)")
     p.add_argument("--train-split")
     p.add_argument("--eval-split")
     p.add_argument("--limit-train", type=int)
@@ -68,12 +77,9 @@ def _train_overrides(args) -> dict:
 
 def _spec_and_config(args):
     """The graph (with --set changes and --quant) and its training settings (spec defaults + flags)."""
-    from .ablate import apply_changes
     from .train import TrainConfig
 
-    spec = apply_changes(_spec_from_args(args), args.set or [])
-    if getattr(args, "quant", None):
-        spec.quant = args.quant
+    spec = _spec_from_args(args)
     return spec, TrainConfig.from_dict({**spec.train, **_train_overrides(args)}, f"{spec.name}: train")
 
 
@@ -322,12 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="fit a graph to a device memory budget: residency, streaming, micro-batch "
                                     "(no download)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", help="a shipped graph: tiny (default) or paper")
-    which.add_argument("--graph", help="a graph spec in YAML")
+    _add_graph_args(p)
     p.add_argument("--gpu-mem", required=True, help="device memory budget: 24G, 6GiB, 512M, ... (G = 2**30 bytes)")
-    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=8,
+                   help="examples per optimizer step (default 8)")
+    p.add_argument("--seq-len", "--seq", dest="seq", type=int, default=512, help="tokens per example (default 512)")
     p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
     p.set_defaults(func=cmd_plan)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
 import sys
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 
@@ -29,6 +31,17 @@ class _PassThrough(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+class _CastWarning(logging.Filter):
+    """Drops bitsandbytes' per-call "inputs will be cast to float16" warning for int8 nodes (the cast is by design:
+    LLM.int8 quantises its input from fp16)."""
+
+    def filter(self, record):
+        return "will be cast from" not in record.getMessage()
+
+
+_CAST_WARNING = _CastWarning()     # one instance: addFilter ignores a filter already added
 
 
 class _StopForward(Exception):
@@ -164,6 +177,42 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def freeze_linears(model):
+    """The model's quantised linears set up to be frozen (one code path, with and without grad)."""
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel, but only for inputs
+        # without grad: the same node would then run two code paths and its stored weights would change.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        if type(module) is bnb.nn.Linear8bitLt:
+            module.__class__ = FrozenInt8Linear
+    return model
+
+
+class FrozenInt8Linear(bnb.nn.Linear8bitLt):
+    """LLM.int8 with a frozen weight: bitsandbytes' int8 forward, and a backward that needs the weight alone.
+
+    bitsandbytes' own autograd keeps each input on its context (for a weight gradient nobody takes here), out of
+    the saved-tensor hooks that checkpointing works through: a checkpointed group of int8 layers would hold every
+    linear's input until backward (13x the group's checkpoint, measured on Llama at 1/8 width)."""
+
+    def forward(self, x):
+        return _FrozenInt8Matmul.apply(x, self)
+
+
+class _FrozenInt8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module, ctx.dtype = module, x.dtype     # no tensors: backward reads the weight where it is then
+        return bnb.nn.Linear8bitLt.forward(module, x)    # grad is off in here
+
+    @staticmethod
+    def backward(ctx, grad):
+        state = ctx.module.state         # bitsandbytes' own dequantisation, as in its backward
+        weight = state.CB.to(ctx.dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return grad.to(ctx.dtype) @ weight, None
+
+
 class FrozenNode:
     """A frozen causal LM with its own tokenizer and framing prefix, read or steered by hooks."""
 
@@ -171,12 +220,7 @@ class FrozenNode:
         self.spec = spec
         self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.identity = identity      # names the exact frozen weights (source + quantisation): cache keys use it
-        self.model = model
-        for module in model.modules():
-            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel, but only for inputs
-            # without grad: the same node would then run two code paths and its stored weights would change.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        self.model = freeze_linears(model)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -193,7 +237,8 @@ class FrozenNode:
     @classmethod
     def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512,
              compute_device=None, logits: bool = False) -> "FrozenNode":
-        """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), or bf16/fp32.
+        """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), LLM.int8,
+        or bf16/fp32.
 
         `device` is where the weights live; `compute_device` (default: the same) picks the compute dtype, so a
         node kept on the host for a GPU run computes in bf16 when it visits the GPU. A graph never asks a node for
@@ -212,6 +257,13 @@ class FrozenNode:
         load_from, save_to = source, None
         if getattr(config, "quantization_config", None) is not None:
             kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
+        elif quant == "int8":
+            # LLM.int8: per-row int8 weights, outlier columns of the input (|x| > 6) multiplied in 16-bit. Rounding
+            # each row is one pass over the weights, so there is no saved copy. bitsandbytes casts every input to
+            # fp16 for its int8 quantisation and warns at each call: said once here instead.
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["dtype"] = compute
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_WARNING)
         elif quant == "nf4":
             cached = _quantised_cache_dir(identity, source, quant, compute)   # the compute dtype is saved too
             if _verified(cached):

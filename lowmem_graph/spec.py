@@ -19,6 +19,9 @@ import yaml
 from .errors import UserError
 
 PRESETS = ("tiny", "paper")
+# A frozen node's weight format: bitsandbytes NF4 (4-bit, double quantisation), bitsandbytes LLM.int8 (8-bit
+# per-row weights, outlier columns of the input in 16-bit), or unquantised.
+FORMATS = ("nf4", "int8", "bf16", "fp32")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
 
@@ -122,7 +125,7 @@ class NodeSpec:
     tokenizer: str | None = None    # where the tokenizer lives, if not beside the model
     revision: str | None = None     # hub models: the branch, tag or commit to load (default: the hub's main)
     trust_remote_code: bool = False  # run Python that ships with the model (off: never asked, never run)
-    quant: str | None = None        # this node's frozen format (nf4, bf16, fp32), if not the graph's
+    quant: str | None = None        # this node's frozen format (one of FORMATS), if not the graph's
 
     def format(self, graph_quant: str) -> str:
         """The node's frozen weight format: its own `quant`, else the graph's."""
@@ -157,7 +160,7 @@ class GraphSpec:
     latent_dim: int = 1024          # shared latent of the readers (the paper: 1024)
     carry: str = "tied"             # "tied": refiner j receives W_j^T z (W_j its readout); "separate": own matrix
     injection: str = "pooled"       # "pooled": one latent vector per example | "token": aligned per token
-    quant: str = "nf4"              # frozen weights: "nf4" (4-bit, double quant) | "bf16" | "fp32"
+    quant: str = "nf4"              # frozen weights, one of FORMATS
     max_length: int = 512
     output: OutputSpec = field(default_factory=OutputSpec)
     train: dict = field(default_factory=dict)   # training defaults a spec may carry (see train.TrainConfig)
@@ -208,17 +211,14 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
                f"inject_depth must be in (0, 1), got {n.inject_depth!r}")
         _check(isinstance(n.blend, (int, float)) and 0 <= n.blend <= 1, where,
                f"blend must be in [0, 1], got {n.blend!r}")
-        _check(n.quant != "int8", where, "quant: int8 is measured by `probe-quant` but cannot be a node's format: "
-               "bitsandbytes' Linear8bitLt rebinds its weight at every forward, which layer streaming cannot follow; "
-               "use bf16 for a node that 4-bit hurts")
-        _check(n.quant in (None, "nf4", "bf16", "fp32"), where, f"quant must be nf4, bf16 or fp32, got {n.quant!r}")
+        _check(n.quant in (None, *FORMATS), where, f"quant must be one of {', '.join(FORMATS)}, got {n.quant!r}")
     # no readers is allowed: the refiners then feed the output node unsteered (the paper's learned-head baseline)
     _check(spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
     _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")
     _check(spec.carry in ("tied", "separate"), source, f"carry must be 'tied' or 'separate', got {spec.carry!r}")
     _check(spec.injection in ("pooled", "token"), source,
            f"injection must be 'pooled' or 'token', got {spec.injection!r}")
-    _check(spec.quant in ("nf4", "bf16", "fp32"), source, f"quant must be nf4, bf16 or fp32, got {spec.quant!r}")
+    _check(spec.quant in FORMATS, source, f"quant must be one of {', '.join(FORMATS)}, got {spec.quant!r}")
     _check(isinstance(spec.max_length, int) and spec.max_length >= 8, source, "max_length must be an integer >= 8")
     _check(spec.output.heads >= 1, f"{source}: output", f"heads must be >= 1, got {spec.output.heads}")
     _check(spec.latent_dim % spec.output.heads == 0, f"{source}: output",

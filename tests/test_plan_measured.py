@@ -162,3 +162,65 @@ def test_nf4_layers_add_one_dequantised_weight_to_the_recompute(name):
     assert held == plain[0]
     assert 0 < recompute - plain[1] <= max(node.layer_max_linear) * planning.ACT_BYTES
     assert measured_inference(base, node, seq) <= plain_frozen + max(node.layer_max_linear) * planning.ACT_BYTES
+
+
+def int8(model, frozen=True):
+    """The same model with every decoder linear in LLM.int8 (bitsandbytes, outlier threshold 6), as nodes load
+    (`frozen`: with FrozenInt8Linear's backward), else bitsandbytes' own Linear8bitLt."""
+    import bitsandbytes as bnb
+
+    from lowmem_graph.nodes import freeze_linears
+
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+            q.weight = bnb.nn.Int8Params(linear.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+            q.weight._quantize("cpu")
+            if linear.bias is not None:
+                q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            q.eval().init_8bit_state()
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+    return freeze_linears(model) if frozen else model
+
+
+def test_int8_layers_checkpoint_like_plain_ones_and_their_transients_are_covered():
+    """bitsandbytes' int8 autograd keeps each linear's input on its context, which checkpointing cannot drop;
+    FrozenInt8Linear keeps nothing, so a checkpointed group holds its input alone, as in bf16. The planner's int8
+    workspace covers what forward (input quantisation, int32 product) and backward (the dequantised weight) add."""
+    config, model, seq = reduced_model("llama")
+    node = planning.node_profile("llama", "refiner", config, model, "int8", 0, 0)
+    groups = [[0, 1], [2, 3]]
+    plain = measured_checkpointed(model.model, node, seq, groups)
+    plain_frozen = measured_inference(model.model, node, seq)
+    bnb_held, _ = measured_checkpointed(int8(reduced_model("llama")[1], frozen=False).model, node, seq, groups)
+    base = int8(model).model
+    assert measured_layer_saved(base, node, seq) == measured_layer_saved(reduced_model("llama")[1].model, node, seq)
+    held, recompute = measured_checkpointed(base, node, seq, groups)
+    assert held == plain[0] < bnb_held / 4
+    assert 0 < recompute - plain[1] <= planning.quant_workspace(node, 0, LAYERS, MICRO * seq, backward=True)
+    assert measured_inference(base, node, seq) <= plain_frozen + planning.quant_workspace(node, 0, LAYERS,
+                                                                                           MICRO * seq, False)
+
+
+def test_frozen_int8_input_gradient_is_bitsandbytes_own():
+    import bitsandbytes as bnb
+
+    from lowmem_graph.nodes import FrozenInt8Linear
+
+    torch.manual_seed(0)
+    q = bnb.nn.Linear8bitLt(64, 48, bias=True, has_fp16_weights=False, threshold=6.0)
+    q.weight = bnb.nn.Int8Params(torch.randn(48, 64), requires_grad=False, has_fp16_weights=False)
+    q.weight._quantize("cpu")
+    q.bias.requires_grad_(False)
+    q.eval().init_8bit_state()
+    x = (3 * torch.randn(2, 5, 64, dtype=torch.bfloat16)).requires_grad_()
+    y = q(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    q.__class__ = FrozenInt8Linear
+    y2 = q(x)
+    (gx2,) = torch.autograd.grad(y2, x, torch.ones_like(y2))
+    assert torch.equal(y, y2) and torch.equal(gx, gx2)

@@ -55,16 +55,33 @@ def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "t.txt:2" in err and "not UTF-8" in err
 
 
+def _layer_bytes(layer) -> int:
+    """Bytes a decoder layer's forward reads, each tensor once (an int8 weight is its state's CB), its small
+    parameters (norms, biases) at bf16: the compute dtype on CUDA, which the planner sizes for (here they are fp32)."""
+    from lowmem_graph.memory.stream import _sites
+
+    sizes = {}
+    for owner, _, t in _sites([layer]):
+        small = isinstance(owner, torch.nn.Parameter) and t.dim() == 1 and t.is_floating_point()
+        sizes[t.data_ptr()] = t.numel() * 2 if small else t.nbytes
+    return sum(sizes.values())
+
+
 def test_a_node_may_keep_its_own_format(tmp_path):
     from lowmem_graph.graph import FrozenGraph
     from lowmem_graph.memory.plan import layer_bytes
 
-    spec = apply_changes(load_preset("tiny"), ["nodes.mistral.quant=bf16"])
+    spec = apply_changes(load_preset("tiny"), ["nodes.mistral.quant=bf16", "nodes.qwen2.quant=int8"])
     sizes, base = layer_bytes(spec), layer_bytes(load_preset("tiny"))
     assert sizes["mistral"][0] > 3 * base["mistral"][0] and sizes["phi3"] == base["phi3"]
+    assert base["qwen2"][0] < sizes["qwen2"][0] < layer_bytes(load_preset("tiny"), "bf16")["qwen2"][0]
     graph = FrozenGraph.build(spec, "cpu")
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in graph.nodes["mistral"].model.modules())
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in graph.nodes["phi3"].model.modules())
-    assert "|bf16|" in graph.nodes["mistral"].identity and "|nf4|" in graph.nodes["phi3"].identity
-    with pytest.raises(UserError, match="int8 is measured by `probe-quant`"):
-        apply_changes(load_preset("tiny"), ["nodes.mistral.quant=int8"])
+    modules = {name: list(node.model.modules()) for name, node in graph.nodes.items()}
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in modules["mistral"])
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules["phi3"])
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in modules["qwen2"])
+    for name, quant in [("mistral", "bf16"), ("phi3", "nf4"), ("qwen2", "int8")]:
+        assert f"|{quant}|" in graph.nodes[name].identity
+        assert [_layer_bytes(layer) for layer in graph.nodes[name].layers] == sizes[name], name   # sized exactly
+    with pytest.raises(UserError, match="quant must be one of nf4, int8, bf16, fp32, got 'int4'"):
+        apply_changes(load_preset("tiny"), ["nodes.mistral.quant=int4"])

@@ -20,6 +20,12 @@ def bf16_node():
     return FrozenNode.load(NodeSpec(name="m16", model="tiny:mistral", role="refiner"), "bf16", "cpu", 64)
 
 
+@pytest.fixture(scope="module")
+def int8_node():
+    """LLM.int8 (bitsandbytes Linear8bitLt): its forward reads state.CB and rebinds weight.data to it."""
+    return FrozenNode.load(NodeSpec(name="q8", model="tiny:qwen2", role="refiner"), "int8", "cpu", 64)
+
+
 def _trainables(node, seed=0, device="cpu"):
     """A learned vector and projection that enter below every decoder layer (on layer 0's input)."""
     g = torch.Generator().manual_seed(seed)
@@ -112,6 +118,8 @@ def _in(t, buffers):
 def _weights(layer):
     """Every tensor a layer reads: parameters and, for 4-bit ones, their (nested) quant state."""
     for module in layer.modules():
+        if hasattr(module, "init_8bit_state"):
+            yield from (module.state.CB, module.state.SCB)
         for p in module.parameters(recurse=False):
             yield p
             state = getattr(p, "quant_state", None)
@@ -120,16 +128,18 @@ def _weights(layer):
 
 
 def _group_bytes(node, group, align=1):
-    return sum(-(-t.nbytes // align) * align for i in group for t in _weights(node.layers[i]))
+    distinct = {(t.data_ptr(), t.nbytes): t for i in group for t in _weights(node.layers[i])}   # int8: weight is CB
+    return sum(-(-t.nbytes // align) * align for t in distinct.values())
 
 
 @pytest.mark.parametrize("name, groups, resident", [
     ("phi3", [[0], [1], [2], [3]], {1}),
     ("mistral", [[0, 1], [2], [3]], set()),
     ("bf16", [[0], [1], [2], [3]], {3}),
+    ("int8", [[0], [1], [2], [3]], {0}),
 ])
 def test_streamed_node_matches_the_plain_one_within_its_budget(request, tiny_nodes, name, groups, resident):
-    node = request.getfixturevalue("bf16_node") if name == "bf16" else tiny_nodes[name]
+    node = request.getfixturevalue(f"{name}_node") if name in ("bf16", "int8") else tiny_nodes[name]
     enc = node.encode(TEXTS)
     before = {k: v.clone() for k, v in node.frozen_tensors()}
     params = [id(p) for p in node.model.parameters()]
@@ -223,12 +233,14 @@ def test_one_slot_streams_every_group_on_demand(tiny_nodes):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one():
-    """The CUDA paths the CPU tests cannot take: `.to()` of 4-bit layers (visiting), the page-locked slab, the side
-    stream and its events. A node kept in host memory must compute what the same node resident on the GPU does."""
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one(quant):
+    """The CUDA paths the CPU tests cannot take: `.to()` of quantised layers (visiting), the page-locked slab, the
+    side stream and its events. A node kept in host memory must compute what the same node resident on the GPU
+    does."""
     spec = NodeSpec(name="m", model="tiny:mistral", role="refiner")
-    resident = FrozenNode.load(spec, "nf4", "cuda", 64)
-    hosted = FrozenNode.load(spec, "nf4", "cpu", 64, compute_device="cuda")
+    resident = FrozenNode.load(spec, quant, "cuda", 64)
+    hosted = FrozenNode.load(spec, quant, "cpu", 64, compute_device="cuda")
     enc = resident.encode(TEXTS)
     with Placement("cuda").frozen_pass(hosted):
         assert hosted.layers[0].self_attn.q_proj.weight.is_cuda

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..spec import FORMATS
 from .report import GiB, KiB, MiB
 from .report import format_mib as _mib
 
@@ -38,7 +39,11 @@ from .report import format_mib as _mib
 NF4_BLOCK = 64             # one uint8 absmax per 64-weight block (blocksize=64, the bnb 4-bit default),
 NF4_BLOCK2 = 256           # one fp32 second-level absmax per 256 absmax blocks (nested quantisation),
 NF4_TABLES = 16 * 4 + 256 * 4 + 4   # the 16-entry NF4 code, the 256-entry nested code (fp32) and the fp32 offset.
-SMALL_BYTES = 2            # norms, biases and other small parameters stay bf16 (the compute dtype) under NF4.
+INT8_SCALE_BYTES = 4       # LLM.int8 (bitsandbytes): one int8 per weight and one fp32 scale per output row.
+INT8_TOKEN_BYTES = 9       # LLM.int8's forward, per token and unit of its widest linear: an fp16 copy and an int8 copy
+                           # of the input (3), the int32 product and its fp16 dequantisation (6). Read from the CUDA
+                           # path of bitsandbytes 0.50 (its CPU path allocates less); an upper bound.
+SMALL_BYTES = 2            # norms, biases and other small parameters stay bf16 (the compute dtype) when quantised.
 QUANT_BYTES = {"bf16": 2, "fp32": 4}   # bytes per param when nothing is quantised.
 ACT_BYTES = 2              # activations are bf16 under autocast.
 TRAIN_BYTES_PER_PARAM = 16  # trainable fp32 param (4) + grad (4) + AdamW exp_avg and exp_avg_sq (4 + 4).
@@ -180,6 +185,11 @@ def _nf4_bytes(n: int) -> int:
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + NF4_TABLES
 
 
+def _small_bytes(quant: str) -> int:
+    """Bytes per parameter of what is never quantised (norms, biases, embeddings)."""
+    return QUANT_BYTES.get(quant, SMALL_BYTES)
+
+
 @dataclass
 class _Node:
     name: str
@@ -231,9 +241,10 @@ def _param_bytes(module, quant: str) -> tuple[int, int]:
             n = p.numel()
             if isinstance(sub, torch.nn.Linear) and name == "weight":
                 largest = max(largest, n)
-                total += _nf4_bytes(n) if quant == "nf4" else n * QUANT_BYTES[quant]
+                total += (_nf4_bytes(n) if quant == "nf4" else n + p.shape[0] * INT8_SCALE_BYTES if quant == "int8"
+                          else n * QUANT_BYTES[quant])
             else:
-                total += n * (SMALL_BYTES if quant == "nf4" else QUANT_BYTES[quant])
+                total += n * _small_bytes(quant)
     return total, largest
 
 
@@ -242,8 +253,8 @@ def _profile(spec, quant: str | None = None) -> _Profile:
     from ..summary import describe, meta_model
 
     quant = quant or spec.quant
-    if quant not in ("nf4", "bf16", "fp32"):
-        raise UserError(f"quant must be nf4, bf16 or fp32, got {quant!r}")
+    if quant not in FORMATS:
+        raise UserError(f"quant must be one of {', '.join(FORMATS)}, got {quant!r}")
     key = json.dumps([spec.to_dict(), quant], sort_keys=True, default=str)
     if key in _PROFILES:
         return _PROFILES[key]
@@ -287,7 +298,7 @@ def node_profile(name: str, role: str, config, model, quant: str, needed: int, i
                  sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
                  heads * head_dim + 2 * kv_heads * head_dim in outputs, 2 * intermediate in outputs,
                  len(set(getattr(text, "layer_types", None) or ["full"])), quant,
-                 table.numel() * (SMALL_BYTES if quant == "nf4" else QUANT_BYTES[quant]))
+                 table.numel() * _small_bytes(quant))
 
 
 def layer_bytes(spec, quant: str | None = None) -> dict[str, list[int]]:
@@ -340,14 +351,26 @@ def _with_resident(groups: list[GroupPlan], k: int, keep: int = 0) -> list[Group
     return [GroupPlan(g.node, g.first, g.last, g.bytes, i < k, i >= keep) for i, g in enumerate(groups)]
 
 
+def quant_workspace(node: _Node, first: int, last: int, tokens: int, backward: bool) -> int:
+    """Transient bytes of the frozen format's matmuls in layers [first, last): NF4 dequantises one weight at a time
+    (bf16); LLM.int8 quantises each input and dequantises its product, and its backward dequantises the weight."""
+    largest = max(node.layer_max_linear[first:last], default=0) * ACT_BYTES
+    if node.quant == "nf4":
+        return largest
+    if node.quant == "int8":
+        widest = max(node.width, node.intermediate * (2 if node.fused_mlp else 1),
+                     node.q_dim + 2 * node.kv_dim if node.fused_qkv else 0)
+        return tokens * INT8_TOKEN_BYTES * widest + (largest if backward else 0)
+    return 0
+
+
 def _frozen_choices(node: _Node, micro: int, seq: int, trainable: int):
     """Every placement of a node's frozen-pass layers (group size, resident groups, slots) at this micro-batch."""
     tokens = micro * seq
-    largest = max(node.layer_max_linear[:node.needed], default=0)
     fixed = {
         "activations": (layer_inference(node, micro, seq) + 2 * tokens * node.width * ACT_BYTES
                         + forward_tables(node, micro, seq)),
-        "workspace": largest * ACT_BYTES if node.quant == "nf4" else 0,
+        "workspace": quant_workspace(node, 0, node.needed, tokens, backward=False),
         "trainable_params": trainable * PARAM_BYTES,
         "cuda_context": CUDA_CONTEXT,
     }
@@ -477,10 +500,8 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     this schedule (`batch` for the layer-major ones)."""
     layer_major = schedule != MICRO_BATCH_MAJOR
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
-    workspace = 0
-    if any(profile.nodes[g.node].quant == "nf4" for g in groups):
-        workspace = max(max(profile.nodes[g.node].layer_max_linear[g.first:g.last]) for g in groups
-                        if profile.nodes[g.node].quant == "nf4") * ACT_BYTES
+    workspace = max((quant_workspace(profile.nodes[g.node], g.first, g.last, micro * seq, backward=True)
+                     for g in groups), default=0)
     # each refiner's streamer holds its own slots, sized for its largest streamed group
     slots = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
              for n in dict.fromkeys(g.node for g in groups)]
@@ -620,7 +641,7 @@ _WHY = {
     "recompute": "one group recomputed in backward (SDPA, O(seq) attention)",
     "head_activations": "final states, readouts, output node (+ grads)",
     "trainable+optimizer": "fp32 params + grads + AdamW states, 16 B/param",
-    "workspace": "dequantised copy of the largest NF4 linear (bf16)",
+    "workspace": "quantised matmuls' transients (NF4: a dequantised linear; int8: + input, product)",
     "cuda_context": "fixed allowance: CUDA context, cuBLAS, allocator slack",
     "eval_activations": "cached inputs, final states and readouts kept; one layer at work",
     "frozen_nodes": "all five models, NF4 layers + bf16 embeddings, no lm_head",
@@ -632,7 +653,8 @@ _WHY = {
 
 
 def format_plan(plan: Plan, spec) -> str:
-    lines = [f"plan for graph {spec.name} ({spec.quant}): budget {_gib(plan.budget)}, batch {plan.batch} "
+    own = "".join(f"; {n.name} {n.quant}" for n in spec.nodes if n.quant not in (None, spec.quant))
+    lines = [f"plan for graph {spec.name} ({spec.quant}{own}): budget {_gib(plan.budget)}, batch {plan.batch} "
              f"(micro-batch {plan.micro_batch} x {plan.accumulation} accumulation), seq {plan.seq}"
              + (f" (the spec truncates at max_length {spec.max_length})" if plan.seq > spec.max_length else ""), ""]
     header = f"{'node':<10} {'layers':>8} {'group':>5} {'bytes':>12}  placement (layers 0-based, trained)"

@@ -106,7 +106,7 @@ class LayerStreamer:
         self._rank = {g: rank for rank, g in enumerate(self.order)}
         sites = [_sites([layers[i] for i in group]) for group in groups]
         resident_sites = [site for g in sorted(resident) for site in sites[g]]
-        self.resident_bytes = sum(t.nbytes for _, _, t in resident_sites)
+        self.resident_bytes = sum({_same(t): t.nbytes for _, _, t in resident_sites}.values())
         layouts = [_layout(sites[g]) for g in self.order]
         self.slot_bytes = max((nbytes for _, nbytes in layouts), default=0)
         n_slots = min(slots, len(self.order))
@@ -137,8 +137,9 @@ class LayerStreamer:
             for rank in range(len(self.order)):
                 self._bind(rank, self.slab, self._starts[rank])
             self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
-            for owner, attr, t in resident_sites:
-                setattr(owner, attr, t.to(self.device))
+            moved = _moved([t for *_, t in resident_sites], [self.device] * len(resident_sites))
+            for (owner, attr, _), t in zip(resident_sites, moved):
+                setattr(owner, attr, t)
             self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
         except BaseException:
             for owner, attr, t in originals:        # every tensor back as it was, then the forwards, then the pages
@@ -169,8 +170,9 @@ class LayerStreamer:
         self._release_host()
         for rank in range(len(self.order)):
             self._bind(rank, self.slab, self._starts[rank])
-        for owner, attr, device in self._resident:
-            setattr(owner, attr, getattr(owner, attr).to(device))
+        back = _moved([getattr(owner, attr) for owner, attr, _ in self._resident], [d for *_, d in self._resident])
+        for (owner, attr, _), t in zip(self._resident, back):
+            setattr(owner, attr, t)
         self.slots, self._in_slot, self.device_bytes = [], [], 0
 
     def copy_rate(self) -> float | None:
@@ -276,7 +278,9 @@ def _sites(layers) -> list[tuple[object, str, torch.Tensor]]:
 
     Parameters are rebound through `.data`, so the Parameter objects (and bitsandbytes' Params4bit) stay;
     quant-state tensors (absmax, code, offset, and those of the nested state2) and buffers are reassigned on
-    their owner, not changed in place, so a tensor also used outside the group is left alone.
+    their owner, not changed in place, so a tensor also used outside the group is left alone. An LLM.int8 linear
+    (bitsandbytes' Linear8bitLt) computes from `state.CB` and `state.SCB` and points `weight.data` at `state.CB`
+    after every forward: both sites are listed, and `_layout` gives the alias the same bytes.
     """
     sites, seen = [], set()
 
@@ -287,6 +291,12 @@ def _sites(layers) -> list[tuple[object, str, torch.Tensor]]:
 
     for layer in layers:
         for module in layer.modules():
+            int8 = getattr(module, "state", None)
+            if hasattr(module, "init_8bit_state") and int8 is not None:
+                if getattr(module.weight, "CB", None) is not None:
+                    module.init_8bit_state()    # what its first forward does: the int8 weight moves to `state`
+                add(int8, "CB", int8.CB)
+                add(int8, "SCB", int8.SCB)
             for p in module._parameters.values():
                 if p is None:
                     continue
@@ -302,13 +312,31 @@ def _sites(layers) -> list[tuple[object, str, torch.Tensor]]:
     return sites
 
 
+def _same(t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one tensor under two names (an int8 weight and its state's CB)."""
+    return t.data_ptr(), t.nbytes, t.dtype, tuple(t.shape), t.stride()
+
+
 def _layout(sites) -> tuple[list[int], int]:
-    """Aligned byte offsets of the sites' tensors laid out back to back, and the bytes they span."""
-    offsets, end = [], 0
+    """Aligned byte offsets of the sites' tensors laid out back to back (an alias shares its tensor's offset),
+    and the bytes they span."""
+    offsets, end, placed = [], 0, {}
     for _, _, t in sites:
-        offsets.append(_align(end))
-        end = offsets[-1] + t.nbytes
+        key = _same(t) if t.nbytes else None
+        if key not in placed:
+            placed[key] = _align(end)
+            end = placed[key] + t.nbytes
+        offsets.append(placed[key])
     return offsets, end
+
+
+def _moved(tensors, devices) -> list[torch.Tensor]:
+    """Each tensor on its device, an alias moved once with its tensor."""
+    moved = {}
+    for t, device in zip(tensors, devices):
+        if (_same(t), device) not in moved:
+            moved[_same(t), device] = t.to(device)
+    return [moved[_same(t), device] for t, device in zip(tensors, devices)]
 
 
 def _align(n: int) -> int:
