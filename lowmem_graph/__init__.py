@@ -5,3 +5,12 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`from lowmem_graph import TrainedGraph, export_run` without importing torch for `lowmem-graph --help`."""
+    if name in ("TrainedGraph", "export_run"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'lowmem_graph' has no attribute {name!r}")

@@ -5,6 +5,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def _add_training_args(p):
     p.add_argument("--eval-split")
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
+    p.add_argument("--allow-test-training", action="store_true",
+                   help="train on a test split (refused otherwise: every result measured on it would be contaminated)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
 
@@ -59,8 +62,11 @@ def _training_parser(sub, name: str, help: str):
 
 
 def _add_data_args(p):
-    p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu; several joined by +; a task's own "
-                                  "splits after a colon (mmlu:auxiliary_train,dev)")
+    p.add_argument("--task", help="arc-challenge, arc-easy, openbookqa, mmlu, a file or folder of your own "
+                                  "(question, choices, answer), or hf:ORG/NAME[/CONFIG]; several joined by +; a "
+                                  "task's own splits after a colon (mmlu:auxiliary_train,dev)")
+    p.add_argument("--columns", help="for hf:ORG/NAME: which columns hold the question, choices and answer "
+                                     "(question=q,choices=options.text,labels=options.label,answer=key)")
     p.add_argument("--eval-task", help="tasks evaluated (default: those of --task)")
     p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
     p.add_argument("--batch-size", type=int)
@@ -71,8 +77,12 @@ def _add_data_args(p):
 def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
-             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor"]
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
+             "columns"]
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "allow_test_training", False):
+        overrides["allow_test_training"] = True
+    return overrides
 
 
 def _spec_and_config(args):
@@ -130,9 +140,9 @@ def cmd_eval(args) -> None:
     weights = trainable_weights(run_dir)
     overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
                                    "batch_size": args.batch_size, "device": args.device,
-                                   "gpu_mem": args.gpu_mem}.items() if v is not None}
+                                   "gpu_mem": args.gpu_mem, "columns": args.columns}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
-    questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit)
+    questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit, cfg.columns)
     placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)   # the run's --gpu-mem plan too
     graph = placed.graph
     graph.load_trainable(weights, str(run_dir / "trainable.safetensors"))
@@ -147,6 +157,46 @@ def cmd_eval(args) -> None:
     print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
     print("routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
     print(f"predictions: {out}")
+
+
+def cmd_predict(args) -> None:
+    from .data import load_file
+    from .predict import TrainedGraph, format_answer, write_jsonl
+
+    if (args.input is None) == (args.question is None):
+        raise UserError("give --input FILE or --question TEXT with --choices, not both or neither")
+    if args.question is not None:
+        if not args.choices or len(args.choices) < 2:
+            raise UserError("--question needs at least two --choices")
+        questions = [{"id": "question", "question": args.question, "choices": args.choices,
+                      "context": args.context or ""}]
+    else:
+        if args.choices or args.context:
+            raise UserError("--choices and --context go with --question; --input FILE holds its own")
+        questions = load_file(args.input, need_answer=False)
+    graph = TrainedGraph(args.run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
+                         progress=not args.no_progress)
+    records = graph.predict(questions)
+    if len(records) <= 20:
+        print("\n\n".join(format_answer(r) for r in records))
+    else:
+        for r in records:
+            verdict = "" if "label" not in r else f"  (right: {r['label']})"
+            print(f"{r['id']}: {r['answer']}  p = {r['probs'][r['answer']]:.3f}{verdict}")
+    scored = [r for r in records if "label" in r]
+    if scored:
+        print(f"{sum(r['correct'] for r in scored)}/{len(scored)} right where the answer was given")
+    stem = Path(args.input).stem if args.input else "question"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    print(f"predictions: {write_jsonl(records, out)}")
+
+
+def cmd_export(args) -> None:
+    from .predict import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {args.run_dir} to {out} (config.yaml, trainable.safetensors, metrics.jsonl, README.md, "
+          "export.json); load it with TrainedGraph or lowmem-graph predict")
 
 
 def cmd_matrix(args) -> None:
@@ -306,6 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="predictions file (default: in the run folder)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget (default: the run's own, if it had one)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="ask a trained graph: the chosen answer and every choice's probability")
+    p.add_argument("run_dir", help="a run folder, or one made by `lowmem-graph export`")
+    p.add_argument("--input", metavar="FILE", help="questions: JSONL or CSV (question, choices, optional answer, "
+                                                   "id, context) or ARC's JSONL")
+    p.add_argument("--question", help="one question, asked on the command line")
+    p.add_argument("--choices", nargs="+", metavar="TEXT", help="its choices (with --question)")
+    p.add_argument("--context", help="a passage shown before the question (with --question)")
+    p.add_argument("--out", metavar="FILE", help="predictions JSONL (default: in the run folder)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget (default: the run's own, if it had one)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, help="questions per forward (default: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="the new folder")
+    p.set_defaults(func=cmd_export)
 
     p = _training_parser(sub, "matrix", "train ablation variants x seeds and tabulate mean and spread")
     p.add_argument("--vary", action="append", metavar="KEY=V1,V2",

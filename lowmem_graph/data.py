@@ -1,7 +1,15 @@
-"""Multiple-choice data sets (ARC, OpenBookQA, MMLU) from official local files or the Hugging Face hub.
+"""Multiple-choice data: ARC, OpenBookQA and MMLU from official local files or the Hugging Face hub, your own files
+in a generic format, and any hub data set through a column mapping.
 
 Every source is turned into the same `Question`, with the answer as a 0-based index, and every malformed row is
 reported as a `UserError` naming the file and line, so a bad download fails at load time and not mid-training.
+
+The generic format, JSONL or CSV with a header: `question`, `choices` and `answer`, optional `id` and `context`.
+`choices` is a list (in CSV a JSON list, or one column per choice named A, B, C, ...); `answer` is a letter, a
+0-based index or the answer's text. A task names such data by path: a file, or a folder of split files
+(`train.jsonl`, `validation.jsonl` or `dev.jsonl`, `test.jsonl`, or the same in CSV). A hub data set is
+`hf:ORG/NAME` (or `hf:ORG/NAME/CONFIG`), its columns mapped with `question=...,choices=...,answer=...` (dotted
+paths reach nested fields: `choices=choices.text,labels=choices.label`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_graph.errors import UserError
+from lowmem_graph.errors import UserError, hub_error
 
 TASKS = ("arc-challenge", "arc-easy", "openbookqa", "mmlu")
 SPLITS = ("train", "validation", "test")
@@ -32,18 +40,19 @@ class Question:
     id: str
     question: str
     choices: tuple[str, ...]
-    label: int  # index into choices
+    label: int  # index into choices; -1 when unknown (a question asked of a trained graph)
     subject: str = ""  # MMLU subject, "" otherwise
+    context: str = ""  # a passage the question refers to, shown before it
 
 
 def bundled_dir() -> Path:
-    """ARC-Easy train and dev ship with the package so the default job runs offline."""
+    """ARC-Easy (train, dev and test) ships with the package so the default job and its evaluation run offline."""
     return Path(__file__).resolve().parent / "bundled"
 
 
 def format_prompt(q: Question) -> str:
     """One prompt format for every task, lettered by position so numeric ARC labels read like the rest."""
-    lines = [f"Question: {q.question}"]
+    lines = [q.context, f"Question: {q.question}"] if q.context else [f"Question: {q.question}"]
     lines += [f"{letter}. {text}" for letter, text in zip(LETTERS, q.choices)]
     lines.append("Answer:")
     return "\n".join(lines)
@@ -55,12 +64,28 @@ def load_task(
     data_dir: str | Path | None = None,
     limit: int | None = None,
     subjects: Iterable[str] | str | None = None,
+    columns: str | None = None,
 ) -> list[Question]:
-    """Load one split; local files when data_dir is given, else the hub (bundled files for ARC-Easy train/dev)."""
+    """Load one split; local files when data_dir is given, else the hub (bundled files for ARC-Easy); a task may
+    also be a path (the generic format) or `hf:ORG/NAME` with `columns`. `limit` draws across MMLU's subjects."""
+    split = "validation" if split in ("val", "dev") and task != "mmlu" else split
+    if task.startswith("hf:"):
+        questions = _load_hub_mapped(task[3:], split, columns)
+        return questions if limit is None else spread(questions, limit)
+    if is_path_task(task):
+        path = Path(task).expanduser()
+        questions = load_file(_split_file(path, split) if path.is_dir() else path)
+        return questions if limit is None else spread(questions, limit)
+    if columns:
+        raise UserError(f"--columns maps a hub data set's columns (--task hf:ORG/NAME), not {task}")
     if task not in TASKS:
-        raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}, a file or folder of your own "
+                        "(question, choices, answer: see the README), or hf:ORG/NAME")
     split = "validation" if split == "val" else split
     valid = MMLU_SPLITS if task == "mmlu" else SPLITS
+    if task == "mmlu" and split == "train":
+        raise UserError("mmlu has no train split: train on mmlu:auxiliary_train (its 99,842 questions from other "
+                        "benchmarks), or on mmlu:dev,validation")
     if split not in valid:
         raise UserError(f"unknown split {split!r} for {task}: choose one of {', '.join(valid)} ('val' = validation)")
     if isinstance(subjects, str):
@@ -72,7 +97,7 @@ def load_task(
     if limit is not None and limit < 0:
         raise UserError(f"limit must be >= 0, got {limit}")
 
-    if data_dir is None and task == "arc-easy" and split != "test":
+    if data_dir is None and task == "arc-easy":
         data_dir = bundled_dir()
     if data_dir is None:
         questions = _load_hub(task, split, subjects)
@@ -80,20 +105,149 @@ def load_task(
         questions = _load_mmlu_dir(Path(data_dir), split, subjects)
     else:
         questions = _load_jsonl(_find_jsonl(Path(data_dir), task, split))
-    return questions if limit is None else questions[:limit]
+    return questions if limit is None else spread(questions, limit)
 
 
-def _question(qid, stem, texts, labels, answer, where: str, subject: str = "") -> Question:
-    """The checks every source shares: text where text goes, 2 to 5 choices, an answer that names one of them."""
+def spread(questions: list[Question], limit: int) -> list[Question]:
+    """At most `limit` questions, drawn in turn from each subject (MMLU's files come sorted by subject, so its
+    first N rows would all be abstract algebra); the order within a subject is kept."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    if len(by_subject) < 2:
+        return questions[:limit]
+    drawn, queues = [], [iter(qs) for qs in by_subject.values()]
+    while len(drawn) < limit and queues:
+        for queue in list(queues):
+            q = next(queue, None)
+            if q is None:
+                queues.remove(queue)
+            elif len(drawn) < limit:
+                drawn.append(q)
+    return drawn
+
+
+def is_path_task(task: str) -> bool:
+    """A task given as a path to data of one's own (a file in the generic format or a folder of split files)."""
+    return task.endswith((".jsonl", ".json", ".csv")) or "/" in task or Path(task).expanduser().exists()
+
+
+_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    names = _SPLIT_NAMES.get(split, (split,))
+    for name in names:
+        for ext in (".jsonl", ".csv"):
+            if (folder / f"{name}{ext}").is_file():
+                return folder / f"{name}{ext}"
+    raise UserError(f"{folder}: no {split} file ({', '.join(n + '.jsonl' for n in names)} or .csv)")
+
+
+def load_file(path: str | Path, need_answer: bool = True) -> list[Question]:
+    """Questions of one file: JSONL (the generic format or ARC/OpenBookQA's) or CSV with a header (generic).
+    Without `need_answer` (asking a trained graph) a row may leave out its answer."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no file at {path}")
+    if path.suffix == ".csv":
+        return _load_generic_csv(path, need_answer)
+    questions = []
+    for line_no, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: bad JSON ({e.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("question"), dict):
+            questions.append(_arc_row(row, where))
+        else:
+            questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
+    return questions
+
+
+def _load_generic_csv(path: Path, need_answer: bool) -> list[Question]:
+    text = "".join(line for _, line in _lines(path))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    questions, start = [], 2
+    try:
+        for row in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if None in row:
+                raise UserError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
+            if "choices" not in row and "A" in row:
+                row["choices"] = [row[c] for c in LETTERS if row.get(c) not in (None, "")]
+            elif isinstance(row.get("choices"), str):
+                try:
+                    row["choices"] = json.loads(row["choices"])
+                except json.JSONDecodeError:
+                    raise UserError(f"{where}: 'choices' must be a JSON list (\"[\"\"a\"\", ...]\") or one "
+                                    "column per choice named A, B, C, ...") from None
+            if isinstance(row.get("answer"), str) and row["answer"].strip().isdigit():
+                row["answer"] = int(row["answer"])
+            questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
+    except csv.Error as e:
+        raise UserError(f"{path}:{start}: bad CSV ({e})") from None
+    return questions
+
+
+def generic_question(row, where: str, default_id: str, need_answer: bool = True, labels=None) -> Question:
+    """A row of the generic format; `answer` a letter, a 0-based index or the text of a choice (or, with
+    `labels`, one of those labels)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with question, choices and answer, got {type(row).__name__}")
+    texts = _field(row, "choices", where)
+    if not isinstance(texts, (list, tuple)):
+        raise UserError(f"{where}: 'choices' must be a list of texts, got {type(texts).__name__}")
+    texts = [str(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else t for t in texts]
+    answer = row.get("answer")
+    known = answer is not None and answer != ""
+    if not known and need_answer:
+        raise UserError(f"{where}: missing field 'answer' (a letter, a 0-based index or the answer's text)")
+    label = _answer_index(answer, texts, labels, where) if known else None
+    qid = row.get("id")
+    return _question(default_id if qid in (None, "") else qid, _field(row, "question", where), texts,
+                     range(len(texts)), label, where, str(row.get("subject") or ""), str(row.get("context") or ""),
+                     need_answer=known)
+
+
+def _answer_index(answer, texts, labels, where: str) -> int:
+    if labels is not None and answer in labels:
+        return list(labels).index(answer)
+    if isinstance(answer, bool):
+        raise UserError(f"{where}: answer {answer!r} is not a letter, an index or a choice's text")
+    if isinstance(answer, int):
+        if 0 <= answer < len(texts):
+            return answer
+        raise UserError(f"{where}: answer index {answer} is out of range for {len(texts)} choices (0-based)")
+    if isinstance(answer, str):
+        a = answer.strip()
+        if len(a) == 1 and a.upper() in LETTERS[:len(texts)]:
+            return LETTERS.index(a.upper())
+        if a in texts:
+            return texts.index(a)
+    raise UserError(f"{where}: answer {answer!r} is not a letter (A-{LETTERS[max(len(texts), 1) - 1]}), a 0-based "
+                    "index or the text of a choice"[:300])
+
+
+def _question(qid, stem, texts, labels, answer, where: str, subject: str = "", context: str = "",
+              need_answer: bool = True) -> Question:
+    """The checks every source shares: text where text goes, 2 to 5 choices, an answer that names one of them
+    (unless `need_answer` is off: the label is then -1)."""
     if not isinstance(stem, str) or not stem.strip():
         raise UserError(f"{where}: the question text is {'empty' if isinstance(stem, str) else repr(stem)}")
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
         raise UserError(f"{where}: every choice must be text, got {texts!r}"[:300])
     if not 2 <= len(texts) <= 5:
         raise UserError(f"{where}: {len(texts)} choices, expected 2 to 5")
+    if not need_answer:
+        return Question(str(qid), stem, tuple(texts), -1, subject, context)
     if answer not in labels:
         raise UserError(f"{where}: answer {answer!r} is not among the choice labels {list(labels)}")
-    return Question(str(qid), stem, tuple(texts), list(labels).index(answer), subject)
+    return Question(str(qid), stem, tuple(texts), list(labels).index(answer), subject, context)
 
 
 def _find_jsonl(data_dir: Path, task: str, split: str) -> Path:
@@ -150,17 +304,19 @@ def _load_jsonl(path: Path) -> list[Question]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: bad JSON ({e.msg})") from None
-        q = _field(row, "question", where)
-        choices = _field(q, "choices", where)
-        if not isinstance(choices, list):
-            raise UserError(f"{where}: 'choices' is not a list")
-        texts = [_field(c, "text", where) for c in choices]
-        labels = [_field(c, "label", where) for c in choices]
-        questions.append(
-            _question(_field(row, "id", where), _field(q, "stem", where), texts, labels,
-                      _field(row, "answerKey", where), where)
-        )
+        questions.append(_arc_row(row, where))
     return questions
+
+
+def _arc_row(row, where: str) -> Question:
+    q = _field(row, "question", where)
+    choices = _field(q, "choices", where)
+    if not isinstance(choices, list):
+        raise UserError(f"{where}: 'choices' is not a list")
+    texts = [_field(c, "text", where) for c in choices]
+    labels = [_field(c, "label", where) for c in choices]
+    return _question(_field(row, "id", where), _field(q, "stem", where), texts, labels,
+                     _field(row, "answerKey", where), where)
 
 
 def _load_mmlu_dir(data_dir: Path, split: str, subjects) -> list[Question]:
@@ -208,18 +364,76 @@ def _load_mmlu_csv(path: Path, subject: str) -> list[Question]:
     return questions
 
 
-def _load_hub(task: str, split: str, subjects) -> list[Question]:
-    """Hub ids of the same data; `datasets` is optional, so it is imported only here."""
+def _hub_rows(name: str, config: str | None, split: str, local: str = "give a local file"):
+    """The rows of a hub data set's split; `datasets` is optional, so it is imported only here. Every failure is
+    one line: no network, gated, no such data set, no such split."""
     try:
         import datasets
     except ImportError:
-        raise UserError(
-            f"loading {task} from the Hugging Face hub needs the datasets package: "
-            "pip install 'lowmem-graph[hub]' or pass --data-dir with the official files"
-        ) from None
+        raise UserError(f"loading {name} from the Hugging Face hub needs the datasets package: pip install "
+                        "\"lowmem-graph[hub]\" (in a clone: pip install -e \".[hub]\"), or give local files") from None
+    what = f"data set {name}" + (f" ({config})" if config else "")
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise UserError(f"{what} has no split {split!r}: {str(e).splitlines()[0][:200]}") from None
+        raise hub_error(what, e, local) from None
+    except (OSError, ConnectionError, TimeoutError) as e:
+        raise hub_error(what, e, local) from None
+    except Exception as e:      # datasets' own errors (DatasetNotFoundError, ...) share no base class with the above
+        if type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "fsspec"):
+            raise hub_error(what, e, local) from None
+        raise
+
+
+def _load_hub_mapped(ref: str, split: str, columns: str | None) -> list[Question]:
+    """`hf:ORG/NAME[/CONFIG]` with a column mapping (see the module's docstring)."""
+    parts = ref.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UserError(f"hf:{ref}: expected hf:ORG/NAME or hf:ORG/NAME/CONFIG")
+    mapping = parse_columns(columns)
+    name, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    questions = []
+    for i, row in enumerate(_hub_rows(name, config, split)):
+        where = f"hf:{ref} {split} row {i}"
+        mapped = {key: _dotted(row, path, where) for key, path in mapping.items() if key != "labels"}
+        labels = _dotted(row, mapping["labels"], where) if "labels" in mapping else None
+        questions.append(generic_question(mapped, where, f"{name.replace('/', '_')}-{split}-{i}", labels=labels))
+    return questions
+
+
+COLUMN_KEYS = ("question", "choices", "answer", "labels", "id", "context", "subject")
+
+
+def parse_columns(columns: str | None) -> dict[str, str]:
+    """`question=q,choices=options.text,answer=label` -> our field -> the data set's (dotted) column."""
+    mapping = {"question": "question", "choices": "choices", "answer": "answer"}
+    for item in filter(None, (c.strip() for c in (columns or "").split(","))):
+        key, eq, path = item.partition("=")
+        if not eq or key.strip() not in COLUMN_KEYS or not path.strip():
+            raise UserError(f"--columns {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(COLUMN_KEYS)}")
+        mapping[key.strip()] = path.strip()
+    return mapping
+
+
+def _dotted(row, path: str, where: str):
+    value = row
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise UserError(f"{where}: no column {path!r} (columns: {', '.join(map(str, row))})"[:300])
+        value = value[key]
+    return value
+
+
+OFFICIAL = "pass --data-dir with the official files"
+
+
+def _load_hub(task: str, split: str, subjects) -> list[Question]:
+    """Hub ids of the official data."""
     if task == "mmlu":
         configs = sorted(set(subjects)) if subjects else ["all"]
-        rows = [row for config in configs for row in datasets.load_dataset("cais/mmlu", config, split=split)]
+        rows = [row for config in configs for row in _hub_rows("cais/mmlu", config, split, OFFICIAL)]
         counts: dict[str, int] = {}
         questions = []
         for i, row in enumerate(rows):
@@ -239,5 +453,5 @@ def _load_hub(task: str, split: str, subjects) -> list[Question]:
     return [
         _question(row["id"], row[stem_key], row["choices"]["text"], row["choices"]["label"], row["answerKey"],
                   f"{name} {config} {split} row {i}")
-        for i, row in enumerate(datasets.load_dataset(name, config, split=split))
+        for i, row in enumerate(_hub_rows(name, config, split, OFFICIAL))
     ]

@@ -11,3 +11,22 @@ class Interrupted(Exception):
     def __init__(self, message: str, code: int = 130):
         super().__init__(message)
         self.code = code
+
+
+def hub_error(what: str, error: Exception, local: str = "give a local path") -> UserError:
+    """One line for a failure to fetch `what` from the Hugging Face hub, telling apart the three causes a user fixes
+    differently: no network, a gated repository (licence and login), an id that does not exist."""
+    text = str(error)
+    first = (text.splitlines() or [""])[0][:200]
+    kind = type(error).__name__
+    if kind == "GatedRepoError" or "gated" in text.lower() or "401 Client Error" in text:
+        return UserError(f"{what} is gated on the Hugging Face hub: accept its licence on its hub page, then log in "
+                         "(hf auth login, or set HF_TOKEN)")
+    if (isinstance(error, (ConnectionError, TimeoutError)) or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+            or "couldn't connect" in text or "offline" in text.lower() or "Name or service not known" in text):
+        return UserError(f"cannot reach the Hugging Face hub for {what} (no network, or offline mode), and it is not "
+                         f"in the local cache: connect once to download it, or {local}")
+    if kind in ("RepositoryNotFoundError", "DatasetNotFoundError", "EntryNotFoundError") \
+            or "not a valid model identifier" in text or "doesn't exist" in text or "404 Client Error" in text:
+        return UserError(f"{what} does not exist on the Hugging Face hub (check the id; a private one needs a login)")
+    return UserError(f"{what}: {kind}: {first}")

@@ -52,16 +52,20 @@ def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8,
         with autocast(device):
             out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
         labels = batch.labels.to(out.logits.device)
-        total_loss += torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum").item()
+        known = labels >= 0                      # a question asked of a trained graph has no label (-1)
+        if known.any():
+            total_loss += torch.nn.functional.cross_entropy(out.logits.float()[known], labels[known],
+                                                            reduction="sum").item()
         probs = out.logits.float().softmax(-1).cpu()
         routing.append(out.routing.float().cpu())
         for q, p in zip(chunk, probs):
             pred = int(p[: len(q.choices)].argmax())
-            predictions.append({"id": q.id, "label": q.label, "prediction": pred, "correct": pred == q.label,
+            predictions.append({"id": q.id, "label": q.label, "prediction": pred,
+                                "correct": pred == q.label if q.label >= 0 else None,
                                 "probs": [round(float(x), 5) for x in p[: len(q.choices)]]})
     graph.train()
-    n = len(predictions)
-    correct = sum(p["correct"] for p in predictions)
+    n = sum(p["correct"] is not None for p in predictions)
+    correct = sum(bool(p["correct"]) for p in predictions)
     mean_routing = torch.cat(routing).mean(0).tolist() if routing else []
     return EvalResult(correct / max(n, 1), wilson_interval(correct, n), total_loss / max(n, 1), n, mean_routing,
                       predictions)

@@ -19,7 +19,7 @@ import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
+from .errors import UserError, hub_error
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
 from .spec import NodeSpec
 
@@ -112,8 +112,9 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
         if "trust_remote_code" in str(e):
             raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
                             "only if you trust that code") from None
-        where = "local folder" if is_local else "model id (not on the hub, or not in the local cache while offline)"
-        raise UserError(f"cannot load config of {ref!r}: unknown {where}: {str(e).splitlines()[0]}") from None
+        if is_local:
+            raise UserError(f"cannot load config of {ref!r} (a local folder): {str(e).splitlines()[0]}") from None
+        raise hub_error(f"model {ref!r}", e) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
     return config, source, is_local
@@ -282,8 +283,10 @@ class FrozenNode:
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **trust,
                                                       **({} if spec.tokenizer else from_hub))
         except (OSError, ValueError, SafetensorError) as e:
-            raise UserError(f"cannot load model {spec.model!r}: {type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
+            if is_local or load_from != source:
+                raise UserError(f"cannot load model {spec.model!r}: {type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:200]}") from None
+            raise hub_error(f"model {spec.model!r}", e) from None
         if save_to is not None:
             _save_atomically(model, tokenizer, save_to)
         if not logits and model.get_output_embeddings() is not None:

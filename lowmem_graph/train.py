@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import signal
 import threading
@@ -26,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runstate
-from .data import Question, load_task
+from .data import Question, is_path_task, load_task, spread
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, write_predictions
 from .files import atomic_file, remove_stale_temps
@@ -59,6 +60,8 @@ class TrainConfig:
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
     init: str = "random"              # random | ridge: projections start as Ridge maps into an anchor's latent
     init_anchor: str | None = None    # the node whose principal directions span the latent (default: 1st refiner)
+    columns: str | None = None        # hf:ORG/NAME tasks: question=...,choices=...,answer=... (data.parse_columns)
+    allow_test_training: bool = False  # train on a test split (refused otherwise: it contaminates the results)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
@@ -79,7 +82,22 @@ class TrainConfig:
 
     def evaluated(self) -> str:
         """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
-        return self.eval_task or "+".join(part.partition(":")[0].partition("@")[0] for part in self.task.split("+"))
+        return self.eval_task or "+".join(task_part(part)[0] for part in self.task.split("+"))
+
+    def check_splits(self) -> None:
+        """Refuse what contaminates a reproduction: training on a test split, or evaluating on the training file."""
+        for part in self.task.split("+"):
+            task, splits, _ = task_part(part)
+            for split in splits or [self.train_split]:
+                test = split == "test" or (is_path_task(task) and not Path(task).is_dir()
+                                           and re.search(r"(^|[^a-z])test([^a-z]|$)", Path(task).stem.lower()))
+                if test and not self.allow_test_training:
+                    where = task if is_path_task(task) else f"{task}:{split}"
+                    raise UserError(f"training on a test split ({where}) would contaminate every result measured "
+                                    "on it; add --allow-test-training if that is what you want")
+            if is_path_task(task) and not Path(task).expanduser().is_dir() and self.eval_task is None:
+                raise UserError(f"{task} is one file, with no splits: give the questions to evaluate on with "
+                                "--eval-task FILE, or a folder with train and validation files as the task")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -93,27 +111,36 @@ class TrainConfig:
         return device
 
 
-def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Question]:
+def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None,
+                   columns: str | None = None) -> list[Question]:
     """Questions of `task[:split,split...]` parts joined by `+`; a part without splits takes `split`.
 
     A part may end in `@N`: N questions drawn from it with a fixed seed. The paper's training data without
     MMLU's test split is `arc-challenge:train+openbookqa:train+mmlu:auxiliary_train,dev,validation@14042`.
-    `limit` keeps at most that many questions of each part, so every task is seen.
+    `limit` keeps at most that many questions of each part, so every task is seen (and every subject: see
+    data.spread). `columns` maps an hf:ORG/NAME part's columns.
     """
     questions = []
     for part in selection.split("+"):
-        part, _, sample = part.strip().partition("@")
-        task, _, splits = part.partition(":")
+        task, splits, sample = task_part(part)
         chosen = []
-        for one in (splits.split(",") if splits else [split]):
-            chosen += load_task(task, one.strip(), data_dir)
+        for one in splits or [split]:
+            chosen += load_task(task, one, data_dir, columns=columns)
         if sample:
             if not sample.isdigit() or int(sample) < 1:
-                raise UserError(f"{part}@{sample}: expected a number of questions (>= 1) after @")
+                raise UserError(f"{part.strip()}: expected a number of questions (>= 1) after @")
             if int(sample) < len(chosen):
                 chosen = random.Random(0).sample(chosen, int(sample))
-        questions += chosen[:limit] if limit else chosen
+        questions += spread(chosen, limit) if limit else chosen
     return questions
+
+
+def task_part(part: str) -> tuple[str, list[str], str]:
+    """`task[:split,split...][@N]` -> (task, splits, N); the task may be `hf:ORG/NAME[/CONFIG]` or a path."""
+    part, _, sample = part.strip().rpartition("@") if re.search(r"@[^/@]*$", part) else (part.strip(), "", "")
+    prefix, rest = ("hf:", part[3:]) if part.startswith("hf:") else ("", part)
+    task, _, splits = rest.partition(":")
+    return prefix + task, [s.strip() for s in splits.split(",") if s.strip()], sample
 
 
 def _schedule(total_steps: int, warmup: float):
@@ -272,8 +299,9 @@ class Trainer:
 
     def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print):
         self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
-        self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train)
-        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval)
+        cfg.check_splits()
+        self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train, cfg.columns)
+        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval, cfg.columns)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
         transformers.set_seed(cfg.seed)

@@ -150,22 +150,25 @@ def test_mmlu_missing_subject_and_folder(tmp_path):
 def test_unknown_task_and_split():
     with pytest.raises(UserError, match="unknown task 'squad'.*arc-challenge, arc-easy, openbookqa, mmlu"):
         load_task("squad", "train")
-    with pytest.raises(UserError, match="unknown split 'dev' for arc-easy.*train, validation, test"):
-        load_task("arc-easy", "dev")
-    with pytest.raises(UserError, match="unknown split 'train' for mmlu.*auxiliary_train"):
+    with pytest.raises(UserError, match="unknown split 'develop' for arc-easy.*train, validation, test"):
+        load_task("arc-easy", "develop")
+    assert load_task("arc-easy", "dev") == load_task("arc-easy", "validation")
+    with pytest.raises(UserError, match="mmlu has no train split: train on mmlu:auxiliary_train"):
         load_task("mmlu", "train")
     with pytest.raises(UserError, match="only apply to mmlu"):
         load_task("arc-easy", "train", subjects=["anatomy"])
 
 
 def test_bundled_default_is_offline(no_datasets):
-    assert sorted(p.name for p in bundled_dir().glob("*.jsonl")) == ["ARC-Easy-Dev.jsonl", "ARC-Easy-Train.jsonl"]
+    assert sorted(p.name for p in bundled_dir().glob("*.jsonl")) == ["ARC-Easy-Dev.jsonl", "ARC-Easy-Test.jsonl",
+                                                                      "ARC-Easy-Train.jsonl"]
     assert len(load_task("arc-easy", "train")) == 2251
     assert len(load_task("arc-easy", "validation")) == 570
+    assert len(load_task("arc-easy", "test")) == 2376
 
 
 def test_hub_without_datasets_says_how_to_fix(no_datasets):
-    with pytest.raises(UserError, match=r"pip install 'lowmem-graph\[hub\]' or pass --data-dir"):
+    with pytest.raises(UserError, match=r'pip install "lowmem-graph\[hub\]" \(in a clone: pip install -e "\.\[hub\]"\)'):
         load_task("arc-challenge", "train")
 
 
@@ -214,3 +217,103 @@ def test_format_prompt_on_real_row():
         "D. carbohydrates being digested in the stomach\n"
         "Answer:"
     )
+
+
+# ---- your own data ---------------------------------------------------------------------------------------------
+def test_generic_jsonl_answers_as_letter_index_or_text_with_context_and_bom(tmp_path):
+    rows = [{"question": "Sky?", "choices": ["blue", "green"], "answer": "A", "id": "s1"},
+            {"question": "Grass?", "choices": ["blue", "green", "red"], "answer": 1, "context": "In spring."},
+            {"question": "Two?", "choices": [1, 2, 3], "answer": "2"}]
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    questions = load_task(str(path), "train")
+    assert [(q.id, q.label, q.choices) for q in questions] == [
+        ("s1", 0, ("blue", "green")), ("mine-1", 1, ("blue", "green", "red")), ("mine-2", 1, ("1", "2", "3"))]
+    assert format_prompt(questions[1]).startswith("In spring.\nQuestion: Grass?\nA. blue")
+
+
+def test_generic_csv_with_a_choices_list_or_letter_columns(tmp_path):
+    listed = tmp_path / "a.csv"
+    listed.write_text('\ufeffquestion,choices,answer\n"Sky, by day?","[""blue"", ""green""]",blue\n', encoding="utf-8")
+    lettered = tmp_path / "b.csv"
+    lettered.write_text("id,question,A,B,C,answer\nx1,Sky?,red,blue,,1\n", encoding="utf-8")
+    assert load_task(str(listed), "train") == [Question("a-0", "Sky, by day?", ("blue", "green"), 0)]
+    assert load_task(str(lettered), "train") == [Question("x1", "Sky?", ("red", "blue"), 1)]
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"question": "Q", "choices": ["a", "b"], "answer": "C"}, ["answer 'C' is not a letter (A-B)"]),
+    ({"question": "Q", "choices": ["a", "b"], "answer": 2}, ["answer index 2 is out of range for 2 choices"]),
+    ({"question": "Q", "choices": ["a", "b"]}, ["missing field 'answer'"]),
+    ({"question": "Q", "choices": "a|b", "answer": 0}, ["'choices' must be a list"]),
+    ({"choices": ["a", "b"], "answer": 0}, ["missing field 'question'"]),
+])
+def test_generic_rows_fail_with_their_line(tmp_path, row, words):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps({"question": "ok", "choices": ["a", "b"], "answer": 0}),
+                                                 json.dumps(row)])
+    with pytest.raises(UserError) as e:
+        load_task(str(path), "train")
+    assert str(e.value).startswith(f"{path}:2: ") and all(w in str(e.value) for w in words)
+
+
+def test_a_folder_of_split_files(tmp_path):
+    row = {"question": "Q", "choices": ["a", "b"], "answer": "b"}
+    write_lines(tmp_path / "mine" / "train.jsonl", [json.dumps(row)] * 3)
+    write_lines(tmp_path / "mine" / "dev.jsonl", [json.dumps(row)])
+    assert len(load_task(str(tmp_path / "mine"), "train")) == 3
+    assert len(load_task(str(tmp_path / "mine"), "validation")) == 1
+    with pytest.raises(UserError, match="no test file"):
+        load_task(str(tmp_path / "mine"), "test")
+
+
+def test_limit_draws_across_subjects(tmp_path):
+    write_mmlu(tmp_path)
+    everything = load_task("mmlu", "test", tmp_path)
+    assert len({q.subject for q in everything}) > 1
+    drawn = load_task("mmlu", "test", tmp_path, limit=2)
+    assert len(drawn) == 2 and len({q.subject for q in drawn}) == 2
+
+
+def test_a_hub_data_set_by_id_with_a_column_mapping(monkeypatch):
+    rows = [{"q": "Sky?", "opts": {"text": ["red", "blue"], "label": ["x", "y"]}, "key": "y", "area": s}
+            for s in ("a", "a", "b")]
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: {
+        ("org/mcq", "easy", "train"): rows}[name, config, split])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    columns = "question=q,choices=opts.text,labels=opts.label,answer=key,subject=area"
+    questions = load_task("hf:org/mcq/easy", "train", columns=columns)
+    assert [(q.question, q.choices, q.label, q.subject) for q in questions][0] == ("Sky?", ("red", "blue"), 1, "a")
+    assert [q.subject for q in load_task("hf:org/mcq/easy", "train", columns=columns, limit=2)] == ["a", "b"]
+    with pytest.raises(UserError, match="row 0: no column 'question'"):
+        load_task("hf:org/mcq/easy", "train")
+    with pytest.raises(UserError, match="expected FIELD=COLUMN"):
+        load_task("hf:org/mcq/easy", "train", columns="prompt=q")
+
+
+@pytest.mark.parametrize("error, words", [
+    (ConnectionError("Couldn't reach 'org/x' on the Hub (LocalEntryNotFoundError)"), "cannot reach the Hugging Face"),
+    ("gated", "is gated on the Hugging Face hub: accept its licence"),
+    ("missing", "does not exist on the Hugging Face hub"),
+])
+def test_hub_failures_are_one_line_and_told_apart(monkeypatch, error, words):
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    response = httpx2.Response(401 if error == "gated" else 404, request=httpx2.Request("GET", "https://hf.co/x"))
+    error = {"gated": GatedRepoError("401 Client Error", response=response),
+             "missing": RepositoryNotFoundError("404 Client Error", response=response)}.get(error, error)
+
+    def load_dataset(name, config, split):
+        raise error
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(UserError, match=words):
+        load_task("arc-challenge", "train")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_no_network_with_datasets_installed_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub|does not exist"):
+        load_task("hf:nobody-here/no-such-data-xyz", "train")
