@@ -2,9 +2,11 @@
 
     python bench/bench_kernels.py [--out bench/results] [--quick] [--smoke]
 
-Without a CUDA device it prints one line and writes nothing (--smoke: the same code on the CPU, tiny shapes).
+Without a CUDA device it prints one line, writes nothing and exits 3: it measured nothing (--smoke: the same code on
+the CPU, tiny shapes).
 """
 import argparse
+import sys
 
 from kernel_bench import add_bench_options, run_kernel_bench
 
@@ -12,4 +14,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_options(parser)
     args = parser.parse_args()
-    run_kernel_bench(args.out, args.quick, args.smoke)
+    sys.exit(0 if run_kernel_bench(args.out, args.quick, args.smoke) is not None else 3)

@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: memory benchmarks need a GPU; nothing measured")
-        return 0
+        return 3                # a run that measured nothing does not pass for one that did
     run(args.budgets.split(","), args.batch, args.seq, args.steps, Path(args.out), args.smoke)
     return 0
 

@@ -211,3 +211,53 @@ def _manifest_ok(manifest: dict) -> bool:
     if sorted(order) != list(range(sum(s["rows"] for s in shards))):
         return False
     return manifest.get("digest") == _manifest_digest(order, shards)
+
+
+# ---- the cache folder as a user sees it (lowmem-graph cache) ---------------------------------------------------
+CACHE_KINDS = {"prefix": "frozen-pass states, one folder per node x question set",
+               "nodes": "quantised copies of hub models (NF4), one folder per model and format",
+               "tiny": "the tiny test models, built from their configs",
+               "llama2c": "llama2.c checkpoints converted to transformers"}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def cache_usage(root: Path) -> list[tuple[str, str, int, float]]:
+    """(kind, entry, bytes, modified time) of every entry under the cache root; a prefix entry is named by its
+    node, model and question count besides its key."""
+    rows = []
+    for kind in CACHE_KINDS:
+        folder = root / kind
+        if folder.is_dir():
+            for entry in sorted(folder.iterdir()):
+                name = entry.name
+                if kind == "prefix":
+                    try:
+                        manifest = json.loads((entry / "manifest.json").read_text())
+                        info = manifest["info"]
+                        name = f"{info['node']} ({info['model']}): {len(manifest['order'])} questions  [{entry.name}]"
+                    except (OSError, ValueError, KeyError, TypeError):
+                        name = f"{entry.name} (incomplete: rebuilt when needed)"
+                rows.append((kind, name, _size(entry), entry.stat().st_mtime))
+    return rows
+
+
+def clear_cache(root: Path, kind: str) -> tuple[int, int]:
+    """Remove every entry of `kind` ("all": every kind); (entries, bytes) freed."""
+    import shutil
+
+    kinds = list(CACHE_KINDS) if kind == "all" else [kind]
+    entries = freed = 0
+    for k in kinds:
+        folder = root / k
+        if not folder.is_dir():
+            continue
+        for entry in list(folder.iterdir()):
+            freed += _size(entry)
+            entries += 1
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return entries, freed

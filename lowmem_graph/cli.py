@@ -42,14 +42,26 @@ def _add_graph_args(p):
 
 
 def _add_training_args(p):
-    p.add_argument("--train-split")
-    p.add_argument("--eval-split")
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--train-split", help="split trained on, for tasks that name none (default: train)")
+    p.add_argument("--eval-split", help="split evaluated after each epoch (default: validation)")
+    p.add_argument("--limit-train", type=int, help="at most N training questions per task part")
+    p.add_argument("--limit-eval", type=int, help="at most N evaluation questions per task part")
     p.add_argument("--allow-test-training", action="store_true",
                    help="train on a test split (refused otherwise: every result measured on it would be contaminated)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="passes over the training questions (default: the spec's, 3)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the spec's, 3e-4)")
+
+
+def _add_output_args(p, name: str):
+    p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
+    p.add_argument("--run-dir", help=f"exact run folder, new or empty (default: <out>/{name}-<time>)")
+
+
+def _run_folder(args, name: str) -> Path:
+    """--run-dir, or a new `<out>/<name>-<time>` folder: a second run never lands on the first."""
+    from .train import claim_run_dir, create_run_dir
+
+    return claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, name)
 
 
 def _training_parser(sub, name: str, help: str):
@@ -69,7 +81,8 @@ def _add_data_args(p):
                                      "(question=q,choices=options.text,labels=options.label,answer=key)")
     p.add_argument("--eval-task", help="tasks evaluated (default: those of --task)")
     p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="questions per optimizer step or per evaluation batch "
+                                                  "(default: the spec's, 8)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -97,7 +110,7 @@ def cmd_train(args) -> None:
     from dataclasses import asdict
 
     from .memory.report import format_snapshot
-    from .train import TrainConfig, claim_run_dir, create_run_dir, load_run_config, train
+    from .train import TrainConfig, load_run_config, train
 
     overrides = _train_overrides(args)
     if args.resume:
@@ -114,7 +127,7 @@ def cmd_train(args) -> None:
         cfg = TrainConfig.from_dict({**asdict(cfg), "max_steps": None, **overrides})   # a stop is not sticky
     else:
         spec, cfg = _spec_and_config(args)
-        run_dir = claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, spec.name)
+        run_dir = _run_folder(args, spec.name)
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if "stopped_at_step" in summary:
         return
@@ -191,6 +204,31 @@ def cmd_predict(args) -> None:
     print(f"predictions: {write_jsonl(records, out)}")
 
 
+def cmd_cache(args) -> None:
+    from datetime import datetime
+
+    from .cache import CACHE_KINDS, cache_usage, clear_cache
+    from .memory.report import format_mib
+    from .tiny import cache_root
+
+    root = Path(args.cache_dir) if args.cache_dir else cache_root()
+    if args.clear:
+        entries, freed = clear_cache(root, args.clear)
+        print(f"cleared {args.clear} under {root}: {entries} entries, {format_mib(freed)} freed")
+        return
+    rows = cache_usage(root)
+    print(f"cache root: {root} (LOWMEM_GRAPH_CACHE overrides it)")
+    for kind, what in CACHE_KINDS.items():
+        mine = [r for r in rows if r[0] == kind]
+        print(f"\n{kind}/  {len(mine)} entries, {format_mib(sum(r[2] for r in mine))}  ({what})")
+        for _, name, size, mtime in mine if args.all or len(mine) <= 20 else mine[:20]:
+            print(f"  {format_mib(size):>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}  {name}")
+        if len(mine) > 20 and not args.all:
+            print(f"  ... {len(mine) - 20} more (--all lists them)")
+    print(f"\ntotal {format_mib(sum(r[2] for r in rows))}; lowmem-graph cache --clear prefix|nodes|tiny|llama2c|all "
+          "frees it (a cleared entry is rebuilt when needed)")
+
+
 def cmd_export(args) -> None:
     from .predict import export_run
 
@@ -201,14 +239,13 @@ def cmd_export(args) -> None:
 
 def cmd_matrix(args) -> None:
     from .ablate import run_matrix
-    from .train import create_run_dir
 
     spec, cfg = _spec_and_config(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
-    out = Path(args.out) if args.out else create_run_dir("runs", f"matrix-{spec.name}")
+    out = _run_folder(args, f"matrix-{spec.name}")
     run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
     print(f"matrix: {out / 'matrix.md'}")
 
@@ -217,7 +254,7 @@ def cmd_baselines(args) -> None:
     from .baselines import run_baselines
 
     spec, cfg = _spec_and_config(args)
-    run_baselines(spec, cfg, args.out or f"runs/baselines-{spec.name}", progress=not args.no_progress)
+    run_baselines(spec, cfg, _run_folder(args, f"baselines-{spec.name}"), progress=not args.no_progress)
 
 
 def cmd_figures(args) -> None:
@@ -241,19 +278,21 @@ def cmd_align(args) -> None:
     import shutil
 
     from .ridge import align_graph, pooled_states, write_alignment
-    from .train import PlacedGraph, TrainConfig, create_run_dir, load_questions
+    from .train import PlacedGraph, TrainConfig, load_questions
 
     spec = _spec_from_args(args)
     if args.limit is not None and args.limit < 5:
         raise UserError(f"--limit must be >= 5 (a Ridge map needs held-out folds), got {args.limit}")
     cfg = TrainConfig.from_dict({**spec.train, **{k: v for k, v in {"task": args.task, "data_dir": args.data_dir,
                                                                     "device": args.device, "gpu_mem": args.gpu_mem,
-                                                                    "seed": args.seed}.items() if v is not None}})
-    questions = load_questions(cfg.task, args.split, cfg.data_dir, args.limit)
-    other = load_questions(args.cross_task, args.split, cfg.data_dir, args.limit) if args.cross_task else None
+                                                                    "seed": args.seed, "columns": args.columns}.items()
+                                                     if v is not None}})
+    questions = load_questions(cfg.task, args.split, cfg.data_dir, args.limit, cfg.columns)
+    other = (load_questions(args.cross_task, args.split, cfg.data_dir, args.limit, cfg.columns) if args.cross_task
+             else None)
     if len(questions) < 10:
         raise UserError(f"{cfg.task} {args.split}: {len(questions)} questions; a held-out R^2 needs at least 10")
-    run_dir = create_run_dir(args.out, f"align-{spec.name}")
+    run_dir = _run_folder(args, f"align-{spec.name}")
     try:
         placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)
         states = placed.frozen_states(*([questions] + ([other] if other else [])))
@@ -279,7 +318,7 @@ def cmd_probe_quant(args) -> None:
     from .nodes import FrozenNode
     from .probe import default_texts, probe_node, read_texts, write_probe
     from .spec import NodeSpec
-    from .train import TrainConfig, create_run_dir
+    from .train import TrainConfig
 
     if args.models and (args.preset or args.graph):
         raise UserError("give model paths or ids, or --preset/--graph, not both")
@@ -295,7 +334,7 @@ def cmd_probe_quant(args) -> None:
         nodes = [(n, ("output", None) if n.role == "reader" else ("input", None)) for n in spec.nodes]
     texts = read_texts(args.text, args.limit) if args.text else default_texts(args.limit or 64)
     device = TrainConfig(device=args.device or "auto").resolved_device()
-    run_dir = create_run_dir(args.out, "probe-quant")
+    run_dir = _run_folder(args, "probe-quant")
     rows = []
     try:
         for node_spec, (kind, layer) in nodes:
@@ -325,15 +364,18 @@ def cmd_plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="lowmem-graph", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"lowmem-graph {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a graph (default: the tiny preset on bundled ARC-Easy, CPU-friendly)")
     _add_graph_args(p)
     _add_data_args(p)
     _add_training_args(p)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the trainable parts' initialisation and the data order")
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G or 6G: plan what stays resident, "
                                                      "what streams, and the micro-batch (see `lowmem-graph plan`)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
@@ -341,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ridge: start the projections as Ridge maps into an anchor node's principal directions")
     p.add_argument("--init-anchor", metavar="NODE", help="the anchor for --init ridge (default: the first refiner)")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
-    p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
-    p.add_argument("--run-dir", help="exact run folder (default: <out>/<graph>-<time>)")
+    _add_output_args(p, "<graph>")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
@@ -351,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
     p.add_argument("run_dir")
     _add_data_args(p)
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--split", default="test", help="split evaluated (default: test)")
+    p.add_argument("--limit", type=int, help="at most N questions per task part")
     p.add_argument("--out", help="predictions file (default: in the run folder)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget (default: the run's own, if it had one)")
     p.set_defaults(func=cmd_eval)
@@ -371,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("cache", help="list the prefix and node caches with their sizes, or clear them")
+    p.add_argument("--clear", choices=["prefix", "nodes", "tiny", "llama2c", "all"], help="remove every entry of one kind")
+    p.add_argument("--all", action="store_true", help="list every entry (default: the first 20 of each kind)")
+    p.add_argument("--cache-dir", help="the cache root (default: $LOWMEM_GRAPH_CACHE or ~/.cache/lowmem-graph)")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card")
     p.add_argument("run_dir")
     p.add_argument("out", help="the new folder")
@@ -380,11 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vary", action="append", metavar="KEY=V1,V2",
                    help="an axis of the matrix, e.g. nodes.phi3.inject_depth=0.5,0.75 or drop=llama,qwen (repeatable)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--out", help="folder for the runs and matrix.{md,csv,json} (default runs/matrix-<graph>-<time>)")
+    _add_output_args(p, "matrix-<graph>")
     p.set_defaults(func=cmd_matrix)
 
-    p = _training_parser(sub, "baselines", "each node zero-shot (acc, acc_norm) and as a parameter-matched learned head")
-    p.add_argument("--out", help="output folder (default: runs/baselines-<graph>)")
+    p = _training_parser(sub, "baselines", "each node zero-shot (acc, acc_norm, acc_bytes) and as a "
+                                           "parameter-matched learned head")
+    _add_output_args(p, "baselines-<graph>")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
@@ -409,15 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "beside a permutation control")
     _add_graph_args(p)
     p.add_argument("--task", help="questions whose states are aligned (default: the spec's training task)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split whose states are aligned (default: train)")
     p.add_argument("--limit", type=int, help="at most N questions per task part")
     p.add_argument("--cross-task", help="a second task: the maps fitted on --task, scored on it")
-    p.add_argument("--data-dir")
-    p.add_argument("--device")
-    p.add_argument("--gpu-mem", metavar="SIZE")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", default="runs", help="where the run folder goes (default: runs/)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--columns", help="for hf:ORG/NAME tasks: question=...,choices=...,answer=...")
+    p.add_argument("--data-dir", help="official local files of the task (default: the hub; ARC-Easy is bundled)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget for the frozen pass (as train's)")
+    p.add_argument("--seed", type=int, help="seed of the folds and the permutation control")
+    _add_output_args(p, "align-<graph>")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("probe-quant", help="what INT8, INT4 and NF4 cost each node: perplexity and hidden-state error "
@@ -428,15 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N texts (default 64 of the bundled ones)")
     p.add_argument("--threshold", type=float, default=10.0, help="flag a node whose NF4 perplexity gap exceeds this "
                                                                   "many percent (default 10)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device")
-    p.add_argument("--out", default="runs", help="where the run folder goes (default: runs/)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward (default 8)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    _add_output_args(p, "probe-quant")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_probe_quant)
 
     from .reproduce import add_reproduce_command
 
     add_reproduce_command(sub)
+    for command in sub.choices.values():      # --debug also after the subcommand; SUPPRESS keeps a --debug before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -455,6 +506,9 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"lowmem-graph: {e}", file=sys.stderr)
         return e.code
+    except BrokenPipeError:         # `lowmem-graph cache | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         if args.debug or e.errno not in _ENVIRONMENT:
             raise

@@ -111,20 +111,28 @@ def add_reproduce_command(subparsers) -> None:
                                    "MMLU files are at hand); the others are listed as not run")
     p.add_argument("--limit-train", type=int, help="at most N training questions per task")
     p.add_argument("--limit-test", type=int, help="at most N test questions per benchmark")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--device")
-    p.add_argument("--run-dir", help="default runs/reproduce-<graph>-<time>")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, drop=gemma (repeatable)")
+    p.add_argument("--epochs", type=int, help="passes over the training questions (default: the protocol's)")
+    p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: the protocol's)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G (see `lowmem-graph plan`)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
+    p.add_argument("--run-dir", help="exact run folder, new or empty (default: <out>/reproduce-<graph>-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
 
 def cmd_reproduce(args) -> None:
+    from .ablate import apply_changes
     from .spec import load_spec
-    from .train import create_run_dir
+    from .train import claim_run_dir, create_run_dir
 
     protocol = load_protocol(args.protocol)
     spec = load_spec(args.graph) if args.graph else load_preset(args.preset or protocol.get("preset", "paper"))
-    flags = {"data_dir": args.data_dir, "limit_train": args.limit_train, "epochs": args.epochs, "device": args.device}
+    spec = apply_changes(spec, args.set or [])
+    flags = {"data_dir": args.data_dir, "limit_train": args.limit_train, "epochs": args.epochs, "device": args.device,
+             "batch_size": args.batch_size, "gpu_mem": args.gpu_mem}
     cfg = TrainConfig.from_dict({**spec.train, **protocol.get("train", {}),
                                  **{k: v for k, v in flags.items() if v is not None}}, f"{args.protocol}: train")
     benchmarks = protocol.get("benchmarks", list(PAPER))
@@ -138,6 +146,6 @@ def cmd_reproduce(args) -> None:
         benchmarks = [b if b in keep else f"-{b}" for b in benchmarks]
     if args.limit_train is not None:
         cfg.limit_eval = min(cfg.limit_eval or args.limit_train, args.limit_train)
-    run_dir = Path(args.run_dir) if args.run_dir else create_run_dir("runs", f"reproduce-{spec.name}")
+    run_dir = claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, f"reproduce-{spec.name}")
     out = reproduce(spec, cfg, benchmarks, run_dir, args.limit_test, progress=not args.no_progress)
     print(f"results: {out}")

@@ -241,6 +241,39 @@ class StopSignals:
         return self.received or signal.SIGINT
 
 
+class ProgressLines:
+    """What a progress bar shows, as a line every `fraction` of an epoch or every `seconds`, whichever comes first:
+    for output that is not a terminal (a log file, a batch scheduler), where a bar would stay silent."""
+
+    fraction, seconds = 0.1, 30.0
+
+    def __init__(self, log, total: int, what: str):
+        self.log, self.total, self.what = log, total, what
+        self.every = max(1, round(total * self.fraction))
+        self.started = self.last = time.time()
+
+    def update(self, done: int, loss: float) -> None:
+        now = time.time()
+        if done % self.every and now - self.last < self.seconds and done != self.total:
+            return
+        self.last = now
+        rate = (now - self.started) / max(done, 1)
+        self.log(f"{self.what} step {done}/{self.total} loss {loss:.3f} | {now - self.started:.0f} s, "
+                 f"~{rate * (self.total - done):.0f} s left")
+
+
+def describe_device(device: torch.device, cfg: TrainConfig) -> str:
+    """Where the run computes, said once at its start (and why, when a GPU was expected but none is there)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"device: {device} ({props.name}, {props.total_memory / 2 ** 30:.1f} GiB)"
+    why = ""
+    if cfg.device == "auto":
+        why = " (no GPU found, running on CPU"
+        why += f"; --gpu-mem {cfg.gpu_mem} is planned as on a GPU)" if cfg.gpu_mem else ")"
+    return f"device: {device}{why}, {torch.get_num_threads()} threads"
+
+
 class PlacedGraph:
     """The graph built for a run's settings, and its placement (memory/placement.py): everything on the device, or
     under a --gpu-mem plan, nodes in host memory with each phase moving what it needs. The same for training and
@@ -252,6 +285,7 @@ class PlacedGraph:
 
         self.cfg, self.log, self.progress = cfg, log, progress
         self.device = cfg.resolved_device()
+        log(describe_device(self.device, cfg))
         self.plan = None
         if cfg.gpu_mem:
             from .memory.plan import format_plan, make_plan, parse_size
@@ -304,6 +338,15 @@ class Trainer:
         self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval, cfg.columns)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
+        log(f"run folder: {self.run_dir}")
+        log(f"data: {len(self.train_set):,} training questions ({cfg.task}, {cfg.train_split}), "
+            f"{len(self.eval_set):,} evaluated after each epoch ({cfg.evaluated()}, {cfg.eval_split}); "
+            f"{math.ceil(len(self.train_set) / cfg.batch_size)} steps per epoch of {cfg.batch_size}, "
+            f"{cfg.epochs} epochs")
+        if cfg.prefix_cache:
+            from .tiny import cache_root
+
+            log(f"prefix cache: {cfg.cache_dir or cache_root() / 'prefix'} (lowmem-graph cache lists and clears it)")
         transformers.set_seed(cfg.seed)
         self.placed = PlacedGraph(spec, cfg, log, progress)
         self.graph, self.plan, self.device = self.placed.graph, self.placed.plan, self.placed.device
@@ -412,6 +455,8 @@ class Trainer:
             losses, accs, started = [], [], time.time()
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if self.progress else True, leave=False)
+            lines = ProgressLines(self.log, self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") \
+                if self.progress and bar.disable else None      # no terminal (a log file): a line now and then
             stop.in_loop = True
 
             def questions_of(i):
@@ -432,6 +477,8 @@ class Trainer:
                     losses.append(metrics["loss"])
                     accs.append(metrics["acc"])
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    if lines is not None:
+                        lines.update(i + 1, metrics["loss"])
                     self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
                                   "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:

@@ -69,7 +69,7 @@ def _graph_file(tmp_path, model):
 
 
 @pytest.mark.parametrize("model, expected", [
-    ("nobody-here/no-such-model-xyz", "unknown model id"),
+    ("nobody-here/no-such-model-xyz", "cannot reach the Hugging Face hub for model"),
     ("./no/such/folder", "model path not found"),
 ])
 def test_bad_models_fail_cleanly_and_leave_nothing(tmp_path, capsys, model, expected):

@@ -124,3 +124,16 @@ def test_measure_small_case_on_cuda(impl):
     for (med, p20, p80), peak in results.values():
         assert 0 < p20 <= med <= p80
         assert peak > 0
+
+
+def test_a_benchmark_that_measured_nothing_exits_non_zero(tmp_path):
+    import subprocess
+    import sys
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    for script in ("bench_kernels.py", "bench_memory.py"):
+        done = subprocess.run([sys.executable, str(root / "bench" / script), "--out", str(tmp_path / "r")],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 3 and "nothing measured" in done.stdout, (script, done.stdout, done.stderr[-500:])
+        assert not (tmp_path / "r").exists()

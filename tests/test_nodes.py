@@ -97,7 +97,7 @@ def test_stories260k_loads_as_a_4bit_node():
 def test_model_errors(tmp_path):
     with pytest.raises(UserError, match="model path not found"):
         load_config(str(tmp_path / "missing-model"))
-    with pytest.raises(UserError, match="unknown model id"):
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub for model"):
         load_config("nobody-here/no-such-model-xyz")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):

@@ -98,6 +98,9 @@ def parse_size(text: str) -> int:
     value = int(float(number) * _UNITS[unit.lower()])
     if value <= 0:
         raise UserError(f"memory size {text!r} must be positive")
+    if not unit and not suffix and value < MiB:
+        raise UserError(f"memory size {text!r} has no unit, so it would be {value} bytes: write {text}G for GiB "
+                        f"(or {text}M)")
     return value
 
 

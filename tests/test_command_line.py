@@ -1,0 +1,91 @@
+"""The command line behaves like the tools people know: help on every flag, --version, --debug anywhere, sizes with
+units, output folders that never collide, a cache one can see and clear, runs that say what they do."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowmem_graph import __version__
+from lowmem_graph.cli import _run_folder, build_parser, main
+
+
+def _commands():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_of_every_command_has_help_and_names_are_alike():
+    for name, parser in _commands().items():
+        for action in parser._actions:
+            if action.option_strings:
+                assert action.help, (name, action.option_strings)
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert not flags & {"--batch", "--seq"} or {"--batch-size", "--seq-len"} <= flags, name   # aliases only
+        assert "--limit_train" not in flags and "--rundir" not in flags
+    assert "{tiny,paper}" in _commands()["train"].format_help()
+
+
+def test_version_and_debug_after_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lowmem-graph {__version__}"
+    assert build_parser().parse_args(["inspect", "--debug"]).debug is True
+    assert build_parser().parse_args(["--debug", "inspect"]).debug is True
+    assert build_parser().parse_args(["inspect"]).debug is False
+    with pytest.raises(Exception, match="no GPU|memory size"):       # --debug after the command: the traceback
+        main(["plan", "--gpu-mem", "lots", "--debug"])
+
+
+def test_a_memory_size_without_a_unit_is_refused(capsys):
+    assert main(["plan", "--gpu-mem", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "has no unit, so it would be 24 bytes: write 24G" in err and err.count("\n") == 1
+
+
+def test_default_output_folders_never_collide(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), run_dir=None)
+    first, second = _run_folder(args, "baselines-tiny"), _run_folder(args, "baselines-tiny")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_reproduce_takes_gpu_mem_batch_size_and_set(monkeypatch, tmp_path):
+    from lowmem_graph import reproduce
+
+    seen = {}
+    monkeypatch.setattr(reproduce, "reproduce", lambda spec, cfg, *a, **k: seen.update(spec=spec, cfg=cfg) or "x")
+    assert main(["reproduce", "--preset", "tiny", "--gpu-mem", "6G", "--batch-size", "4", "--set", "latent_dim=32",
+                 "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].gpu_mem == "6G" and seen["cfg"].batch_size == 4 and seen["spec"].latent_dim == 32
+
+
+def test_the_cache_is_listed_and_cleared(tmp_path, capsys):
+    entry = tmp_path / "prefix" / "0123abcd"
+    entry.mkdir(parents=True)
+    (entry / "manifest.json").write_text(json.dumps({"info": {"node": "phi3", "model": "tiny:phi3"},
+                                                     "order": ["q1", "q2"], "shards": []}))
+    (entry / "shard-0.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / "nodes" / "m-nf4-1").mkdir(parents=True)
+    (tmp_path / "nodes" / "m-nf4-1" / "model.safetensors").write_bytes(b"y" * 5000)
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "prefix/  1 entries" in out and "phi3 (tiny:phi3): 2 questions  [0123abcd]" in out
+    assert "nodes/  1 entries" in out and "m-nf4-1" in out
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clear", "prefix"]) == 0
+    assert "1 entries" in capsys.readouterr().out
+    assert not any((tmp_path / "prefix").iterdir()) and (tmp_path / "nodes" / "m-nf4-1").is_dir()
+
+
+def test_a_run_says_what_it_does_and_logs_lines_without_a_terminal(tmp_path):
+    """Output to a pipe (a log file, a scheduler): the device, the data, the folders, then progress lines."""
+    done = subprocess.run([sys.executable, "-m", "lowmem_graph", "train", "--epochs", "1", "--limit-train", "20",
+                           "--limit-eval", "4", "--batch-size", "2", "--gpu-mem", "1G", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "device: cpu (no GPU found, running on CPU; --gpu-mem 1G is planned as on a GPU)" in out
+    assert "data: 20 training questions (arc-easy, train), 4 evaluated" in out and "10 steps per epoch" in out
+    assert f"run folder: {tmp_path / 'run'}" in out and "prefix cache: " in out
+    steps = [line for line in out.splitlines() if line.startswith("epoch 1/1 step ")]
+    assert [line.split()[3] for line in steps] == [f"{i}/10" for i in range(1, 11)], steps
