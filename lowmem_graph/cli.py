@@ -264,8 +264,20 @@ def cmd_figures(args) -> None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
-    for plot, name in [(plot_curves, "curves.png"), (plot_memory, "memory.png"), (plot_signals, "signals.png")]:
-        print(plot(metrics, run_dir / name))
+    plan = None
+    if (run_dir / "config.yaml").is_file():
+        from .memory.plan import make_plan, parse_size
+        from .train import load_run_config
+
+        spec, cfg = load_run_config(run_dir)
+        if cfg.gpu_mem:         # the run's plan, made again (it depends on the spec and settings alone)
+            try:
+                plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
+            except UserError:   # this machine cannot host it: the plot says the peak was not given
+                plan = None
+    print(plot_curves(metrics, run_dir / "curves.png"))
+    print(plot_memory(metrics, run_dir / "memory.png", plan=plan))
+    print(plot_signals(metrics, run_dir / "signals.png"))
 
 
 def cmd_inspect(args) -> None:

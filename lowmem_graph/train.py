@@ -499,10 +499,11 @@ class Trainer:
             result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
         tasks = cfg.evaluated().replace("+", "_")
         write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
-        from .plots import plot_curves, plot_memory, plot_signals
+        from .plots import device_label, plot_curves, plot_memory, plot_signals
 
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
-        plot_memory(self.run_dir / "metrics.jsonl", self.run_dir / "memory.png")
+        plot_memory(self.run_dir / "metrics.jsonl", self.run_dir / "memory.png", device=device_label(self.device),
+                    plan=self.plan)
         plot_signals(self.run_dir / "metrics.jsonl", self.run_dir / "signals.png")
         return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
 
