@@ -221,9 +221,9 @@ CACHE_KINDS = {"prefix": "frozen-pass states, one folder per node x question set
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def cache_usage(root: Path) -> list[tuple[str, str, int, float]]:
@@ -242,7 +242,7 @@ def cache_usage(root: Path) -> list[tuple[str, str, int, float]]:
                         name = f"{info['node']} ({info['model']}): {len(manifest['order'])} questions  [{entry.name}]"
                     except (OSError, ValueError, KeyError, TypeError):
                         name = f"{entry.name} (incomplete: rebuilt when needed)"
-                rows.append((kind, name, _size(entry), entry.stat().st_mtime))
+                rows.append((kind, name, _size(entry), entry.lstat().st_mtime))
     return rows
 
 

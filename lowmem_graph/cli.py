@@ -22,8 +22,6 @@ def _spec_from_args(args):
     from .ablate import apply_changes
     from .spec import load_preset, load_spec
 
-    if args.graph and args.preset:
-        raise UserError("give --graph FILE or --preset NAME, not both")
     spec = apply_changes(load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
     if args.quant:
         spec.quant = args.quant
@@ -141,32 +139,23 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from dataclasses import asdict
 
-    from .evaluate import evaluate, write_predictions
-    from .train import PlacedGraph, TrainConfig, load_questions, load_run_config
+    from .evaluate import predictions_name, write_predictions
+    from .predict import TrainedGraph
+    from .train import TrainConfig, load_questions, load_run_config
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
     run_dir = Path(args.run_dir)
-    spec, cfg = load_run_config(run_dir)
-    from .runstate import trainable_weights
-
-    weights = trainable_weights(run_dir)
+    _, cfg = load_run_config(run_dir)
     overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
-                                   "batch_size": args.batch_size, "device": args.device,
-                                   "gpu_mem": args.gpu_mem, "columns": args.columns}.items() if v is not None}
+                                   "columns": args.columns}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
     questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit, cfg.columns)
-    placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)   # the run's --gpu-mem plan too
-    graph = placed.graph
-    graph.load_trainable(weights, str(run_dir / "trainable.safetensors"))
-    try:
-        (states,) = placed.frozen_states(questions) if cfg.prefix_cache else (None,)
-        placed.start_steps()
-        result = evaluate(graph, questions, placed.micro_batch, progress=not args.no_progress, states=states)
-    finally:
-        placed.stop_steps()
+    graph = TrainedGraph(run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
+                         progress=not args.no_progress, log=print)       # the run's --gpu-mem plan too
+    result = graph.evaluate(questions)
     out = write_predictions(result, Path(args.out) if args.out else
-                            run_dir / f"predictions-{cfg.evaluated().replace('+', '_')}-{args.split}.jsonl")
+                            run_dir / predictions_name(cfg.evaluated(), args.split))
     print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
     print("routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
     print(f"predictions: {out}")
@@ -190,6 +179,9 @@ def cmd_predict(args) -> None:
     graph = TrainedGraph(args.run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
                          progress=not args.no_progress)
     records = graph.predict(questions)
+    stem = Path(args.input).stem if args.input else "question"
+    out = write_jsonl(records, Path(args.out) if args.out else
+                      Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     if len(records) <= 20:
         print("\n\n".join(format_answer(r) for r in records))
     else:
@@ -199,9 +191,7 @@ def cmd_predict(args) -> None:
     scored = [r for r in records if "label" in r]
     if scored:
         print(f"{sum(r['correct'] for r in scored)}/{len(scored)} right where the answer was given")
-    stem = Path(args.input).stem if args.input else "question"
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    print(f"predictions: {write_jsonl(records, out)}")
+    print(f"predictions: {out}")
 
 
 def cmd_cache(args) -> None:
@@ -334,6 +324,8 @@ def cmd_probe_quant(args) -> None:
 
     if args.models and (args.preset or args.graph):
         raise UserError("give model paths or ids, or --preset/--graph, not both")
+    if args.quant:
+        raise UserError("probe-quant measures every format (full, int8, int4-g128, nf4): --quant does not apply")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.models:
@@ -518,9 +510,9 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"lowmem-graph: {e}", file=sys.stderr)
         return e.code
-    except BrokenPipeError:         # `lowmem-graph cache | head`: the reader left; nothing is wrong
+    except BrokenPipeError:         # `lowmem-graph cache | head`: the reader left; no traceback, the shell's code
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 141
     except OSError as e:
         if args.debug or e.errno not in _ENVIRONMENT:
             raise

@@ -128,8 +128,11 @@ def spread(questions: list[Question], limit: int) -> list[Question]:
 
 
 def is_path_task(task: str) -> bool:
-    """A task given as a path to data of one's own (a file in the generic format or a folder of split files)."""
-    return task.endswith((".jsonl", ".json", ".csv")) or "/" in task or Path(task).expanduser().exists()
+    """A task given as a path to data of one's own (a file in the generic format or a folder of split files), not
+    a named task nor a hub data set (`hf:`), whatever folders the current directory holds."""
+    if task.startswith("hf:") or task in TASKS:
+        return False
+    return task.endswith((".jsonl", ".csv")) or "/" in task or Path(task).expanduser().exists()
 
 
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
@@ -162,7 +165,7 @@ def load_file(path: str | Path, need_answer: bool = True) -> list[Question]:
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: bad JSON ({e.msg})") from None
         if isinstance(row, dict) and isinstance(row.get("question"), dict):
-            questions.append(_arc_row(row, where))
+            questions.append(_arc_row(row, where, need_answer))
         else:
             questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
     return questions
@@ -186,8 +189,6 @@ def _load_generic_csv(path: Path, need_answer: bool) -> list[Question]:
                 except json.JSONDecodeError:
                     raise UserError(f"{where}: 'choices' must be a JSON list (\"[\"\"a\"\", ...]\") or one "
                                     "column per choice named A, B, C, ...") from None
-            if isinstance(row.get("answer"), str) and row["answer"].strip().isdigit():
-                row["answer"] = int(row["answer"])
             questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
     except csv.Error as e:
         raise UserError(f"{path}:{start}: bad CSV ({e})") from None
@@ -215,6 +216,8 @@ def generic_question(row, where: str, default_id: str, need_answer: bool = True,
 
 
 def _answer_index(answer, texts, labels, where: str) -> int:
+    """The 0-based index an answer names: a label (hub data with `labels`), an int index, or a string that is a
+    letter, a choice's text or a 0-based index; a string that names two different choices is refused."""
     if labels is not None and answer in labels:
         return list(labels).index(answer)
     if isinstance(answer, bool):
@@ -225,10 +228,20 @@ def _answer_index(answer, texts, labels, where: str) -> int:
         raise UserError(f"{where}: answer index {answer} is out of range for {len(texts)} choices (0-based)")
     if isinstance(answer, str):
         a = answer.strip()
+        readings = {}
         if len(a) == 1 and a.upper() in LETTERS[:len(texts)]:
-            return LETTERS.index(a.upper())
+            readings["a letter"] = LETTERS.index(a.upper())
         if a in texts:
-            return texts.index(a)
+            readings["a choice's text"] = texts.index(a)
+        if a.isdigit() and int(a) < len(texts):
+            readings["an index"] = int(a)
+        if len(set(readings.values())) > 1:
+            raise UserError(f"{where}: answer {a!r} is ambiguous: " + " / ".join(
+                f"as {how} it names choice {LETTERS[i]}" for how, i in readings.items()) + "; give its letter")
+        if readings:
+            return next(iter(readings.values()))
+        if a.isdigit():
+            raise UserError(f"{where}: answer index {a} is out of range for {len(texts)} choices (0-based)")
     raise UserError(f"{where}: answer {answer!r} is not a letter (A-{LETTERS[max(len(texts), 1) - 1]}), a 0-based "
                     "index or the text of a choice"[:300])
 
@@ -308,15 +321,16 @@ def _load_jsonl(path: Path) -> list[Question]:
     return questions
 
 
-def _arc_row(row, where: str) -> Question:
+def _arc_row(row, where: str, need_answer: bool = True) -> Question:
     q = _field(row, "question", where)
     choices = _field(q, "choices", where)
     if not isinstance(choices, list):
         raise UserError(f"{where}: 'choices' is not a list")
     texts = [_field(c, "text", where) for c in choices]
     labels = [_field(c, "label", where) for c in choices]
+    known = need_answer or row.get("answerKey") not in (None, "")
     return _question(_field(row, "id", where), _field(q, "stem", where), texts, labels,
-                     _field(row, "answerKey", where), where)
+                     _field(row, "answerKey", where) if known else None, where, need_answer=known)
 
 
 def _load_mmlu_dir(data_dir: Path, split: str, subjects) -> list[Question]:

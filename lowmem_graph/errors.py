@@ -19,14 +19,22 @@ def hub_error(what: str, error: Exception, local: str = "give a local path") -> 
     text = str(error)
     first = (text.splitlines() or [""])[0][:200]
     kind = type(error).__name__
-    if kind == "GatedRepoError" or "gated" in text.lower() or "401 Client Error" in text:
-        return UserError(f"{what} is gated on the Hugging Face hub: accept its licence on its hub page, then log in "
-                         "(hf auth login, or set HF_TOKEN)")
+    gated = UserError(f"{what} is gated on the Hugging Face hub: accept its licence on its hub page, then log in "
+                      "(hf auth login, or set HF_TOKEN)")
+    offline = UserError(f"cannot reach the Hugging Face hub for {what} (no network, or offline mode), and it is "
+                        f"not in the local cache: connect once to download it, or {local}")
+    missing = UserError(f"{what} does not exist on the Hugging Face hub (check the id; a private one needs a login)")
+    # the hub's own error types first (a missing repository's message also mentions "gated"), then transformers'
+    # and datasets' wording of them
+    if kind == "GatedRepoError":
+        return gated
+    if kind in ("RepositoryNotFoundError", "DatasetNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
+        return gated if "gated dataset" in text.lower() else missing
     if (isinstance(error, (ConnectionError, TimeoutError)) or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
             or "couldn't connect" in text or "offline" in text.lower() or "Name or service not known" in text):
-        return UserError(f"cannot reach the Hugging Face hub for {what} (no network, or offline mode), and it is not "
-                         f"in the local cache: connect once to download it, or {local}")
-    if kind in ("RepositoryNotFoundError", "DatasetNotFoundError", "EntryNotFoundError") \
-            or "not a valid model identifier" in text or "doesn't exist" in text or "404 Client Error" in text:
-        return UserError(f"{what} does not exist on the Hugging Face hub (check the id; a private one needs a login)")
+        return offline
+    if "gated repo" in text.lower() or "is a gated" in text.lower():
+        return gated
+    if "not a valid model identifier" in text or "doesn't exist" in text or "404 Client Error" in text:
+        return missing
     return UserError(f"{what}: {kind}: {first}")

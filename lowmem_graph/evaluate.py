@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8,
     mean_routing = torch.cat(routing).mean(0).tolist() if routing else []
     return EvalResult(correct / max(n, 1), wilson_interval(correct, n), total_loss / max(n, 1), n, mean_routing,
                       predictions)
+
+
+def predictions_name(tasks: str, split: str) -> str:
+    """The predictions file of an evaluation, one flat name whatever the tasks are called (paths, hf:ORG/NAME)."""
+    return f"predictions-{re.sub(r'[^A-Za-z0-9._-]+', '_', tasks)}-{split}.jsonl"
 
 
 def write_predictions(result: EvalResult, path: str | Path) -> Path:

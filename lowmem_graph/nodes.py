@@ -261,7 +261,7 @@ class FrozenNode:
         elif quant == "int8":
             # LLM.int8: per-row int8 weights, outlier columns of the input (|x| > 6) multiplied in 16-bit. Rounding
             # each row is one pass over the weights, so there is no saved copy. bitsandbytes casts every input to
-            # fp16 for its int8 quantisation and warns at each call: said once here instead.
+            # fp16 for its int8 quantisation (by design) and warns about it at every call: that warning is dropped.
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             kwargs["dtype"] = compute
             logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_WARNING)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 
@@ -61,12 +60,12 @@ def run_info(metrics_path: str | Path) -> dict:
     if not isinstance(train, dict):
         return info
     # torch and transformers come with it: only when there is a config to read
-    from .train import TrainConfig
+    from .train import task_part
 
     task = str(train["task"]) if train.get("task") else None
     info.update({k: train.get(k) for k in ("train_split", "eval_split", "device", "gpu_mem")}, task=task)
     if task or train.get("eval_task"):    # the training's own rule: eval_task, or the tasks without their splits
-        info["evaluated"] = TrainConfig.evaluated(SimpleNamespace(task=task or "", eval_task=train.get("eval_task")))
+        info["evaluated"] = train.get("eval_task") or "+".join(task_part(p)[0] for p in (task or "").split("+"))
     return info
 
 
@@ -75,12 +74,12 @@ def _selection(tasks: str | None, split: str | None) -> str:
     mmlu:validation@500': each part with the split it was read from."""
     if not tasks:
         return "?"
+    from .train import task_part
+
     parts = []
     for part in str(tasks).split("+"):
-        part = part.strip()
-        name, at, sample = part.rpartition("@") if "@" in part.rpartition("/")[2] else (part, "", "")
-        explicit = ":" in name.removeprefix("hf:")
-        parts.append(part if explicit else f"{name}:{split or '?'}{at}{sample}")
+        name, splits, sample = task_part(part)
+        parts.append(f"{name}:{','.join(splits) or split or '?'}{'@' + sample if sample else ''}")
     return " + ".join(parts)
 
 
@@ -98,7 +97,9 @@ def chance_level(metrics_path: str | Path, info: dict | None = None) -> tuple[fl
     1/ASSUMED_CHOICES."""
     info = info or run_info(metrics_path)
     if info.get("evaluated") and info.get("eval_split"):
-        name = f"predictions-{str(info['evaluated']).replace('+', '_')}-{info['eval_split']}.jsonl"
+        from .evaluate import predictions_name
+
+        name = predictions_name(str(info["evaluated"]), info["eval_split"])
         path = Path(metrics_path).resolve().parent / name
         inverse = []
         if path.is_file():

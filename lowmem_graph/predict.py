@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from .data import LETTERS, Question, format_prompt, generic_question
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256
@@ -45,23 +47,32 @@ class TrainedGraph:
         self.placed = PlacedGraph(self.spec, self.cfg, log=log, progress=progress)
         self.placed.graph.load_trainable(weights, str(self.run_dir / "trainable.safetensors"))
 
+    @property
+    def refiners(self) -> list[str]:
+        return self.placed.graph.refiners
+
+    def evaluate(self, questions: list[Question], desc: str = "eval"):
+        """The graph over `questions` (frozen pass first, through the prefix cache), as training evaluates:
+        evaluate.EvalResult."""
+        from .evaluate import evaluate
+
+        try:
+            (states,) = self.placed.frozen_states(questions) if self.cfg.prefix_cache else (None,)
+            self.placed.start_steps()
+            return evaluate(self.placed.graph, questions, self.placed.micro_batch, progress=self.progress,
+                            desc=desc, states=states)
+        finally:
+            self.placed.stop_steps()
+
     def predict(self, questions) -> list[dict]:
         """One record per question (a `Question`, or a dict in the generic format: question, choices, optional
         answer, id, context): the chosen letter and text, every choice's probability, and, when the answer was
         given, whether it was right."""
-        from .evaluate import evaluate
-
         asked = [q if isinstance(q, Question) else generic_question(q, f"question {i}", f"q{i}", need_answer=False)
                  for i, q in enumerate(questions)]
         if not asked:
             return []
-        try:
-            (states,) = self.placed.frozen_states(asked) if self.cfg.prefix_cache else (None,)
-            self.placed.start_steps()
-            result = evaluate(self.placed.graph, asked, self.placed.micro_batch, progress=self.progress,
-                              desc="predict", states=states)
-        finally:
-            self.placed.stop_steps()
+        result = self.evaluate(asked, "predict")
         records = []
         for q, p in zip(asked, result.predictions):
             record = {"id": q.id, "question": q.question, "choices": list(q.choices),
@@ -110,10 +121,10 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists():
         raise UserError(f"{out} exists: export into a new folder")
     spec, cfg = load_run_config(run_dir)
-    trainable_weights(run_dir)                           # readable, or one line saying why not
+    weights = trainable_weights(run_dir)                 # readable, or one line saying why not
     with atomic_dir(out) as tmp:
         shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
-        shutil.copyfile((run_dir / "trainable.safetensors").resolve(), tmp / "trainable.safetensors")
+        save_file(weights, str(tmp / "trainable.safetensors"))      # a real file, from a legacy run too
         if (run_dir / "metrics.jsonl").is_file():
             shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
         info = {"format": EXPORT_FORMAT, "lowmem_graph": __version__, "source_run": run_dir.name,

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import evaluate, write_predictions
 from .files import atomic_file
-from .spec import load_preset
+from .spec import FORMATS, load_preset
 from .train import TrainConfig, load_questions, train
 
 # The paper's reported accuracies (%): the graph, its best single constituent, a parameter-matched learned head.
@@ -112,7 +112,9 @@ def add_reproduce_command(subparsers) -> None:
     p.add_argument("--limit-train", type=int, help="at most N training questions per task")
     p.add_argument("--limit-test", type=int, help="at most N test questions per benchmark")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, drop=gemma (repeatable)")
+                   help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, nodes.gemma.quant=int8, "
+                        "drop=gemma (repeatable)")
+    p.add_argument("--quant", choices=FORMATS, help="frozen weights of every node without its own (default: nf4)")
     p.add_argument("--epochs", type=int, help="passes over the training questions (default: the protocol's)")
     p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: the protocol's)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G (see `lowmem-graph plan`)")
@@ -131,6 +133,8 @@ def cmd_reproduce(args) -> None:
     protocol = load_protocol(args.protocol)
     spec = load_spec(args.graph) if args.graph else load_preset(args.preset or protocol.get("preset", "paper"))
     spec = apply_changes(spec, args.set or [])
+    if args.quant:
+        spec.quant = args.quant
     flags = {"data_dir": args.data_dir, "limit_train": args.limit_train, "epochs": args.epochs, "device": args.device,
              "batch_size": args.batch_size, "gpu_mem": args.gpu_mem}
     cfg = TrainConfig.from_dict({**spec.train, **protocol.get("train", {}),

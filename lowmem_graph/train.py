@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import runstate
 from .data import Question, is_path_task, load_task, spread
 from .errors import Interrupted, UserError
-from .evaluate import evaluate, write_predictions
+from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
 from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
@@ -85,17 +85,18 @@ class TrainConfig:
         return self.eval_task or "+".join(task_part(part)[0] for part in self.task.split("+"))
 
     def check_splits(self) -> None:
-        """Refuse what contaminates a reproduction: training on a test split, or evaluating on the training file."""
+        """Refuse what contaminates a reproduction (training on a test split, or on a file named like one) and a
+        file task without an evaluation task (a file has no splits to evaluate on)."""
         for part in self.task.split("+"):
             task, splits, _ = task_part(part)
+            is_file = is_path_task(task) and not Path(task).expanduser().is_dir()
             for split in splits or [self.train_split]:
-                test = split == "test" or (is_path_task(task) and not Path(task).is_dir()
-                                           and re.search(r"(^|[^a-z])test([^a-z]|$)", Path(task).stem.lower()))
+                test = split == "test" or (is_file and re.search(r"(^|[^a-z])test([^a-z]|$)", Path(task).stem.lower()))
                 if test and not self.allow_test_training:
                     where = task if is_path_task(task) else f"{task}:{split}"
                     raise UserError(f"training on a test split ({where}) would contaminate every result measured "
                                     "on it; add --allow-test-training if that is what you want")
-            if is_path_task(task) and not Path(task).expanduser().is_dir() and self.eval_task is None:
+            if is_file and self.eval_task is None:
                 raise UserError(f"{task} is one file, with no splits: give the questions to evaluate on with "
                                 "--eval-task FILE, or a folder with train and validation files as the task")
 
@@ -125,7 +126,7 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
         task, splits, sample = task_part(part)
         chosen = []
         for one in splits or [split]:
-            chosen += load_task(task, one, data_dir, columns=columns)
+            chosen += load_task(task, one, data_dir, columns=columns if task.startswith("hf:") else None)
         if sample:
             if not sample.isdigit() or int(sample) < 1:
                 raise UserError(f"{part.strip()}: expected a number of questions (>= 1) after @")
@@ -136,8 +137,12 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
 
 
 def task_part(part: str) -> tuple[str, list[str], str]:
-    """`task[:split,split...][@N]` -> (task, splits, N); the task may be `hf:ORG/NAME[/CONFIG]` or a path."""
-    part, _, sample = part.strip().rpartition("@") if re.search(r"@[^/@]*$", part) else (part.strip(), "", "")
+    """`task[:split,split...][@N]` -> (task, splits, N); the task may be `hf:ORG/NAME[/CONFIG]` or a path (an
+    existing one is taken whole, ':' and '@' included)."""
+    part = part.strip()
+    if is_path_task(part) and Path(part).expanduser().exists():
+        return part, [], ""
+    part, _, sample = part.rpartition("@") if re.search(r"@\d*$", part) else (part, "", "")
     prefix, rest = ("hf:", part[3:]) if part.startswith("hf:") else ("", part)
     task, _, splits = rest.partition(":")
     return prefix + task, [s.strip() for s in splits.split(",") if s.strip()], sample
@@ -247,8 +252,8 @@ class ProgressLines:
 
     fraction, seconds = 0.1, 30.0
 
-    def __init__(self, log, total: int, what: str):
-        self.log, self.total, self.what = log, total, what
+    def __init__(self, log, total: int, what: str, first: int = 0):
+        self.log, self.total, self.what, self.first = log, total, what, first    # `first`: steps done before a resume
         self.every = max(1, round(total * self.fraction))
         self.started = self.last = time.time()
 
@@ -257,7 +262,7 @@ class ProgressLines:
         if done % self.every and now - self.last < self.seconds and done != self.total:
             return
         self.last = now
-        rate = (now - self.started) / max(done, 1)
+        rate = (now - self.started) / max(done - self.first, 1)
         self.log(f"{self.what} step {done}/{self.total} loss {loss:.3f} | {now - self.started:.0f} s, "
                  f"~{rate * (self.total - done):.0f} s left")
 
@@ -455,7 +460,7 @@ class Trainer:
             losses, accs, started = [], [], time.time()
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if self.progress else True, leave=False)
-            lines = ProgressLines(self.log, self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}") \
+            lines = ProgressLines(self.log, self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", first) \
                 if self.progress and bar.disable else None      # no terminal (a log file): a line now and then
             stop.in_loop = True
 
@@ -497,8 +502,7 @@ class Trainer:
                 return self._stop("max_steps")     # stopped at an epoch's end: after its evaluation
         if result is None:   # resumed a finished run: nothing left to train
             result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
-        tasks = cfg.evaluated().replace("+", "_")
-        write_predictions(result, self.run_dir / f"predictions-{tasks}-{cfg.eval_split}.jsonl")
+        write_predictions(result, self.run_dir / predictions_name(cfg.evaluated(), cfg.eval_split))
         from .plots import device_label, plot_curves, plot_memory, plot_signals
 
         plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")

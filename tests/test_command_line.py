@@ -89,3 +89,59 @@ def test_a_run_says_what_it_does_and_logs_lines_without_a_terminal(tmp_path):
     assert f"run folder: {tmp_path / 'run'}" in out and "prefix cache: " in out
     steps = [line for line in out.splitlines() if line.startswith("epoch 1/1 step ")]
     assert [line.split()[3] for line in steps] == [f"{i}/10" for i in range(1, 11)], steps
+
+
+def _mine(folder, name, n=6):
+    row = {"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide"], "answer": "B"}
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({**row, "id": f"{name}-{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--task", "arc-easy:test"], "training on a test split (arc-easy:test) would contaminate"),
+    (["--task", "arc-easy", "--train-split", "test"], "training on a test split (arc-easy:test)"),
+    (["--task", "{d}/ARC-Easy-Test.jsonl", "--eval-task", "{d}/dev.jsonl"], "training on a test split"),
+    (["--task", "{d}/mine.jsonl"], "is one file, with no splits: give the questions to evaluate on with --eval-task"),
+])
+def test_contaminating_or_ambiguous_training_data_is_refused(tmp_path, capsys, argv, words):
+    for name in ("ARC-Easy-Test.jsonl", "dev.jsonl", "mine.jsonl"):
+        _mine(tmp_path, name)
+    argv = [a.replace("{d}", str(tmp_path)) for a in argv]
+    assert main(["train", *argv, "--out", str(tmp_path / "runs"), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_training_on_your_own_files_and_a_test_split_when_asked(tmp_path, capsys):
+    train_file, dev_file = _mine(tmp_path, "mine.jsonl", 8), _mine(tmp_path, "mine-dev.jsonl", 4)
+    assert main(["train", "--task", str(train_file), "--eval-task", str(dev_file), "--epochs", "1",
+                 "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "data: 8 training questions" in capsys.readouterr().out
+    assert main(["train", "--task", "arc-easy:test", "--allow-test-training", "--limit-train", "8", "--limit-eval",
+                 "4", "--epochs", "1", "--run-dir", str(tmp_path / "run2"), "--no-progress"]) == 0
+
+
+def test_a_gated_model_is_told_apart_from_a_missing_one(monkeypatch):
+    """Through transformers' own error wrapping: huggingface_hub raises, transformers turns it into an OSError."""
+    import httpx2
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from lowmem_graph.errors import UserError
+    from lowmem_graph.nodes import load_config
+
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)       # as online: the download itself fails
+    for error, words in [(GatedRepoError, "is gated on the Hugging Face hub: accept its licence"),
+                         (RepositoryNotFoundError, "does not exist on the Hugging Face hub")]:
+        response = httpx2.Response(401 if error is GatedRepoError else 404,
+                                   request=httpx2.Request("GET", "https://huggingface.co/org/model"))
+
+        def fail(*args, error=error, response=response, **kwargs):
+            raise error("Client Error", response=response)
+
+        monkeypatch.setattr(hub, "hf_hub_download", fail)
+        with pytest.raises(UserError, match=words):
+            load_config("org/model")

@@ -223,12 +223,12 @@ def test_format_prompt_on_real_row():
 def test_generic_jsonl_answers_as_letter_index_or_text_with_context_and_bom(tmp_path):
     rows = [{"question": "Sky?", "choices": ["blue", "green"], "answer": "A", "id": "s1"},
             {"question": "Grass?", "choices": ["blue", "green", "red"], "answer": 1, "context": "In spring."},
-            {"question": "Two?", "choices": [1, 2, 3], "answer": "2"}]
+            {"question": "Three?", "choices": [1, 2, 3], "answer": "3"}]
     path = tmp_path / "mine.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
     questions = load_task(str(path), "train")
     assert [(q.id, q.label, q.choices) for q in questions] == [
-        ("s1", 0, ("blue", "green")), ("mine-1", 1, ("blue", "green", "red")), ("mine-2", 1, ("1", "2", "3"))]
+        ("s1", 0, ("blue", "green")), ("mine-1", 1, ("blue", "green", "red")), ("mine-2", 2, ("1", "2", "3"))]
     assert format_prompt(questions[1]).startswith("In spring.\nQuestion: Grass?\nA. blue")
 
 
@@ -245,6 +245,8 @@ def test_generic_csv_with_a_choices_list_or_letter_columns(tmp_path):
     ({"question": "Q", "choices": ["a", "b"], "answer": "C"}, ["answer 'C' is not a letter (A-B)"]),
     ({"question": "Q", "choices": ["a", "b"], "answer": 2}, ["answer index 2 is out of range for 2 choices"]),
     ({"question": "Q", "choices": ["a", "b"]}, ["missing field 'answer'"]),
+    ({"question": "1+1?", "choices": ["1", "2", "3"], "answer": "2"},
+     ["answer '2' is ambiguous: as a choice's text it names choice B / as an index it names choice C"]),
     ({"question": "Q", "choices": "a|b", "answer": 0}, ["'choices' must be a list"]),
     ({"choices": ["a", "b"], "answer": 0}, ["missing field 'question'"]),
 ])
@@ -317,3 +319,29 @@ def test_no_network_with_datasets_installed_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot reach the Hugging Face hub|does not exist"):
         load_task("hf:nobody-here/no-such-data-xyz", "train")
+
+
+def test_what_counts_as_a_path_task_and_how_parts_parse(tmp_path, monkeypatch):
+    from lowmem_graph.data import is_path_task
+    from lowmem_graph.train import TrainConfig, task_part
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mmlu").mkdir()                        # a folder named like a task does not turn the task into it
+    assert not is_path_task("mmlu") and not is_path_task("hf:org/name") and is_path_task("my/data")
+    odd = tmp_path / "a:b@v2.jsonl"
+    odd.write_text("")
+    assert task_part(str(odd)) == (str(odd), [], "")
+    assert task_part("hf:org/name/cfg:train,dev@5") == ("hf:org/name/cfg", ["train", "dev"], "5")
+    assert task_part("mmlu:auxiliary_train@14042") == ("mmlu", ["auxiliary_train"], "14042")
+    TrainConfig(task="hf:allenai/ai2_arc/ARC-Challenge").check_splits()     # no split file, no refusal
+    TrainConfig(task="mmlu:auxiliary_train,dev").check_splits()
+
+
+def test_columns_reach_only_the_hub_parts_of_a_task(monkeypatch):
+    from lowmem_graph.train import load_questions
+
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: [
+        {"q": "Sky?", "opts": ["red", "blue"], "key": 1}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    questions = load_questions("arc-easy+hf:org/x", "validation", limit=2, columns="question=q,choices=opts,answer=key")
+    assert len(questions) == 3 and questions[-1].label == 1

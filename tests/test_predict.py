@@ -82,3 +82,25 @@ def test_predict_errors_are_one_line(run, capsys, argv, words):
     assert main(["predict", str(run), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err
+
+
+def test_a_legacy_run_exports_its_weights_as_safetensors(run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lowmem_graph.runstate import trainable_weights
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copyfile(run / "config.yaml", legacy / "config.yaml")
+    weights = trainable_weights(run)
+    rng = {"python": (3, tuple(range(625)), None), "numpy": ("MT19937", list(range(624)), 0, 0, 0.0),
+           "torch": torch.get_rng_state()}
+    torch.save({"step": 2, "trainable": weights, "optimizer": {}, "scheduler": {}, "rng": rng},
+               legacy / "checkpoint.pt")
+    folder = export_run(legacy, tmp_path / "export")
+    assert not (folder / "trainable.safetensors").is_symlink()
+    exported = load_file(str(folder / "trainable.safetensors"))
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)

@@ -86,7 +86,8 @@ _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 2 ** 40}
 
 
 def parse_size(text: str) -> int:
-    """'24G', '24GB', '6GiB', '512M', '1.5g', '1000000' -> bytes. Units are binary (G = 2**30)."""
+    """'24G', '24GB', '6GiB', '512M', '1.5g', '100B', '10000000' -> bytes. Units are binary (G = 2**30); a plain
+    number under 1 MiB is refused as a forgotten unit ('24' means 24G, not 24 bytes)."""
     match = _SIZE.match(str(text))
     if not match:
         raise UserError(f"cannot read memory size {text!r} (examples: 24G, 6GiB, 512M, 1.5g, or plain bytes)")
