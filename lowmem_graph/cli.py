@@ -273,7 +273,12 @@ def cmd_figures(args) -> None:
 def cmd_inspect(args) -> None:
     from .summary import format_description
 
-    print(format_description(_spec_from_args(args)))
+    spec = _spec_from_args(args)
+    print(format_description(spec))
+    if args.draw:
+        from .topology import draw, edges_of
+
+        print(f"drawing: {draw(edges_of(spec), args.draw, f'graph {spec.name}')}")
 
 
 def cmd_align(args) -> None:
@@ -445,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")
     _add_graph_args(p)
+    p.add_argument("--draw", metavar="PNG", help="also draw the graph (nodes, latents, edges, output) into PNG")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="fit a graph to a device memory budget: residency, streaming, micro-batch "

@@ -191,6 +191,11 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
     """Validate a parsed spec. `source` names the file in error messages."""
     raw = dict(raw or {})
     _check(isinstance(raw.get("nodes"), list) and raw["nodes"], source, "'nodes' must be a non-empty list")
+    if "edges" in raw or "latents" in raw:      # the edges form: checked as a graph, run in the paper's shape
+        from .topology import to_roles
+
+        _check(all(isinstance(n, dict) and "name" in n for n in raw["nodes"]), source, "every node needs a name")
+        raw = to_roles(raw, source)
     nodes = [_build(NodeSpec, n, f"{source}: nodes[{i}]") for i, n in enumerate(raw.pop("nodes"))]
     output = _build(OutputSpec, raw.pop("output", {}) or {}, f"{source}: output")
     spec = _build(GraphSpec, {**raw, "nodes": nodes, "output": output, "name": raw.get("name", Path(source).stem)},

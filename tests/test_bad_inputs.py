@@ -5,6 +5,7 @@ and returns the command line. The table only grows: a new bad input found anywhe
 """
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,18 +13,19 @@ import yaml
 from lowmem_graph.cli import main
 from lowmem_graph.spec import preset_path
 
-TINY = yaml.safe_load(preset_path("tiny").read_text())
+TINY = yaml.safe_load((Path(__file__).parent / "data" / "tiny_roles.yaml").read_text())   # the role form
+EDGES = yaml.safe_load(preset_path("tiny").read_text())                                     # the edges form
 QUICK = ["--limit-train", "8", "--limit-eval", "4", "--epochs", "1", "--no-progress"]
 
 
-def spec_file(tmp, change=None, text=None, raw=None):
+def spec_file(tmp, change=None, text=None, raw=None, base=None):
     path = tmp / "g.yaml"
     if raw is not None:
         path.write_bytes(raw)
     elif text is not None:
         path.write_text(text)
     else:
-        spec = json.loads(json.dumps(TINY))
+        spec = json.loads(json.dumps(base or TINY))
         change(spec)
         path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -59,7 +61,36 @@ def _set(path, value):
     return change
 
 
+def _edges(change):
+    return lambda t: ["inspect", "--graph", spec_file(t, change, base=EDGES)]
+
+
+def _add_edge(**edge):
+    return lambda spec: spec["edges"].append(edge)
+
+
 CASES = [
+    # --- graph specs in the edges form ---------------------------------------------------------------------
+    ("edges: unknown key", _edges(_set(["edges", 0, "weight"], 2)), ["edges[0]", "unknown key(s) weight"]),
+    ("edges: unknown end", _edges(_set(["edges", 0, "to"], "w")), ["edges[0]", "'w' is neither a node"]),
+    ("edges: no read layer", _edges(_set(["edges", 0, "read"], None)), ["edges[0]", "needs 'read'"]),
+    ("edges: depth out of range", _edges(_set(["edges", 3, "at"], 1.5)), ["edges[3]", "needs 'at'"]),
+    ("edges: bad kind", _edges(_set(["edges", 3, "kind"], "add")), ["edges[3]", "kind must be one of blend, bridge"]),
+    ("edges: a cycle through latents", _edges(lambda s: (s["latents"].append({"name": "w", "dim": 32}),
+                                                         s["edges"].extend([{"from": "phi3", "read": 2, "to": "w"},
+                                                                            {"from": "w", "to": "llama", "at": 0.5}]))),
+     ["the graph has a cycle: z -> phi3, phi3 -> w, w -> llama, llama -> z"]),
+    ("edges: a bridge writing below its read", _edges(_add_edge(**{"from": "phi3", "read": 3, "to": "mistral",
+                                                                   "at": 2, "kind": "bridge"})),
+     ["runs in lockstep", "phi3 layer 3 -> mistral layer 2"]),
+    ("edges: a shape the runtime does not run", _edges(_add_edge(**{"from": "phi3", "read": 2, "to": "mistral",
+                                                                    "at": 3, "kind": "bridge"})),
+     ["phi3 -> mistral joins two nodes directly", "runs only in the paper's shape so far"]),
+    ("edges: role beside edges", _edges(_set(["nodes", 0, "role"], "reader")), ["role comes from its edges"]),
+    ("edges: output reads a stranger", _edges(_set(["output", "reads"], ["phi3", "nobody"])),
+     ["output.reads must list the nodes"]),
+    ("edges: a latent with no way out", _edges(lambda s: s["latents"].append({"name": "w", "dim": 8})),
+     ["latent 'w' needs an edge into it and one out of it"]),
     # --- graph specs -----------------------------------------------------------------------------------------
     ("spec: broken YAML", lambda t: ["inspect", "--graph", spec_file(t, text="nodes: [\n  {name: a\n")],
      ["g.yaml", "line", "invalid YAML"]),
