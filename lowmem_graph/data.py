@@ -156,14 +156,7 @@ def load_file(path: str | Path, need_answer: bool = True) -> list[Question]:
     if path.suffix == ".csv":
         return _load_generic_csv(path, need_answer)
     questions = []
-    for line_no, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: bad JSON ({e.msg})") from None
+    for where, row in _json_rows(path):
         if isinstance(row, dict) and isinstance(row.get("question"), dict):
             questions.append(_arc_row(row, where, need_answer))
         else:
@@ -306,19 +299,19 @@ def _lines(path: Path):
                                 f"{e.start + 1})") from None
 
 
+def _json_rows(path: Path):
+    """(where, parsed row) of every non-blank line of a JSON-lines file."""
+    for line_no, line in _lines(path):
+        if line.strip():
+            try:
+                yield f"{path}:{line_no}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: bad JSON ({e.msg})") from None
+
+
 def _load_jsonl(path: Path) -> list[Question]:
     """ARC and OpenBookQA share one row shape: {"id", "question": {"stem", "choices"}, "answerKey"}."""
-    questions = []
-    for line_no, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: bad JSON ({e.msg})") from None
-        questions.append(_arc_row(row, where))
-    return questions
+    return [_arc_row(row, where) for where, row in _json_rows(path)]
 
 
 def _arc_row(row, where: str, need_answer: bool = True) -> Question:

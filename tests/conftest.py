@@ -54,3 +54,15 @@ def questions():
     from lowmem_graph.data import load_task
 
     return load_task("arc-easy", "train", limit=16)
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory):
+    """One short tiny run (1 epoch, 16 questions), trained once for the tests that read a run folder (and do not
+    change it)."""
+    from lowmem_graph.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "short"
+    assert main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
+                 "--no-progress"]) == 0
+    return run

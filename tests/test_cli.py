@@ -24,14 +24,6 @@ def assert_clean_error(code, err, expected):
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "short"
-    assert main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
-                 "--no-progress"]) == 0
-    return run
-
-
 @pytest.mark.slow
 def test_default_train_job(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

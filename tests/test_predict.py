@@ -9,12 +9,9 @@ from lowmem_graph.data import bundled_dir
 from lowmem_graph.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("runs") / "short"
-    assert main(["train", "--run-dir", str(path), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
-                 "--no-progress"]) == 0
-    return path
+@pytest.fixture
+def run(short_run):
+    return short_run
 
 
 def test_predict_a_file_gives_what_eval_gives(run, tmp_path, capsys):
