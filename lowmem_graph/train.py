@@ -142,7 +142,7 @@ def task_part(part: str) -> tuple[str, list[str], str]:
     part = part.strip()
     if is_path_task(part) and Path(part).expanduser().exists():
         return part, [], ""
-    part, _, sample = part.rpartition("@") if re.search(r"@\d*$", part) else (part, "", "")
+    part, _, sample = part.rpartition("@") if re.search(r"@[^/@]*$", part) else (part, "", "")
     prefix, rest = ("hf:", part[3:]) if part.startswith("hf:") else ("", part)
     task, _, splits = rest.partition(":")
     return prefix + task, [s.strip() for s in splits.split(",") if s.strip()], sample
