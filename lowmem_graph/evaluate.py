@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import Question
 from .files import atomic_file
 from .graph import FrozenGraph, autocast
+from .progress import progress as bar
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -47,7 +47,8 @@ def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8,
     graph.eval()
     device = next(graph.parameters()).device
     predictions, total_loss, routing = [], 0.0, []
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=None if progress else True, leave=False):
+    starts = range(0, len(questions), batch_size)
+    for start in bar(starts, len(starts), f"{desc} batch", progress):
         chunk = questions[start:start + batch_size]
         batch = graph.collate(chunk)
         with autocast(device):

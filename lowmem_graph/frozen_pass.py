@@ -44,10 +44,10 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
 def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, progress: bool):
     """One node over all prompts, yielding per prompt a reader's states (per token in the node's dtype, or
     pooled in fp32) or a refiner's stream entering its injection layer."""
-    from tqdm.auto import tqdm
+    from .progress import progress as bar
 
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"caching {node.spec.name}",
-                      disable=None if progress else True, leave=False):
+    starts = range(0, len(texts), batch_size)
+    for start in bar(starts, len(starts), f"caching {node.spec.name} batch", progress):
         enc = node.encode(texts[start:start + batch_size])
         ids, mask = enc["input_ids"], enc["attention_mask"]
         if reader:

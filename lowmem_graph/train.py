@@ -33,6 +33,7 @@ from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
 from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
+from .progress import Lines
 from .spec import GraphSpec, check_name, from_dict, typed_fields
 
 
@@ -246,27 +247,6 @@ class StopSignals:
         return self.received or signal.SIGINT
 
 
-class ProgressLines:
-    """What a progress bar shows, as a line every `fraction` of an epoch or every `seconds`, whichever comes first:
-    for output that is not a terminal (a log file, a batch scheduler), where a bar would stay silent."""
-
-    fraction, seconds = 0.1, 30.0
-
-    def __init__(self, log, total: int, what: str, first: int = 0):
-        self.log, self.total, self.what, self.first = log, total, what, first    # `first`: steps done before a resume
-        self.every = max(1, round(total * self.fraction))
-        self.started = self.last = time.time()
-
-    def update(self, done: int, loss: float) -> None:
-        now = time.time()
-        if done % self.every and now - self.last < self.seconds and done != self.total:
-            return
-        self.last = now
-        rate = (now - self.started) / max(done - self.first, 1)
-        self.log(f"{self.what} step {done}/{self.total} loss {loss:.3f} | {now - self.started:.0f} s, "
-                 f"~{rate * (self.total - done):.0f} s left")
-
-
 def describe_device(device: torch.device, cfg: TrainConfig) -> str:
     """Where the run computes, said once at its start (and why, when a GPU was expected but none is there)."""
     if device.type == "cuda":
@@ -460,7 +440,7 @@ class Trainer:
             losses, accs, started = [], [], time.time()
             bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if self.progress else True, leave=False)
-            lines = ProgressLines(self.log, self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", first) \
+            lines = Lines(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs} step", first, self.log) \
                 if self.progress and bar.disable else None      # no terminal (a log file): a line now and then
             stop.in_loop = True
 
@@ -483,7 +463,7 @@ class Trainer:
                     accs.append(metrics["acc"])
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                     if lines is not None:
-                        lines.update(i + 1, metrics["loss"])
+                        lines.update(i + 1, f"loss {metrics['loss']:.3f}")
                     self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
                                   "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:

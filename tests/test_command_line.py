@@ -89,6 +89,8 @@ def test_a_run_says_what_it_does_and_logs_lines_without_a_terminal(tmp_path):
     assert f"run folder: {tmp_path / 'run'}" in out and "prefix cache: " in out
     steps = [line for line in out.splitlines() if line.startswith("epoch 1/1 step ")]
     assert [line.split()[3] for line in steps] == [f"{i}/10" for i in range(1, 11)], steps
+    for phase in ("caching llama batch ", "caching mistral batch ", "eval batch "):     # the frozen pass, evaluation
+        assert any(line.startswith(phase) and "s left" in line for line in done.stderr.splitlines()), phase
 
 
 def _mine(folder, name, n=6):
