@@ -1,4 +1,5 @@
-"""`lowmem-graph`: train, eval, inspect. Mistakes a user can fix print one line and exit 2 (--debug: traceback)."""
+"""`lowmem-graph`: train graphs of frozen language models, evaluate and ask them, plan their memory, inspect and
+measure them. Mistakes a user can fix print one line and exit 2 (--debug: traceback)."""
 from __future__ import annotations
 
 import argparse
