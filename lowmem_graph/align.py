@@ -18,11 +18,14 @@ def prompt_spans(offsets: torch.Tensor, mask: torch.Tensor, prefix_len: int) -> 
     return start, end
 
 
-def align_index(src_offsets, src_mask, src_prefix: int, dst_offsets, dst_mask, dst_prefix: int) -> torch.Tensor:
+def align_index(src_offsets, src_mask, src_prefix: int, dst_offsets, dst_mask, dst_prefix: int,
+                causal: bool = False) -> torch.Tensor:
     """(B, T_dst) index into the source tokens: for each destination token, the source token to read.
 
     The answer is the last source prompt token that starts before the destination token ends. Destination
     tokens outside the prompt (its prefix, BOS, padding), or before any source token, read the first prompt token.
+    `causal` (next-token prediction): the last source token that ends where the destination token ends or before,
+    so no destination token sees a character beyond its own; where there is none the index is -1 (reads zeros).
     """
     s_start, s_end = prompt_spans(src_offsets, src_mask, src_prefix)
     _, d_end = prompt_spans(dst_offsets, dst_mask, dst_prefix)
@@ -30,6 +33,9 @@ def align_index(src_offsets, src_mask, src_prefix: int, dst_offsets, dst_mask, d
     if not valid.any(-1).all():
         raise ValueError("a source sequence has no prompt tokens left after truncation")
     positions = torch.arange(valid.shape[1])
+    if causal:
+        seen = valid[:, None, :] & (s_end[:, None, :] <= d_end[:, :, None]) & (d_end[:, :, None] > 0)
+        return torch.where(seen, positions, -1).max(-1).values
     first = torch.where(valid, positions, valid.shape[1]).min(-1, keepdim=True).values
     before = valid[:, None, :] & (s_start[:, None, :] < d_end[:, :, None])        # (B, T_dst, T_src)
     last = torch.where(before, positions, -1).max(-1).values
@@ -37,5 +43,7 @@ def align_index(src_offsets, src_mask, src_prefix: int, dst_offsets, dst_mask, d
 
 
 def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """states (B, T_src, d), index (B, T_dst) -> (B, T_dst, d)."""
-    return states.gather(1, index.to(states.device)[..., None].expand(-1, -1, states.shape[-1]))
+    """states (B, T_src, d), index (B, T_dst) -> (B, T_dst, d); an index of -1 reads zeros."""
+    index = index.to(states.device)
+    out = states.gather(1, index.clamp_min(0)[..., None].expand(-1, -1, states.shape[-1]))
+    return out.masked_fill((index < 0)[..., None], 0.0)

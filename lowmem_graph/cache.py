@@ -83,18 +83,45 @@ class FrozenStates:
         rows = [self.rows[i] for i in batch.ids]
 
         def padded(name):
-            items = [self.entries[name].row(r) for r in rows]
-            out = items[0].new_zeros(len(items), batch.tokens[name][1].shape[1], items[0].shape[-1])
-            for b, (item, length) in enumerate(zip(items, batch.tokens[name][1].sum(1).tolist())):
-                if len(item) != length:
-                    raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
-                out[b, : len(item)] = item
-            return out
+            return _padded(self.entries[name], rows, batch.tokens[name][1], name)
 
         readers = {r: (padded(r) if graph.spec.injection == "token"
                        else torch.cat([self.entries[r].row(i) for i in rows])).float() for r in graph.readers}
         states = readers, {j: padded(j) for j in graph.refiners}
         return tuple({k: v.pin_memory() for k, v in part.items()} for part in states) if pin else states
+
+
+def _padded(entry: "CacheEntry", rows: list[int], mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-token rows of an entry, right-padded to the batch's tokens (B, T, d); each must fill its mask."""
+    items = [entry.row(r) for r in rows]
+    out = items[0].new_zeros(len(items), mask.shape[1], items[0].shape[-1])
+    for b, (item, length) in enumerate(zip(items, mask.sum(1).tolist())):
+        if len(item) != length:
+            raise RuntimeError(f"prefix cache row of {name} has {len(item)} tokens, the batch {length}")
+        out[b, : len(item)] = item
+    return out
+
+
+@dataclass
+class EdgeStates:
+    """The frozen pass of a graph given by its edges: each node's input-only parts (EdgeGraph.frozen_parts), served
+    per batch as the one dict `EdgeGraph.forward` takes (part key -> tensor: pooled (B, d) in fp32, per token and
+    prefixes (B, T, d) padded to the batch's tokens)."""
+
+    rows: dict[str, int]                 # item id -> row
+    entries: dict[str, "CacheEntry"]     # part key ("prefix:gemma2:2") -> entry
+
+    def for_batch(self, graph, batch) -> tuple[dict]:
+        return to_device(self.gather(graph, batch), next(graph.parameters()).device)
+
+    def gather(self, graph, batch, pin: bool = False) -> tuple[dict]:
+        rows = [self.rows[i] for i in batch.ids]
+        out = {}
+        for key, entry in self.entries.items():
+            kind, name, _ = key.split(":")
+            out[key] = (torch.cat([entry.row(r) for r in rows]).float() if kind in ("mean", "last")
+                        else _padded(entry, rows, batch.tokens[name][1], name))
+        return ({k: v.pin_memory() for k, v in out.items()} if pin else out,)
 
 
 def to_device(states: tuple[dict, dict], device) -> tuple[dict, dict]:

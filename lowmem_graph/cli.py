@@ -90,7 +90,7 @@ def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
              "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
-             "columns"]
+             "columns", "objective"]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "allow_test_training", False):
         overrides["allow_test_training"] = True
@@ -127,6 +127,19 @@ def cmd_train(args) -> None:
     else:
         spec, cfg = _spec_and_config(args)
         run_dir = _run_folder(args, spec.name)
+    if cfg.objective == "lm":
+        from .lm import VARIANTS, comparison_table, train_lm
+
+        if args.resume:
+            raise UserError("--resume: a run with the lm objective does not resume yet; start it again")
+        results = train_lm(spec, cfg, run_dir, VARIANTS if args.compare else ("coupled",),
+                           progress=not args.no_progress)
+        print(comparison_table(results))
+        print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors"
+              + (", lm-comparison.png)" if len(results) > 1 else ")"))
+        return
+    if args.compare:
+        raise UserError("--compare runs the lm objective's baselines: add --objective lm")
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if "stopped_at_step" in summary:
         return
@@ -277,9 +290,9 @@ def cmd_inspect(args) -> None:
     spec = _spec_from_args(args)
     print(format_description(spec))
     if args.draw:
-        from .topology import draw, edges_of
+        from .topology import draw, of_spec
 
-        print(f"drawing: {draw(edges_of(spec), args.draw, f'graph {spec.name}')}")
+        print(f"drawing: {draw(of_spec(spec), args.draw, f'graph {spec.name}')}")
 
 
 def cmd_align(args) -> None:
@@ -393,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ridge: start the projections as Ridge maps into an anchor node's principal directions")
     p.add_argument("--init-anchor", metavar="NODE", help="the anchor for --init ridge (default: the first refiner)")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--objective", choices=["choice", "lm"],
+                   help="choice: score answer options (default) | lm: next-token prediction on text, perplexity "
+                        "(graphs given by edges; text: openbook-facts, a .txt/.jsonl file or hf:ORG/NAME)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --objective lm: also each model alone and a learned router over their outputs, "
+                        "under the same protocol")
     _add_output_args(p, "<graph>")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--allow-changed-settings", action="store_true",

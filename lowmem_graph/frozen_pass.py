@@ -7,7 +7,9 @@ then run only the refiners' upper layers. Prompts run longest first, so a micro-
 """
 from __future__ import annotations
 
-from .cache import FrozenStates, PrefixCache, entry_key, fingerprint
+import torch
+
+from .cache import EdgeStates, FrozenStates, PrefixCache, entry_key, fingerprint
 from .data import Question, format_prompt
 from .errors import UserError
 
@@ -15,6 +17,11 @@ from .errors import UserError
 def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placement, batch_size: int = 16,
                     progress: bool = True) -> FrozenStates:
     """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward."""
+    from .edge_graph import EdgeGraph
+
+    if isinstance(graph, EdgeGraph):
+        return run_edge_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions], cache, batch_size,
+                                    progress)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
@@ -56,3 +63,48 @@ def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, p
         else:
             out = node.prefix(ids, mask)
         yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
+
+
+def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, batch_size: int = 16,
+                         progress: bool = True) -> EdgeStates:
+    """The frozen pass of a graph given by its edges over (id, text) items: each node's input-only parts
+    (`EdgeGraph.frozen_parts`: the stream entering its lowest written layer, the reads below it), one entry each.
+    Every node sits on the device already (the edge runtime has no memory plan)."""
+    from .edge_graph import _run_layer, part_key
+    from .nodes import pool
+
+    ids, texts = [i for i, _ in items], [t for _, t in items]
+    if len(set(ids)) != len(ids):
+        raise UserError("item ids repeat in this data set; the prefix cache needs unique ids")
+    data = fingerprint(list(zip(ids, texts)))
+    entries = {}
+    for name, node in graph.nodes.items():
+        for kind, layer in graph.frozen_parts(name):
+            key = entry_key(node, (kind, layer), data)
+            entry = cache.load(key)
+            if entry is None:
+                lengths = node.token_lengths(texts)
+                order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+                pooled = kind in ("mean", "last")
+                per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
+                expected = per_row * (len(texts) if pooled else sum(lengths))
+
+                def rows(kind=kind, layer=layer, node=node, order=order, pooled=pooled):
+                    from .progress import progress as bar
+
+                    starts = range(0, len(order), batch_size)
+                    for start in bar(starts, len(starts), f"caching {node.spec.name} {kind} batch", progress):
+                        enc = node.encode([texts[i] for i in order[start:start + batch_size]])
+                        ids, mask = enc["input_ids"], enc["attention_mask"]
+                        with torch.no_grad():
+                            h, calls = node.layer_calls(ids, mask, start=layer)
+                            if kind != "prefix":
+                                with node._autocast():
+                                    h = node.base.norm(_run_layer(calls[0], h))
+                            out = pool(h.float(), mask, kind)[:, None] if pooled else h
+                        yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
+
+                entry = cache.save(key, rows(), order, {"node": name, "model": node.spec.model,
+                                                        "what": (kind, layer)}, expected)
+            entries[part_key(kind, name, layer)] = entry
+    return EdgeStates({i: r for r, i in enumerate(ids)}, entries)

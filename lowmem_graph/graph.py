@@ -68,6 +68,7 @@ class Batch:
     n_choices: torch.Tensor
     ids: list[str]
     align: dict[tuple[str, str], torch.Tensor] | None = None   # per-token mode: (reader, refiner) -> (B, T_refiner)
+    offsets: dict[str, torch.Tensor | None] | None = None     # edge runtime: each node's character offsets
 
 
 @dataclass
@@ -92,11 +93,14 @@ class FrozenGraph(nn.Module):
 
     @classmethod
     def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None,
-              load_device=None) -> "FrozenGraph":
+              load_device=None, objective: str = "choice") -> "FrozenGraph":
         """Load every node frozen (4-bit by default) onto `load_device` (default: `device`; a placement says
         where), computing in `device`'s dtype, then create the trainable parts on `device`.
         `seed` is applied right before the trainable parts are initialised, so their values do not depend on
         whether loading consumed random numbers (building a tiny model, say)."""
+        if objective != "choice":
+            raise UserError(f"the {objective} objective runs on graphs given by their edges (see "
+                            "examples/residual_coupling.yaml); the paper's shape scores answer options")
         device = torch.device(device) if device is not None else default_device()
         nodes = {}
         for node_spec in spec.nodes:
@@ -189,15 +193,19 @@ class FrozenGraph(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load projections/output node, refusing clearly when the graph's widths do not match."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(f"{source}: trainable weights do not fit this graph "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
-                                f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
-        self.load_state_dict(state)
+        load_trainable(self, state, source)
+
+
+def load_trainable(graph: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a graph's trainable parts, refusing clearly when the graph's widths do not match."""
+    own = graph.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: trainable weights do not fit this graph "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
+                            f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
+    graph.load_state_dict(state)

@@ -33,6 +33,27 @@ class _PassThrough(torch.nn.Module):
         return hidden_states
 
 
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer while `layer_calls` records how the model's loop calls it."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.record(hidden_states, *args, **kwargs)
+
+
+def pool(states: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per example: masked mean, or the last real token (right padding)."""
+    mask = attention_mask.to(states.device)
+    if how == "last":
+        last = mask.sum(1).long() - 1
+        return states[torch.arange(states.shape[0], device=states.device), last]
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class _CastWarning(logging.Filter):
     """Drops bitsandbytes' per-call "inputs will be cast to float16" warning for int8 nodes (the cast is by design:
     LLM.int8 quantises its input from fp16)."""
@@ -358,13 +379,8 @@ class FrozenNode:
             handle.remove()
 
     def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One vector per example: masked mean, or the last real token (right padding)."""
-        mask = attention_mask.to(states.device)
-        if self.spec.pooling == "last":
-            last = mask.sum(1).long() - 1
-            return states[torch.arange(states.shape[0], device=states.device), last]
-        m = mask.unsqueeze(-1).to(states.dtype)
-        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        """One vector per example, as the node's `pooling` says."""
+        return pool(states, attention_mask, self.spec.pooling)
 
     @torch.no_grad()
     def prefix(self, input_ids, attention_mask) -> torch.Tensor:
@@ -412,6 +428,65 @@ class FrozenNode:
             if handle is not None:
                 handle.remove()
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def layer_calls(self, input_ids, attention_mask, start: int = 0, prefix: torch.Tensor | None = None):
+        """(the stream entering decoder layer `start`, the model's own calls of the layers from `start` up), for
+        running the layers one at a time: nodes coupled by bridges advance together, layer by layer.
+
+        One forward without grad: the layers below `start` run (input-only work; with `prefix`, the cached stream
+        entering `start`, they do not), and the others are stand-ins recording how the model's loop calls them
+        (masks, rotary tables, each layer's attention type), so every architecture keeps its own arguments.
+        A call is (layer, args, kwargs): `layer(hidden, *args, **kwargs)` runs it."""
+        calls: list = []
+        entering: list = []
+        originals = list(self.layers)
+
+        def recorder(index):
+            def record(hidden_states, *args, **kwargs):
+                if index == start:
+                    entering.append(hidden_states)
+                calls.append((originals[index], args, kwargs))
+                if index == len(originals) - 1:
+                    raise _StopForward(None)
+                return hidden_states
+            return record
+
+        try:
+            for i in range(len(originals)):
+                if i >= start:
+                    self.layers[i] = _Recorder(recorder(i))
+                elif prefix is not None:
+                    self.layers[i] = _PassThrough()
+            with self._autocast():
+                if prefix is None:
+                    self._forward(input_ids, attention_mask)
+                else:
+                    self.base(inputs_embeds=prefix.to(self.device), attention_mask=attention_mask.to(self.device),
+                              use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        if len(calls) != len(originals) - start:
+            raise RuntimeError(f"node {self.spec.name!r}: the model's loop called {len(calls)} of its decoder "
+                               f"layers {start}..{len(originals) - 1}")
+        # the cached stream itself, not what the stand-ins carried (Gemma-2 scales what enters as embeddings)
+        return (prefix.to(self.device) if prefix is not None else entering[0]), calls
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final (normed) states: the frozen LM head (the node loaded with `logits`),
+        with the model's own final soft-capping where it has one (Gemma-2)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise RuntimeError(f"node {self.spec.name!r} was loaded without its LM head")
+        with self._autocast():
+            out = head(final.to(head.weight.dtype if head.weight.is_floating_point() else final.dtype))
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out.float() / cap) * cap
+        return out
 
     def _forward(self, input_ids, attention_mask):
         """The base model's forward; with the embedding table on the host, the lookup happens there."""

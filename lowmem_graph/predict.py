@@ -57,7 +57,7 @@ class TrainedGraph:
         from .evaluate import evaluate
 
         try:
-            (states,) = self.placed.frozen_states(questions) if self.cfg.prefix_cache else (None,)
+            (states,) = self.placed.frozen_states(questions) if self.placed.cached else (None,)
             self.placed.start_steps()
             return evaluate(self.placed.graph, questions, self.placed.micro_batch, progress=self.progress,
                             desc=desc, states=states)

@@ -116,7 +116,7 @@ class NodeSpec:
 
     name: str
     model: str                      # hub id, local folder, llama2.c .bin, or tiny:<arch>
-    role: str                       # "reader" | "refiner"
+    role: str = "node"              # "reader" | "refiner"; "node" in a graph given by its edges
     prefix: str = ""                # framing text put before every input
     read_layer: int = -1            # readers: decoder layer whose output is read (1-based; negative from the top)
     pooling: str = "mean"           # readers: "mean" (masked) | "last" (last real token)
@@ -151,6 +151,7 @@ class OutputSpec:
 
     heads: int = 8
     max_choices: int = 5
+    reads: list[str] = field(default_factory=list)   # a graph given by its edges: the nodes the output node reads
 
 
 @dataclass
@@ -164,6 +165,8 @@ class GraphSpec:
     max_length: int = 512
     output: OutputSpec = field(default_factory=OutputSpec)
     train: dict = field(default_factory=dict)   # training defaults a spec may carry (see train.TrainConfig)
+    latents: list[dict] = field(default_factory=list)   # a graph of another shape than the paper's: its latents
+    edges: list[dict] = field(default_factory=list)     # ... and edges (topology.py), run by edge_graph.py
 
     @property
     def readers(self) -> list[NodeSpec]:
@@ -172,6 +175,11 @@ class GraphSpec:
     @property
     def refiners(self) -> list[NodeSpec]:
         return [n for n in self.nodes if n.role == "refiner"]
+
+    @property
+    def by_edges(self) -> bool:
+        """Whether the graph runs on the edge runtime (a shape other than the paper's)."""
+        return bool(self.edges)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,11 +199,16 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
     """Validate a parsed spec. `source` names the file in error messages."""
     raw = dict(raw or {})
     _check(isinstance(raw.get("nodes"), list) and raw["nodes"], source, "'nodes' must be a non-empty list")
-    if "edges" in raw or "latents" in raw:      # the edges form: checked as a graph, run in the paper's shape
+    by_edges = bool(raw.get("edges") or raw.get("latents"))
+    if by_edges:        # the edges form: the paper's shape becomes roles, any other keeps its edges
         from .topology import to_roles
 
         _check(all(isinstance(n, dict) and "name" in n for n in raw["nodes"]), source, "every node needs a name")
-        raw = to_roles(raw, source)
+        roles = to_roles(raw, source)
+        if roles is not None:
+            raw, by_edges = roles, False
+        else:
+            raw = {**raw, "latents": [{"dim": raw.get("latent_dim", 1024), **lat} for lat in raw.get("latents") or []]}
     nodes = [_build(NodeSpec, n, f"{source}: nodes[{i}]") for i, n in enumerate(raw.pop("nodes"))]
     output = _build(OutputSpec, raw.pop("output", {}) or {}, f"{source}: output")
     spec = _build(GraphSpec, {**raw, "nodes": nodes, "output": output, "name": raw.get("name", Path(source).stem)},
@@ -207,7 +220,9 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
     _check(len(set(names)) == len(names), source, f"node names must be unique, got {names}")
     for i, n in enumerate(nodes):
         where = f"{source}: nodes[{i}] ({n.name})"
-        _check(n.role in ("reader", "refiner"), where, f"role must be 'reader' or 'refiner', got {n.role!r}")
+        if not by_edges:
+            _check(n.role in ("reader", "refiner"), where, "role must be 'reader' or 'refiner' (or give the graph "
+                   f"edges: see the edges form in the README), got {n.role!r}")
         _check(isinstance(n.model, str) and n.model.strip() != "", where, "model must name a hub id or path")
         _check(n.pooling in ("mean", "last"), where, f"pooling must be 'mean' or 'last', got {n.pooling!r}")
         _check(isinstance(n.read_layer, int) and n.read_layer != 0, where,
@@ -218,7 +233,7 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
                f"blend must be in [0, 1], got {n.blend!r}")
         _check(n.quant in (None, *FORMATS), where, f"quant must be one of {', '.join(FORMATS)}, got {n.quant!r}")
     # no readers is allowed: the refiners then feed the output node unsteered (the paper's learned-head baseline)
-    _check(spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
+    _check(by_edges or spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
     _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")
     _check(spec.carry in ("tied", "separate"), source, f"carry must be 'tied' or 'separate', got {spec.carry!r}")
     _check(spec.injection in ("pooled", "token"), source,

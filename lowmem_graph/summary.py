@@ -36,12 +36,18 @@ def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = 
 
 
 def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
+    from .topology import of_spec
+
+    edges = of_spec(spec).edges if spec.by_edges else []
     shapes = {}
     for n in spec.nodes:
         config, model = meta_model(n.model, n.revision, n.trust_remote_code)
         text = config.get_text_config()
         layers = text.num_hidden_layers
-        if n.role == "reader":
+        if spec.by_edges:
+            site = "; ".join(f"{'to ' + e.target if e.source == n.name else 'from ' + e.source} ({e.describe()})"
+                             for e in edges if n.name in (e.source, e.target))
+        elif n.role == "reader":
             site = f"read layer {n.read_index(layers) + 1}/{layers} ({n.pooling} pooled)"
         else:
             site = f"inject before layer {n.inject_index(layers)}/{layers} (a={n.blend})"
@@ -51,24 +57,32 @@ def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
 
 
 def describe(spec: GraphSpec) -> tuple[dict[str, NodeShape], dict[str, int]]:
-    """Node shapes and the graph's trainable parameter count per part, from the real FrozenGraph module."""
+    """Node shapes and the graph's trainable parameter count per part, from the real graph module (FrozenGraph,
+    or EdgeGraph for a graph given by its edges, with the objective its spec trains for)."""
+    from .edge_graph import EdgeGraph
     from .graph import FrozenGraph
 
     shapes = node_shapes(spec)
     with torch.device("meta"):
-        graph = FrozenGraph(spec, shapes)
+        graph = (EdgeGraph(spec, shapes, spec.train.get("objective", "choice")) if spec.by_edges
+                 else FrozenGraph(spec, shapes))
     parts: dict[str, int] = {}
     for name, p in graph.named_parameters():
-        key = name.split(".")[0] + ("." + name.split(".")[1] if name.startswith(("read_proj", "readout", "carry"))
-                                    else "")
+        key = ".".join(name.split(".")[:2]) if name.startswith(
+            ("read_proj", "readout", "carry", "project", "bridge", "gate")) else name.split(".")[0]
         parts[key] = parts.get(key, 0) + p.numel()
     return shapes, parts
 
 
 def format_description(spec: GraphSpec) -> str:
     shapes, parts = describe(spec)
-    lines = [f"graph {spec.name}: latent {spec.latent_dim}, carry {spec.carry}, injection {spec.injection}, "
-             f"frozen weights {spec.quant}", ""]
+    if spec.by_edges:
+        latents = ", ".join(f"{lat['name']} ({lat['dim']})" for lat in spec.latents) or "none"
+        lines = [f"graph {spec.name} (given by its edges): latents {latents}, {len(spec.edges)} edges, output reads "
+                 f"{', '.join(spec.output.reads)}, frozen weights {spec.quant}", ""]
+    else:
+        lines = [f"graph {spec.name}: latent {spec.latent_dim}, carry {spec.carry}, injection {spec.injection}, "
+                 f"frozen weights {spec.quant}", ""]
     header = f"{'node':<10} {'role':<8} {'model':<36} {'width':>6} {'layers':>6} {'params':>9}  site"
     lines += [header, "-" * len(header)]
     for s in shapes.values():

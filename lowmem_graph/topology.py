@@ -9,9 +9,10 @@
 
 Every edge is checked here, and so is the graph as a whole: a node waits for what a latent it receives pools, so
 those dependencies may not form a cycle (refused with the path named); nodes joined by bridges run in lockstep,
-layer by layer, so a bridge must write above the layer it reads. The runtime runs the paper's shape (readers -> one
-latent -> refiners -> the output node): such a graph becomes the node roles the rest of the package uses
-(`to_roles`), and any graph in the role form can be written and drawn as edges (`edges_of`, `draw`).
+layer by layer, so a bridge must write above the layer it reads. A graph of the paper's shape (readers -> one
+latent -> refiners -> the output node) becomes the node roles that the prefix cache, the planner and streaming
+serve (`to_roles`); any other shape keeps its edges and runs on the edge runtime (edge_graph.py). Any graph can be
+drawn (`of_spec`, `draw`).
 """
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ def parse(raw: dict, source: str) -> Topology:
     for name in latents:
         if not any(e.target == name for e in edges) or not any(e.source == name for e in edges):
             raise UserError(f"{source}: latent {name!r} needs an edge into it and one out of it")
+    for name in nodes:
+        if name not in reads and not any(name in (e.source, e.target) for e in edges):
+            raise UserError(f"{source}: node {name} has no edge and the output node does not read it")
     topology = Topology(nodes, latents, edges, reads)
     check_acyclic(topology, source)
     return topology
@@ -172,45 +176,38 @@ def check_acyclic(topology: Topology, source: str) -> None:
 
 
 # ---- the paper's shape: edges <-> node roles ------------------------------------------------------------------
-def to_roles(raw: dict, source: str) -> dict:
-    """A spec in the edges form, as the role form the runtime runs (readers -> one latent -> refiners -> output);
-    a graph of another shape is refused in one line saying what the runtime does not run yet."""
+def to_roles(raw: dict, source: str) -> dict | None:
+    """A spec in the edges form, as the role form of the paper's shape (readers -> one latent -> refiners -> the
+    output node), which the prefix cache, the planner and streaming serve; None for a graph of any other shape,
+    which the edge runtime runs (edge_graph.py)."""
     topology = parse(raw, source)
-    later = "runs only in the paper's shape so far (readers -> one latent -> refiners -> the output node)"
+    for node in raw["nodes"]:
+        if node.get("role", "node") != "node":
+            raise UserError(f"{source}: node {node['name']}: with edges, a node's role comes from its edges; "
+                            "drop 'role'")
     if len(topology.latents) != 1:
-        raise UserError(f"{source}: {len(topology.latents)} latents: the runtime {later}")
+        return None
     (latent, dim), = topology.latents.items()
     readers = {e.source: e for e in topology.edges if e.target == latent}
     refiners = {e.target: e for e in topology.edges if e.source == latent}
-    bridges = [e for e in topology.edges if e.source in topology.nodes and e.target in topology.nodes]
-    if bridges:
-        raise UserError(f"{source}: {bridges[0].source} -> {bridges[0].target} joins two nodes directly: the "
-                        f"runtime {later}")
-    both = set(readers) & set(refiners)
-    if both:
-        raise UserError(f"{source}: {sorted(both)[0]} both feeds and receives the latent: the runtime {later}")
-    if topology.reads != [n for n in topology.nodes if n in refiners]:
-        raise UserError(f"{source}: output.reads must be the nodes that receive the latent, in node order "
-                        f"({[n for n in topology.nodes if n in refiners]}): the runtime {later}")
     poolings = {e.pooling for e in readers.values()}
-    if "token" in poolings and len(poolings) > 1:
-        raise UserError(f"{source}: per-token and pooled edges into one latent: the runtime {later}")
-    for e in refiners.values():
-        if e.kind != "blend" or not isinstance(e.at, float):
-            raise UserError(f"{source}: {e.source} -> {e.target}: a latent enters a node as a blend at a depth in "
-                            f"(0, 1) so far, got kind {e.kind}, at {e.at}")
+    paper = (not any(e.source in topology.nodes and e.target in topology.nodes for e in topology.edges)
+             and not set(readers) & set(refiners) and set(readers) | set(refiners) == set(topology.nodes)
+             and topology.reads == [n for n in topology.nodes if n in refiners]
+             and len(readers) == sum(e.target == latent for e in topology.edges)
+             and len(refiners) == sum(e.source == latent for e in topology.edges)
+             and not ("token" in poolings and len(poolings) > 1)
+             and all(e.kind == "blend" and isinstance(e.at, float) for e in refiners.values()))
+    if not paper:
+        return None
     nodes = []
     for node in raw["nodes"]:
         name, node = node["name"], dict(node)
-        if "role" in node:
-            raise UserError(f"{source}: node {name}: with edges, a node's role comes from its edges; drop 'role'")
         if name in readers:
             e = readers[name]
             node.update(role="reader", read_layer=e.read, pooling="mean" if e.pooling == "token" else e.pooling)
-        elif name in refiners:
-            node.update(role="refiner", inject_depth=refiners[name].at, blend=refiners[name].blend)
         else:
-            raise UserError(f"{source}: node {name} has no edge")
+            node.update(role="refiner", inject_depth=refiners[name].at, blend=refiners[name].blend)
         nodes.append(node)
     roles = {k: v for k, v in raw.items() if k not in ("latents", "edges")}
     output = {k: v for k, v in (raw.get("output") or {}).items() if k != "reads"}
@@ -218,6 +215,14 @@ def to_roles(raw: dict, source: str) -> dict:
     if raw.get("injection", injection) != injection:
         raise UserError(f"{source}: injection {raw['injection']!r} disagrees with the edges' pooling ({injection})")
     return {**roles, "nodes": nodes, "output": output, "latent_dim": dim, "injection": injection}
+
+
+def of_spec(spec) -> Topology:
+    """Any GraphSpec as nodes, latents and edges: its own edges, or the paper's shape written as edges."""
+    if spec.edges:
+        return parse({"nodes": [{"name": n.name} for n in spec.nodes], "latents": spec.latents, "edges": spec.edges,
+                      "output": {"reads": spec.output.reads}}, spec.name)
+    return edges_of(spec)
 
 
 def edges_of(spec) -> Topology:
@@ -256,7 +261,16 @@ def draw(topology: Topology, path: str | Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(3.2 * (out_col + 1), 1.2 * height + 1.5))
     for e in topology.edges:
         (x0, y0), (x1, y1) = where[e.source], where[e.target]
-        bend = 0.25 if e.source in topology.nodes and e.target in topology.nodes else 0.0
+        bridge = e.source in topology.nodes and e.target in topology.nodes
+        if x0 == x1:        # nodes in one column (in lockstep): a vertical arrow, downwards left, upwards right
+            side = -0.12 if y0 > y1 else 0.12
+            step = 0.2 if y0 > y1 else -0.2
+            ax.annotate("", (x1 + side, y1 + step), (x0 + side, y0 - step), arrowprops={
+                "arrowstyle": "-|>", "color": "C3" if bridge else "0.3", "lw": 1.3})
+            ax.text(x0 + 2.5 * side, (y0 + y1) / 2, e.describe(), ha="right" if side < 0 else "left",
+                    va="center", fontsize=7, color="0.25")
+            continue
+        bend = 0.25 if bridge else 0.0
         ax.annotate("", (x1 - 0.28, y1), (x0 + 0.28, y0), arrowprops={
             "arrowstyle": "-|>", "color": "C3" if e.kind == "bridge" and bend else "0.3",
             "connectionstyle": f"arc3,rad={bend}", "lw": 1.3})

@@ -31,6 +31,7 @@ from .data import Question, is_path_task, load_task, spread
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
+from .edge_graph import EdgeGraph
 from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
 from .progress import Lines
@@ -63,6 +64,7 @@ class TrainConfig:
     init_anchor: str | None = None    # the node whose principal directions span the latent (default: 1st refiner)
     columns: str | None = None        # hf:ORG/NAME tasks: question=...,choices=...,answer=... (data.parse_columns)
     allow_test_training: bool = False  # train on a test split (refused otherwise: it contaminates the results)
+    objective: str = "choice"         # choice: score answer options | lm: next-token prediction on text (lm.py)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
@@ -75,7 +77,8 @@ class TrainConfig:
                   ("limit_eval", cfg.limit_eval is None or cfg.limit_eval >= 1, ">= 1 (or left out: no limit)"),
                   ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0 (0: at each epoch's end only)"),
                   ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)"),
-                  ("init", cfg.init in ("random", "ridge"), "random or ridge")]
+                  ("init", cfg.init in ("random", "ridge"), "random or ridge"),
+                  ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
@@ -272,6 +275,10 @@ class PlacedGraph:
         self.device = cfg.resolved_device()
         log(describe_device(self.device, cfg))
         self.plan = None
+        self.cached = cfg.prefix_cache
+        if spec.by_edges and cfg.gpu_mem:
+            raise UserError(f"--gpu-mem: the memory planner plans graphs of the paper's shape so far; {spec.name} is "
+                            "given by its edges and loads every node whole (leave out --gpu-mem)")
         if cfg.gpu_mem:
             from .memory.plan import format_plan, make_plan, parse_size
 
@@ -280,8 +287,9 @@ class PlacedGraph:
             self.plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
             log(format_plan(self.plan, spec))
         self.placement = Placement(self.device, self.plan)
-        self.graph = FrozenGraph.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
-                                       load_device=self.placement.load_device)
+        runtime = EdgeGraph if spec.by_edges else FrozenGraph
+        self.graph = runtime.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
+                                   load_device=self.placement.load_device, objective=cfg.objective)
 
     @property
     def micro_batch(self) -> int:
@@ -342,7 +350,7 @@ class Trainer:
         self.step = 0
         self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
-        if cfg.prefix_cache:
+        if self.placed.cached:
             self.train_states, self.eval_states = self.placed.frozen_states(self.train_set, self.eval_set)
         if cfg.init == "ridge":
             self._ridge_init()
@@ -548,14 +556,20 @@ def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Ten
     return loss_sum, correct, routing
 
 
-def projection_grad_norms(graph: FrozenGraph) -> dict[str, float]:
-    """Gradient norm of each projection matrix (W_k of the readers, W_j of the refiners) and of the output node:
-    the paper's figure of which projections learn, and how much of the signal crosses the frozen refiners."""
+def projection_grad_norms(graph) -> dict[str, float]:
+    """Gradient norm of each projection matrix (W_k of the readers, W_j of the refiners; on a graph given by its
+    edges, each edge's map and gate) and of the output node: the paper's figure of which projections learn, and how
+    much of the signal crosses the frozen models."""
     norms = {}
-    for name, module in [*((f"read_proj.{k}", m) for k, m in graph.read_proj.items()),
-                         *((f"readout.{k}", m) for k, m in graph.readout.items()),
-                         *((f"carry.{k}", m) for k, m in graph.carry.items()), ("output", graph.output)]:
-        grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+    parts = []
+    for name, child in graph.named_children():
+        if isinstance(child, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+            parts += [(f"{name}.{k}", [v] if isinstance(v, torch.nn.Parameter) else list(v.parameters()))
+                      for k, v in child.items()]
+        elif child is not None:
+            parts.append((name, list(child.parameters())))
+    for name, params in parts:
+        grads = [p.grad.float().norm() for p in params if p.grad is not None]
         norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
     return norms
 

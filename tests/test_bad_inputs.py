@@ -15,6 +15,7 @@ from lowmem_graph.spec import preset_path
 
 TINY = yaml.safe_load((Path(__file__).parent / "data" / "tiny_roles.yaml").read_text())   # the role form
 EDGES = yaml.safe_load(preset_path("tiny").read_text())                                     # the edges form
+COUPLED = yaml.safe_load((Path(__file__).parents[1] / "examples" / "residual_coupling.yaml").read_text())
 QUICK = ["--limit-train", "8", "--limit-eval", "4", "--epochs", "1", "--no-progress"]
 
 
@@ -83,9 +84,23 @@ CASES = [
     ("edges: a bridge writing below its read", _edges(_add_edge(**{"from": "phi3", "read": 3, "to": "mistral",
                                                                    "at": 2, "kind": "bridge"})),
      ["runs in lockstep", "phi3 layer 3 -> mistral layer 2"]),
-    ("edges: a shape the runtime does not run", _edges(_add_edge(**{"from": "phi3", "read": 2, "to": "mistral",
-                                                                    "at": 3, "kind": "bridge"})),
-     ["phi3 -> mistral joins two nodes directly", "runs only in the paper's shape so far"]),
+    ("edges: a bridge writing at its read layer, counted from the top",
+     _edges(_add_edge(**{"from": "phi3", "read": -1, "to": "mistral", "at": 4, "kind": "bridge"})),
+     ["bridge phi3 -> mistral", "reads layer 4 and writes at layer 4"]),
+    ("edges: a node nothing reads", _edges(lambda s: (s["nodes"].append({"name": "extra", "model": "tiny:qwen2"}),
+                                                      s["edges"].append({"from": "z", "to": "extra", "at": 0.5}))),
+     ["node extra: nothing reads it"]),
+    ("lm objective on the paper's shape", lambda t: ["train", "--objective", "lm", "--run-dir", str(t / "r"), *QUICK],
+     ["lm objective runs on graphs given by their edges"]),
+    ("lm objective with a pooled edge", lambda t: ["train", "--run-dir", str(t / "r"), *QUICK, "--graph", spec_file(
+        t, _set(["edges", 0, "pooling"], "mean"), base=COUPLED)],
+     ["edge llama -> mistral: pooling mean sees the whole text", "pooling: token"]),
+    ("lm text that is not there", lambda t: ["train", "--objective", "lm", "--task", str(t / "none.txt"),
+                                             "--graph", str(Path(__file__).parents[1] / "examples" /
+                                                            "residual_coupling.yaml"), "--run-dir", str(t / "r"), *QUICK],
+     ["none.txt", "no such file"]),
+    ("--compare without the lm objective", lambda t: ["train", "--compare", "--run-dir", str(t / "r"), *QUICK],
+     ["--compare", "--objective lm"]),
     ("edges: role beside edges", _edges(_set(["nodes", 0, "role"], "reader")), ["role comes from its edges"]),
     ("edges: output reads a stranger", _edges(_set(["output", "reads"], ["phi3", "nobody"])),
      ["output.reads must list the nodes"]),

@@ -58,7 +58,7 @@ def test_bridges_both_ways_run_in_lockstep_and_are_not_a_cycle():
     check_acyclic(_topology(bridges, reads=("a", "b"), nodes=("a", "b")), "coupled.yaml")
 
 
-def test_a_three_layer_graph_is_a_graph_but_not_yet_run():
+def test_a_three_layer_graph_keeps_its_edges_and_a_cycle_is_named():
     raw = {"nodes": [{"name": n, "model": f"tiny:{m}"} for n, m in [("r", "llama"), ("mid", "qwen2"),
                                                                      ("top", "mistral")]],
            "latents": [{"name": "z1", "dim": 32}, {"name": "z2", "dim": 32}],
@@ -67,8 +67,9 @@ def test_a_three_layer_graph_is_a_graph_but_not_yet_run():
            "output": {"reads": ["top"], "heads": 4}}
     topology = parse(raw, "three.yaml")
     assert [e.target for e in topology.edges] == ["z1", "mid", "z2", "top"]
-    with pytest.raises(UserError, match="2 latents: the runtime runs only in the paper's shape so far"):
-        from_dict(raw, "three.yaml")
+    spec = from_dict(raw, "three.yaml")
+    assert spec.by_edges and spec.output.reads == ["top"] and [n.role for n in spec.nodes] == ["node"] * 3
+    assert from_dict(spec.to_dict(), "saved.yaml").edges == spec.edges     # a run's config.yaml loads back
     raw["edges"].append({"from": "top", "read": 2, "to": "z1"})
     with pytest.raises(UserError, match="cycle: z1 -> mid, mid -> z2, z2 -> top, top -> z1"):
         parse(raw, "three.yaml")

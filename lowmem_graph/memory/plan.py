@@ -586,6 +586,9 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
     budget, so the smallest budget with a plan is exact: the least such peak over all choices, or the frozen pass
     at micro-batch 1, whichever is larger.
     """
+    if spec.by_edges:
+        raise UserError(f"the memory planner plans graphs of the paper's shape so far; {spec.name} is given by its "
+                        "edges and loads every node whole on the device")
     if not isinstance(budget, int) or budget <= 0:
         raise UserError(f"the memory budget must be a positive number of bytes, got {budget!r}")
     if batch < 1 or seq < 1:

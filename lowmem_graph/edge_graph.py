@@ -1,0 +1,340 @@
+"""EdgeGraph: a graph of any shape, run from its edges (topology.py), layer by layer.
+
+Every node's decoder layers run one at a time with the calls its own model loop makes (`FrozenNode.layer_calls`),
+so nodes joined by bridges advance in lockstep: at each layer index every node of a lockstep unit first takes what
+is written into it there (a latent's norm-matched blend, a bridge's gated update), then runs the layer, then
+offers what is read at its output. Units run in the order their latents need (readers, then a middle model, then a
+top model ...). A layer whose input needs grad runs under non-reentrant checkpointing, so backprop across the frozen
+models keeps one stream per layer and node. Only the maps on the edges, the bridges' gates and the output node
+train; the frozen nodes are outside the state_dict.
+
+Objectives: "choice" (the output node scores the answer options, as in the paper) or "lm" (next-token prediction
+on plain text through the frozen LM heads of the nodes the output reads; edges read per token, aligned causally).
+The paper's shape also runs here (tests check it gives FrozenGraph's logits); FrozenGraph stays its runtime, since
+the prefix cache, the memory planner and streaming serve that shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .align import align_index, gather_tokens
+from .data import Question, format_prompt
+from .errors import UserError
+from .graph import Batch, GraphOutput, OutputNode, load_trainable
+from .nodes import FrozenNode, default_device, pool
+from .ops import fused_inject
+from .spec import GraphSpec
+from .topology import Edge, of_spec
+
+OBJECTIVES = ("choice", "lm")
+GATE_INIT = -2.0        # a bridge starts nearly closed: sigmoid(-2) = 0.12 of its update goes in
+
+
+@dataclass
+class _Site:
+    edge: Edge
+    key: str                # the edge's name among the parameters
+    read: int | None        # the source node's layer read (0-based output index)
+    write: int | None       # the target node's layer written (0-based input index)
+
+
+class EdgeGraph(nn.Module):
+    def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode], objective: str = "choice"):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.spec, self.nodes, self.objective = spec, nodes, objective
+        topology = self.topology = of_spec(spec)
+        self.reads = list(topology.reads)
+        self.refiners = self.reads          # what the output node reads (Trainer's routing names)
+        self.readers: list[str] = []        # no prefix cache here yet: every node runs at each step
+        self.sites = [self._site(i, e) for i, e in enumerate(topology.edges)]
+        self.into = {name: [s for s in self.sites if s.edge.target == name] for name in [*nodes, *topology.latents]}
+        self._check_sites()
+        self.units = self._units()
+        self.project = nn.ModuleDict({s.key: nn.Linear(nodes[s.edge.source].width, topology.latents[s.edge.target],
+                                                       bias=False)
+                                      for s in self.sites if s.edge.target in topology.latents})
+        self.bridge = nn.ModuleDict({s.key: nn.Linear(nodes[s.edge.source].width, nodes[s.edge.target].width,
+                                                      bias=False) for s in self.sites if self._is_bridge(s.edge)})
+        self.gate = nn.ParameterDict({k: nn.Parameter(torch.tensor(GATE_INIT)) for k in self.bridge})
+        dim = spec.latent_dim
+        self.readout = nn.ModuleDict({j: nn.Linear(nodes[j].width, dim, bias=False) for j in self.reads}
+                                     if objective == "choice" else {})
+        self.carry = nn.ModuleDict({s.key: nn.Linear(topology.latents[s.edge.source], nodes[s.edge.target].width,
+                                                     bias=False)
+                                    for s in self.sites if s.edge.source in topology.latents and not self._tied(s)})
+        self.output = (OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.reads))
+                       if objective == "choice" else None)
+
+    # ---- the graph's shape --------------------------------------------------------------------------------------
+    def _site(self, i: int, e: Edge) -> _Site:
+        read = write = None
+        if e.source in self.nodes:
+            n = self.nodes[e.source].n_layers
+            read = e.read - 1 if e.read > 0 else n + e.read
+            if not 0 <= read < n:
+                raise UserError(f"edge {e.source} -> {e.target}: read {e.read} is outside {e.source}'s layers 1..{n} "
+                                f"(or -1..-{n})")
+        if e.target in self.nodes:
+            n = self.nodes[e.target].n_layers
+            write = min(max(round(e.at * n), 1), n - 1) if isinstance(e.at, float) else e.at - 1
+            if not 0 <= write < n:
+                raise UserError(f"edge {e.source} -> {e.target}: at {e.at} is outside {e.target}'s layers 1..{n}")
+        return _Site(e, f"{i}-{e.source}-{e.target}", read, write)
+
+    def _is_bridge(self, e: Edge) -> bool:
+        return e.source in self.nodes and e.target in self.nodes
+
+    def _tied(self, site: _Site) -> bool:
+        """A latent enters an output-read node through that node's readout transposed (the paper's tied W_j), when
+        the spec ties and the widths agree; otherwise through a matrix of its own."""
+        return (self.spec.carry == "tied" and site.edge.target in self.readout
+                and self.topology.latents[site.edge.source] == self.spec.latent_dim)
+
+    def _check_sites(self) -> None:
+        for s in self.sites:
+            e = s.edge
+            if self._is_bridge(e) and s.write <= s.read:
+                raise UserError(f"bridge {e.source} -> {e.target}: it reads layer {s.read + 1} and writes at layer "
+                                f"{s.write + 1}; nodes in lockstep write above the layer read (at {s.read + 2} or up)")
+            if self.objective == "lm" and e.source in self.nodes and e.pooling != "token":
+                raise UserError(f"edge {e.source} -> {e.target}: pooling {e.pooling} sees the whole text, which "
+                                "next-token prediction may not: give edges out of nodes pooling: token")
+        read_from = {s.edge.source for s in self.sites if s.read is not None}
+        for name in self.nodes:
+            if name not in read_from and name not in self.reads:
+                raise UserError(f"node {name}: nothing reads it (no edge out of it, and the output node does not "
+                                "read it)")
+
+    def top(self, name: str) -> int:
+        """How many of a node's layers run: all for a node the output reads, else up to its highest read."""
+        if name in self.reads:
+            return self.nodes[name].n_layers
+        return 1 + max(s.read for s in self.sites if s.edge.source == name)
+
+    def start(self, name: str) -> int:
+        """The first layer stepped: below it nothing is written or read, so the recording pass runs it (no grad)."""
+        points = [s.write for s in self.into[name]] + [s.read for s in self.sites if s.edge.source == name]
+        return min([*points, self.top(name) - 1])
+
+    def entry(self, name: str) -> int | None:
+        """The node's lowest written layer: what runs below it depends on the input alone (None: nothing is
+        written into the node, so all of it does)."""
+        return min((s.write for s in self.into[name]), default=None)
+
+    def frozen_parts(self, name: str) -> list[tuple[str, int]]:
+        """The node's input-only results the prefix cache keeps, as (kind, 0-based layer): the stream entering its
+        entry layer ("prefix"), and each read below it, per token ("tokens") or pooled ("mean", "last"). A node
+        nothing is written into is all reads: it never runs at a step."""
+        entry = self.entry(name)
+        parts = [("prefix", entry)] if entry else []
+        for s in self.sites:
+            if s.edge.source == name and (entry is None or s.read < entry):
+                part = ("tokens" if s.edge.pooling == "token" else s.edge.pooling, s.read)
+                if part not in parts:
+                    parts.append(part)
+        return parts
+
+    def _units(self) -> list[list[str]]:
+        """Lockstep units (nodes joined by bridges) in the order their latents need them."""
+        unit = {n: n for n in self.nodes}
+
+        def find(n):
+            while unit[n] != n:
+                n = unit[n]
+            return n
+
+        for s in self.sites:
+            if self._is_bridge(s.edge):
+                unit[find(s.edge.source)] = find(s.edge.target)
+        members: dict[str, list[str]] = {}
+        for n in self.nodes:
+            members.setdefault(find(n), []).append(n)
+        needs = {u: {find(src.edge.source) for n in ns for s in self.into[n] if s.edge.source in self.topology.latents
+                     for src in self.into[s.edge.source]} for u, ns in members.items()}
+        order: list[str] = []
+        while len(order) < len(members):        # acyclic: topology.check_acyclic refused cycles already
+            order += [u for u in members if u not in order and needs[u] <= set(order)]
+        return [members[u] for u in order]
+
+    @property
+    def pairs(self) -> set[tuple[str, str]]:
+        """(source, target) node pairs whose tokens are aligned: per-token edges into a latent, and bridges."""
+        out = set()
+        for s in self.sites:
+            e = s.edge
+            if self._is_bridge(e):
+                out.add((e.source, e.target))
+            elif e.target in self.topology.latents and e.pooling == "token":
+                out |= {(e.source, t.edge.target) for t in self.sites if t.edge.source == e.target}
+        return out
+
+    # ---- building ------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None, objective: str = "choice",
+              **_) -> "EdgeGraph":
+        """Every node loaded frozen on `device` (with its LM head under the lm objective, for the nodes the output
+        reads), then the trainable parts, initialised right after `seed` is applied."""
+        device = torch.device(device) if device is not None else default_device()
+        reads = set(spec.output.reads)
+        nodes = {}
+        for node_spec in spec.nodes:
+            if progress:
+                progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
+            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), device, spec.max_length,
+                                                    logits=objective == "lm" and node_spec.name in reads)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(spec, nodes, objective).to(device)
+
+    # ---- data ----------------------------------------------------------------------------------------------------
+    def collate(self, questions: list[Question], cached: bool = False) -> Batch:
+        """Each node tokenizes the same prompts (its own tokenizer and prefix); aligned pairs get their index."""
+        if self.objective != "choice":
+            raise UserError("this graph trains with the lm objective: it scores text, not answer options")
+        too_many = [q.id for q in questions if len(q.choices) > self.spec.output.max_choices]
+        if too_many:
+            raise UserError(f"question {too_many[0]} has more choices than output.max_choices="
+                            f"{self.spec.output.max_choices}")
+        batch = self._encode([format_prompt(q) for q in questions], causal=False)
+        batch.labels = torch.tensor([q.label for q in questions])
+        batch.n_choices = torch.tensor([len(q.choices) for q in questions])
+        batch.ids = [q.id for q in questions]
+        return batch
+
+    def collate_text(self, texts: list[str], ids: list[str]) -> Batch:
+        """Plain text for the lm objective: every node tokenizes it; alignment is causal."""
+        batch = self._encode(texts, causal=True)
+        batch.ids = ids
+        return batch
+
+    def _encode(self, texts: list[str], causal: bool) -> Batch:
+        pairs = self.pairs
+        if causal:      # next-token prediction also aligns every pair of nodes (the router baseline mixes them)
+            pairs |= {(s, t) for s in self.nodes for t in self.nodes if s != t}
+        offsets_needed = {n for pair in pairs for n in pair} | (set(self.reads) if causal else set())
+        tokens, offsets = {}, {}
+        for name, node in self.nodes.items():
+            enc = node.encode(texts, offsets=name in offsets_needed)
+            tokens[name] = (enc["input_ids"], enc["attention_mask"])
+            offsets[name] = enc.get("offset_mapping")
+        align = {(s, t): align_index(offsets[s], tokens[s][1], len(self.nodes[s].spec.prefix),
+                                     offsets[t], tokens[t][1], len(self.nodes[t].spec.prefix), causal=causal)
+                 for s, t in pairs}
+        return Batch(tokens, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [], align, offsets)
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, cached: dict[str, torch.Tensor] | None = None) -> GraphOutput | dict:
+        """The choice logits (GraphOutput), or under the lm objective each read node's final states. `cached`:
+        the nodes' input-only parts from the prefix cache (`frozen_parts`, keyed by `part_key`) for this batch:
+        then each node runs from its entry layer up, and a node nothing is written into does not run."""
+        reads: dict[tuple, torch.Tensor] = {}
+        if cached:
+            for key, value in cached.items():
+                kind, name, layer = key.split(":")
+                if kind != "prefix":
+                    reads[(name, int(layer)) if kind == "tokens" else (name, int(layer), kind)] = value
+        finals: dict[str, torch.Tensor] = {}
+        for unit in self.units:
+            self._run_unit(unit, batch, reads, finals, cached)
+        if self.objective == "lm":
+            return finals
+        return self.head([finals[j] for j in self.reads], batch)
+
+    def _run_unit(self, unit: list[str], batch: Batch, reads: dict, finals: dict, cached=None) -> None:
+        """The unit's nodes layer by layer in lockstep: writes into a layer's input, the layer, reads of its output."""
+        streams, calls, starts, tops = {}, {}, {}, {}
+        for n in unit:
+            if cached and self.entry(n) is None and n not in self.reads:
+                continue        # all of it is reads, served by the cache
+            ids, mask = batch.tokens[n]
+            prefix = cached.get(part_key("prefix", n, self.entry(n))) if cached else None
+            starts[n], tops[n] = (self.entry(n) if prefix is not None else self.start(n)), self.top(n)
+            streams[n], calls[n] = self.nodes[n].layer_calls(ids, mask, start=starts[n], prefix=prefix)
+        for i in range(min(starts.values(), default=0), max(tops.values(), default=0)):
+            for n in streams:
+                if starts[n] <= i < tops[n]:
+                    for site in self.into[n]:
+                        if site.write == i:
+                            streams[n] = self._write(site, streams[n], batch, reads)
+            for n in streams:
+                if starts[n] <= i < tops[n]:
+                    streams[n] = _run_layer(calls[n][i - starts[n]], streams[n])
+                    if any(s.edge.source == n and s.read == i for s in self.sites):
+                        reads[(n, i)] = self.nodes[n].base.norm(streams[n])
+        for n in streams:
+            if n in self.reads:
+                finals[n] = self.nodes[n].base.norm(streams[n])
+
+    def _write(self, site: _Site, h: torch.Tensor, batch: Batch, reads: dict) -> torch.Tensor:
+        e = site.edge
+        if self._is_bridge(e):      # gated additive update (Residual Coupling)
+            x = gather_tokens(reads[(e.source, site.read)].float(), batch.align[(e.source, e.target)])
+            update = torch.sigmoid(self.gate[site.key]) * self.bridge[site.key](x)
+            return (h.float() + update).to(h.dtype)
+        ins = self.into[e.source]       # the latent: its inputs projected and averaged, carried in, blended
+        xs = [self._latent_input(s, e.target, batch, reads) for s in ins]
+        carry = self.readout[e.target].weight.t() if self._tied(site) else self.carry[site.key].weight
+        return fused_inject(h, xs=xs, weights=[self.project[s.key].weight for s in ins], carry=carry, blend=e.blend)
+
+    def _latent_input(self, site: _Site, target: str, batch: Batch, reads: dict) -> torch.Tensor:
+        e = site.edge
+        if (e.source, site.read, e.pooling) in reads:      # pooled by the frozen pass
+            return reads[(e.source, site.read, e.pooling)].float()
+        states = reads[(e.source, site.read)].float()
+        if e.pooling == "token":
+            return gather_tokens(states, batch.align[(e.source, target)])
+        return pool(states, batch.tokens[e.source][1], e.pooling)
+
+    def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
+        """The read nodes' final states -> readout -> the output node's choice logits."""
+        projected = [self.readout[j](final.float()) for j, final in zip(self.reads, finals)]
+        masks = [batch.tokens[j][1].to(final.device) for j, final in zip(self.reads, finals)]
+        logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
+        return GraphOutput(logits, routing)
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        load_trainable(self, state, source)
+
+
+def part_key(kind: str, node: str, layer: int) -> str:
+    """The name of one input-only part of a node, in the prefix cache's per-batch dict."""
+    return f"{kind}:{node}:{layer}"
+
+
+def _run_layer(call, hidden: torch.Tensor) -> torch.Tensor:
+    """One decoder layer as the model's loop calls it; checkpointed where its input needs grad (only the input is
+    kept; backward recomputes the layer)."""
+    layer, args, kwargs = call
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        out = checkpoint(layer, hidden, *args, use_reentrant=False, **kwargs)
+    else:
+        out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def lm_loss(node: FrozenNode, final: torch.Tensor, batch: Batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL, number of predicted tokens) of a node over the text (not its framing prefix, not
+    padding), through its frozen LM head."""
+    ids, mask = batch.tokens[name]
+    ids, mask = ids.to(final.device), mask.to(final.device)
+    offsets = (batch.offsets or {}).get(name)
+    if offsets is not None:
+        end = offsets[..., 1].to(final.device) - len(node.spec.prefix)
+        is_text = (end > 0) & (offsets[..., 1] > offsets[..., 0]).to(final.device) & mask.bool()
+    else:
+        is_text = mask.bool()
+        is_text[:, 0] = False
+    targets = is_text[:, 1:]
+    logits = node.logits(final[:, :-1][targets])
+    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][targets], reduction="sum")
+    return nll, targets.sum()

@@ -1,0 +1,180 @@
+"""The edge runtime: graphs of any shape, lockstep bridges, the lm objective and its baselines."""
+import copy
+
+import pytest
+import torch
+
+from lowmem_graph.align import align_index, gather_tokens
+from lowmem_graph.edge_graph import EdgeGraph
+from lowmem_graph.errors import UserError
+from lowmem_graph.graph import FrozenGraph
+from lowmem_graph.spec import from_dict, load_spec
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+def _coupled_raw(**edge):
+    bridge = {"read": 2, "pooling": "token", "at": 3, "kind": "bridge", **edge}
+    return {"name": "pair", "max_length": 64,
+            "nodes": [{"name": "llama", "model": "tiny:llama"}, {"name": "mistral", "model": "tiny:mistral"}],
+            "edges": [{"from": "llama", "to": "mistral", **bridge}, {"from": "mistral", "to": "llama", **bridge}],
+            "output": {"reads": ["llama", "mistral"]}}
+
+
+@pytest.fixture(scope="module")
+def coupled():
+    """The two tiny models of examples/residual_coupling.yaml with their LM heads, coupled both ways."""
+    return EdgeGraph.build(from_dict(_coupled_raw(), "pair.yaml"), "cpu", seed=0, objective="lm")
+
+
+def test_the_paper_shape_on_the_edge_runtime_is_frozen_graph_exactly(tiny_spec, tiny_graph, questions):
+    """Same weights, same logits and gradients, bit for bit: stepping layers one at a time with the model's own
+    recorded calls is the model's forward."""
+    edge = EdgeGraph(tiny_spec, tiny_graph.nodes)
+    state = {k.replace(f"read_proj.{r}.", f"project.{i}-{r}-z."): v
+             for k, v in tiny_graph.state_dict().items() for i, r in [next(
+                 ((i, r) for i, r in enumerate(tiny_graph.readers) if k.startswith(f"read_proj.{r}.")), (0, "-"))]}
+    edge.load_trainable(state, "test")
+    assert sum(p.numel() for p in edge.parameters()) == sum(p.numel() for p in tiny_graph.parameters())
+    losses = []
+    for graph in (tiny_graph, edge):
+        batch = graph.collate(questions[:6])
+        loss = torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels)
+        loss.backward()
+        losses.append((graph(batch).logits.detach(), loss.item()))
+    (a, la), (b, lb) = losses
+    assert la == lb and torch.equal(a, b)
+    for i, r in enumerate(tiny_graph.readers):
+        assert torch.equal(tiny_graph.read_proj[r].weight.grad, edge.project[f"{i}-{r}-z"].weight.grad)
+    assert torch.equal(tiny_graph.readout["phi3"].weight.grad, edge.readout["phi3"].weight.grad)
+
+
+def test_three_layers_trains_end_to_end_and_the_signal_crosses_two_frozen_models(tmp_path):
+    from lowmem_graph.cli import main
+
+    spec = load_spec(EXAMPLES / "three_layers.yaml")
+    graph = EdgeGraph.build(spec, "cpu", seed=0)
+    assert [u for u in graph.units] == [["llama"], ["qwen2"], ["gemma2"], ["mistral"]]
+    from lowmem_graph.data import load_task
+
+    batch = graph.collate(load_task("arc-easy", "train", limit=4))
+    torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels).backward()
+    # the readers' maps learn through gemma2's and mistral's upper layers
+    assert graph.project["0-llama-z1"].weight.grad.abs().sum() > 0
+    assert graph.carry["2-z1-gemma2"].weight.grad.abs().sum() > 0
+    run = tmp_path / "three"
+    assert main(["train", "--graph", str(EXAMPLES / "three_layers.yaml"), "--run-dir", str(run), "--epochs", "1",
+                 "--limit-train", "16", "--limit-eval", "8", "--no-progress"]) == 0
+    assert (run / "trainable.safetensors").is_file() and (run / "curves.png").is_file()
+    assert main(["eval", str(run), "--split", "validation", "--limit", "4", "--no-progress"]) == 0
+
+
+def test_closed_gates_give_each_model_alone(coupled):
+    graph = copy.deepcopy(coupled)
+    with torch.no_grad():
+        for gate in graph.gate.values():
+            gate.fill_(-float("inf"))
+    batch = graph.collate_text(["Plants need sunlight to grow.", "A magnet attracts iron nails."], ["a", "b"])
+    finals = graph(batch)
+    for name, node in graph.nodes.items():
+        alone = node.run(*batch.tokens[name])
+        mask = batch.tokens[name][1].bool()
+        assert torch.allclose(finals[name][mask], alone[mask], atol=1e-5)
+
+
+def test_coupled_models_stay_causal(coupled):
+    """Next-token prediction: a model's states at a token never depend on text after it, though the two models
+    tokenize differently and exchange states both ways (the bridges' alignment is causal)."""
+    graph = copy.deepcopy(coupled)
+    with torch.no_grad():
+        for gate in graph.gate.values():
+            gate.fill_(3.0)             # open: the bridges carry a lot
+    head = "The moon orbits the earth"
+    batch = graph.collate_text([head + " once a month.", head + " because of gravity, slowly."], ["a", "b"])
+    finals = graph(batch)
+    for name in graph.nodes:
+        ends = batch.offsets[name][..., 1]
+        same = (ends[0] <= len(head)) & (ends[0] > 0) & batch.tokens[name][1][0].bool()
+        assert same.sum() >= 3
+        assert torch.allclose(finals[name][0][same], finals[name][1][same], atol=1e-5)
+        assert not torch.allclose(finals[name][0], finals[name][1][: finals[name].shape[1]], atol=1e-3)
+
+
+def test_causal_alignment_never_reads_ahead():
+    # source tokens "The|mo|on" against destination tokens "Th|e|moon": each destination token reads the last
+    # source token that ends where it ends or before; "Th" has none (-1, zeros)
+    src = torch.tensor([[[0, 3], [4, 6], [6, 8]]])
+    dst = torch.tensor([[[0, 2], [2, 3], [4, 8]]])
+    ones = torch.ones(1, 3, dtype=torch.long)
+    index = align_index(src, ones, 0, dst, ones, 0, causal=True)
+    assert index.tolist() == [[-1, 0, 2]]
+    states = torch.arange(6.0).view(1, 3, 2) + 1
+    assert gather_tokens(states, index).tolist() == [[[0, 0], [1, 2], [5, 6]]]
+    assert align_index(src, ones, 0, dst, ones, 0).tolist() == [[0, 0, 2]]     # not causal: the old rule
+
+
+def test_bridges_and_objectives_are_checked():
+    with pytest.raises(UserError, match="writes above the layer it reads"):
+        from_dict(_coupled_raw(read=3, at=3), "pair.yaml")
+    spec = from_dict(_coupled_raw(read=-1, at=4), "pair.yaml")       # -1 is layer 4 of 4: refused at build
+    with pytest.raises(UserError, match="reads layer 4 and writes at layer 4"):
+        EdgeGraph.build(spec, "cpu")
+    with pytest.raises(UserError, match="pooling mean sees the whole text"):
+        EdgeGraph.build(from_dict(_coupled_raw(pooling="mean"), "pair.yaml"), "cpu", objective="lm")
+    with pytest.raises(UserError, match="runs on graphs given by their edges"):
+        FrozenGraph.build(load_spec(EXAMPLES / "three_layers.yaml"), "cpu", objective="lm")
+
+
+def test_lm_compares_coupling_with_each_model_alone_and_a_router(tmp_path):
+    """examples/residual_coupling.yaml under one protocol: the three variants run, their figures are written, and
+    training lowers the perplexity below the frozen models'."""
+    import json
+
+    from lowmem_graph.cli import main
+
+    run = tmp_path / "rc"
+    assert main(["train", "--graph", str(EXAMPLES / "residual_coupling.yaml"), "--compare", "--run-dir", str(run),
+                 "--epochs", "1", "--limit-train", "48", "--limit-eval", "16", "--no-progress"]) == 0
+    results = json.loads((run / "lm-results.json").read_text())
+    assert list(results) == ["alone", "router", "coupled"]
+    assert results["alone"]["trainable"] == 0 and results["coupled"]["trainable"] == 2 * 64 * 128 + 2
+    for node in ("llama", "mistral"):
+        assert results["coupled"]["perplexity"][node] < results["alone"]["perplexity"][node]
+        assert results["router"]["perplexity"][node] < results["alone"]["perplexity"][node]
+    closed = float(torch.sigmoid(torch.tensor(-2.0)))
+    assert all(abs(g - closed) > 1e-6 for g in results["coupled"]["gates"].values())      # the gates learned
+    assert (run / "lm-comparison.png").stat().st_size > 5_000
+    assert (run / "weights-coupled.safetensors").is_file() and (run / "weights-router.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in records} == {"alone", "router", "coupled"}
+
+
+def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(tmp_path, coupled):
+    """Readers' reads, and every steered node's stream entering its lowest written layer, are input-only: the
+    frozen pass caches them, and a step from the cache gives what a step without it does."""
+    from lowmem_graph.cache import PrefixCache
+    from lowmem_graph.data import load_task
+    from lowmem_graph.frozen_pass import run_edge_frozen_pass, run_frozen_pass
+
+    cache = PrefixCache(tmp_path)
+    three = EdgeGraph.build(load_spec(EXAMPLES / "three_layers.yaml"), "cpu", seed=0)
+    assert {n: three.frozen_parts(n) for n in three.nodes} == {
+        "llama": [("mean", 3)], "qwen2": [("mean", 3)], "gemma2": [("prefix", 2)], "mistral": [("prefix", 2)]}
+    questions = load_task("arc-easy", "train", limit=6)
+    states = run_frozen_pass(three, questions, cache, None, 4, False)
+    batch = three.collate(questions)
+    plain, cached = three(batch).logits, three(batch, *states.for_batch(three, batch)).logits
+    finite = torch.isfinite(plain)
+    assert torch.allclose(plain[finite], cached[finite], atol=1e-6) and torch.equal(finite, torch.isfinite(cached))
+
+    assert coupled.frozen_parts("llama") == [("prefix", 2), ("tokens", 1)]     # bridges read 2, write 3
+    items = [("a", "Plants need light to grow."), ("b", "Iron is a metal that rusts in water.")]
+    states = run_edge_frozen_pass(coupled, items, cache, 4, False)
+    batch = coupled.collate_text([t for _, t in items], [i for i, _ in items])
+    plain, cached = coupled(batch), coupled(batch, *states.for_batch(coupled, batch))
+    for name in coupled.nodes:
+        real = batch.tokens[name][1].bool()
+        assert torch.equal(plain[name][real], cached[name][real])
+    assert len(list(tmp_path.iterdir())) == 4 + 4       # one entry per part; the second pass reuses them
+    run_edge_frozen_pass(coupled, items, cache, 4, False)
+    assert len(list(tmp_path.iterdir())) == 8
