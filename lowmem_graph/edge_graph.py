@@ -70,6 +70,9 @@ class EdgeGraph(nn.Module):
                                     for s in self.sites if s.edge.source in topology.latents and not self._tied(s)})
         self.output = (OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.reads))
                        if objective == "choice" else None)
+        # each layer whose input needs grad runs under checkpoint; a memory plan's placement turns this off while
+        # its streamers checkpoint the plan's layer groups (memory/placement.py)
+        self.checkpoint_layers = True
 
     # ---- the graph's shape --------------------------------------------------------------------------------------
     def _site(self, i: int, e: Edge) -> _Site:
@@ -123,9 +126,22 @@ class EdgeGraph(nn.Module):
         return min([*points, self.top(name) - 1])
 
     def entry(self, name: str) -> int | None:
-        """The node's lowest written layer: what runs below it depends on the input alone (None: nothing is
-        written into the node, so all of it does)."""
-        return min((s.write for s in self.into[name]), default=None)
+        """The first layer a step runs of the node: its lowest written layer, below which everything depends on
+        the input alone (the prefix cache keeps it); for a node the output reads and nothing writes into, its last
+        layer read; None for a node only read below any write (the cache holds all of it)."""
+        lowest = min((s.write for s in self.into[name]), default=None)
+        if lowest is None and name in self.reads:
+            return self.top(name) - 1
+        return lowest
+
+    def stepped_layers(self) -> dict[str, tuple[int, int]]:
+        """Node -> [first, top): the layers a step from the prefix cache runs (what a memory plan places)."""
+        return {n: (self.entry(n), self.top(n)) for n in self.nodes if self.entry(n) is not None}
+
+    def cuts(self, name: str) -> tuple[int, ...]:
+        """Layers where a checkpointed group must start: the stream is written there, or read just below."""
+        return tuple(sorted({s.write for s in self.into[name]}
+                            | {s.read + 1 for s in self.sites if s.edge.source == name}))
 
     def frozen_parts(self, name: str) -> list[tuple[str, int]]:
         """The node's input-only results the prefix cache keeps, as (kind, 0-based layer): the stream entering its
@@ -176,17 +192,19 @@ class EdgeGraph(nn.Module):
 
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None, objective: str = "choice",
-              **_) -> "EdgeGraph":
-        """Every node loaded frozen on `device` (with its LM head under the lm objective, for the nodes the output
-        reads), then the trainable parts, initialised right after `seed` is applied."""
+    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None, load_device=None,
+              objective: str = "choice") -> "EdgeGraph":
+        """Every node loaded frozen onto `load_device` (default: `device`; a memory plan's placement says where),
+        computing in `device`'s dtype, with its LM head under the lm objective for the nodes the output reads;
+        then the trainable parts on `device`, initialised right after `seed` is applied."""
         device = torch.device(device) if device is not None else default_device()
         reads = set(spec.output.reads)
         nodes = {}
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), device, spec.max_length,
+            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or device,
+                                                    spec.max_length, compute_device=device,
                                                     logits=objective == "lm" and node_spec.name in reads)
         if seed is not None:
             torch.manual_seed(seed)
@@ -250,7 +268,7 @@ class EdgeGraph(nn.Module):
         """The unit's nodes layer by layer in lockstep: writes into a layer's input, the layer, reads of its output."""
         streams, calls, starts, tops = {}, {}, {}, {}
         for n in unit:
-            if cached and self.entry(n) is None and n not in self.reads:
+            if cached and self.entry(n) is None:
                 continue        # all of it is reads, served by the cache
             ids, mask = batch.tokens[n]
             prefix = cached.get(part_key("prefix", n, self.entry(n))) if cached else None
@@ -264,7 +282,7 @@ class EdgeGraph(nn.Module):
                             streams[n] = self._write(site, streams[n], batch, reads)
             for n in streams:
                 if starts[n] <= i < tops[n]:
-                    streams[n] = _run_layer(calls[n][i - starts[n]], streams[n])
+                    streams[n] = _run_layer(calls[n][i - starts[n]], streams[n], self.checkpoint_layers)
                     if any(s.edge.source == n and s.read == i for s in self.sites):
                         reads[(n, i)] = self.nodes[n].base.norm(streams[n])
         for n in streams:
@@ -311,30 +329,35 @@ def part_key(kind: str, node: str, layer: int) -> str:
     return f"{kind}:{node}:{layer}"
 
 
-def _run_layer(call, hidden: torch.Tensor) -> torch.Tensor:
+def _run_layer(call, hidden: torch.Tensor, checkpointed: bool = True) -> torch.Tensor:
     """One decoder layer as the model's loop calls it; checkpointed where its input needs grad (only the input is
     kept; backward recomputes the layer)."""
     layer, args, kwargs = call
-    if torch.is_grad_enabled() and hidden.requires_grad:
+    if checkpointed and torch.is_grad_enabled() and hidden.requires_grad:
         out = checkpoint(layer, hidden, *args, use_reentrant=False, **kwargs)
     else:
         out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def lm_loss(node: FrozenNode, final: torch.Tensor, batch: Batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token NLL, number of predicted tokens) of a node over the text (not its framing prefix, not
-    padding), through its frozen LM head."""
+def target_mask(node: FrozenNode, batch: Batch, name: str) -> torch.Tensor:
+    """(B, T - 1): which next tokens a node predicts: those of the text (not its framing prefix, specials or
+    padding)."""
     ids, mask = batch.tokens[name]
-    ids, mask = ids.to(final.device), mask.to(final.device)
     offsets = (batch.offsets or {}).get(name)
     if offsets is not None:
-        end = offsets[..., 1].to(final.device) - len(node.spec.prefix)
-        is_text = (end > 0) & (offsets[..., 1] > offsets[..., 0]).to(final.device) & mask.bool()
+        end = offsets[..., 1] - len(node.spec.prefix)
+        is_text = (end > 0) & (offsets[..., 1] > offsets[..., 0]) & mask.bool()
     else:
-        is_text = mask.bool()
+        is_text = mask.bool().clone()
         is_text[:, 0] = False
-    targets = is_text[:, 1:]
+    return is_text[:, 1:]
+
+
+def lm_loss(node: FrozenNode, final: torch.Tensor, batch: Batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL, number of predicted tokens) of a node over the text, through its frozen LM head."""
+    ids = batch.tokens[name][0].to(final.device)
+    targets = target_mask(node, batch, name).to(final.device)
     logits = node.logits(final[:, :-1][targets])
     nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][targets], reduction="sum")
     return nll, targets.sum()

@@ -21,7 +21,7 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
 
     if isinstance(graph, EdgeGraph):
         return run_edge_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions], cache, batch_size,
-                                    progress)
+                                    progress, placement)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
@@ -66,10 +66,12 @@ def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, p
 
 
 def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, batch_size: int = 16,
-                         progress: bool = True) -> EdgeStates:
+                         progress: bool = True, placement=None) -> EdgeStates:
     """The frozen pass of a graph given by its edges over (id, text) items: each node's input-only parts
-    (`EdgeGraph.frozen_parts`: the stream entering its lowest written layer, the reads below it), one entry each.
-    Every node sits on the device already (the edge runtime has no memory plan)."""
+    (`EdgeGraph.frozen_parts`: the stream entering its lowest written layer, the reads below it), one entry each,
+    the node placed as `placement` says (its layers up to the highest part; None: the nodes are on the device)."""
+    import contextlib
+
     from .edge_graph import _run_layer, part_key
     from .nodes import pool
 
@@ -79,7 +81,9 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
     data = fingerprint(list(zip(ids, texts)))
     entries = {}
     for name, node in graph.nodes.items():
-        for kind, layer in graph.frozen_parts(name):
+        parts = graph.frozen_parts(name)
+        needed = max((layer + (kind != "prefix") for kind, layer in parts), default=0)
+        for kind, layer in parts:
             key = entry_key(node, (kind, layer), data)
             entry = cache.load(key)
             if entry is None:
@@ -104,7 +108,9 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
                             out = pool(h.float(), mask, kind)[:, None] if pooled else h
                         yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
 
-                entry = cache.save(key, rows(), order, {"node": name, "model": node.spec.model,
-                                                        "what": (kind, layer)}, expected)
+                placed = placement.frozen_pass(node, needed) if placement else contextlib.nullcontext()
+                with placed:
+                    entry = cache.save(key, rows(), order, {"node": name, "model": node.spec.model,
+                                                            "what": (kind, layer)}, expected)
             entries[part_key(kind, name, layer)] = entry
     return EdgeStates({i: r for r, i in enumerate(ids)}, entries)

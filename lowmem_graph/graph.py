@@ -113,6 +113,10 @@ class FrozenGraph(nn.Module):
             torch.manual_seed(seed)
         return cls(spec, nodes).to(device)
 
+    def stepped_layers(self) -> dict[str, tuple[int, int]]:
+        """Refiner -> [first, top): the layers a step from the prefix cache runs (what a memory plan places)."""
+        return {j: (self.nodes[j].inject_layer, self.nodes[j].n_layers) for j in self.refiners}
+
     def carry_weight(self, refiner: str) -> torch.Tensor:
         """(d_j, latent): tied to the refiner's readout (the paper's 5 matrices) or a matrix of its own."""
         return self.carry[refiner].weight if self.spec.carry == "separate" else self.readout[refiner].weight.t()

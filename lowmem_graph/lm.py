@@ -17,6 +17,7 @@ facts give every tenth passage to `validation` and the rest to `train`; a hub da
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from torch import nn
 
 from .align import gather_tokens
 from .data import bundled_dir, parse_columns
-from .edge_graph import EdgeGraph, lm_loss
+from .edge_graph import EdgeGraph, lm_loss, target_mask
 from .errors import UserError
 from .files import atomic_file
 from .graph import autocast
@@ -150,7 +151,7 @@ def batch_loss(graph: EdgeGraph, finals: dict[str, torch.Tensor], batch) -> tupl
 def perplexity(graph: EdgeGraph, variant: str, texts, batch_size: int, router=None, progress=True,
                states=None) -> dict:
     """Each read node's perplexity over `texts` (exp of its mean NLL per token)."""
-    device = next(iter(graph.nodes.values())).device
+    device = next(graph.parameters()).device
     totals = {j: [0.0, 0] for j in graph.reads}
     starts = range(0, len(texts), batch_size)
     for start in bar(starts, len(starts), f"eval {variant} batch", progress):
@@ -165,13 +166,14 @@ def perplexity(graph: EdgeGraph, variant: str, texts, batch_size: int, router=No
 
 
 def fit(graph: EdgeGraph, variant: str, train, evals, cfg, log=print, progress=True, stop=None,
-        metrics: Path | None = None, states=(None, None)) -> dict:
+        metrics: Path | None = None, states=(None, None), micro_batch: int | None = None) -> dict:
     """Train a variant's parameters (none for alone) on `train`, evaluating on `evals` after each epoch. `states`:
-    the frozen pass over each (the coupled graph then runs each node from its lowest written layer up)."""
+    the frozen pass over each (the coupled graph then runs each node from its lowest written layer up).
+    `micro_batch` (a memory plan's): each step's passages in micro-batches, gradients summed to the batch's."""
     train_states, eval_states = states
     from .train import _schedule
 
-    device = next(iter(graph.nodes.values())).device
+    device = next(graph.parameters()).device
     router = None
     if variant == "router":
         torch.manual_seed(cfg.seed)
@@ -194,16 +196,23 @@ def fit(graph: EdgeGraph, variant: str, train, evals, cfg, log=print, progress=T
             if stop is not None:
                 stop.in_loop = True
             chunk = [train[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            batch = graph.collate_text([t for _, t in chunk], [i for i, _ in chunk])
-            with autocast(device):
-                loss, _ = batch_loss(graph, final_states(graph, variant, batch, router, train_states), batch)
+            micro = micro_batch or len(chunk)
+            batches = [graph.collate_text([t for _, t in chunk[m:m + micro]], [i for i, _ in chunk[m:m + micro]])
+                       for m in range(0, len(chunk), micro)]
+            counts = {j: sum(int(target_mask(graph.nodes[j], b, j).sum()) for b in batches) for j in graph.reads}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for batch in batches:           # the batch's mean per-token NLL, summed over its micro-batches
+                with autocast(device):
+                    _, per_node = batch_loss(graph, final_states(graph, variant, batch, router, train_states), batch)
+                    loss = sum(nll / max(counts[j], 1) for j, (nll, _) in per_node.items()) / len(per_node)
+                loss.backward()
+                step_loss += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(step_loss)
             _append(metrics, {"variant": variant, "step": step, "loss": losses[-1]})
             if stop is not None:
                 stop.in_loop = False
@@ -221,7 +230,7 @@ def fit(graph: EdgeGraph, variant: str, train, evals, cfg, log=print, progress=T
     result["steps"] = step
     result["state"] = {k: v.detach().cpu() for k, v in (router or graph).state_dict().items()}
     if variant == "coupled":
-        result["gates"] = {k: float(torch.sigmoid(g)) for k, g in graph.gate.items()}
+        result["gates"] = {k: float(torch.sigmoid(g.detach())) for k, g in graph.gate.items()}
     return result
 
 
@@ -241,7 +250,8 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
     more than one variant ran, lm-comparison.png."""
     from safetensors.torch import save_file
 
-    from .train import Interrupted, StopSignals, claim_run_dir, save_config
+    from .tiny import cache_root
+    from .train import Interrupted, PlacedGraph, StopSignals, claim_run_dir, save_config
 
     if not spec.by_edges:
         raise UserError(f"the lm objective runs on graphs given by their edges; {spec.name} has the paper's shape "
@@ -258,26 +268,29 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
     log(f"run folder: {run_dir}")
     log(f"data: {len(train):,} training passages ({cfg.task}, {cfg.train_split}), {len(evals):,} evaluated "
         f"({cfg.eval_task or cfg.task}, {cfg.eval_split}); next-token prediction; variants {', '.join(variants)}")
-    device = cfg.resolved_device()
-    from .train import describe_device
-
-    log(describe_device(device, cfg))
-    graph = EdgeGraph.build(spec, device, progress=log if progress else None, seed=cfg.seed, objective="lm")
+    if cfg.objective != "lm":
+        cfg = dataclasses.replace(cfg, objective="lm")
+    if cfg.gpu_mem and set(variants) - {"coupled"}:
+        raise UserError("--compare with --gpu-mem: the baselines run every model whole on the device; compare "
+                        "without a memory plan, or train the coupled graph alone under it")
+    placed = PlacedGraph(spec, cfg, log, progress)      # loads the nodes (on the host under a plan)
+    graph = placed.graph
     metrics = run_dir / "metrics.jsonl"
     states = (None, None)
-    if cfg.prefix_cache and "coupled" in variants:
-        from .cache import PrefixCache
-        from .frozen_pass import run_edge_frozen_pass
-        from .tiny import cache_root
-
-        cache = PrefixCache(cfg.cache_dir or cache_root() / "prefix", log=log)
-        log(f"prefix cache: {cache.root} (each node's layers below its lowest bridge or latent)")
-        states = tuple(run_edge_frozen_pass(graph, items, cache, cfg.batch_size, progress) for items in (train, evals))
+    if placed.cached and "coupled" in variants:
+        log(f"prefix cache: {cfg.cache_dir or cache_root() / 'prefix'} (each node's layers below its lowest edge in)")
+        states = tuple(placed.frozen_items(train, evals))
     results = {}
     with StopSignals() as stop:
         try:
             for variant in variants:
-                result = fit(graph, variant, train, evals, cfg, log, progress, stop, metrics, states)
+                if variant == "coupled":
+                    placed.start_steps()
+                try:
+                    result = fit(graph, variant, train, evals, cfg, log, progress, stop, metrics, states,
+                                 placed.micro_batch)
+                finally:
+                    placed.stop_steps()
                 state = result.pop("state", None)
                 if state:
                     save_file({k: v.contiguous() for k, v in state.items()}, str(run_dir / f"weights-{variant}.safetensors"))

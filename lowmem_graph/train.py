@@ -276,15 +276,13 @@ class PlacedGraph:
         log(describe_device(self.device, cfg))
         self.plan = None
         self.cached = cfg.prefix_cache
-        if spec.by_edges and cfg.gpu_mem:
-            raise UserError(f"--gpu-mem: the memory planner plans graphs of the paper's shape so far; {spec.name} is "
-                            "given by its edges and loads every node whole (leave out --gpu-mem)")
         if cfg.gpu_mem:
             from .memory.plan import format_plan, make_plan, parse_size
 
             if not cfg.prefix_cache:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
-            self.plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
+            planned = dataclasses.replace(spec, train={**spec.train, "objective": cfg.objective})
+            self.plan = make_plan(planned, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
             log(format_plan(self.plan, spec))
         self.placement = Placement(self.device, self.plan)
         runtime = EdgeGraph if spec.by_edges else FrozenGraph
@@ -308,6 +306,18 @@ class PlacedGraph:
         batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
         return [run_frozen_pass(self.graph, questions, cache, self.placement, batch, self.progress)
                 for questions in question_sets]
+
+    def frozen_items(self, *item_sets: list[tuple[str, str]]) -> list:
+        """The frozen pass of a graph given by its edges over (id, text) items (the lm objective's passages)."""
+        from .cache import PrefixCache
+        from .frozen_pass import run_edge_frozen_pass
+        from .tiny import cache_root
+
+        self.stop_steps()
+        cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
+        batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
+        return [run_edge_frozen_pass(self.graph, items, cache, batch, self.progress, self.placement)
+                for items in item_sets]
 
     def start_steps(self) -> None:
         """The refiners' upper layers placed for training and evaluation (resident or streamed)."""

@@ -178,3 +178,81 @@ def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(
     assert len(list(tmp_path.iterdir())) == 4 + 4       # one entry per part; the second pass reuses them
     run_edge_frozen_pass(coupled, items, cache, 4, False)
     assert len(list(tmp_path.iterdir())) == 8
+
+
+def _forced_plan(spec, resident_stepped=(2,)):
+    """The tiny pair fits any budget whole, so the plan is forced: at a step each node's layers 2 and 3 (a bridge
+    writes at 3, so layer 3 starts a group) in groups of one, `resident_stepped` on the device and the rest streamed;
+    in the frozen pass layer 0 resident and layer 1 streamed; micro-batches of 4."""
+    import dataclasses
+
+    from lowmem_graph.memory import plan as planning
+    from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
+
+    real = planning.make_plan(spec, planning.parse_size("1G"), 8, spec.max_length)
+    groups = [GroupPlan(n, i, i + 1, 0, resident=i in resident_stepped) for n in ("llama", "mistral") for i in (2, 3)]
+    frozen = {name: FrozenPlacement([GroupPlan(name, i, i + 1, 0, resident=i == 0) for i in (0, 1)], 2,
+                                    placed.breakdown) for name, placed in real.frozen.items()}
+    return dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2, frozen=frozen)
+
+
+def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_path, monkeypatch):
+    """Residual Coupling under a memory plan: both nodes on the host, their frozen layers streamed through the
+    frozen pass, their upper layers (in lockstep, a bridge each way) checkpointed in groups that start where a
+    bridge writes, one resident and one streamed per node, micro-batches of 4: the same losses and perplexities as
+    the run with everything on the device."""
+    import json
+
+    from lowmem_graph.lm import train_lm
+    from lowmem_graph.memory import plan as planning
+    from lowmem_graph.memory import stream
+    from lowmem_graph.train import TrainConfig
+
+    spec = load_spec(EXAMPLES / "residual_coupling.yaml")
+    assert planning.make_plan(spec, planning.parse_size("1G"), 8, 128).groups[0].first == 2   # the plan starts at 2
+    forced = _forced_plan(spec)
+    monkeypatch.setattr(planning, "make_plan", lambda *a, **k: forced)
+    made = []
+
+    class Recorded(stream.LayerStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    base = {**spec.train, "limit_train": 24, "limit_eval": 8, "epochs": 1, "batch_size": 8}
+    quiet = dict(progress=False, log=lambda *_: None)
+    planned = train_lm(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
+                       tmp_path / "planned", **quiet)
+    steps = [s for s in made if s.checkpoint.groups[0][0] == 2]
+    frozen = [s for s in made if s not in steps]
+    assert len(steps) == 2 and all(s.loads > 0 and s.slots == [] for s in steps)     # one per node, released
+    assert all(s.loads > 0 for s in frozen) and len(frozen) >= 2
+    plain = train_lm(spec, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / "c2")}), tmp_path / "plain",
+                     **quiet)
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    torch.testing.assert_close(losses(tmp_path / "planned"), losses(tmp_path / "plain"), rtol=1e-4, atol=1e-5)
+    for node in ("llama", "mistral"):
+        assert planned["coupled"]["perplexity"][node] == pytest.approx(plain["coupled"]["perplexity"][node], rel=1e-4)
+
+
+def test_the_planner_plans_each_node_from_its_lowest_incoming_edge():
+    """The plan places the layers a step runs (from each node's lowest written layer to its highest read), with
+    groups cut where an edge reads or writes, and the frozen pass of the layers below."""
+    from lowmem_graph.memory.plan import _split, make_plan, parse_size
+
+    assert [(g.first, g.last) for g in _split("n", [1] * 8, 2, 8, 4, cuts=(3, 6))] == [(2, 3), (3, 6), (6, 8)]
+    three = make_plan(load_spec(EXAMPLES / "three_layers.yaml"), parse_size("1G"), 8, 192)
+    assert {(g.node, g.first) for g in three.groups} == {("gemma2", 2), ("mistral", 2)}    # readers: cache only
+    assert {name: p.groups[-1].last for name, p in three.frozen.items()} == {
+        "llama": 4, "qwen2": 4, "gemma2": 2, "mistral": 2}
+    raw = _coupled_raw(read=3, at=4)        # a bridge reads layer 3 and writes at 4, a second one at 3 ...
+    raw["edges"].append({"from": "llama", "to": "mistral", "read": 1, "at": 3, "kind": "bridge",
+                         "pooling": "token"})
+    pair = make_plan(from_dict(raw, "pair.yaml"), parse_size("1G"), 8, 64)
+    cuts = {(g.node, g.first) for g in pair.groups}
+    assert ("mistral", 2) in cuts and ("mistral", 3) in cuts and ("llama", 3) in cuts    # ... each starts a group
+    assert {g.node for g in pair.groups} == {"llama", "mistral"}      # lockstep nodes sized together

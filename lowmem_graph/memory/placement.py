@@ -31,6 +31,7 @@ class Placement:
         self.device = _exact(torch.device(device))
         self.plan = plan
         self.streamers: list[stream.LayerStreamer] = []
+        self._stepping = None       # an edge-runtime graph whose layers the streamers checkpoint
         from .schedule import Kept
 
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
@@ -42,8 +43,9 @@ class Placement:
         return torch.device("cpu") if self.plan is not None else self.device
 
     @contextlib.contextmanager
-    def frozen_pass(self, node: FrozenNode):
-        """Node `node` on the device for the block, as the plan places its frozen-pass layers; back on the host after.
+    def frozen_pass(self, node: FrozenNode, needed: int | None = None):
+        """Node `node` on the device for the block, as the plan places its frozen-pass layers (its first `needed`:
+        by default a reader's up to its read layer, a refiner's below its injection); back on the host after.
         Without a plan (the node already lives on the device) nothing moves. Yields the LayerStreamer that placed
         the layers, or None."""
         home = _exact(node.base.get_input_embeddings().weight.device)
@@ -51,7 +53,8 @@ class Placement:
         if placement is None and home == self.device:
             yield None
             return
-        needed = node.read_layer + 1 if node.spec.role == "reader" else node.inject_layer
+        if needed is None:
+            needed = node.read_layer + 1 if node.spec.role == "reader" else node.inject_layer
         if placement is None:
             groups, resident, slots = ([list(range(needed))] if needed else []), {0}, 1
         else:
@@ -83,12 +86,12 @@ class Placement:
         if self.plan is None or self.streamers:
             return
         try:
-            for name in graph.refiners:
+            for name, (first, _) in graph.stepped_layers().items():
                 node = graph.nodes[name]
                 mine = [g for g in self.plan.groups if g.node == name]
-                if not mine or mine[0].first != node.inject_layer:
-                    raise RuntimeError(f"the plan's groups for {name} do not start at its injection layer "
-                                       f"{node.inject_layer}")
+                if not mine or mine[0].first != first:
+                    raise RuntimeError(f"the plan's groups for {name} do not start at the first layer a step runs, "
+                                       f"{first}")
                 for part in norm_and_rotary(node):
                     part.to(self.device)
                 node.device = self.device
@@ -99,17 +102,25 @@ class Placement:
         except BaseException:
             self.stop_steps()
             raise
+        if hasattr(graph, "checkpoint_layers"):     # the edge runtime: the plan's groups checkpoint, not each layer
+            graph.checkpoint_layers = False
+            self._stepping = graph
 
     def stop_steps(self) -> None:
         """Give back what `start_steps` placed: streamers detach (their pinned slabs unregister)."""
         for streamer in self.streamers:
             streamer.detach()
         self.streamers = []
+        if getattr(self, "_stepping", None) is not None:
+            self._stepping.checkpoint_layers = True
+            self._stepping = None
 
 
 def norm_and_rotary(node: FrozenNode) -> list[torch.nn.Module]:
-    """The small parts a node's upper layers need beside them on the device: the final norm, rotary tables."""
-    return [m for m in (node.base.norm, getattr(node.base, "rotary_emb", None)) if m is not None]
+    """The small parts a node's upper layers need beside them on the device: the final norm, rotary tables, and
+    the LM head of a node that predicts tokens (the lm objective)."""
+    return [m for m in (node.base.norm, getattr(node.base, "rotary_emb", None), node.model.get_output_embeddings())
+            if m is not None]
 
 
 def _exact(device: torch.device) -> torch.device:

@@ -217,6 +217,11 @@ class _Node:
     masks: int = 1               # 4-D masks a forward builds: one per kind of layer (Gemma-2: sliding and full)
     quant: str = "nf4"           # the node's frozen weight format
     embedding_bytes: int = 0     # the input embedding table (bf16 under NF4), kept in host memory
+    top: int = 0                 # layers [inject, top) run at a step (0: all of them)
+    cuts: tuple[int, ...] = ()   # graphs given by edges: layers where a group must start (an edge writes there,
+                                 # or one reads the layer below)
+    frozen_norm: bool = False    # the frozen pass reads states through the final norm (edge runtime)
+    lm_vocab: int = 0            # the lm objective: the vocabulary its frozen LM head predicts (0: no head)
 
     @property
     def host_bytes(self) -> int:
@@ -263,20 +268,50 @@ def _profile(spec, quant: str | None = None) -> _Profile:
     if key in _PROFILES:
         return _PROFILES[key]
     nodes = {}
+    edges = _edge_layers(spec) if spec.by_edges else {}
     for n in spec.nodes:
         config, model = meta_model(n.model, n.revision, n.trust_remote_code)
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         layers = len(base.layers)
-        if n.role == "reader":
-            needed, inject = n.read_index(layers) + 1, layers
+        lm_vocab = 0
+        if spec.by_edges:       # "refiner": runs at a step, from its lowest written layer up
+            role, needed, inject, top, cuts, frozen_norm = edges[n.name]
+            if spec.train.get("objective") == "lm" and n.name in spec.output.reads:
+                lm_vocab = config.get_text_config().vocab_size
+        elif n.role == "reader":
+            role, (needed, inject), top, cuts, frozen_norm = n.role, (n.read_index(layers) + 1, layers), 0, (), False
         else:
-            needed = inject = n.inject_index(layers)
-        nodes[n.name] = node_profile(n.name, n.role, config, model, n.quant or quant, needed, inject)
+            role, needed, top, cuts, frozen_norm = n.role, n.inject_index(layers), 0, (), False
+            inject = needed
+        nodes[n.name] = dataclasses.replace(node_profile(n.name, role, config, model, n.quant or quant, needed, inject),
+                                            top=top, cuts=cuts, frozen_norm=frozen_norm, lm_vocab=lm_vocab)
     _, parts = describe(spec)
     profile = _Profile(nodes, sum(parts.values()), spec.latent_dim,
                        [nodes[r.name].width for r in spec.readers])
     _PROFILES[key] = profile
     return profile
+
+
+def _edge_layers(spec) -> dict[str, tuple]:
+    """Per node of a graph given by its edges: (role, frozen-pass layers, first layer run at a step, layers run at a
+    step, group cuts, whether the frozen pass reads through the final norm), from the real EdgeGraph on meta."""
+    import torch
+
+    from ..edge_graph import EdgeGraph
+    from ..summary import node_shapes
+
+    shapes = node_shapes(spec)
+    with torch.device("meta"):
+        graph = EdgeGraph(spec, shapes, spec.train.get("objective", "choice"))
+    stepped = graph.stepped_layers()
+    out = {}
+    for name, node in graph.nodes.items():
+        parts = graph.frozen_parts(name)
+        needed = max((layer + (kind != "prefix") for kind, layer in parts), default=0)
+        first, top = stepped.get(name, (node.n_layers, node.n_layers))
+        out[name] = ("refiner" if name in stepped else "reader", needed, first, top, graph.cuts(name),
+                     any(kind != "prefix" for kind, _ in parts))
+    return out
 
 
 def node_profile(name: str, role: str, config, model, quant: str, needed: int, inject: int) -> _Node:
@@ -343,10 +378,12 @@ def forward_tables(node: _Node, micro: int, seq: int) -> int:
             + seq * POSITION_BYTES)
 
 
-def _split(node: str, layer_bytes: list[int], first: int, last: int, size: int) -> list[GroupPlan]:
-    """Layers [first, last) in groups of `size` (the last may be shorter), all resident."""
-    return [GroupPlan(node, lo, min(lo + size, last), sum(layer_bytes[lo:min(lo + size, last)]), True)
-            for lo in range(first, last, size)]
+def _split(node: str, layer_bytes: list[int], first: int, last: int, size: int, cuts=()) -> list[GroupPlan]:
+    """Layers [first, last) in groups of `size` (the last before a cut, or the end, may be shorter), all resident.
+    A group starts at every cut: the edge runtime reads a node's stream or writes into it only between groups."""
+    bounds = [first, *sorted(c for c in set(cuts) if first < c < last), last]
+    return [GroupPlan(node, lo, min(lo + size, end), sum(layer_bytes[lo:min(lo + size, end)]), True)
+            for start, end in zip(bounds, bounds[1:]) for lo in range(start, end, size)]
 
 
 def _with_resident(groups: list[GroupPlan], k: int, keep: int = 0) -> list[GroupPlan]:
@@ -378,7 +415,8 @@ def _frozen_choices(node: _Node, micro: int, seq: int, trainable: int):
         "trainable_params": trainable * PARAM_BYTES,
         "cuda_context": CUDA_CONTEXT,
     }
-    norm = node.norm_bytes if node.role == "reader" else 0     # a reader's states leave through the final norm
+    # a reader's states leave through the final norm
+    norm = node.norm_bytes if node.role == "reader" or node.frozen_norm else 0
     for size in sorted({min(s, max(node.needed, 1)) for s in GROUP_SIZES}):
         base = _split(node.name, node.layer_bytes, 0, node.needed, size)
         for k in range(len(base), -1, -1):
@@ -403,7 +441,7 @@ def _frozen_placement(node: _Node, micro: int, seq: int, trainable: int,
 
 def _groups(profile: _Profile, size: int) -> list[GroupPlan]:
     return [g for node in profile.nodes.values() if node.role == "refiner"
-            for g in _split(node.name, node.layer_bytes, node.inject, node.n_layers, size)]
+            for g in _split(node.name, node.layer_bytes, node.inject, node.top or node.n_layers, size, node.cuts)]
 
 
 def _kept_bytes(node: _Node, n_groups: int, batch: int, seq: int) -> int:
@@ -444,6 +482,7 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
         else:
             saved += _kept_bytes(node, n_groups, batch, seq) + batch // micro * forward_tables(node, micro, seq)
         head += tokens * (HEAD_PER_TOKEN[0] * node.width + HEAD_PER_TOKEN[1] * profile.latent)
+        head += tokens * node.lm_vocab * 8         # the lm objective: fp32 logits and their gradient
         if injection == "token":   # per-token reader states (fp32) and their latent, kept for the injection's backward
             head += tokens * 4 * 2 * (sum(profile.reader_widths) + profile.latent)
     recompute = 0
@@ -459,7 +498,7 @@ def _eval_activations(profile: _Profile, micro: int, seq: int) -> int:
     kept for the output node; one layer's working set at a time."""
     tokens = micro * seq
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
-    kept = sum(tokens * (2 * n.width * ACT_BYTES + profile.latent * 4) for n in refiners)
+    kept = sum(tokens * (2 * n.width * ACT_BYTES + profile.latent * 4 + n.lm_vocab * 4) for n in refiners)
     working = max(layer_inference(n, micro, seq) + tokens * n.width * ACT_BYTES + forward_tables(n, micro, seq)
                   for n in refiners)
     return kept + working
@@ -510,7 +549,8 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     slots = [max((g.bytes for g in groups if g.node == n and not g.resident), default=0)
              for n in dict.fromkeys(g.node for g in groups)]
     return {
-        "resident_weights": sum(g.bytes for g in groups if g.resident) + sum(n.norm_bytes for n in refiners),
+        "resident_weights": sum(g.bytes for g in groups if g.resident)
+        + sum(n.norm_bytes + n.lm_vocab * n.width * ACT_BYTES for n in refiners),
         "stream_slots": sum(depth * b for b in slots),
         **_activations(profile, groups, micro, seq, spec.injection, batch if layer_major else None,
                        schedule == LAYER_MAJOR_HOST),
@@ -523,7 +563,7 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
 def _candidates(spec, profile: _Profile, batch: int, seq: int):
     """Every (groups with residency, prefetch depth, micro-batch) choice with its breakdown."""
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
-    upper = max(n.n_layers - n.inject for n in refiners)
+    upper = max((n.top or n.n_layers) - n.inject for n in refiners)
     for size in sorted({min(s, upper) for s in GROUP_SIZES}):
         base = _groups(profile, size)
         for micro in _divisors(batch):
@@ -532,8 +572,10 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
                     groups = _with_resident(base, k, keep)
                     for depth in ((0,) if k == len(base) else (2, 1)):
                         # streamed and accumulated: each group once for all micro-batches (all checkpointed)
+                        # (the edge runtime steps its nodes in lockstep, micro-batch by micro-batch)
                         schedules = (MICRO_BATCH_MAJOR,) + ((LAYER_MAJOR, LAYER_MAJOR_HOST)
-                                                            if depth and micro < batch and not keep else ())
+                                                            if depth and micro < batch and not keep
+                                                            and not spec.by_edges else ())
                         for schedule in schedules:
                             yield groups, depth, micro, schedule, _step_breakdown(spec, profile, groups, depth,
                                                                                   micro, seq, schedule, batch)
@@ -586,9 +628,6 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
     budget, so the smallest budget with a plan is exact: the least such peak over all choices, or the frozen pass
     at micro-batch 1, whichever is larger.
     """
-    if spec.by_edges:
-        raise UserError(f"the memory planner plans graphs of the paper's shape so far; {spec.name} is given by its "
-                        "edges and loads every node whole on the device")
     if not isinstance(budget, int) or budget <= 0:
         raise UserError(f"the memory budget must be a positive number of bytes, got {budget!r}")
     if batch < 1 or seq < 1:
