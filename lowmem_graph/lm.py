@@ -318,20 +318,21 @@ def comparison_table(results: dict) -> str:
 
 
 def plot_comparison(results: dict, path: Path, name: str) -> Path:
-    """Perplexity per node and variant (bars, log scale: lower is better)."""
+    """Held-out perplexity per node and variant, as bars from zero (lower is better)."""
     from .plots import _pyplot, _save
 
     plt = _pyplot()
     nodes = list(next(iter(results.values()))["perplexity"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(nodes), 3.4))
+    fig, ax = plt.subplots(figsize=(2.4 + 2.2 * len(nodes), 4.0))
     width = 0.8 / len(results)
     for k, (variant, r) in enumerate(results.items()):
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(nodes))]
         bars = ax.bar(xs, [r["perplexity"][n] for n in nodes], width, label=f"{variant} ({r['trainable']:,} trained)")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(nodes)), nodes)
-    ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_ylim(0, 1.15 * max(r["perplexity"][n] for r in results.values() for n in nodes))
     ax.set_title(f"{name}: next-token prediction, same text, steps and seed", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
+    fig.tight_layout()
     return _save(fig, path)
