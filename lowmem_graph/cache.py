@@ -21,6 +21,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
 import warnings
@@ -183,10 +184,15 @@ class PrefixCache:
         return CacheEntry(folder, manifest)
 
     def save(self, key: str, rows: Iterable[torch.Tensor], order: list[int], info: dict,
-             expected_bytes: int = 0) -> CacheEntry:
+             expected_bytes: int = 0, ranks=None) -> CacheEntry:
         """Write `rows` (row r belongs to question order[r]) shard by shard as they come; the entry appears under
-        `key` only once complete. Refuses up front, in one line, when the disk cannot hold `expected_bytes`."""
+        `key` only once complete. Refuses up front, in one line, when the disk cannot hold `expected_bytes`.
+        Under several `ranks` (a sharded frozen pass) each rank gives the rows of its slice of `order`
+        (distributed.shard) and writes them as shards of its own; rank 0 writes the manifest last, once every
+        rank's shards are on disk, so the entry is the one a single process writes, row for row."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if ranks is not None and ranks.active:
+            return self._save_sharded(key, rows, order, info, ranks)
         remove_stale_temps(self.root)           # what killed writes left
         free = shutil.disk_usage(self.root).free
         if expected_bytes > free:
@@ -194,32 +200,74 @@ class PrefixCache:
                             f"{expected_bytes / 2 ** 30:.1f} GiB, but {self.root} has {free / 2 ** 30:.1f} GiB free: "
                             "free some space or set cache_dir to a larger disk")
         with atomic_dir(self.root / key) as tmp:
-            shards, pending, held = [], [], 0
-
-            def flush():
-                name = f"shard-{len(shards):05d}.safetensors"
-                lengths = torch.tensor([len(r) for r in pending])
-                offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-                save_file({"flat": torch.cat(pending).contiguous(), "offsets": offsets}, str(tmp / name))
-                shards.append({"file": name, "rows": len(pending), "sha256": file_sha256(tmp / name)})
-                pending.clear()
-
-            for row in rows:
-                pending.append(row)
-                held += row.nbytes
-                if held >= self.shard_bytes:
-                    flush()
-                    held = 0
-            if pending:
-                flush()
-            manifest = {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards,
-                        "digest": _manifest_digest(list(order), shards)}
-            if sum(s["rows"] for s in shards) != len(order):
-                raise RuntimeError(f"the frozen pass gave {sum(s['rows'] for s in shards)} rows for {len(order)} "
-                                   "questions")
+            shards = self._write_shards(tmp, rows, 0)
+            manifest = _manifest(order, shards, info)
             with atomic_file(tmp / "manifest.json") as path:
                 path.write_text(json.dumps(manifest, default=str))
         return CacheEntry(self.root / key, manifest)
+
+    def _write_shards(self, folder: Path, rows: Iterable[torch.Tensor], first: int) -> list[dict]:
+        """`rows` as shard files numbered from `first`, each at most `shard_bytes` of rows, hashed when written."""
+        shards, pending, held = [], [], 0
+
+        def flush():
+            name = f"shard-{first + len(shards):05d}.safetensors"
+            lengths = torch.tensor([len(r) for r in pending])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+            save_file({"flat": torch.cat(pending).contiguous(), "offsets": offsets}, str(folder / name))
+            shards.append({"file": name, "rows": len(pending), "sha256": file_sha256(folder / name)})
+            pending.clear()
+
+        for row in rows:
+            pending.append(row)
+            held += row.nbytes
+            if held >= self.shard_bytes:
+                flush()
+                held = 0
+        if pending:
+            flush()
+        return shards
+
+    def _save_sharded(self, key: str, rows, order: list[int], info: dict, ranks) -> CacheEntry:
+        """The entry written by every rank: its shards into one shared folder (shard numbers rank x 1000 up), the
+        manifest by rank 0 once all are there, then the folder renamed into place; every rank returns it."""
+        from .distributed import barrier, gather
+
+        parts = self.root / f".{key}.parts"
+        if ranks.main:
+            shutil.rmtree(parts, ignore_errors=True)      # what a killed sharded pass left
+            parts.mkdir()
+        barrier(ranks)
+        shards = [s for mine in gather(self._write_shards(parts, rows, 1000 * ranks.rank), ranks) for s in mine]
+        manifest = _manifest(order, shards, info)
+        if ranks.main:
+            with atomic_file(parts / "manifest.json") as path:
+                path.write_text(json.dumps(manifest, default=str))
+            if (self.root / key).exists():
+                shutil.rmtree(parts)
+            else:
+                os.replace(parts, self.root / key)
+        barrier(ranks)
+        return CacheEntry(self.root / key, manifest)
+
+    def load_shared(self, key: str, ranks) -> CacheEntry | None:
+        """`load` for several ranks: rank 0 checks the entry (and removes it if damaged); the others read it only
+        once rank 0 found it whole, so they all agree on whether it must be built."""
+        from .distributed import gather
+
+        if ranks is None or not ranks.active:
+            return self.load(key)
+        entry = self.load(key) if ranks.main else None
+        if not gather(entry is not None, ranks)[0]:
+            return None
+        return entry if ranks.main else self.load(key)
+
+
+def _manifest(order: list[int], shards: list[dict], info: dict) -> dict:
+    if sum(s["rows"] for s in shards) != len(order):
+        raise RuntimeError(f"the frozen pass gave {sum(s['rows'] for s in shards)} rows for {len(order)} questions")
+    return {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards,
+            "digest": _manifest_digest(list(order), shards)}
 
 
 def _manifest_digest(order: list[int], shards: list[dict]) -> str:

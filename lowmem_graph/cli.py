@@ -58,9 +58,12 @@ def _add_output_args(p, name: str):
 
 def _run_folder(args, name: str) -> Path:
     """--run-dir, or a new `<out>/<name>-<time>` folder: a second run never lands on the first."""
+    from .distributed import current, on_main
     from .train import claim_run_dir, create_run_dir
 
-    return claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, name)
+    # under torchrun, rank 0 makes it and every rank takes that one
+    return Path(on_main(lambda: str(claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, name)),
+                        current()))
 
 
 def _training_parser(sub, name: str, help: str):
@@ -90,7 +93,7 @@ def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
              "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
-             "columns", "objective"]
+             "columns", "objective", "cache_dir"]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "allow_test_training", False):
         overrides["allow_test_training"] = True
@@ -141,7 +144,9 @@ def cmd_train(args) -> None:
     if args.compare:
         raise UserError("--compare runs the lm objective's baselines: add --objective lm")
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    if "stopped_at_step" in summary:
+    from .distributed import current
+
+    if "stopped_at_step" in summary or not current().main:
         return
     lo, hi = summary["eval_ci"]
     print(f"done: {cfg.eval_split} accuracy {summary['eval_acc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) after "
@@ -402,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G or 6G: plan what stays resident, "
                                                      "what streams, and the micro-batch (see `lowmem-graph plan`)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--cache-dir", help="where the prefix cache lives (default: ~/.cache/lowmem-graph/prefix)")
     p.add_argument("--init", choices=["random", "ridge"],
                    help="ridge: start the projections as Ridge maps into an anchor node's principal directions")
     p.add_argument("--init-anchor", metavar="NODE", help="the anchor for --init ridge (default: the first refiner)")
@@ -526,8 +532,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.debug:
         warnings.filterwarnings("ignore")
+    from .distributed import finish
+
     try:
         args.func(args)
+        finish()            # under torchrun: the process group ends cleanly
     except UserError as e:
         if args.debug:
             raise

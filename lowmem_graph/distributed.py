@@ -88,6 +88,46 @@ def gather(obj, ranks: Ranks) -> list:
     return out
 
 
+def on_main(fn, ranks: Ranks):
+    """`fn()` run by rank 0 alone (making the run folder, say), its result given to every rank; if it fails with
+    a UserError, every rank fails with that same one line."""
+    from .errors import UserError
+
+    if not ranks.active:
+        return fn()
+    outcome = None
+    if ranks.main:
+        try:
+            outcome = ("ok", fn())
+        except UserError as e:
+            outcome = ("error", str(e))
+    kind, value = gather(outcome, ranks)[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def main_first(fn, ranks: Ranks):
+    """`fn()` on rank 0 first, then on the other ranks: what it fills once (built tiny models, quantised copies of
+    the nodes) the others then read. A UserError on rank 0 fails every rank with that same one line."""
+    from .errors import UserError
+
+    if not ranks.active:
+        return fn()
+    if ranks.main:
+        try:
+            result = fn()
+        except UserError as e:
+            gather(str(e), ranks)
+            raise
+        gather(None, ranks)
+        return result
+    failed = gather(None, ranks)[0]
+    if failed is not None:
+        raise UserError(failed)
+    return fn()
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.active:
         dist.barrier()

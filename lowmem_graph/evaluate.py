@@ -41,15 +41,21 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
-             desc: str = "eval", states=None) -> EvalResult:
+             desc: str = "eval", states=None, ranks=None) -> EvalResult:
     """`batch_size` questions per forward (under a memory plan: its micro-batch). `states`: the frozen pass over
-    these questions (frozen_pass.run_frozen_pass), so only the refiners' tops run. Same autocast as training."""
+    these questions (frozen_pass.run_frozen_pass), so only the refiners' tops run. Same autocast as training.
+    Under several `ranks` (distributed.Ranks) each evaluates its slice of the questions and every rank gets the
+    one result over all of them, in the questions' order."""
+    from .distributed import Ranks, gather, shard
+
+    ranks = ranks or Ranks()
     graph.eval()
     device = next(graph.parameters()).device
     predictions, total_loss, routing = [], 0.0, []
-    starts = range(0, len(questions), batch_size)
+    mine = shard(questions, ranks)
+    starts = range(0, len(mine), batch_size)
     for start in bar(starts, len(starts), f"{desc} batch", progress):
-        chunk = questions[start:start + batch_size]
+        chunk = mine[start:start + batch_size]
         batch = graph.collate(chunk)
         with autocast(device):
             out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
@@ -66,6 +72,11 @@ def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8,
                                 "correct": pred == q.label if q.label >= 0 else None,
                                 "probs": [round(float(x), 5) for x in p[: len(q.choices)]]})
     graph.train()
+    if ranks.active:        # every rank's slice, in rank order: the questions' order
+        parts = gather((predictions, total_loss, routing), ranks)
+        predictions = [p for part in parts for p in part[0]]
+        total_loss = sum(part[1] for part in parts)
+        routing = [r for part in parts for r in part[2]]
     n = sum(p["correct"] is not None for p in predictions)
     correct = sum(bool(p["correct"]) for p in predictions)
     mean_routing = torch.cat(routing).mean(0).tolist() if routing else []

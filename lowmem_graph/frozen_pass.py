@@ -16,9 +16,12 @@ from .errors import UserError
 
 def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placement, batch_size: int = 16,
                     progress: bool = True) -> FrozenStates:
-    """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward."""
+    """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward. Under
+    several ranks (torchrun) each computes its slice of the prompts and writes its shards; rank 0 the manifests."""
+    from .distributed import current, shard
     from .edge_graph import EdgeGraph
 
+    ranks = current()
     if isinstance(graph, EdgeGraph):
         return run_edge_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions], cache, batch_size,
                                     progress, placement)
@@ -34,16 +37,16 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
         what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
                 else ("prefix", node.inject_layer))
         key = entry_key(node, what, data)
-        entry = cache.load(key)
+        entry = cache.load_shared(key, ranks)
         if entry is None:
             lengths = node.token_lengths(texts)
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
             per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
             expected = per_row * (len(texts) if pooled else sum(lengths))
             with placement.frozen_pass(node):
-                rows = _rows(node, reader, pooled, [texts[i] for i in order], batch_size, progress)
+                rows = _rows(node, reader, pooled, [texts[i] for i in shard(order, ranks)], batch_size, progress)
                 entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
-                                   expected)
+                                   expected, ranks)
         entries[name] = entry
     return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
 
@@ -72,9 +75,12 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
     the node placed as `placement` says (its layers up to the highest part; None: the nodes are on the device)."""
     import contextlib
 
+    from .distributed import current, shard
+
     from .edge_graph import _run_layer, part_key
     from .nodes import pool
 
+    ranks = current()
     ids, texts = [i for i, _ in items], [t for _, t in items]
     if len(set(ids)) != len(ids):
         raise UserError("item ids repeat in this data set; the prefix cache needs unique ids")
@@ -85,7 +91,7 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
         needed = max((layer + (kind != "prefix") for kind, layer in parts), default=0)
         for kind, layer in parts:
             key = entry_key(node, (kind, layer), data)
-            entry = cache.load(key)
+            entry = cache.load_shared(key, ranks)
             if entry is None:
                 lengths = node.token_lengths(texts)
                 order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -93,7 +99,7 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
                 per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
                 expected = per_row * (len(texts) if pooled else sum(lengths))
 
-                def rows(kind=kind, layer=layer, node=node, order=order, pooled=pooled):
+                def rows(kind=kind, layer=layer, node=node, order=shard(order, ranks), pooled=pooled):
                     from .progress import progress as bar
 
                     starts = range(0, len(order), batch_size)
@@ -111,6 +117,6 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
                 placed = placement.frozen_pass(node, needed) if placement else contextlib.nullcontext()
                 with placed:
                     entry = cache.save(key, rows(), order, {"node": name, "model": node.spec.model,
-                                                            "what": (kind, layer)}, expected)
+                                                            "what": (kind, layer)}, expected, ranks)
             entries[part_key(kind, name, layer)] = entry
     return EdgeStates({i: r for r, i in enumerate(ids)}, entries)

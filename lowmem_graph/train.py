@@ -7,6 +7,7 @@ The data order of epoch e is a permutation seeded by (seed, e), so a resumed run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from .data import Question, is_path_task, load_task, spread
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
+from . import distributed
 from .edge_graph import EdgeGraph
 from .graph import FrozenGraph, autocast
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
@@ -105,15 +107,18 @@ class TrainConfig:
                                 "--eval-task FILE, or a folder with train and validation files as the task")
 
     def resolved_device(self) -> torch.device:
+        """The device asked for; under several ranks on CUDA, each rank's own GPU (LOCAL_RANK)."""
+        from .distributed import current
+
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return current().device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             device = torch.device(self.device)
         except RuntimeError:
             raise UserError(f"unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {self.device!r} asked for, but no CUDA device is available")
-        return device
+        return current().device(device)
 
 
 def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None,
@@ -286,8 +291,9 @@ class PlacedGraph:
             log(format_plan(self.plan, spec))
         self.placement = Placement(self.device, self.plan)
         runtime = EdgeGraph if spec.by_edges else FrozenGraph
-        self.graph = runtime.build(spec, self.device, progress=log if progress else None, seed=cfg.seed,
-                                   load_device=self.placement.load_device, objective=cfg.objective)
+        self.graph = distributed.main_first(lambda: runtime.build(
+            spec, self.device, progress=log if progress else None, seed=cfg.seed,
+            load_device=self.placement.load_device, objective=cfg.objective), distributed.current())
 
     @property
     def micro_batch(self) -> int:
@@ -355,6 +361,14 @@ class Trainer:
         self.graph, self.plan, self.device = self.placed.graph, self.placed.plan, self.placed.device
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.ranks = distributed.current()
+        self.model = self.graph         # what a step's forward runs through: the graph, or DDP around it
+        if self.ranks.active:
+            if cfg.batch_size % self.ranks.world:
+                raise UserError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks: give a "
+                                f"multiple of {self.ranks.world} (the global batch is split across ranks)")
+            # PyTorch's own: parameters broadcast from rank 0, gradients averaged across ranks in backward
+            self.model = torch.nn.parallel.DistributedDataParallel(self.graph)
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
@@ -368,6 +382,8 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        if not self.ranks.main:
+            return
         runstate.save_checkpoint(self.run_dir, self.step, self.graph.trainable_state(), self.optimizer.state_dict(),
                                  self.scheduler.state_dict())
 
@@ -385,7 +401,9 @@ class Trainer:
                 raise UserError(f"{self.run_dir}: the checkpoint does not fit this run ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]})") from None
             self.step = state.step
-        runstate.keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
+        if self.ranks.main:
+            runstate.keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
+        distributed.barrier(self.ranks)
         return self.step
 
     def _ridge_init(self) -> None:
@@ -400,6 +418,8 @@ class Trainer:
                  f"is a Ridge map into it ({len(self.train_set)} questions)")
 
     def _metric(self, record: dict) -> None:
+        if not self.ranks.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -420,11 +440,22 @@ class Trainer:
         from .cache import to_device
 
         self.optimizer.zero_grad(set_to_none=True)
+        mine = distributed.shard(questions, self.ranks)
+        idle = not mine     # fewer questions than ranks (an epoch's last step): a step that adds zero gradient
+        if idle:
+            mine, inputs = questions[:1], None
         parts = ((batch, to_device(host, self.device) if host is not None else ())
-                 for batch, host in (inputs if inputs is not None else self.step_inputs(questions)))
-        total_loss, correct, routing = (float(x) if x.dim() == 0 else x
-                                        for x in step_gradients(self.graph, parts, len(questions), self.device,
-                                                                self.placed.placement))
+                 for batch, host in (inputs if inputs is not None else self.step_inputs(mine)))
+        # each rank's share of the mean over the global batch; DDP averages the ranks' gradients
+        sums = step_gradients(self.model, parts, math.inf if idle else len(questions) / self.ranks.world,
+                              self.device, self.placed.placement)
+        if idle:
+            sums = [torch.zeros_like(torch.as_tensor(x, dtype=torch.float64)) for x in sums]
+        if self.ranks.active:
+            sums = [distributed.all_sum(torch.as_tensor(x, dtype=torch.float64).reshape(-1).cpu(), self.ranks)
+                    for x in sums]
+            sums = [x[0] if len(x) == 1 and i < 2 else x for i, x in enumerate(sums)]
+        total_loss, correct, routing = (float(x) if x.dim() == 0 else x for x in sums)
         norms = projection_grad_norms(self.graph)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
         self.optimizer.step()
@@ -434,6 +465,13 @@ class Trainer:
         return {"loss": total_loss / len(questions), "acc": correct / len(questions), "grad_norm": float(grad_norm),
                 "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
                 "routing": dict(zip(self.graph.refiners, (routing / len(questions)).tolist()))}
+
+    def _stopping(self, stop: StopSignals) -> bool:
+        """Whether a signal asked the run to stop; under several ranks, whether any rank got one (they stop at the
+        same step, so none waits for the others in a collective)."""
+        if not self.ranks.active:
+            return stop.received is not None
+        return bool(distributed.all_sum(torch.tensor([float(stop.received is not None)]), self.ranks)[0] > 0)
 
     def _stop(self, why: str) -> dict:
         self.save_checkpoint()
@@ -466,15 +504,17 @@ class Trainer:
                 return [self.train_set[k] for k in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
 
             ahead = ThreadPoolExecutor(1)       # the next step's inputs are assembled while this one computes
-            upcoming = ahead.submit(self.step_inputs, questions_of(first)) if first < self.steps_per_epoch else None
+            def inputs_of(i):       # this rank's part of step i
+                return self.step_inputs(distributed.shard(questions_of(i), self.ranks))
+
+            upcoming = ahead.submit(inputs_of, first) if first < self.steps_per_epoch else None
             try:
                 for i in bar:
-                    if stop.received:
-                        return {**self._stop(f"interrupted ({signal.Signals(stop.received).name})"),
-                                "signal": stop.received}
+                    if self._stopping(stop):
+                        return {**self._stop(f"interrupted ({signal.Signals(stop.signum).name})"),
+                                "signal": stop.signum}
                     questions, inputs = questions_of(i), upcoming.result()
-                    upcoming = ahead.submit(self.step_inputs, questions_of(i + 1)) \
-                        if i + 1 < self.steps_per_epoch else None
+                    upcoming = ahead.submit(inputs_of, i + 1) if i + 1 < self.steps_per_epoch else None
                     metrics = self.train_step(questions, inputs)
                     self.step += 1
                     losses.append(metrics["loss"])
@@ -493,13 +533,16 @@ class Trainer:
                 ahead.shutdown(wait=True, cancel_futures=True)
             bar.close()
             self.save_checkpoint()      # the epoch's steps are safe before its (long) evaluation
-            if stop.received:
-                return {**self._stop(f"interrupted ({signal.Signals(stop.received).name})"), "signal": stop.received}
+            if self._stopping(stop):
+                return {**self._stop(f"interrupted ({signal.Signals(stop.signum).name})"), "signal": stop.signum}
             result = self._end_epoch(epoch, losses, accs, started)
             if cfg.max_steps is not None and self.step >= cfg.max_steps and self.step < self.total_steps:
                 return self._stop("max_steps")     # stopped at an epoch's end: after its evaluation
         if result is None:   # resumed a finished run: nothing left to train
-            result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
+            result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states,
+                              self.ranks)
+        if not self.ranks.main:
+            return {"eval_acc": result.accuracy, "eval_ci": result.interval, "steps": self.step}
         write_predictions(result, self.run_dir / predictions_name(cfg.evaluated(), cfg.eval_split))
         from .plots import device_label, plot_curves, plot_memory, plot_signals
 
@@ -512,7 +555,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, losses: list[float], accs: list[float], started: float):
         """Evaluate after epoch `epoch` (0-based), log it and add its record to the metrics."""
         cfg = self.cfg
-        result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states)
+        result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states,
+                              self.ranks)
         memory = memory_snapshot(self.device)
         record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
                   "train_loss": float(np.mean(losses)) if losses else None,
@@ -545,7 +589,14 @@ def step_gradients(graph: FrozenGraph, parts, total: int, device, placement=None
     if schedule in ("layer-major", "layer-major-host"):
         from .memory.schedule import layer_major_step
 
-        return layer_major_step(graph, parts, total, device, placement.streamers, placement.kept)
+        module = getattr(graph, "module", graph)        # DDP's: this schedule runs the graph's parts itself ...
+        sums = layer_major_step(module, parts, total, device, placement.streamers, placement.kept)
+        if module is not graph:                         # ... so the ranks' gradients are averaged here
+            ranks = distributed.current()
+            for p in module.parameters():
+                if p.grad is not None:
+                    distributed.all_sum(p.grad, ranks).div_(ranks.world)
+        return sums
     return accumulate(graph, parts, total, device)
 
 
@@ -554,12 +605,18 @@ def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Ten
     the nodes run here), gradients summed as for one batch of `total` examples. Returns the summed loss (fp64), the
     number correct and the summed routing share per refiner, as tensors: the caller reads them once."""
     loss_sum = correct = routing = 0
-    for batch, frozen in parts:
-        with autocast(device):
-            out = graph(batch, *frozen)
-        labels = batch.labels.to(out.logits.device)
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
-        (loss / total).backward()
+    parts = iter(parts)
+    following = next(parts, None)
+    while following is not None:
+        (batch, frozen), following = following, next(parts, None)
+        # under DDP the gradients are averaged across ranks once, in the step's last backward
+        sync = graph.no_sync() if following is not None and hasattr(graph, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast(device):
+                out = graph(batch, *frozen)
+            labels = batch.labels.to(out.logits.device)
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
+            (loss / total).backward()
         loss_sum = loss_sum + loss.detach().double()
         correct = correct + (out.logits.argmax(-1) == labels).sum()
         routing = routing + out.routing.detach().float().sum(0)
@@ -591,12 +648,16 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     before its first checkpoint (bad input, out of memory) leaves no folder behind; an interrupted one (Ctrl-C,
     SIGTERM) keeps it and raises `Interrupted` saying how to resume."""
     run_dir = Path(run_dir)
-    if resume:
+    ranks = distributed.current()
+    if not ranks.main:      # rank 0 logs and writes the run folder; the others compute
+        log, progress = (lambda *_: None), False
+    if ranks.main and resume:
         for folder in (run_dir, run_dir / runstate.STORE):
             remove_stale_temps(folder)          # what killed writes left
-    else:
+    elif ranks.main:
         claim_run_dir(run_dir)
         save_config(run_dir, spec, cfg)
+    distributed.barrier(ranks)
     trainer = None
     with StopSignals() as stop:
         try:
@@ -634,6 +695,6 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
 
 
 def _discard_unstarted(run_dir: Path, resume: bool) -> None:
-    """A new run that failed before its first checkpoint leaves nothing behind."""
-    if not resume and not runstate.has_checkpoint(run_dir):
+    """A new run that failed before its first checkpoint leaves nothing behind (rank 0 clears it)."""
+    if not resume and distributed.current().main and not runstate.has_checkpoint(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
