@@ -383,11 +383,11 @@ def cmd_probe_quant(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .memory.plan import format_plan, make_plan, parse_size
+    from .memory.plan import format_plan, make_plan, parse_budgets, parse_size
 
     spec = _spec_from_args(args)
     host = parse_size(args.host_mem) if args.host_mem else None
-    plan = make_plan(spec, parse_size(args.gpu_mem), args.batch, args.seq, host)
+    plan = make_plan(spec, parse_budgets(args.gpu_mem), args.batch, args.seq, host)
     print(format_plan(plan, spec))
 
 

@@ -24,9 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
-from .graph import Batch, GraphOutput, OutputNode, load_trainable
+from .graph import Batch, GraphOutput, OutputNode, inject_on_device, load_trainable, node_device
 from .nodes import FrozenNode, default_device, pool
-from .ops import fused_inject
 from .spec import GraphSpec
 from .topology import Edge, of_spec
 
@@ -203,8 +202,9 @@ class EdgeGraph(nn.Module):
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or device,
-                                                    spec.max_length, compute_device=device,
+            own = node_device(node_spec, device)
+            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
+                                                    spec.max_length, compute_device=own,
                                                     logits=objective == "lm" and node_spec.name in reads)
         if seed is not None:
             torch.manual_seed(seed)
@@ -291,14 +291,16 @@ class EdgeGraph(nn.Module):
 
     def _write(self, site: _Site, h: torch.Tensor, batch: Batch, reads: dict) -> torch.Tensor:
         e = site.edge
-        if self._is_bridge(e):      # gated additive update (Residual Coupling)
+        if self._is_bridge(e):      # gated additive update (Residual Coupling), computed where the bridge lives
+            bridge = self.bridge[site.key]
             x = gather_tokens(reads[(e.source, site.read)].float(), batch.align[(e.source, e.target)])
-            update = torch.sigmoid(self.gate[site.key]) * self.bridge[site.key](x)
-            return (h.float() + update).to(h.dtype)
+            update = torch.sigmoid(self.gate[site.key]) * bridge(x.to(bridge.weight.device))
+            return (h.float() + update.to(h.device)).to(h.dtype)
         ins = self.into[e.source]       # the latent: its inputs projected and averaged, carried in, blended
         xs = [self._latent_input(s, e.target, batch, reads) for s in ins]
         carry = self.readout[e.target].weight.t() if self._tied(site) else self.carry[site.key].weight
-        return fused_inject(h, xs=xs, weights=[self.project[s.key].weight for s in ins], carry=carry, blend=e.blend)
+        return inject_on_device(h, xs=xs, weights=[self.project[s.key].weight for s in ins], carry=carry,
+                                blend=e.blend)
 
     def _latent_input(self, site: _Site, target: str, batch: Batch, reads: dict) -> torch.Tensor:
         e = site.edge
@@ -311,8 +313,9 @@ class EdgeGraph(nn.Module):
 
     def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
         """The read nodes' final states -> readout -> the output node's choice logits."""
-        projected = [self.readout[j](final.float()) for j, final in zip(self.reads, finals)]
-        masks = [batch.tokens[j][1].to(final.device) for j, final in zip(self.reads, finals)]
+        here = self.output.queries.device
+        projected = [self.readout[j](final.float().to(here)) for j, final in zip(self.reads, finals)]
+        masks = [batch.tokens[j][1].to(here) for j in self.reads]
         logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
         return GraphOutput(logits, routing)
 

@@ -25,6 +25,17 @@ from .ops import fused_inject
 from .spec import GraphSpec
 
 
+def node_device(node_spec, run_device) -> torch.device:
+    """Where a node computes: the device its spec names (`device: cuda:1`), else the run's. Activations cross to
+    it at the edges into the node and back to the run's device (where everything trainable lives) at its reads."""
+    if node_spec.device is None:
+        return torch.device(run_device)
+    if node_spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"node {node_spec.name!r}: device {node_spec.device} asked for, but no CUDA device is "
+                        "available")
+    return torch.device(node_spec.device)
+
+
 def autocast(device) -> AbstractContextManager:
     """The precision of every pass through the graph, training and evaluation alike: bf16 autocast on CUDA (the
     trainable weights stay fp32), full precision on the CPU."""
@@ -106,9 +117,9 @@ class FrozenGraph(nn.Module):
         for node_spec in spec.nodes:
             if progress:
                 progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
-            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or device,
-                                                    spec.max_length,
-                                                    compute_device=device)
+            own = node_device(node_spec, device)
+            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
+                                                    spec.max_length, compute_device=own)
         if seed is not None:
             torch.manual_seed(seed)
         return cls(spec, nodes).to(device)
@@ -182,13 +193,14 @@ class FrozenGraph(nn.Module):
         xs = self._reader_inputs(states, batch, refiner)
         if not xs:
             return None
-        return functools.partial(fused_inject, xs=xs, weights=[self.read_proj[r].weight for r in self.readers],
+        return functools.partial(inject_on_device, xs=xs, weights=[self.read_proj[r].weight for r in self.readers],
                                  carry=self.carry_weight(refiner), blend=self.nodes[refiner].spec.blend)
 
     def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
         """The refiners' final states (after their final norm) -> readout W_j -> the output node's choice logits."""
-        projected = [self.readout[j](final.float()) for j, final in zip(self.refiners, finals)]
-        masks = [batch.tokens[j][1].to(final.device) for j, final in zip(self.refiners, finals)]
+        here = self.output.queries.device     # a refiner on a device of its own sends its states here
+        projected = [self.readout[j](final.float().to(here)) for j, final in zip(self.refiners, finals)]
+        masks = [batch.tokens[j][1].to(here) for j in self.refiners]
         logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
         return GraphOutput(logits, routing)
 
@@ -198,6 +210,15 @@ class FrozenGraph(nn.Module):
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
         load_trainable(self, state, source)
+
+
+def inject_on_device(h, xs, weights, carry, blend: float):
+    """fused_inject on h's device: the states and maps come to the node where it computes (nothing moves when
+    every node is on the run's device)."""
+    def to(t):
+        return t.to(h.device) if t.device != h.device else t
+
+    return fused_inject(h, xs=[to(x) for x in xs], weights=[to(w) for w in weights], carry=to(carry), blend=blend)
 
 
 def load_trainable(graph: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -120,11 +120,12 @@ class Router(nn.Module):
     def forward(self, finals: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
         mixed = {}
         for j in self.targets:
-            own = finals[j].float()
-            experts = [own if k == j else self.maps[f"{k}-{j}"](gather_tokens(finals[k].float(), batch.align[(k, j)]))
-                       for k in self.names]
+            here = self.gates[j].weight.device
+            own = finals[j].float().to(here)
+            experts = [own if k == j else self.maps[f"{k}-{j}"](
+                gather_tokens(finals[k].float(), batch.align[(k, j)]).to(here)) for k in self.names]
             weights = self.gates[j](own).softmax(-1)                              # (B, T, K)
-            mixed[j] = (torch.stack(experts, -1) * weights[..., None, :]).sum(-1)
+            mixed[j] = (torch.stack(experts, -1) * weights[..., None, :]).sum(-1).to(finals[j].device)
         return mixed
 
 
@@ -142,7 +143,8 @@ def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = 
 
 def batch_loss(graph: EdgeGraph, finals: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, dict]:
     """(the mean over read nodes of their per-token NLL, {node: (summed NLL, tokens)})."""
-    per_node = {j: lm_loss(graph.nodes[j], finals[j], batch, j) for j in graph.reads}
+    here = next(graph.parameters()).device       # a node on a device of its own sends its loss here
+    per_node = {j: tuple(t.to(here) for t in lm_loss(graph.nodes[j], finals[j], batch, j)) for j in graph.reads}
     loss = sum(nll / tokens.clamp_min(1) for nll, tokens in per_node.values()) / len(per_node)
     return loss, per_node
 

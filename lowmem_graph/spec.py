@@ -126,6 +126,7 @@ class NodeSpec:
     revision: str | None = None     # hub models: the branch, tag or commit to load (default: the hub's main)
     trust_remote_code: bool = False  # run Python that ships with the model (off: never asked, never run)
     quant: str | None = None        # this node's frozen format (one of FORMATS), if not the graph's
+    device: str | None = None       # where this node computes (cuda:1, say), if not the run's device
 
     def format(self, graph_quant: str) -> str:
         """The node's frozen weight format: its own `quant`, else the graph's."""
@@ -232,6 +233,8 @@ def from_dict(raw: dict, source: str = "<spec>") -> GraphSpec:
         _check(isinstance(n.blend, (int, float)) and 0 <= n.blend <= 1, where,
                f"blend must be in [0, 1], got {n.blend!r}")
         _check(n.quant in (None, *FORMATS), where, f"quant must be one of {', '.join(FORMATS)}, got {n.quant!r}")
+        _check(n.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", n.device) is not None, where,
+               f"device must be cpu, cuda or cuda:N, got {n.device!r}")
     # no readers is allowed: the refiners then feed the output node unsteered (the paper's learned-head baseline)
     _check(by_edges or spec.refiners != [], source, "the graph needs at least one node with role 'refiner'")
     _check(isinstance(spec.latent_dim, int) and spec.latent_dim > 0, source, "latent_dim must be a positive integer")

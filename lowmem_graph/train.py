@@ -281,13 +281,20 @@ class PlacedGraph:
         log(describe_device(self.device, cfg))
         self.plan = None
         self.cached = cfg.prefix_cache
+        placed_nodes = [n.name for n in spec.nodes if n.device]
+        if placed_nodes and distributed.current().active:
+            raise UserError(f"node {placed_nodes[0]} names its device, and the run has several ranks: every rank "
+                            "would put it on that same GPU. Use one or the other (nodes on devices in one process, "
+                            "or data parallel over whole copies)")
         if cfg.gpu_mem:
-            from .memory.plan import format_plan, make_plan, parse_size
+            from .memory.placement import _exact as _exact_device
+            from .memory.plan import format_plan, make_plan, parse_budgets
 
             if not cfg.prefix_cache:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
             planned = dataclasses.replace(spec, train={**spec.train, "objective": cfg.objective})
-            self.plan = make_plan(planned, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
+            self.plan = make_plan(planned, parse_budgets(cfg.gpu_mem), cfg.batch_size, spec.max_length,
+                                  main=str(_exact_device(self.device)))
             log(format_plan(self.plan, spec))
         self.placement = Placement(self.device, self.plan)
         runtime = EdgeGraph if spec.by_edges else FrozenGraph

@@ -37,6 +37,12 @@ class Placement:
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
         self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
 
+    def device_of(self, node: FrozenNode) -> torch.device:
+        """Where a node computes: its spec's `device`, else the run's."""
+        from ..graph import node_device
+
+        return _exact(node_device(node.spec, self.device))
+
     @property
     def load_device(self) -> torch.device:
         """Where nodes load: the host under a plan (each phase moves what it needs), else the device."""
@@ -49,8 +55,9 @@ class Placement:
         Without a plan (the node already lives on the device) nothing moves. Yields the LayerStreamer that placed
         the layers, or None."""
         home = _exact(node.base.get_input_embeddings().weight.device)
+        device = self.device_of(node)
         placement = self.plan.frozen.get(node.spec.name) if self.plan is not None else None
-        if placement is None and home == self.device:
+        if placement is None and home == device:
             yield None
             return
         if needed is None:
@@ -66,9 +73,9 @@ class Placement:
                                    f"{node.spec.name!r}, which needs its first {needed}")
         small = norm_and_rotary(node)
         for part in small:
-            part.to(self.device)
-        streamer = stream.LayerStreamer(node.layers, groups, resident, self.device, slots=slots)
-        node.device = self.device
+            part.to(device)
+        streamer = stream.LayerStreamer(node.layers, groups, resident, device, slots=slots)
+        node.device = device
         try:
             yield streamer
         finally:
@@ -76,7 +83,7 @@ class Placement:
             for part in small:
                 part.to(home)
             node.device = home
-            if self.device.type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def start_steps(self, graph) -> None:
@@ -92,11 +99,12 @@ class Placement:
                 if not mine or mine[0].first != first:
                     raise RuntimeError(f"the plan's groups for {name} do not start at the first layer a step runs, "
                                        f"{first}")
+                device = self.device_of(node)
                 for part in norm_and_rotary(node):
-                    part.to(self.device)
-                node.device = self.device
+                    part.to(device)
+                node.device = device
                 self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
-                                                    {i for i, g in enumerate(mine) if g.resident}, self.device,
+                                                    {i for i, g in enumerate(mine) if g.resident}, device,
                                                     slots=max(1, self.plan.prefetch_depth),
                                                     plain={i for i, g in enumerate(mine) if not g.checkpointed}))
         except BaseException:

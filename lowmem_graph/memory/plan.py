@@ -164,6 +164,7 @@ class Plan(_Placed):
     eval_breakdown: dict[str, int] = field(default_factory=dict)   # evaluation at the plan's micro-batch
     host_breakdown: dict[str, int] = field(default_factory=dict)   # host memory the run needs
     host_available: int = 0                 # what the machine had available when planned (or was told)
+    devices: dict[str, dict] = field(default_factory=dict)   # nodes on several devices: each one's budget and peaks
 
     @property
     def eval_peak(self) -> int:
@@ -618,7 +619,30 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: int | None = None) -> Plan:
+def parse_budgets(text: str) -> int | dict[str, int]:
+    """`--gpu-mem`: one size for every device ("24G"), or a size per device ("cuda:0=24G,cuda:1=12G")."""
+    if "=" not in text:
+        return parse_size(text)
+    budgets = {}
+    for part in text.split(","):
+        device, _, size = part.strip().partition("=")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device.strip()):
+            raise UserError(f"--gpu-mem {text}: {device!r} is not a device (cpu, cuda or cuda:N)")
+        budgets[_device_name(device.strip())] = parse_size(size.strip())
+    return budgets
+
+
+def _device_name(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def node_devices(spec, main: str = "cuda:0") -> dict[str, str]:
+    """Node -> the device it computes on: its spec's `device`, else the run's (`main`)."""
+    return {n.name: _device_name(n.device) if n.device else _device_name(main) for n in spec.nodes}
+
+
+def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512, host_budget: int | None = None,
+              main: str = "cuda:0") -> Plan:
     """The plan for a device with `budget` bytes; UserError naming the smallest budget when none fits, or saying
     the host memory when the run would not fit `host_budget` (default: what this machine has available now).
 
@@ -628,6 +652,9 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
     budget, so the smallest budget with a plan is exact: the least such peak over all choices, or the frozen pass
     at micro-batch 1, whichever is larger.
     """
+    devices = node_devices(spec, main)
+    if isinstance(budget, dict) or len(set(devices.values())) > 1:
+        return _plan_per_device(spec, budget, devices, _device_name(main), batch, seq, host_budget)
     if not isinstance(budget, int) or budget <= 0:
         raise UserError(f"the memory budget must be a positive number of bytes, got {budget!r}")
     if batch < 1 or seq < 1:
@@ -679,6 +706,82 @@ def make_plan(spec, budget: int, batch: int = 8, seq: int = 512, host_budget: in
                 evaluation, host, available)
 
 
+def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: int, seq: int,
+                     host_budget: int | None) -> Plan:
+    """Nodes on several devices (a node's `device:`), each device planned against its own budget: its nodes'
+    stepped layers, their activations and (on the run's device, `main`) the trainable parts and the output node;
+    one micro-batch for all, the largest every device fits. The step runs micro-batch by micro-batch."""
+    budgets = budget if isinstance(budget, dict) else {d: budget for d in set(devices.values())}
+    for device in sorted(set(devices.values())):
+        if device not in budgets:
+            names = ", ".join(n for n, d in devices.items() if d == device)
+            raise UserError(f"--gpu-mem names no budget for {device}, where {names} compute{'s' * (',' not in names)}"
+                            f" (give {device}=SIZE, or one size for every device)")
+    if any(not isinstance(b, int) or b <= 0 for b in budgets.values()):
+        raise UserError(f"every memory budget must be a positive number of bytes, got {budgets!r}")
+    profile = _profile(spec)
+    on = {d: [n for n in devices if devices[n] == d] for d in sorted(set(devices.values()))}
+    if main not in on:
+        on[main] = []
+    parts = {d: dataclasses.replace(profile, nodes={n: profile.nodes[n] for n in names},
+                                    trainable=profile.trainable if d == main else 0) for d, names in on.items()}
+    chosen, smallest = {}, {}
+    for micro in _divisors(batch):
+        chosen = {d: _best_on_device(spec, part, batch, seq, micro, budgets.get(d, 0), smallest.setdefault(d, []))
+                  for d, part in parts.items()}
+        if all(chosen.values()):
+            break
+    else:
+        short = ", ".join(f"{d} needs {_gib(min(smallest[d]))} (budget {_gib(budgets.get(d, 0))})"
+                          for d in parts if not chosen[d])
+        raise UserError(f"graph {spec.name!r} (batch {batch}, seq {seq}) does not fit: {short}")
+    groups = [g for name in devices for d in [devices[name]] for g in chosen[d][0] if g.node == name]
+    frozen = {}
+    for frozen_micro in _divisors(batch):
+        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable if devices[n.name] == main else 0,
+                                            budgets[devices[n.name]]) for n in profile.nodes.values()}
+        if all(frozen.values()):
+            break
+    if not all(frozen.values()):
+        bad = next(n for n, p in frozen.items() if p is None)
+        raise UserError(f"the frozen pass of {bad} does not fit {devices[bad]}'s budget {_gib(budgets[devices[bad]])}")
+    frozen_node = max(frozen, key=lambda name: frozen[name].peak)
+    _, depth, micro, breakdown, evaluation = chosen[main]
+    host = host_breakdown(profile, groups, frozen, batch, seq)
+    available = host_available() if host_budget is None else host_budget
+    if sum(host.values()) > available:
+        raise UserError(f"graph {spec.name!r} needs {_gib(sum(host.values()))} of host memory, but "
+                        f"{_gib(available)} is available")
+    per_device = {d: {"budget": budgets[d], "peak": sum(c[3].values()), "eval_peak": sum(c[4].values()),
+                      "nodes": on[d], "main": d == main} for d, c in chosen.items()}
+    peak = sum(breakdown.values())
+    minimum = max(min(v) for v in smallest.values() if v)
+    return Plan(budgets[main], batch, seq, micro, max(c[1] for c in chosen.values()), groups, breakdown, peak,
+                frozen[frozen_node].peak, minimum, frozen_micro, frozen_node, frozen, profile.trainable, minimum,
+                minimum, MICRO_BATCH_MAJOR, 0, evaluation, host, available, per_device)
+
+
+def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budget: int, peaks: list):
+    """(groups, prefetch depth, micro, step breakdown, eval breakdown) of the best choice for one device's nodes
+    at `micro`, or None; every choice's worst peak is added to `peaks`."""
+    if not any(n.role == "refiner" for n in part.nodes.values()):   # only frozen-pass work: nothing at a step
+        breakdown = {"trainable+optimizer": part.trainable * TRAIN_BYTES_PER_PARAM, "cuda_context": CUDA_CONTEXT}
+        peaks.append(sum(breakdown.values()))
+        return ([], 0, micro, breakdown, dict(breakdown)) if peaks[-1] <= budget else None
+    best, best_key = None, None
+    for groups, depth, m, schedule, breakdown in _candidates(spec, part, batch, seq):
+        if m != micro or schedule != MICRO_BATCH_MAJOR:
+            continue
+        peak = sum(breakdown.values())
+        evaluation = eval_breakdown(part, breakdown, micro, seq)
+        peaks.append(max(peak, sum(evaluation.values())))
+        if peaks[-1] <= budget:
+            key = _preference(part, groups, depth, micro, schedule, batch, seq, peak)
+            if best_key is None or key < best_key:
+                best, best_key = (groups, depth, micro, breakdown, evaluation), key
+    return best
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 _WHY = {
     "resident_weights": "resident layer groups + final norms",
@@ -703,6 +806,13 @@ def format_plan(plan: Plan, spec) -> str:
     lines = [f"plan for graph {spec.name} ({spec.quant}{own}): budget {_gib(plan.budget)}, batch {plan.batch} "
              f"(micro-batch {plan.micro_batch} x {plan.accumulation} accumulation), seq {plan.seq}"
              + (f" (the spec truncates at max_length {spec.max_length})" if plan.seq > spec.max_length else ""), ""]
+    if plan.devices:
+        lines += ["nodes on several devices, each planned against its own budget (the tables below: "
+                  f"{next(d for d, v in plan.devices.items() if v['main'])}, where the trainable parts live):"]
+        lines += [f"  {d:<8} {', '.join(v['nodes']) or '(the trainable parts only)'}: training step "
+                  f"{_mib(v['peak'])}, evaluation {_mib(v['eval_peak'])} of {_mib(v['budget'])} "
+                  f"({max(v['peak'], v['eval_peak']) / v['budget']:.0%})" for d, v in plan.devices.items()]
+        lines.append("")
     header = f"{'node':<10} {'layers':>8} {'group':>5} {'bytes':>12}  placement (layers 0-based, trained)"
     lines += [header, "-" * len(header)]
     index: dict[str, int] = {}
