@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
-from .graph import Batch, GraphOutput, OutputNode, inject_on_device, load_trainable, node_device
+from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, node_device
 from .nodes import FrozenNode, default_device, pool
 from .spec import GraphSpec
 from .topology import Edge, of_spec
@@ -41,7 +41,7 @@ class _Site:
     write: int | None       # the target node's layer written (0-based input index)
 
 
-class EdgeGraph(nn.Module):
+class EdgeGraph(TrainedParts):
     def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode], objective: str = "choice"):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -310,21 +310,6 @@ class EdgeGraph(nn.Module):
         if e.pooling == "token":
             return gather_tokens(states, batch.align[(e.source, target)])
         return pool(states, batch.tokens[e.source][1], e.pooling)
-
-    def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
-        """The read nodes' final states -> readout -> the output node's choice logits."""
-        here = self.output.queries.device
-        projected = [self.readout[j](final.float().to(here)) for j, final in zip(self.reads, finals)]
-        masks = [batch.tokens[j][1].to(here) for j in self.reads]
-        logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
-        return GraphOutput(logits, routing)
-
-    # ---- bookkeeping -----------------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-
-    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_trainable(self, state, source)
 
 
 def part_key(kind: str, node: str, layer: int) -> str:

@@ -88,7 +88,41 @@ class GraphOutput:
     routing: torch.Tensor         # (B, n_refiners): output-node attention share per refiner
 
 
-class FrozenGraph(nn.Module):
+class TrainedParts(nn.Module):
+    """What every graph runtime shares: the readout of the nodes the output node reads (`refiners`) into the
+    output node, and the checkpointable state, which is exactly what trains (frozen nodes are not submodules)."""
+
+    refiners: list[str]
+    readout: nn.ModuleDict
+    output: OutputNode
+
+    def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
+        """The read nodes' final states (after their final norm) -> readout W_j -> the output node's logits."""
+        here = self.output.queries.device     # a node on a device of its own sends its states here
+        projected = [self.readout[j](final.float().to(here)) for j, final in zip(self.refiners, finals)]
+        masks = [batch.tokens[j][1].to(here) for j in self.refiners]
+        logits, routing = self.output(projected, masks, batch.n_choices.to(here))
+        return GraphOutput(logits, routing)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load the trainable parts, refusing clearly when the graph's widths do not match."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UserError(f"{source}: trainable weights do not fit this graph "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
+                                f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
+        self.load_state_dict(state)
+
+
+class FrozenGraph(TrainedParts):
     def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode]):
         super().__init__()
         self.spec = spec
@@ -196,21 +230,6 @@ class FrozenGraph(nn.Module):
         return functools.partial(inject_on_device, xs=xs, weights=[self.read_proj[r].weight for r in self.readers],
                                  carry=self.carry_weight(refiner), blend=self.nodes[refiner].spec.blend)
 
-    def head(self, finals: list[torch.Tensor], batch: Batch) -> GraphOutput:
-        """The refiners' final states (after their final norm) -> readout W_j -> the output node's choice logits."""
-        here = self.output.queries.device     # a refiner on a device of its own sends its states here
-        projected = [self.readout[j](final.float().to(here)) for j, final in zip(self.refiners, finals)]
-        masks = [batch.tokens[j][1].to(here) for j in self.refiners]
-        logits, routing = self.output(projected, masks, batch.n_choices.to(projected[0].device))
-        return GraphOutput(logits, routing)
-
-    # ---- bookkeeping -------------------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-
-    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_trainable(self, state, source)
-
 
 def inject_on_device(h, xs, weights, carry, blend: float):
     """fused_inject on h's device: the states and maps come to the node where it computes (nothing moves when
@@ -219,18 +238,3 @@ def inject_on_device(h, xs, weights, carry, blend: float):
         return t.to(h.device) if t.device != h.device else t
 
     return fused_inject(h, xs=[to(x) for x in xs], weights=[to(w) for w in weights], carry=to(carry), blend=blend)
-
-
-def load_trainable(graph: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a graph's trainable parts, refusing clearly when the graph's widths do not match."""
-    own = graph.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source}: trainable weights do not fit this graph "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
-                            f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
-    graph.load_state_dict(state)

@@ -49,6 +49,22 @@ def tiny_graph(tiny_spec, tiny_nodes):
     return FrozenGraph(tiny_spec, tiny_nodes)
 
 
+@pytest.fixture
+def streamers_made(monkeypatch):
+    """Every LayerStreamer made during the test, in order (to count their loads and check they let go)."""
+    from lowmem_graph.memory import stream
+
+    made = []
+
+    class Recorded(stream.LayerStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    return made
+
+
 @pytest.fixture(scope="session")
 def questions():
     from lowmem_graph.data import load_task

@@ -114,21 +114,13 @@ def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, qu
 
 
 def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tiny_spec, tiny_nodes, questions,
-                                                                   monkeypatch):
+                                                                   streamers_made):
     """Under a small budget each node's frozen-pass layers are placed as the plan says, resident or streamed
     one layer at a time through two slots (readers keep their first layer resident, refiners stream them
     all). The entries are the same bytes."""
-    from lowmem_graph.memory import stream
     from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
 
-    made = []
-
-    class Recorded(stream.LayerStreamer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    made = streamers_made
     graph = FrozenGraph(tiny_spec, tiny_nodes)
     placements = {}
     for name, node in tiny_nodes.items():

@@ -196,7 +196,7 @@ def _forced_plan(spec, resident_stepped=(2,)):
     return dataclasses.replace(real, groups=groups, micro_batch=4, prefetch_depth=2, frozen=frozen)
 
 
-def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_path, monkeypatch):
+def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_path, monkeypatch, streamers_made):
     """Residual Coupling under a memory plan: both nodes on the host, their frozen layers streamed through the
     frozen pass, their upper layers (in lockstep, a bridge each way) checkpointed in groups that start where a
     bridge writes, one resident and one streamed per node, micro-batches of 4: the same losses and perplexities as
@@ -205,21 +205,13 @@ def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_
 
     from lowmem_graph.lm import train_lm
     from lowmem_graph.memory import plan as planning
-    from lowmem_graph.memory import stream
     from lowmem_graph.train import TrainConfig
 
     spec = load_spec(EXAMPLES / "residual_coupling.yaml")
     assert planning.make_plan(spec, planning.parse_size("1G"), 8, 128).groups[0].first == 2   # the plan starts at 2
     forced = _forced_plan(spec)
     monkeypatch.setattr(planning, "make_plan", lambda *a, **k: forced)
-    made = []
-
-    class Recorded(stream.LayerStreamer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    made = streamers_made
     base = {**spec.train, "limit_train": 24, "limit_eval": 8, "epochs": 1, "batch_size": 8}
     quiet = dict(progress=False, log=lambda *_: None)
     planned = train_lm(spec, TrainConfig.from_dict({**base, "gpu_mem": "1G", "cache_dir": str(tmp_path / "c1")}),
