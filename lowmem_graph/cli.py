@@ -170,9 +170,15 @@ def cmd_eval(args) -> None:
                                    "columns": args.columns}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
     questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit, cfg.columns)
+    from .distributed import current
+
+    main_rank = current().main      # under torchrun: every rank scores its slice, rank 0 writes and prints
     graph = TrainedGraph(run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
-                         progress=not args.no_progress, log=print)       # the run's --gpu-mem plan too
+                         progress=not args.no_progress and main_rank,
+                         log=print if main_rank else (lambda *_: None))       # the run's --gpu-mem plan too
     result = graph.evaluate(questions)
+    if not main_rank:
+        return
     out = write_predictions(result, Path(args.out) if args.out else
                             run_dir / predictions_name(cfg.evaluated(), args.split))
     print(f"{cfg.evaluated()} {args.split}: {result.summary()}")

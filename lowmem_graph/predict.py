@@ -53,14 +53,15 @@ class TrainedGraph:
 
     def evaluate(self, questions: list[Question], desc: str = "eval"):
         """The graph over `questions` (frozen pass first, through the prefix cache), as training evaluates:
-        evaluate.EvalResult."""
+        evaluate.EvalResult. Under torchrun each rank scores its slice; every rank gets the one result."""
+        from .distributed import current
         from .evaluate import evaluate
 
         try:
             (states,) = self.placed.frozen_states(questions) if self.placed.cached else (None,)
             self.placed.start_steps()
             return evaluate(self.placed.graph, questions, self.placed.micro_batch, progress=self.progress,
-                            desc=desc, states=states)
+                            desc=desc, states=states, ranks=current())
         finally:
             self.placed.stop_steps()
 

@@ -99,6 +99,11 @@ CASES = [
                                              "--graph", str(Path(__file__).parents[1] / "examples" /
                                                             "residual_coupling.yaml"), "--run-dir", str(t / "r"), *QUICK],
      ["none.txt", "no such file"]),
+    ("lm text from an unreachable data set", lambda t: ["train", "--task", "hf:nobody/nothing", "--graph",
+                                                        str(Path(__file__).parents[1] / "examples" /
+                                                            "residual_coupling.yaml"), "--run-dir", str(t / "r"),
+                                                        *QUICK],
+     ["nobody/nothing"]),
     ("--compare without the lm objective", lambda t: ["train", "--compare", "--run-dir", str(t / "r"), *QUICK],
      ["--compare", "--objective lm"]),
     ("edges: role beside edges", _edges(_set(["nodes", 0, "role"], "reader")), ["role comes from its edges"]),
