@@ -369,13 +369,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.ranks = distributed.current()
-        self.model = self.graph         # what a step's forward runs through: the graph, or DDP around it
-        if self.ranks.active:
-            if cfg.batch_size % self.ranks.world:
-                raise UserError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks: give a "
-                                f"multiple of {self.ranks.world} (the global batch is split across ranks)")
-            # PyTorch's own: parameters broadcast from rank 0, gradients averaged across ranks in backward
-            self.model = torch.nn.parallel.DistributedDataParallel(self.graph)
+        if self.ranks.active and cfg.batch_size % self.ranks.world:
+            raise UserError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks: give a "
+                            f"multiple of {self.ranks.world} (the global batch is split across ranks)")
         self.optimizer = torch.optim.AdamW(self.graph.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
@@ -385,6 +381,9 @@ class Trainer:
             self.train_states, self.eval_states = self.placed.frozen_states(self.train_set, self.eval_set)
         if cfg.init == "ridge":
             self._ridge_init()
+        self.model = self.graph         # what a step's forward runs through: the graph, or DDP around it
+        if self.ranks.active:           # PyTorch's own: parameters broadcast from rank 0, gradients averaged
+            self.model = torch.nn.parallel.DistributedDataParallel(self.graph)
         self.placed.start_steps()
 
     # ---- checkpoints --------------------------------------------------------------------------------------

@@ -60,25 +60,24 @@ def test_two_ranks_train_resume_cache_and_evaluate_like_one_process(tmp_path):
     assert [p["prediction"] for p in p2] == [p["prediction"] for p in p1]
 
     # `eval` under torchrun (the lowmem-graph script itself as the launched program): sharded, one file, the
-    # predictions and accuracy of one process
-    script = [line for line in subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('lowmem-graph'))"],
-                                              capture_output=True, text=True).stdout.splitlines()][0]
-    out2, out1 = tmp_path / "eval2.jsonl", tmp_path / "eval1.jsonl"
-    done = torchrun([script, "eval", str(two), "--split", "validation", "--limit", "12", "--out", str(out2),
+    # predictions one process made of the same questions at the end of its training
+    script = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('lowmem-graph'))"],
+                            capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "eval.jsonl"
+    done = torchrun([script, "eval", str(two), "--split", "validation", "--limit", "8", "--out", str(out),
                      "--no-progress"], module=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("arc-easy validation: acc") == 1
-    assert main(["eval", str(two), "--split", "validation", "--limit", "12", "--out", str(out1), "--no-progress"]) == 0
-    e2, e1 = ([json.loads(line) for line in p.read_text().splitlines()] for p in (out2, out1))
-    assert [(p["id"], p["prediction"]) for p in e2] == [(p["id"], p["prediction"]) for p in e1] and len(e2) == 12
-    for a_, b_ in zip(e2, e1):
-        torch.testing.assert_close(a_["probs"], b_["probs"], rtol=1e-4, atol=1e-4)
+    evaluated = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["id"], p["prediction"]) for p in evaluated] == [(p["id"], p["prediction"]) for p in p1]
+    for mine_, theirs_ in zip(evaluated, p1):
+        torch.testing.assert_close(mine_["probs"], theirs_["probs"], rtol=1e-3, atol=1e-4)
 
     # the prefix cache built by two ranks is the one built by one, entry for entry, verified the same way (rows
     # equal within float rounding: each rank batches its slice of the prompts, and computes with its own threads)
     c2, c1 = PrefixCache(tmp_path / "c2"), PrefixCache(tmp_path / "c1")
     keys = sorted(p.name for p in (tmp_path / "c1").iterdir())
-    # 5 nodes x 2 sets (c2 also holds the 12 questions both evaluations above read, through run `two`)
+    # 5 nodes x 2 sets
     assert set(keys) <= {p.name for p in (tmp_path / "c2").iterdir()} and len(keys) == 10
     for key in keys:
         e2, e1 = c2.load(key), c1.load(key)
