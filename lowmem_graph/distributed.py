@@ -67,6 +67,13 @@ def shard(items: list, ranks: Ranks) -> list:
     return items[start:start + size + (ranks.rank < extra)]
 
 
+def shard_batches(items: list, batch_size: int, ranks: Ranks) -> list:
+    """This rank's slice of `items` in whole batches of `batch_size` (`shard` over the batches): each batch is the
+    one a single process forms, so every prompt meets the same neighbours and padding as it would there."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [item for batch in shard(batches, ranks) for item in batch]
+
+
 def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """The sum over ranks (in place; returned), in the tensor's own dtype (fp64 stays fp64)."""
     if ranks.active:

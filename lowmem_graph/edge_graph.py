@@ -10,8 +10,10 @@ train; the frozen nodes are outside the state_dict.
 
 Objectives: "choice" (the output node scores the answer options, as in the paper) or "lm" (next-token prediction
 on plain text through the frozen LM heads of the nodes the output reads; edges read per token, aligned causally).
-The paper's shape also runs here (tests check it gives FrozenGraph's logits); FrozenGraph stays its runtime, since
-the prefix cache, the memory planner and streaming serve that shape.
+For every node, what lies below its lowest written layer depends on the input alone: the prefix cache keeps it
+(`frozen_parts`) and a memory plan places the layers above (`stepped_layers`, groups cut at `cuts`). The paper's
+shape also runs here (tests check it gives FrozenGraph's logits and gradients bit for bit); FrozenGraph stays that
+shape's runtime, with its layer-major schedule.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class EdgeGraph(TrainedParts):
         topology = self.topology = of_spec(spec)
         self.reads = list(topology.reads)
         self.refiners = self.reads          # what the output node reads (Trainer's routing names)
-        self.readers: list[str] = []        # no prefix cache here yet: every node runs at each step
+        self.readers: list[str] = []        # no reader roles: `frozen_parts` says what each node gives the cache
         self.sites = [self._site(i, e) for i, e in enumerate(topology.edges)]
         self.into = {name: [s for s in self.sites if s.edge.target == name] for name in [*nodes, *topology.latents]}
         self._check_sites()

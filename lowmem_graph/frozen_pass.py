@@ -18,7 +18,7 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
                     progress: bool = True) -> FrozenStates:
     """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward. Under
     several ranks (torchrun) each computes its slice of the prompts and writes its shards; rank 0 the manifests."""
-    from .distributed import current, shard
+    from .distributed import current, shard_batches
     from .edge_graph import EdgeGraph
 
     ranks = current()
@@ -44,7 +44,8 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
             per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
             expected = per_row * (len(texts) if pooled else sum(lengths))
             with placement.frozen_pass(node):
-                rows = _rows(node, reader, pooled, [texts[i] for i in shard(order, ranks)], batch_size, progress)
+                mine = shard_batches(order, batch_size, ranks)
+                rows = _rows(node, reader, pooled, [texts[i] for i in mine], batch_size, progress)
                 entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
                                    expected, ranks)
         entries[name] = entry
@@ -75,7 +76,7 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
     the node placed as `placement` says (its layers up to the highest part; None: the nodes are on the device)."""
     import contextlib
 
-    from .distributed import current, shard
+    from .distributed import current, shard_batches
 
     from .edge_graph import _run_layer, part_key
     from .nodes import pool
@@ -99,7 +100,8 @@ def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache
                 per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
                 expected = per_row * (len(texts) if pooled else sum(lengths))
 
-                def rows(kind=kind, layer=layer, node=node, order=shard(order, ranks), pooled=pooled):
+                def rows(kind=kind, layer=layer, node=node, order=shard_batches(order, batch_size, ranks),
+                         pooled=pooled):
                     from .progress import progress as bar
 
                     starts = range(0, len(order), batch_size)

@@ -416,6 +416,9 @@ class Trainer:
         """Start the projections aligned (ridge.ridge_init), from the training questions' cached states."""
         from .ridge import pooled_states, ridge_init
 
+        if self.spec.by_edges:
+            raise UserError("init: ridge fits the maps of the paper's shape (readers into one latent); a graph given "
+                            "by its edges starts from random maps (drop --init ridge)")
         if self.train_states is None:
             raise UserError("init: ridge fits its maps on the prefix cache's states: drop prefix_cache: false")
         states = pooled_states(self.graph, self.train_states, self.train_set)

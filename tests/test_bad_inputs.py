@@ -104,6 +104,10 @@ CASES = [
                                                             "residual_coupling.yaml"), "--run-dir", str(t / "r"),
                                                         *QUICK],
      ["nobody/nothing"]),
+    ("ridge start on a graph given by its edges", lambda t: ["train", "--graph", str(Path(__file__).parents[1] /
+                                                                      "examples" / "three_layers.yaml"),
+                                                             "--init", "ridge", "--run-dir", str(t / "r"), *QUICK],
+     ["ridge fits the maps of the paper's shape"]),
     ("--compare without the lm objective", lambda t: ["train", "--compare", "--run-dir", str(t / "r"), *QUICK],
      ["--compare", "--objective lm"]),
     ("edges: role beside edges", _edges(_set(["nodes", 0, "role"], "reader")), ["role comes from its edges"]),
