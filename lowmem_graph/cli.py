@@ -138,8 +138,8 @@ def cmd_train(args) -> None:
         results = train_lm(spec, cfg, run_dir, VARIANTS if args.compare else ("coupled",),
                            progress=not args.no_progress)
         print(comparison_table(results))
-        print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors"
-              + (", lm-comparison.png)" if len(results) > 1 else ")"))
+        print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors, "
+              "lm-curves.png" + (", lm-comparison.png)" if len(results) > 1 else ")"))
         return
     if args.compare:
         raise UserError("--compare runs the lm objective's baselines: add --objective lm")
@@ -166,6 +166,13 @@ def cmd_eval(args) -> None:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
     run_dir = Path(args.run_dir)
     _, cfg = load_run_config(run_dir)
+    if cfg.objective == "lm":
+        from .lm import evaluate_run
+
+        split = "validation" if args.split == "test" and not cfg.task.startswith("hf:") else args.split
+        ppl = evaluate_run(run_dir, split, args.limit, progress=not args.no_progress)
+        print(f"{cfg.task} {split}: perplexity " + ", ".join(f"{j} {v:.2f}" for j, v in ppl.items()))
+        return
     overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
                                    "columns": args.columns}.items() if v is not None}
     cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
@@ -285,6 +292,16 @@ def cmd_figures(args) -> None:
         from .train import load_run_config
 
         spec, cfg = load_run_config(run_dir)
+        if cfg.objective == "lm":
+            import json
+
+            from .lm import plot_comparison, plot_lm_curves
+
+            print(plot_lm_curves(metrics, run_dir / "lm-curves.png", spec.name))
+            results = run_dir / "lm-results.json"
+            if results.is_file() and len(json.loads(results.read_text())) > 1:
+                print(plot_comparison(json.loads(results.read_text()), run_dir / "lm-comparison.png", spec.name))
+            return
         if cfg.gpu_mem:         # the run's plan, made again (it depends on the spec and settings alone)
             try:
                 plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)

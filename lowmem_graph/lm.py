@@ -248,8 +248,8 @@ def _append(path: Path | None, record: dict) -> None:
 
 def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bool = True, log=print) -> dict:
     """Train the graph on next-token prediction (and, with more `variants`, the baselines under the same
-    protocol) in `run_dir`: config.yaml, metrics.jsonl, lm-results.json, weights-<variant>.safetensors and, when
-    more than one variant ran, lm-comparison.png."""
+    protocol) in `run_dir`: config.yaml, metrics.jsonl, lm-results.json, weights-<variant>.safetensors,
+    lm-curves.png and, when more than one variant ran, lm-comparison.png."""
     from safetensors.torch import save_file
 
     from .tiny import cache_root
@@ -305,6 +305,7 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
             if results:
                 with atomic_file(run_dir / "lm-results.json") as tmp:
                     tmp.write_text(json.dumps(results, indent=1))
+    plot_lm_curves(metrics, run_dir / "lm-curves.png", spec.name)
     if len(results) > 1:
         plot_comparison(results, run_dir / "lm-comparison.png", spec.name)
     return results
@@ -338,3 +339,49 @@ def plot_comparison(results: dict, path: Path, name: str) -> Path:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
+    """Each variant's training loss per step and held-out perplexity per epoch, from a run's metrics.jsonl."""
+    from .plots import _pyplot, _save
+
+    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    plt = _pyplot()
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, variant in enumerate(dict.fromkeys(r["variant"] for r in records)):
+        steps = [r for r in records if r["variant"] == variant and "loss" in r]
+        epochs = [r for r in records if r["variant"] == variant and "perplexity" in r]
+        if steps:
+            ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=f"C{k}", label=variant)
+        for n, node in enumerate(epochs[0]["perplexity"] if epochs else []):
+            ax_ppl.plot([r["epoch"] for r in epochs], [r["perplexity"][node] for r in epochs], "o-",
+                        color=f"C{k}", ls=("-", "--", ":")[n % 3], label=f"{variant}: {node}")
+    ax_loss.set(xlabel="step", ylabel="training loss (mean NLL per token)", title="training")
+    ax_ppl.set(xlabel="epoch (0: untrained)", ylabel="held-out perplexity", title="held-out text")
+    ax_ppl.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax_loss.legend(fontsize=7)
+    ax_ppl.legend(fontsize=7)
+    fig.suptitle(f"{name}: next-token prediction", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def evaluate_run(run_dir: Path, split: str, limit: int | None = None, progress: bool = True, log=print) -> dict:
+    """A finished lm run's coupled graph, its trained weights loaded, over a split of its text: perplexity per
+    read node."""
+    from safetensors.torch import load_file
+
+    from .train import PlacedGraph, load_run_config
+
+    weights = Path(run_dir) / "weights-coupled.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{run_dir} has no weights-coupled.safetensors (did its coupled variant finish?)")
+    spec, cfg = load_run_config(Path(run_dir))
+    texts = load_text(cfg.eval_task or cfg.task, split, limit, cfg.columns)
+    placed = PlacedGraph(spec, cfg, log, progress)
+    placed.graph.load_trainable(load_file(str(weights)), str(weights))
+    try:
+        placed.start_steps()
+        return perplexity(placed.graph, "coupled", texts, placed.micro_batch, progress=progress)
+    finally:
+        placed.stop_steps()

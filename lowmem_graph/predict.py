@@ -39,6 +39,9 @@ class TrainedGraph:
         self.run_dir = Path(run_dir)
         _check_export(self.run_dir)
         self.spec, cfg = load_run_config(self.run_dir)
+        if cfg.objective == "lm":
+            raise UserError(f"{self.run_dir} was trained on next-token prediction: it scores text, not answer "
+                            f"options (lowmem-graph eval {self.run_dir} gives its perplexity)")
         overrides = {k: v for k, v in {"gpu_mem": gpu_mem, "device": device, "batch_size": batch_size}.items()
                      if v is not None}
         self.cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})

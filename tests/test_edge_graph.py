@@ -125,7 +125,7 @@ def test_bridges_and_objectives_are_checked():
         FrozenGraph.build(load_spec(EXAMPLES / "three_layers.yaml"), "cpu", objective="lm")
 
 
-def test_lm_compares_coupling_with_each_model_alone_and_a_router(tmp_path):
+def test_lm_compares_coupling_with_each_model_alone_and_a_router(tmp_path, capsys):
     """examples/residual_coupling.yaml under one protocol: the three variants run, their figures are written, and
     training lowers the perplexity below the frozen models'."""
     import json
@@ -147,6 +147,17 @@ def test_lm_compares_coupling_with_each_model_alone_and_a_router(tmp_path):
     assert (run / "weights-coupled.safetensors").is_file() and (run / "weights-router.safetensors").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["variant"] for r in records} == {"alone", "router", "coupled"}
+    assert (run / "lm-curves.png").stat().st_size > 5_000
+    # the run folder answers the usual commands: eval gives the coupled graph's perplexity again, figures redraws,
+    # predict says why it cannot
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "validation", "--limit", "16", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    for node in ("llama", "mistral"):
+        assert f"{node} {results['coupled']['perplexity'][node]:.2f}" in said
+    (run / "lm-curves.png").unlink()
+    assert main(["figures", str(run)]) == 0 and (run / "lm-curves.png").is_file()
+    assert main(["predict", str(run), "--question", "Is it?", "--choices", "yes", "no"]) == 2
 
 
 def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(tmp_path, coupled):
