@@ -4,9 +4,11 @@ prefix cache, evaluates (sharded) to the same predictions; bad input fails every
 hangs. Each launch costs seconds of start-up, so the tests launch four."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -78,8 +80,7 @@ def test_two_ranks_train_resume_cache_and_evaluate_like_one_process(tmp_path):
 
 def test_bad_input_fails_every_rank_in_one_line_and_none_hangs(tmp_path):
     started = time.time()      # the lowmem-graph script itself as the launched program, this time
-    script = subprocess.run([sys.executable, "-c", "import shutil; print(shutil.which('lowmem-graph'))"],
-                            capture_output=True, text=True).stdout.strip()
+    script = shutil.which("lowmem-graph", path=str(Path(sys.executable).parent))    # pip's script beside python
     done = torchrun([script, "train", *QUICK, "--task", str(tmp_path / "missing.jsonl"), "--eval-task", "arc-easy",
                      "--run-dir", str(tmp_path / "r")], timeout=120, module=False)
     errors = [line for line in done.stderr.splitlines() if line.startswith("lowmem-graph: error:")]
