@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
-from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, node_device
+from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, load_nodes
 from .nodes import FrozenNode, default_device, pool
 from .spec import GraphSpec
 from .topology import Edge, of_spec
@@ -199,15 +199,8 @@ class EdgeGraph(TrainedParts):
         computing in `device`'s dtype, with its LM head under the lm objective for the nodes the output reads;
         then the trainable parts on `device`, initialised right after `seed` is applied."""
         device = torch.device(device) if device is not None else default_device()
-        reads = set(spec.output.reads)
-        nodes = {}
-        for node_spec in spec.nodes:
-            if progress:
-                progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
-            own = node_device(node_spec, device)
-            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
-                                                    spec.max_length, compute_device=own,
-                                                    logits=objective == "lm" and node_spec.name in reads)
+        nodes = load_nodes(spec, device, load_device, progress,
+                           frozenset(spec.output.reads) if objective == "lm" else frozenset())
         if seed is not None:
             torch.manual_seed(seed)
         return cls(spec, nodes, objective).to(device)

@@ -25,6 +25,20 @@ from .ops import fused_inject
 from .spec import GraphSpec
 
 
+def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress=None,
+               logits: frozenset = frozenset()) -> dict[str, FrozenNode]:
+    """Every node of `spec` frozen, in its format, onto `load_device` (default: where it computes: its own
+    `device:` or the run's), computing in its device's dtype; the nodes named in `logits` keep their LM head."""
+    nodes = {}
+    for node_spec in spec.nodes:
+        if progress:
+            progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
+        own = node_device(node_spec, device)
+        nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
+                                                spec.max_length, compute_device=own, logits=node_spec.name in logits)
+    return nodes
+
+
 def node_device(node_spec, run_device) -> torch.device:
     """Where a node computes: the device its spec names (`device: cuda:1`), else the run's. Activations cross to
     it at the edges into the node and back to the run's device (where everything trainable lives) at its reads."""
@@ -147,13 +161,7 @@ class FrozenGraph(TrainedParts):
             raise UserError(f"the {objective} objective runs on graphs given by their edges (see "
                             "examples/residual_coupling.yaml); the paper's shape scores answer options")
         device = torch.device(device) if device is not None else default_device()
-        nodes = {}
-        for node_spec in spec.nodes:
-            if progress:
-                progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
-            own = node_device(node_spec, device)
-            nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
-                                                    spec.max_length, compute_device=own)
+        nodes = load_nodes(spec, device, load_device, progress)
         if seed is not None:
             torch.manual_seed(seed)
         return cls(spec, nodes).to(device)
