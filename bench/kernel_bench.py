@@ -1,4 +1,5 @@
-"""Benchmark of the injection op: eager PyTorch, torch.compile and our Triton kernel, on one GPU.
+"""Benchmark of the injection op: eager PyTorch, torch.compile, our Triton kernel, and cuBLAS GEMMs around our
+blend kernels ("cublas": what the Triton GEMMs replace), on one GPU.
 
 Shapes are the paper's (batch 8 x 512 tokens, readers 2048/1536/2304 -> latent 1024 -> refiners 3072 and
 4096) plus a sweep of sequence lengths at D=4096, pooled and per-token, bf16 activations with fp32 weights
@@ -14,6 +15,7 @@ takes half a minute per graph): it checks the code and measures nothing worth qu
 from __future__ import annotations
 
 import csv
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +24,7 @@ from pathlib import Path
 from lowmem_graph.files import atomic_file
 
 NO_GPU = "no CUDA device: kernel benchmarks need a GPU; nothing measured"
-IMPLS = ("eager", "compile", "triton")
+IMPLS = ("eager", "compile", "triton", "cublas")
 DIRECTIONS = ("fwd", "bwd", "full")
 PAPER_SEQ_LEN = 512
 SWEEP_SEQ_LENS = (128, 256, 512, 1024, 2048)
@@ -32,7 +34,7 @@ GOAL_VS_EAGER = 1.5
 COLUMNS = ["date", "device", "torch", "triton", "peak_gbs", "peak_gbs_source", "fp32_matmul",
            "mode", "batch", "seq_len", "d_model", "latent", "readers", "act_dtype", "param_dtype",
            "impl", "direction", "ms_median", "ms_p20", "ms_p80", "peak_mem_mib", "min_bytes", "gbs",
-           "bw_share", "speedup_vs_eager", "speedup_vs_compile", "meets_goal"]
+           "bw_share", "speedup_vs_eager", "speedup_vs_compile", "triton_vs_cublas", "meets_goal"]
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # Peak DRAM bandwidth (GB/s) from the vendors' spec sheets, matched against torch.cuda.get_device_name().
@@ -112,14 +114,18 @@ def device_slug(device_name: str) -> str:
 
 
 def add_comparisons(rows: list[dict]) -> list[dict]:
-    """Fill speedups vs eager and vs compile (same shape and direction) and, for Triton rows, the issue's goal:
-    >= 1.5x eager, no slower than torch.compile (median), and a lower peak memory than both."""
+    """Fill speedups vs eager and vs compile (same shape and direction) and, for Triton rows, how much faster than
+    cuBLAS GEMMs around the same blend it is, and the issue's goal: >= 1.5x eager, no slower than torch.compile
+    (median), and a lower peak memory than both."""
     by_key = {(r["mode"], r["batch"], r["seq_len"], r["d_model"], r["direction"], r["impl"]): r for r in rows}
     for row in rows:
         key = (row["mode"], row["batch"], row["seq_len"], row["d_model"], row["direction"])
         eager, compiled = by_key[(*key, "eager")], by_key[(*key, "compile")]
         row["speedup_vs_eager"] = round(eager["ms_median"] / row["ms_median"], 3)
         row["speedup_vs_compile"] = round(compiled["ms_median"] / row["ms_median"], 3)
+        cublas = by_key.get((*key, "cublas"))
+        row["triton_vs_cublas"] = (round(cublas["ms_median"] / row["ms_median"], 3)
+                                   if row["impl"] == "triton" and cublas else "")
         if row["impl"] == "triton":
             met = (row["speedup_vs_eager"] >= GOAL_VS_EAGER and row["speedup_vs_compile"] >= 1.0
                    and row["peak_mem_mib"] < min(eager["peak_mem_mib"], compiled["peak_mem_mib"]))
@@ -153,7 +159,7 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
         mode_rows = [r for r in full if r["mode"] == mode]
         for ax, metric, label, yscale in ((axes[0][col], "ms_median", "median ms (fwd+bwd)", "log"),
                                           (axes[1][col], "peak_mem_mib", "peak MiB above inputs (fwd+bwd)", "linear")):
-            for color, impl in zip(("tab:gray", "tab:blue", "tab:red"), IMPLS):
+            for color, impl in zip(("tab:gray", "tab:blue", "tab:red", "tab:green"), IMPLS):
                 for style, d in zip(("o-", "s--", "^:"), sorted({r["d_model"] for r in mode_rows}, reverse=True)):
                     series = sorted((r["seq_len"], r[metric]) for r in mode_rows
                                     if r["impl"] == impl and r["d_model"] == d)
@@ -175,17 +181,20 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per shape and direction: the three medians, Triton's ratios, memory, bandwidth and the goal."""
+    """One line per shape and direction: the medians, Triton's ratios, memory, bandwidth and the goal."""
     by_key = {}
     for r in rows:
         by_key.setdefault((r["mode"], r["seq_len"], r["d_model"], r["direction"]), {})[r["impl"]] = r
-    lines = [(f"{'mode':<9} {'T':>5} {'D':>5} {'dir':<4} {'eager ms':>9} {'compile':>9} {'triton':>9} "
-              f"{'x eager':>7} {'x comp':>7} {'MiB e/c/t':>17} {'triton GB/s':>15}  goal")]
+    lines = [(f"{'mode':<9} {'T':>5} {'D':>5} {'dir':<4} {'eager ms':>9} {'compile':>9} {'triton':>9} {'cublas':>9} "
+              f"{'x eager':>7} {'x comp':>7} {'x cublas':>8} {'MiB e/c/t':>17} {'triton GB/s':>15}  goal")]
     for (mode, t, d, direction), impls in by_key.items():
         e, c, k = impls["eager"], impls["compile"], impls["triton"]
+        cublas = impls.get("cublas", {}).get("ms_median", float("nan"))
+        vs_cublas = k["triton_vs_cublas"] if k.get("triton_vs_cublas") not in (None, "") else float("nan")
         mem = f"{e['peak_mem_mib']:.0f}/{c['peak_mem_mib']:.0f}/{k['peak_mem_mib']:.0f}"
         lines.append(f"{mode:<9} {t:>5} {d:>5} {direction:<4} {e['ms_median']:>9.3f} {c['ms_median']:>9.3f} "
-                     f"{k['ms_median']:>9.3f} {k['speedup_vs_eager']:>7.2f} {k['speedup_vs_compile']:>7.2f} "
+                     f"{k['ms_median']:>9.3f} {cublas:>9.3f} {k['speedup_vs_eager']:>7.2f} "
+                     f"{k['speedup_vs_compile']:>7.2f} {float(vs_cublas):>8.2f} "
                      f"{mem:>17} {k['gbs']:>7.0f} ({k['bw_share']:>4.0%})  {k['meets_goal']}")
     met = sum(r["meets_goal"] == "yes" for r in rows)
     total = sum(r["impl"] == "triton" for r in rows)
@@ -234,10 +243,10 @@ def _implementation(impl: str, smoke: bool = False):
     if impl == "compile":
         torch._dynamo.reset()
         return torch.compile(inject_reference, backend="eager" if smoke else "inductor")
-    if impl == "triton":
+    if impl in ("triton", "cublas"):
         from lowmem_graph.kernels.inject import fused_inject_triton
 
-        return fused_inject_triton
+        return functools.partial(fused_inject_triton, gemm="cublas") if impl == "cublas" else fused_inject_triton
     return inject_reference
 
 

@@ -18,14 +18,24 @@ and a GEMM tile holds only part of a row. Fusing means recomputing u (doubling t
 flops) or holding BLOCK_M x D fp32 accumulators (more than the register file for D >= 2048). Writing u once
 in fp32 and reading it back costs 8 bytes per element, less than the recompute at L = 1024; pooled, u is (B, D).
 
-Why no cuBLAS: every GEMM here mixes dtypes (fp32 z, du, dz against 16-bit reader states or weights), and
-torch.matmul would need fp32 copies of the 16-bit operands, for x_k a full (rows, d_k) copy per reader.
-`_gemm_kernel` loads each operand in its own dtype and converts in registers. Same-dtype 16-bit pairs use
-16-bit tensor-core dots; anything with fp32 uses fp32 dots, TF32 unless
-torch.get_float32_matmul_precision() is "highest" (torch's default), matching torch.matmul.
+Why not cuBLAS: every GEMM here mixes dtypes (fp32 z, du, dz against 16-bit reader states or weights), and
+torch.matmul would need copies of the operands in one dtype, for x_k a full (rows, d_k) copy per reader.
+`_gemm_kernel` loads each operand in its own dtype and converts in registers. `gemm="torch"` runs the same op with
+cuBLAS GEMMs around the same blend kernels, for the benchmark to compare (bench/kernel_bench.py).
+
+Precision follows the output. With a 16-bit residual stream (bf16 autocast, every CUDA run) the GEMMs run on
+tensor cores: same-dtype 16-bit pairs as 16-bit dots, anything with fp32 as TF32 dots, all accumulating in fp32;
+TF32 keeps 10 mantissa bits, more than the 7 or 10 the result is rounded to. With an fp32 stream fp32 dots follow
+torch.get_float32_matmul_precision(): IEEE under "highest" (torch's default), TF32 otherwise, as torch.matmul does.
+
+Tiles: on CUDA, GEMMs of more than `_TUNE_MIN_FLOPS` are autotuned over a few tile shapes (keyed by N, the K's,
+the dtypes and M rounded up to a power of two, so per-token batches of new lengths do not tune again); smaller
+ones and the interpreter (which cannot autotune) take one tile sized to the shape.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -58,13 +68,14 @@ def _mma(acc, a_ptr, b_ptr, K, sam, sak, sbk, sbn, offs_m, offs_n, M, N,
 
 
 @triton.jit
-def _gemm_kernel(c_ptr, M, N, scm, scn, scale,
+def _gemm_kernel(c_ptr, M, N, scm, scn, scale, m_bucket,
                  a0, b0, K0, sa0m, sa0k, sb0k, sb0n,
                  a1, b1, K1, sa1m, sa1k, sb1k, sb1n,
                  a2, b2, K2, sa2m, sa2k, sb2k, sb2n,
                  PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """c = scale * sum_{i < PAIRS} a_i @ b_i with one fp32 accumulator; cast once on store."""
+    """c = scale * sum_{i < PAIRS} a_i @ b_i with one fp32 accumulator; cast once on store. Writes every element
+    of c once and reads nothing it writes, so the autotuner may run it again. m_bucket is only the tuning key."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -126,17 +137,84 @@ def _blend_bwd_kernel(dh_ptr, du_ptr, dy_ptr, h_ptr, u_ptr, tokens_per_u, tokens
     tl.store(du_ptr + (urow * tl.num_programs(1) + split) * D + cols, du, mask=mask)
 
 
-def _gemm(pairs, out_dtype, scale=1.0):
-    """scale * sum_i a_i @ b_i for 2-D tensors of any strides and dtypes, fp32 accumulation, one kernel per 3 pairs."""
+_TUNE_MIN_FLOPS = 2 ** 30          # below this a GEMM takes microseconds: compiling 5 tiles would cost more
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few rows (pooled), square, and wide tiles for the per-token GEMMs.
+_TILES = ((16, 128, 64, 4, 4), (64, 64, 32, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3))
+
+
+def _pow2(n, low, high):
+    return min(high, max(low, triton.next_power_of_2(n)))
+
+
+def _fits(configs, named_args, **kwargs):
+    """Autotuner pruning: tiles no larger than the shape (rounded up to a power of two); the smallest otherwise."""
+    rows = _pow2(named_args["M"], 16, 1 << 30)
+    cols = _pow2(named_args["N"], 16, 1 << 30)
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
+    return fit or configs[:1]
+
+
+def tile_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in _TILES]
+
+
+def _time_tile(kernel_call, quantiles, repeats=10):
+    """The autotuner's timing, without triton.testing.do_bench's 256 MB L2-flush buffer: that would land outside
+    the memory plan, at the first step, when a budget is tightest. Median, p20, p80 ms of `repeats` calls."""
+    kernel_call()                                        # compiles this tile
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        kernel_call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return [times[int(q * (repeats - 1))] for q in quantiles]
+
+
+@functools.cache
+def _tuned_gemm_kernel():
+    """`_gemm_kernel` under triton.autotune, or None where this Triton's autotune takes no timing function."""
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        return None
+    return triton.autotune(tile_configs(), key=["m_bucket", "N", "K0", "K1", "K2"], do_bench=_time_tile,
+                           prune_configs_by={"early_config_prune": _fits})(_gemm_kernel)
+
+
+def _autotuned(device, flops) -> bool:
+    """CUDA only (the interpreter cannot autotune), and only GEMMs large enough to repay compiling the tiles."""
+    return device.type == "cuda" and not _INTERPRET and flops >= _TUNE_MIN_FLOPS and _tuned_gemm_kernel() is not None
+
+
+def dot_settings(dtypes, out_dtype) -> tuple[bool, str]:
+    """(upcast tiles to fp32, tl.dot input_precision) for operands of these dtypes feeding a `out_dtype` result.
+
+    A 16-bit result (the residual stream under bf16 autocast) takes tensor cores: 16-bit pairs as they are, anything
+    with fp32 as TF32. An fp32 result follows torch's fp32 matmul precision. The interpreter's bf16 dots are wrong,
+    so there bf16 is upcast too."""
+    dot_fp32 = len(dtypes) > 1 or torch.float32 in dtypes or (_INTERPRET and torch.bfloat16 in dtypes)
+    ieee = out_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dot_fp32, "ieee" if dot_fp32 and ieee else "tf32"
+
+
+def _gemm(pairs, out_dtype, scale=1.0, result_dtype=torch.float32):
+    """scale * sum_i a_i @ b_i for 2-D tensors of any strides and dtypes, fp32 accumulation, one kernel per 3 pairs.
+
+    `result_dtype` is the dtype the op's output is finally rounded to (h's): it sets the dot precision."""
     M, N = pairs[0][0].shape[0], pairs[0][1].shape[1]
     device = pairs[0][0].device
-    dtypes = {t.dtype for pair in pairs for t in pair}
-    dot_fp32 = len(dtypes) > 1 or torch.float32 in dtypes or (_INTERPRET and torch.bfloat16 in dtypes)
-    precision = "ieee" if dot_fp32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    block_m = min(64, max(16, triton.next_power_of_2(M)))
-    block_n = min(64, max(16, triton.next_power_of_2(N)))
-    block_k = min(32, max(16, triton.next_power_of_2(max(a.shape[1] for a, _ in pairs))))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    dot_fp32, precision = dot_settings({t.dtype for pair in pairs for t in pair}, result_dtype)
+    k_max = max(a.shape[1] for a, _ in pairs)
+    if _autotuned(device, 2 * M * N * k_max * len(pairs)):
+        kernel, tiles = _tuned_gemm_kernel(), {}
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    else:
+        tiles = {"BLOCK_M": _pow2(M, 16, 64), "BLOCK_N": _pow2(N, 16, 64), "BLOCK_K": _pow2(k_max, 16, 32),
+                 "num_warps": 4, "num_stages": 3}
+        kernel, grid = _gemm_kernel, (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
     out = None
     for start in range(0, len(pairs), _PAIRS_PER_LAUNCH):
         chunk = pairs[start:start + _PAIRS_PER_LAUNCH]
@@ -144,11 +222,21 @@ def _gemm(pairs, out_dtype, scale=1.0):
         args = []
         for a, b in chunk + [chunk[0]] * (_PAIRS_PER_LAUNCH - len(chunk)):
             args += [a, b, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1)]
-        _gemm_kernel[grid](part, M, N, part.stride(0), part.stride(1), scale, *args,
-                           PAIRS=len(chunk), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                           DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4, num_stages=3)
+        kernel[grid](part, M, N, part.stride(0), part.stride(1), scale, _pow2(M, 16, 1 << 30), *args,
+                     PAIRS=len(chunk), DOT_FP32=dot_fp32, PRECISION=precision, **tiles)
         out = part if out is None else out.add_(part)
     return out
+
+
+def _gemm_cublas(pairs, out_dtype, scale=1.0, result_dtype=torch.float32):
+    """`_gemm` through torch.matmul (cuBLAS), every operand cast to the result's dtype first, as autocast would: a
+    16-bit result gets 16-bit GEMMs (cuBLAS's fastest, coarser than `_gemm`'s TF32 for fp32 operands), and the
+    casts are the copies `_gemm` avoids."""
+    out = sum(a.to(result_dtype) @ b.to(result_dtype) for a, b in pairs).float()
+    return (out * scale if scale != 1.0 else out).to(out_dtype)
+
+
+GEMMS = {"triton": _gemm, "cublas": _gemm_cublas}
 
 
 def _row_settings(D):
@@ -193,20 +281,21 @@ class FusedInject(torch.autograd.Function):
     """Autograd wrapper; readers and weights come flattened as *tensors = (x_1..x_K, W_1..W_K)."""
 
     @staticmethod
-    def forward(ctx, h, carry, blend, eps, *tensors):
+    def forward(ctx, h, carry, blend, eps, gemm, *tensors):
         K = len(tensors) // 2
         xs, weights = tensors[:K], tensors[K:]
         B, T, D = h.shape
         x_rows = [_rows(x) for x in xs]
-        z = _gemm([(x, w.t()) for x, w in zip(x_rows, weights)], torch.float32, 1.0 / K)
-        u = _gemm([(z, carry.t())], torch.float32)
+        gemm = functools.partial(GEMMS[gemm], result_dtype=h.dtype)
+        z = gemm([(x, w.t()) for x, w in zip(x_rows, weights)], torch.float32, 1.0 / K)
+        u = gemm([(z, carry.t())], torch.float32)
         h2 = _rows(h)
         out = torch.empty((B * T, D), device=h.device, dtype=h.dtype)
         block_d, warps = _row_settings(D)
         _blend_fwd_kernel[(B * T,)](out, h2, u, (B * T) // u.shape[0], D, out.stride(0), h2.stride(0),
                                     u.stride(0), blend, eps, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(h, z, carry, *x_rows, *weights)
-        ctx.blend, ctx.eps = blend, eps
+        ctx.blend, ctx.eps, ctx.gemm = blend, eps, gemm
         return out.view(B, T, D)
 
     @staticmethod
@@ -217,7 +306,8 @@ class FusedInject(torch.autograd.Function):
         B, T, D = h.shape
         n_rows = z.shape[0]
         tokens_per_u = (B * T) // n_rows
-        u = _gemm([(z, carry.t())], torch.float32)
+        gemm = ctx.gemm
+        u = gemm([(z, carry.t())], torch.float32)
         h2, dy2 = _rows(h), _rows(dy)
         need_dh = ctx.needs_input_grad[0]
         dh = torch.empty((B * T, D), device=h.device, dtype=h.dtype) if need_dh else h2  # h2: unused pointer
@@ -232,17 +322,20 @@ class FusedInject(torch.autograd.Function):
                                             HAS_DH=need_dh, BLOCK_D=block_d, num_warps=warps)
         if splits > 1:
             du = du.sum(dim=1)
-        d_carry = _gemm([(du.t(), z)], carry.dtype) if ctx.needs_input_grad[1] else None
+        d_carry = gemm([(du.t(), z)], carry.dtype) if ctx.needs_input_grad[1] else None
         d_weights = [None] * K
-        if any(ctx.needs_input_grad[4 + K:]):
-            dz = _gemm([(du, carry)], torch.float32)
-            d_weights = [_gemm([(dz.t(), x)], w.dtype, 1.0 / K) if need else None
-                         for x, w, need in zip(x_rows, weights, ctx.needs_input_grad[4 + K:])]
-        return (dh.view(B, T, D) if need_dh else None, d_carry, None, None, *[None] * K, *d_weights)
+        if any(ctx.needs_input_grad[5 + K:]):
+            dz = gemm([(du, carry)], torch.float32)
+            d_weights = [gemm([(dz.t(), x)], w.dtype, 1.0 / K) if need else None
+                         for x, w, need in zip(x_rows, weights, ctx.needs_input_grad[5 + K:])]
+        return (dh.view(B, T, D) if need_dh else None, d_carry, None, None, None, *[None] * K, *d_weights)
 
 
-def fused_inject_triton(h, xs, weights, carry, blend: float, eps: float = 1e-6):
-    """Triton version of `inject_reference` (same arguments and result); gives no gradient to the readers xs."""
+def fused_inject_triton(h, xs, weights, carry, blend: float, eps: float = 1e-6, gemm: str = "triton"):
+    """Triton version of `inject_reference` (same arguments and result); gives no gradient to the readers xs.
+    gemm="cublas" runs its GEMMs through torch.matmul around the same blend kernels (for the benchmark)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"fused inject: gemm must be one of {sorted(GEMMS)}, got {gemm!r}")
     xs, weights = list(xs), list(weights)
     _check(h, xs, weights, carry)
-    return FusedInject.apply(h, carry, float(blend), float(eps), *xs, *weights)
+    return FusedInject.apply(h, carry, float(blend), float(eps), gemm, *xs, *weights)

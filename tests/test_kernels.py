@@ -79,6 +79,62 @@ def test_strided_inputs():
     assert_matches((h, xs, weights, carry, dy), torch.float32, 1e-5, 1e-4)
 
 
+def assert_cublas_matches(case, dtype, atol, rtol):
+    out, grads = run(lambda *a: fused_inject_triton(*a, gemm="cublas"), *case)
+    ref_out, ref_grads = run(inject_reference, *case)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.float(), want.float(), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+def test_cublas_gemms_around_the_same_blend_match_the_reference(pooled):
+    """The benchmark's comparison: torch.matmul GEMMs, our blend kernels."""
+    assert_cublas_matches(make_case(3, pooled, torch.float32), torch.float32, 1e-5, 1e-4)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        fused_inject_triton(*make_case(1, pooled, torch.float32)[:4], 0.3, gemm="cuda")
+
+
+def test_dot_precision_follows_the_result(monkeypatch):
+    """A 16-bit stream takes tensor cores (TF32 for anything with fp32); an fp32 stream follows torch's setting."""
+    settings = inject_kernels.dot_settings
+    assert settings({torch.float32, torch.bfloat16}, torch.bfloat16) == (True, "tf32")
+    assert settings({torch.float32}, torch.bfloat16) == (True, "tf32")
+    assert settings({torch.float16}, torch.float16) == (False, "tf32")        # a 16-bit dot: precision unused
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert settings({torch.float32, torch.float16}, torch.float32) == (True, "ieee")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert settings({torch.float32, torch.float16}, torch.float32) == (True, "tf32")
+
+
+def test_every_autotuned_tile_gives_the_reference(monkeypatch):
+    """The CUDA path's autotuner, replayed on the interpreter: every tile it may pick runs each GEMM through the
+    grid it computes from the tile, into the same output the tuner reruns the kernel over."""
+    ran = []
+
+    class EveryTile:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                named = dict(zip(inject_kernels._gemm_kernel.arg_names, args))
+                for config in inject_kernels._fits(inject_kernels.tile_configs(), named):
+                    tile = {**meta, **config.kwargs}
+                    ran.append((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]))
+                    inject_kernels._gemm_kernel[grid(tile)](*args, **tile, num_warps=config.num_warps,
+                                                            num_stages=config.num_stages)
+            return launch
+
+    monkeypatch.setattr(inject_kernels, "_autotuned", lambda device, flops: True)
+    monkeypatch.setattr(inject_kernels, "_tuned_gemm_kernel", EveryTile)
+    case = make_case(3, False, torch.float32, B=2, T=40, D=160, L=72)
+    assert_matches(case, torch.float32, 1e-5, 1e-4)
+    assert len(set(ran)) == len(inject_kernels._TILES)           # 80 rows, 72+ columns: every tile fits
+    ran.clear()
+    pooled = make_case(2, True, torch.float32, L=72)
+    with torch.no_grad():
+        fused_inject_triton(*pooled[:4], 0.3)
+    assert ran == [(16, 128), (16, 128)]                          # pooled forward, 2 rows: the 16-row tile only
+    assert_matches(pooled, torch.float32, 1e-5, 1e-4)
+
+
 def test_rejects_bad_inputs():
     h, xs, weights, carry, _ = make_case(2, False, torch.float32)
     with pytest.raises(ValueError, match="reader 1"):
