@@ -3,12 +3,12 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
-# On a machine with CUDA and the project installed it finishes in under 8 minutes; without CUDA it runs the same
+# On a machine with CUDA and the project installed it finishes in under 9 minutes; without CUDA it runs the same
 # code as a CPU smoke run (tiny preset, tiny kernel shapes, under 5 minutes; tests/test_gpu_check.py runs it, so this
 # script cannot rot). It leaves eight files (what the device tool brings back): summary.md (the device, the
-# versions, each part's exit code and time, every figure against its goal), logs.txt (every part's output),
-# memory-<device>.csv/.png (bench/bench_memory.py), kernels-<device>.csv/.png (bench/bench_kernels.py) and
-# step-<device>.csv/.png (bench/bench_step.py).
+# versions, each part's exit code and time, every figure against its goal, then every part's output),
+# memory-<device>.csv/.png (bench/bench_memory.py), kernels-<device>.csv/.png (bench/bench_kernels.py),
+# step-<device>.csv/.png (bench/bench_step.py) and dequant-<device>.csv (bench/bench_dequant.py).
 # Each part runs under its own time limit, so a part that fails or hangs still leaves the others' results.
 #
 # bitsandbytes on a GPU machine that lacks it: its 0.50.2 manylinux wheel carries its CUDA library. Where pip can
@@ -26,9 +26,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 : > "$out/parts.txt"
 : > "$out/logs.txt"
-smoke="" steps=3 graphs=tiny,reduced budgets=24G,6G,3G,2G
+smoke="" steps=3 graphs=tiny,reduced budgets=24G,6G,3G,2G dequant="--tokens 512,2048,4096 --repeats 10"
 if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    smoke="--smoke" steps=1 graphs=tiny budgets=24G,2G
+    smoke="--smoke" steps=1 graphs=tiny budgets=24G,2G dequant="--scale 16 --tokens 64 --repeats 1"
     export TRITON_INTERPRET=1      # Triton runs on the CPU only through its interpreter
 fi
 
@@ -51,6 +51,9 @@ part gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider
 part memory 200 python3 bench/bench_memory.py --budgets $budgets --steps $steps --out "$out" $smoke
 part kernels 90 python3 bench/bench_kernels.py --quick --out "$out" $smoke
 part step 80 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
-python3 bench/gpu_summary.py "$out" $smoke >> "$out/logs.txt" 2>&1 || echo "summary failed: see logs.txt"
-rm -f "$out/versions.txt" "$out/parts.txt"       # both are in summary.md (and logs.txt)
+part dequant 40 python3 bench/bench_dequant.py $dequant --out "$out"
+python3 bench/gpu_summary.py "$out" $smoke > /dev/null 2>> "$out/logs.txt" || echo "summary failed: see its logs"
+# The device tool brings back 8 files: the logs go at the end of summary.md.
+{ printf '\n## Every part'"'"'s output\n\n```\n'; cat "$out/logs.txt"; printf '```\n'; } >> "$out/summary.md"
+rm -f "$out/versions.txt" "$out/parts.txt" "$out/logs.txt"       # all three are in summary.md
 echo "summary: $out/summary.md"

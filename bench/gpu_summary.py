@@ -118,21 +118,29 @@ def speed_section(rows: list[dict]) -> list[str]:
 
 
 def kernel_section(rows: list[dict]) -> list[str]:
-    lines = ["## Fused injection kernel against eager PyTorch and torch.compile", "",
-             "| mode | T | D | direction | eager ms | compile ms | triton ms | x eager | x compile | "
-             "peak MiB e/c/t | goal (full >= 1.5x eager) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Fused injection kernel against eager PyTorch, torch.compile and cuBLAS GEMMs around our blend", "",
+             "| mode | T | D | direction | eager ms | compile ms | triton ms | cublas ms | x eager | x compile | "
+             "x cublas | peak MiB e/c/t | goal (full >= 1.5x eager) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
         by.setdefault((r["mode"], r["seq_len"], r["d_model"], r["direction"]), {})[r["impl"]] = r
+    verdicts = []
     for (mode, t, d, direction), impls in by.items():
-        e, c, k = (impls.get(i, {}) for i in ("eager", "compile", "triton"))
+        e, c, k, b = (impls.get(i, {}) for i in ("eager", "compile", "triton", "cublas"))
         speedup = _num(k, "speedup_vs_eager")
         goal = _verdict(speedup >= KERNEL_GOAL, f"{speedup:.2f}x") if direction == "full" and speedup else ""
         lines.append(f"| {mode} | {t} | {d} | {direction} | {_num(e, 'ms_median') or 0:.3f} | "
-                     f"{_num(c, 'ms_median') or 0:.3f} | {_num(k, 'ms_median') or 0:.3f} | {speedup or 0:.2f} | "
-                     f"{_num(k, 'speedup_vs_compile') or 0:.2f} | {_num(e, 'peak_mem_mib') or 0:.0f}/"
+                     f"{_num(c, 'ms_median') or 0:.3f} | {_num(k, 'ms_median') or 0:.3f} | "
+                     f"{_num(b, 'ms_median') or 0:.3f} | {speedup or 0:.2f} | "
+                     f"{_num(k, 'speedup_vs_compile') or 0:.2f} | {_num(k, 'triton_vs_cublas') or 0:.2f} | "
+                     f"{_num(e, 'peak_mem_mib') or 0:.0f}/"
                      f"{_num(c, 'peak_mem_mib') or 0:.0f}/{_num(k, 'peak_mem_mib') or 0:.0f} | {goal} |")
-    return lines
+        vs_cublas = _num(k, "triton_vs_cublas")
+        if mode == "per_token" and direction == "full" and vs_cublas:
+            verdicts.append(f"- per-token T={t} D={d}: Triton GEMMs against cuBLAS GEMMs (bf16) around the same "
+                            "blend: " + _verdict(vs_cublas >= 1.0, f"{vs_cublas:.2f}x"))
+    return lines + ([""] + verdicts if verdicts else [])
 
 
 def step_section(rows: list[dict]) -> list[str]:
@@ -148,6 +156,24 @@ def step_section(rows: list[dict]) -> list[str]:
             goals.append(f"- {r['graph']}: every group streamed against every group resident (both checkpointed): "
                          + _verdict(ratio <= 1.15, f"{ratio:.2f}x; the CPU goal is 1.15x"))
     return lines + [""] + goals
+
+
+def dequant_section(rows: list[dict]) -> list[str]:
+    layers = [r for r in rows if r["linear"] == "layer"]
+    lines = ["## Dequantisation: one shared dequantised weight per frozen NF4 linear (bench/bench_dequant.py)", "",
+             f"A checkpointed layer's frozen linears per micro-batch, {layers[0]['dtype'] if layers else ''}: "
+             "today (3 dequantisations) against SharedDequant (2), and what it holds from recompute to backward.", "",
+             "| model | tokens | today ms | shared ms | saving | dequantisation share | held MiB per layer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in layers:
+        lines.append(f"| {r['model']} | {r['tokens']} | {_num(r, 'today_ms'):,.3f} | {_num(r, 'shared_ms'):,.3f} | "
+                     f"{_num(r, 'saving'):.1%} | {_num(r, 'dequantise_share'):.1%} | {_num(r, 'held_mib'):,.0f} |")
+    if layers:
+        best = max(layers, key=lambda r: _num(r, "saving"))
+        lines += ["", "- sharing saves at least 5% of a checkpointed layer's time somewhere: "
+                  + _verdict(_num(best, "saving") >= 0.05,
+                             f"at most {_num(best, 'saving'):.1%}, {best['model']} at {best['tokens']} tokens")]
+    return lines
 
 
 def summarise(out_dir: Path, smoke: bool) -> Path:
@@ -168,7 +194,9 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
                           + ("24G,2G --steps 1 --smoke" if smoke else "24G,6G,3G,2G --steps 3"),
                 "kernels": "python3 bench/bench_kernels.py --quick" + (" --smoke" * smoke),
                 "step": "python3 bench/bench_step.py --graphs " + ("tiny --repeats 1" if smoke else
-                                                                    "tiny,reduced --repeats 3")}
+                                                                    "tiny,reduced --repeats 3"),
+                "dequant": "python3 bench/bench_dequant.py " + ("--scale 16 --tokens 64 --repeats 1" if smoke
+                                                                else "--tokens 512,2048,4096 --repeats 10")}
     for name, rc, seconds in (p[:3] for p in parts if len(p) >= 3):
         status = {"0": "0", "124": "124 (timed out)", "137": "137 (killed)"}.get(rc, rc)
         lines.append(f"| {name} | `{commands.get(name, '')}` | {status} | {seconds} |")
@@ -186,6 +214,9 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
     lines += kernel_section(_read(kernels[0])) if kernels else ["## Kernels", "", "No kernel CSV: see its log."]
     steps = sorted(out_dir.glob("step-*.csv"))
     lines += [""] + (step_section(_read(steps[0])) if steps else ["## Step", "", "No step CSV: see its log."])
+    dequant = sorted(out_dir.glob("dequant-*.csv"))
+    lines += [""] + (dequant_section(_read(dequant[0])) if dequant else
+                     ["## Dequantisation", "", "No dequantisation CSV: see its log."])
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

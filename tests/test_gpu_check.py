@@ -18,16 +18,17 @@ def test_gpu_check_smoke_run_writes_every_file(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
-    step = [n for n in names if n.startswith("step-")]
-    assert names == sorted(["kernels-cpu-smoke.csv", "kernels-cpu-smoke.png", "logs.txt", "memory-cpu-smoke.csv",
-                            "memory-cpu-smoke.png", "summary.md", *step]) and len(step) == 2   # the device tool takes 8
+    step = [n for n in names if n.startswith(("step-", "dequant-"))]
+    assert names == sorted(["kernels-cpu-smoke.csv", "kernels-cpu-smoke.png", "memory-cpu-smoke.csv",
+                            "memory-cpu-smoke.png", "summary.md", *step]) and len(step) == 3   # the device tool takes 8
     summary = (out / "summary.md").read_text()
-    for part in ("gpu-tests", "memory", "kernels", "step"):           # each part's exit code, in the summary
+    for part in ("gpu-tests", "memory", "kernels", "step", "dequant"):   # each part's exit code, in the summary
         exit_code = re.search(rf"\| {part} \| `[^`]*` \| (\S+) \|", summary)
-        assert exit_code and exit_code[1] == "0", (part, (out / "logs.txt").read_text()[-3000:])
+        assert exit_code and exit_code[1] == "0", (part, summary[-3000:])
     for words in ("CPU smoke run", "bitsandbytes 0.50", "## Memory: measured peak", "frozen pass mistral",
                   "every group streamed", "accelerate cpu_offload", "## Fused injection kernel", "per_token",
-                  "## The training step", "layer-major"):
+                  "x cublas", "## The training step", "layer-major", "## Dequantisation", "| mistral | 64 |",
+                  "## Every part's output", "== dequant (limit 40s)"):
         assert words in summary, words
     assert (out / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -58,6 +59,13 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    dequant = [{"model": "mistral", "linear": "layer", "tokens": t, "dtype": "bfloat16", "today_ms": 10.0,
+                "shared_ms": shared, "saving": 1 - shared / 10, "dequantise_share": 0.1, "held_mib": 416}
+               for t, shared in ((512, 9.3), (4096, 9.9))]
+    with open(tmp_path / "dequant-fake-gpu.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dequant[0]))
+        writer.writeheader()
+        writer.writerows(dequant)
     (tmp_path / "parts.txt").write_text("gpu-tests 0 30\nmemory 124 220\n")
     text = gpu_summary.summarise(tmp_path, smoke=False).read_text()
     assert "| all resident | 24 | 8 | 4,800 | 4,500 |" in text and "met (prediction 6.7% above measured)" in text
@@ -67,3 +75,5 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
     assert "copies at >= 80% of the pinned peak: met (90%)" in text
     assert "failed: RuntimeError: boom" in text and "124 (timed out)" in text
     assert "No kernel CSV" in text
+    assert "| mistral | 512 | 10.000 | 9.300 | 7.0% | 10.0% | 416 |" in text
+    assert "5% of a checkpointed layer's time somewhere: met (at most 7.0%, mistral at 512 tokens)" in text
