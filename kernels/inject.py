@@ -20,12 +20,12 @@ in fp32 and reading it back costs 8 bytes per element, less than the recompute a
 
 Why not cuBLAS: every GEMM here mixes dtypes (fp32 z, du, dz against 16-bit reader states or weights), and
 torch.matmul would need copies of the operands in one dtype, for x_k a full (rows, d_k) copy per reader.
-`_gemm_kernel` loads each operand in its own dtype and converts in registers. `gemm="torch"` runs the same op with
+`_gemm_kernel` loads each operand in its own dtype and converts in registers. `gemm="cublas"` runs the same op with
 cuBLAS GEMMs around the same blend kernels, for the benchmark to compare (bench/kernel_bench.py).
 
 Precision follows the output. With a 16-bit residual stream (bf16 autocast, every CUDA run) the GEMMs run on
 tensor cores: same-dtype 16-bit pairs as 16-bit dots, anything with fp32 as TF32 dots, all accumulating in fp32;
-TF32 keeps 10 mantissa bits, more than the 7 or 10 the result is rounded to. With an fp32 stream fp32 dots follow
+TF32 keeps 10 mantissa bits, as many as fp16's and more than bf16's 7, which the result is rounded to. With an fp32 stream fp32 dots follow
 torch.get_float32_matmul_precision(): IEEE under "highest" (torch's default), TF32 otherwise, as torch.matmul does.
 
 Tiles: on CUDA, GEMMs of more than `_TUNE_MIN_FLOPS` are autotuned over a few tile shapes (keyed by N, the K's,
