@@ -322,6 +322,7 @@ def run_kernel_bench(out_dir: str | Path = "bench/results", quick: bool = False,
             "triton": triton.__version__, "peak_gbs": peak_gbs, "peak_gbs_source": source,
             "fp32_matmul": torch.get_float32_matmul_precision()}
     rows = []
+    csv_path = Path(out_dir) / f"kernels-{device_slug(name)}.csv"
     for case in bench_cases(quick, smoke):
         print(f"measuring {case.mode} T={case.seq_len} D={case.d_model} ...", flush=True)
         shape = {"mode": case.mode, "batch": case.batch, "seq_len": case.seq_len, "d_model": case.d_model,
@@ -335,10 +336,8 @@ def run_kernel_bench(out_dir: str | Path = "bench/results", quick: bool = False,
                              "ms_p20": round(p20, 4), "ms_p80": round(p80, 4),
                              "peak_mem_mib": round(peak / 2 ** 20, 1), "min_bytes": nbytes, "gbs": round(gbs, 1),
                              "bw_share": round(gbs / peak_gbs, 3)})
-    add_comparisons(rows)
-    out_dir = Path(out_dir)
-    csv_path = write_csv(rows, out_dir / f"kernels-{device_slug(name)}.csv")
-    png_path = plot_rows(rows, out_dir / f"kernels-{device_slug(name)}.png")
+        write_csv(add_comparisons(rows), csv_path)      # after every shape: a run cut short keeps what it measured
+    png_path = plot_rows(rows, Path(out_dir) / f"kernels-{device_slug(name)}.png")
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {rows[0]['act_dtype']} activations, "
           f"{rows[0]['param_dtype']} weights; peak DRAM {peak_gbs:.0f} GB/s ({source})")
     print(format_table(rows))

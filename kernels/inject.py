@@ -137,9 +137,10 @@ def _blend_bwd_kernel(dh_ptr, du_ptr, dy_ptr, h_ptr, u_ptr, tokens_per_u, tokens
     tl.store(du_ptr + (urow * tl.num_programs(1) + split) * D + cols, du, mask=mask)
 
 
-_TUNE_MIN_FLOPS = 2 ** 30          # below this a GEMM takes microseconds: compiling 5 tiles would cost more
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few rows (pooled), square, and wide tiles for the per-token GEMMs.
-_TILES = ((16, 128, 64, 4, 4), (64, 64, 32, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3))
+_TUNE_MIN_FLOPS = 2 ** 30          # below this a GEMM takes microseconds: compiling its tiles would cost more
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few rows (pooled), then three for the per-token GEMMs. Each tile is
+# compiled once per dtype combination, so the list stays short: the first step pays for every compile.
+_TILES = ((16, 128, 64, 4, 4), (64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3))
 
 
 def _pow2(n, low, high):
