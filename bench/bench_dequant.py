@@ -22,8 +22,8 @@ with double quantisation as the nodes load), per micro-batch of `tokens` tokens 
 * dequantise, matmul: each alone; `dequantise_share` is three dequantisations against today's time (an upper
   bound where bitsandbytes' forward is fused).
 
-Each row is the median of `--repeats` rounds after a warm-up, both schedules interleaved in every round; one row
-per layer sums its linears. Compute in bf16 on CUDA, fp32 on the CPU (as the nodes compute). Writes
+Each row is the median of `--repeats` rounds after a warm-up, both schedules interleaved in every round (on a GPU
+each round times 5 calls queued back to back); one row per layer sums its linears. Compute in bf16 on CUDA, fp32 on the CPU (as the nodes compute). Writes
 dequant-<device>.csv under --out and prints the table.
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from lowmem_graph.files import atomic_file
 
 REFINERS = {"phi3": "microsoft/Phi-3-mini-4k-instruct", "mistral": "mistralai/Mistral-7B-v0.1"}
 PAYS = 0.05            # below 5% of a layer's frozen-linear time, holding a group's 16-bit weights is not worth it
@@ -81,35 +83,36 @@ def nf4_linear(out_features: int, in_features: int, dtype, device, seed: int = 0
     torch.manual_seed(seed)
     linear = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4",
                                compress_statistics=True, device="meta")
-    weight = torch.randn(out_features, in_features, dtype=dtype) * in_features ** -0.5
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * in_features ** -0.5
     linear.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                       compress_statistics=True).to(device)
     return freeze_linears(linear)
 
 
-def _clock(device):
-    """A function that runs fn and returns its milliseconds: CUDA events on a GPU, wall clock on the CPU."""
-    if device.type == "cuda":
-        def timed(fn):
+def _clock(device, calls: int):
+    """A function that runs fn `calls` times back to back and returns ms per call: CUDA events around the queued
+    calls on a GPU (no call timed from an idle GPU, one synchronisation), wall clock on the CPU."""
+    def timed(fn):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def timed(fn):
-            begin = time.perf_counter()
+            return start.elapsed_time(end) / calls
+        begin = time.perf_counter()
+        for _ in range(calls):
             fn()
-            return 1000 * (time.perf_counter() - begin)
+        return 1000 * (time.perf_counter() - begin) / calls
     return timed
 
 
-def measure_linear(out_features: int, in_features: int, tokens: int, dtype, device, repeats: int) -> dict:
+def measure_linear(linear, tokens: int, dtype, device, repeats: int) -> dict:
     """Median ms of each schedule and of each cause, for one linear at one micro-batch."""
     import bitsandbytes.functional as bnbf
 
-    linear = nf4_linear(out_features, in_features, dtype, device)
+    out_features, in_features = linear.out_features, linear.in_features
     x = torch.randn(tokens, in_features, dtype=dtype, device=device, requires_grad=True)
     dy = torch.randn(tokens, out_features, dtype=dtype, device=device)
     weight = bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state).to(dtype)
@@ -127,12 +130,18 @@ def measure_linear(out_features: int, in_features: int, tokens: int, dtype, devi
     cases = {"today": today, "shared": shared,
              "dequantise": lambda: bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state),
              "matmul": lambda: x.detach() @ weight.t()}
+    # The two schedules compute the same: bitsandbytes' forward (fused or not) and SharedDequant's, within the
+    # dtype's rounding; the input gradients from the same dequantised weight (bit for bit on the CPU).
+    tol = 1e-2 if dtype != torch.float32 else 1e-5
+    with torch.no_grad():
+        want, got = linear(x), SharedDequant.apply(x, linear)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     x.grad = None
     today()
     want, x.grad = x.grad, None
     shared()
-    torch.testing.assert_close(x.grad, want)          # the same weight and product (bit for bit on the CPU)
-    timed = _clock(device)
+    torch.testing.assert_close(x.grad, want)
+    timed = _clock(device, calls=5 if device.type == "cuda" else 1)
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
@@ -141,30 +150,40 @@ def measure_linear(out_features: int, in_features: int, tokens: int, dtype, devi
     return {f"{name}_ms": statistics.median(t) for name, t in times.items()}
 
 
-def run(tokens: list[int], scale: int, repeats: int, device) -> list[dict]:
+def run(tokens: list[int], scale: int, repeats: int, device, out_dir: Path | None = None) -> list[dict]:
+    """Rows per linear and token count, then one per layer; the CSV rewritten after each model (a run cut short
+    keeps what it measured)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     meta = {"date": datetime.now().isoformat(timespec="seconds"), "device": name, "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "scale": scale}
     rows = []
     for model, ref in REFINERS.items():
-        linears = layer_linears(ref, scale)
-        for t in tokens:
-            print(f"measuring {model} (1/{scale} width) at {t} tokens ...", flush=True)
-            per_linear = []
-            for lname, out_features, in_features in linears:
-                times = measure_linear(out_features, in_features, t, dtype, device, repeats)
-                held = out_features * in_features * dtype.itemsize / 2 ** 20
-                per_linear.append({**meta, "model": model, "linear": lname, "out": out_features,
-                                   "in": in_features, "tokens": t, **times, "held_mib": round(held, 2)})
+        print(f"measuring {model} (1/{scale} width) at {', '.join(map(str, tokens))} tokens ...", flush=True)
+        per_tokens = {t: [] for t in tokens}
+        for lname, out_features, in_features in layer_linears(ref, scale):
+            linear = nf4_linear(out_features, in_features, dtype, device)     # quantised once, for every size
+            held = out_features * in_features * dtype.itemsize / 2 ** 20
+            for t in tokens:
+                times = measure_linear(linear, t, dtype, device, repeats)
+                per_tokens[t].append({**meta, "model": model, "linear": lname, "out": out_features,
+                                      "in": in_features, "tokens": t, **times, "held_mib": round(held, 2)})
+            del linear
+        for t, per_linear in per_tokens.items():
             layer = {k: sum(r[k] for r in per_linear) for k in per_linear[0] if k.endswith("_ms") or k == "held_mib"}
             rows += per_linear + [{**meta, "model": model, "linear": "layer", "tokens": t, **layer}]
+        _derive(rows)
+        if out_dir is not None:
+            write_csv(rows, out_dir)
+    return rows
+
+
+def _derive(rows: list[dict]) -> None:
     for row in rows:
         for key in [k for k in row if k.endswith("_ms")]:
             row[key] = round(row[key], 4)
         row["saving"] = round(1 - row["shared_ms"] / row["today_ms"], 4)
         row["dequantise_share"] = round(3 * row["dequantise_ms"] / row["today_ms"], 4)
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -182,7 +201,7 @@ def write_csv(rows: list[dict], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"dequant-{slug}.csv"
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -197,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run([int(t) for t in args.tokens.split(",")], args.scale, args.repeats, device)
+    rows = run([int(t) for t in args.tokens.split(",")], args.scale, args.repeats, device, Path(args.out))
     print(format_table(rows))
     print(f"sharing pays where it saves >= {PAYS:.0%} of a layer's time and the plan has room for the held weights")
     print(f"results: {write_csv(rows, Path(args.out))}")

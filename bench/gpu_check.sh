@@ -27,6 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 : > "$out/parts.txt"
 : > "$out/logs.txt"
+rm -f "$out/summary.md"             # the logs are appended to it: never to an earlier run's
 smoke="" steps=3 graphs=tiny,reduced budgets=24G,6G,3G,2G dequant="--tokens 512,2048,4096 --repeats 10"
 if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     smoke="--smoke" steps=1 graphs=tiny budgets=24G,2G dequant="--scale 16 --tokens 64 --repeats 1"
@@ -48,13 +49,13 @@ python3 bench/gpu_summary.py --versions > "$out/versions.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
     >> "$out/versions.txt" 2>/dev/null
 cat "$out/versions.txt"
-part gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider
-part memory 200 python3 bench/bench_memory.py --budgets $budgets --steps $steps --out "$out" $smoke
-part kernels 100 python3 bench/bench_kernels.py --quick --out "$out" $smoke
-part step 80 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
+part gpu-tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider
+part memory 190 python3 bench/bench_memory.py --budgets $budgets --steps $steps --out "$out" $smoke
+part kernels 120 python3 bench/bench_kernels.py --quick --out "$out" $smoke
+part step 70 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
 part dequant 40 python3 bench/bench_dequant.py $dequant --out "$out"
 python3 bench/gpu_summary.py "$out" $smoke > /dev/null 2>> "$out/logs.txt" || echo "summary failed: see its logs"
 # The device tool brings back 8 files: the logs go at the end of summary.md.
-{ printf '\n## Every part'"'"'s output\n\n```\n'; cat "$out/logs.txt"; printf '```\n'; } >> "$out/summary.md"
+{ printf '\n## Every part'"'"'s output\n\n````\n'; cat "$out/logs.txt"; printf '````\n'; } >> "$out/summary.md"
 rm -f "$out/versions.txt" "$out/parts.txt" "$out/logs.txt" "$out"/*.tmp   # in summary.md; a killed write
 echo "summary: $out/summary.md"

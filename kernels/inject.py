@@ -28,9 +28,9 @@ tensor cores: same-dtype 16-bit pairs as 16-bit dots, anything with fp32 as TF32
 TF32 keeps 10 mantissa bits, as many as fp16's and more than bf16's 7, which the result is rounded to. With an fp32 stream fp32 dots follow
 torch.get_float32_matmul_precision(): IEEE under "highest" (torch's default), TF32 otherwise, as torch.matmul does.
 
-Tiles: on CUDA, GEMMs of more than `_TUNE_MIN_FLOPS` are autotuned over a few tile shapes (keyed by N, the K's,
-the dtypes and M rounded up to a power of two, so per-token batches of new lengths do not tune again); smaller
-ones and the interpreter (which cannot autotune) take one tile sized to the shape.
+Tiles: on CUDA, GEMMs of at least `_TUNE_MIN_FLOPS` are autotuned over a few tile shapes (keyed by N, the K's,
+the dtypes, the dot settings and M rounded up to a power of two, so per-token batches of new lengths do not tune
+again); smaller ones and the interpreter (which cannot autotune) take one tile sized to the shape.
 """
 from __future__ import annotations
 
@@ -162,17 +162,16 @@ def tile_configs():
 
 def _time_tile(kernel_call, quantiles, repeats=10):
     """The autotuner's timing, without triton.testing.do_bench's 256 MB L2-flush buffer: that would land outside
-    the memory plan, at the first step, when a budget is tightest. Median, p20, p80 ms of `repeats` calls."""
+    the memory plan, at the first step, when a budget is tightest. Median, p20, p80 ms of `repeats` calls queued
+    back to back (one synchronisation at the end, so no call is timed from an idle GPU)."""
     kernel_call()                                        # compiles this tile
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
         start.record()
         kernel_call()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return [times[int(q * (repeats - 1))] for q in quantiles]
 
 
@@ -181,7 +180,8 @@ def _tuned_gemm_kernel():
     """`_gemm_kernel` under triton.autotune, or None where this Triton's autotune takes no timing function."""
     if "do_bench" not in inspect.signature(triton.autotune).parameters:
         return None
-    return triton.autotune(tile_configs(), key=["m_bucket", "N", "K0", "K1", "K2"], do_bench=_time_tile,
+    return triton.autotune(tile_configs(), key=["m_bucket", "N", "K0", "K1", "K2", "PAIRS", "DOT_FP32", "PRECISION"],
+                           do_bench=_time_tile,
                            prune_configs_by={"early_config_prune": _fits})(_gemm_kernel)
 
 

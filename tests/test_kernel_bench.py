@@ -50,6 +50,7 @@ def test_bench_cases_cover_paper_shapes_and_sweep():
     assert {(c.mode, c.seq_len, c.d_model) for c in quick} == {
         (m, 512, d) for m in ("pooled", "per_token") for d in (3072, 4096)}
     assert all(c.batch == 8 and c.widths == (2048, 1536, 2304) and c.latent == 1024 for c in quick)
+    assert [(c.mode, c.d_model) for c in quick[:2]] == [("pooled", 4096), ("per_token", 4096)]   # first if cut short
     sweep = {c.seq_len for c in kb.bench_cases() if c.d_model == kb.SWEEP_D}
     assert sweep == set(kb.SWEEP_SEQ_LENS)
 
