@@ -7,9 +7,9 @@
 # without CUDA it runs the same code as a CPU smoke run (tiny preset, tiny kernel shapes, under 5 minutes;
 # tests/test_gpu_check.py runs it, so this script cannot rot). It leaves eight files (what the device tool brings
 # back): summary.md (the device, the versions, each part's exit code and time, every figure against its goal, then
-# every part's output),
-# memory-<device>.csv/.png (bench/bench_memory.py), kernels-<device>.csv/.png (bench/bench_kernels.py),
-# step-<device>.csv/.png (bench/bench_step.py) and dequant-<device>.csv (bench/bench_dequant.py).
+# every part's output), memory-<device>.csv/.png (bench/bench_memory.py), kernels-<device>.csv/.png
+# (bench/bench_kernels.py), step-<device>.csv/.png (bench/bench_step.py) and dequant-<device>.csv
+# (bench/bench_dequant.py).
 # Each part runs under its own time limit, so a part that fails or hangs still leaves the others' results.
 #
 # bitsandbytes on a GPU machine that lacks it: its 0.50.2 manylinux wheel carries its CUDA library. Where pip can
