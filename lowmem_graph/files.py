@@ -51,7 +51,8 @@ def atomic_file(path: str | Path):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds (first writer wins)."""
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds (first writer wins, also
+    between processes: a rename onto a folder another process just put there fails, and ours is dropped)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
@@ -62,11 +63,13 @@ def atomic_dir(path: str | Path):
             if file.is_file():
                 fsync(file)
         fsync(tmp)
-        if path.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)       # fails when path is a folder already (not empty)
             fsync(path.parent)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -236,6 +236,19 @@ def test_leftovers_of_killed_writes_are_removed_on_resume(tmp_path):
     assert not any(p.exists() for p in stale) and mine.exists()
 
 
+def test_a_folder_another_process_wrote_first_wins(tmp_path):
+    """Two processes building the same cached folder (a tiny model, a quantised node): the first rename wins and
+    the second drops its copy without an error, whenever the first one lands."""
+    from lowmem_graph.files import atomic_dir
+
+    path = tmp_path / "tiny" / "llama-v1"
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text("second")
+        path.mkdir()                                      # the other process finishes while this one writes
+        (path / "config.json").write_text("first")
+    assert (path / "config.json").read_text() == "first" and [p.name for p in path.parent.iterdir()] == ["llama-v1"]
+
+
 def test_resume_refuses_changed_settings_unless_asked(tmp_path, capsys):
     run = tmp_path / "run"
     train(load_preset("tiny"), _cfg(max_steps=1), run, **QUIET)
