@@ -53,3 +53,15 @@ def test_decoder_layers_are_called_by_the_model_loop_with_the_hidden_state_first
     for h in hooks:
         h.remove()
     assert seen == [(torch.Size([1, 5, 32]), torch.Tensor)] * 2
+
+
+def test_our_kernels_folder_never_stands_in_for_the_hugging_face_kernels_hub():
+    """bitsandbytes and transformers run `from kernels import get_kernel`; ours installs as lowmem_graph.kernels."""
+    import importlib.util
+    from pathlib import Path
+
+    import lowmem_graph.kernels
+
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(lowmem_graph.kernels.__file__).resolve().parent
+    assert spec is None or Path(spec.origin or "").resolve().parent != ours
