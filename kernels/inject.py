@@ -10,8 +10,9 @@ Forward
                               registers, so norms, blend and the single cast cost one read of h, one write of out.
 Backward
   u is recomputed (one GEMM) instead of keeping a (rows, D) fp32 tensor alive per site until backward.
-  `_blend_bwd_kernel` writes dh and du (in place over u); `_gemm_kernel` then gives dz = du P, dP = du^T z and
-  dW_k = (1/K) dz^T x_k. dx_k is not computed: readers are frozen.
+  `_blend_bwd_kernel` writes dh and du (in place over u); `_gemm_kernel` then gives dz = du P, dP = du^T z,
+  dW_k = (1/K) dz^T x_k, and dx_k = (1/K) dz W_k only where a reader needs it (a latent written into a model
+  upstream, in an edge graph; frozen readers do not).
 
 Why the blend is not fused into the carry GEMM: it needs ||u|| over all of D before it can write any element,
 and a GEMM tile holds only part of a row. Fusing means recomputing u (doubling the largest GEMM, 2*rows*D*L
@@ -272,8 +273,6 @@ def _check(h, xs, weights, carry):
         if x.shape[:-1] != lead or tuple(w.shape) != (L, x.shape[-1]):
             raise ValueError(f"fused inject: reader {k} is {tuple(x.shape)} with weight {tuple(w.shape)}; "
                              f"expected {tuple(lead)} + (d,) and (L={L}, d)")
-        if x.requires_grad:
-            raise ValueError(f"fused inject: reader {k} requires grad, but readers are frozen (no dx is computed)")
     if any(t.device != h.device for t in (carry, *xs, *weights)):
         raise ValueError("fused inject: all tensors must be on one device")
 
@@ -297,6 +296,7 @@ class FusedInject(torch.autograd.Function):
                                     u.stride(0), blend, eps, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(h, z, carry, *x_rows, *weights)
         ctx.blend, ctx.eps, ctx.gemm = blend, eps, gemm
+        ctx.reader_shapes = [x.shape for x in xs]
         return out.view(B, T, D)
 
     @staticmethod
@@ -324,16 +324,18 @@ class FusedInject(torch.autograd.Function):
         if splits > 1:
             du = du.sum(dim=1)
         d_carry = gemm([(du.t(), z)], carry.dtype) if ctx.needs_input_grad[1] else None
-        d_weights = [None] * K
-        if any(ctx.needs_input_grad[5 + K:]):
+        d_xs, d_weights = [None] * K, [None] * K
+        if any(ctx.needs_input_grad[5:]):
             dz = gemm([(du, carry)], torch.float32)
+            d_xs = [gemm([(dz, w)], x.dtype, 1.0 / K).view(shape) if need else None
+                    for x, w, shape, need in zip(x_rows, weights, ctx.reader_shapes, ctx.needs_input_grad[5:5 + K])]
             d_weights = [gemm([(dz.t(), x)], w.dtype, 1.0 / K) if need else None
                          for x, w, need in zip(x_rows, weights, ctx.needs_input_grad[5 + K:])]
-        return (dh.view(B, T, D) if need_dh else None, d_carry, None, None, None, *[None] * K, *d_weights)
+        return (dh.view(B, T, D) if need_dh else None, d_carry, None, None, None, *d_xs, *d_weights)
 
 
 def fused_inject_triton(h, xs, weights, carry, blend: float, eps: float = 1e-6, gemm: str = "triton"):
-    """Triton version of `inject_reference` (same arguments and result); gives no gradient to the readers xs.
+    """Triton version of `inject_reference` (same arguments, result and gradients).
     gemm="cublas" runs its GEMMs through torch.matmul around the same blend kernels (for the benchmark)."""
     if gemm not in GEMMS:
         raise ValueError(f"fused inject: gemm must be one of {sorted(GEMMS)}, got {gemm!r}")
