@@ -253,6 +253,28 @@ def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_
         assert planned["coupled"]["perplexity"][node] == pytest.approx(plain["coupled"]["perplexity"][node], rel=1e-4)
 
 
+def test_lm_heads_go_to_the_device_for_steps_only_and_come_back(coupled, monkeypatch):
+    """A frozen pass has no use for a node's LM head (tied, it is the whole embedding table); steps of the lm
+    objective do, and `stop_steps` gives it back with the norms and rotary tables."""
+    from lowmem_graph.memory.placement import Placement
+
+    moved = []
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda m, *a, **k: moved.append(m) or to(m, *a, **k))
+    placement = Placement("cpu", _forced_plan(load_spec(EXAMPLES / "residual_coupling.yaml")))
+    heads = {id(node.model.get_output_embeddings()) for node in coupled.nodes.values()}
+    norms = {id(node.base.norm) for node in coupled.nodes.values()}
+    with placement.frozen_pass(coupled.nodes["llama"], needed=2):
+        pass
+    assert norms & {id(m) for m in moved} and not heads & {id(m) for m in moved}
+    moved.clear()
+    placement.start_steps(coupled)
+    assert [id(m) for m in moved if id(m) in heads] and len(placement.streamers) == 2
+    placement.stop_steps()
+    assert sorted(id(m) for m in moved if id(m) in heads) == sorted(2 * list(heads))     # there and back
+    assert all(node.device == torch.device("cpu") for node in coupled.nodes.values()) and not placement.streamers
+
+
 def test_the_planner_plans_each_node_from_its_lowest_incoming_edge():
     """The plan places the layers a step runs (from each node's lowest written layer to its highest read), with
     groups cut where an edge reads or writes, and the frozen pass of the layers below."""

@@ -8,9 +8,9 @@ Without a memory plan every node loads onto the device, whole, and stays there. 
   plan says: resident groups move, the rest stream through the node's own slots. The embedding table stays on the
   host (a lookup moves B x T x d activations, not the table). Everything goes back when the node is done;
 * steps (`start_steps(graph)`: training and evaluation): each refiner's layers from its injection layer up, in
-  the plan's checkpointed groups, resident or streamed, with its final norm and rotary tables; the readers and
-  the layers below injection stay on the host, since the prefix cache holds what they produce. `stop_steps()`
-  gives all of it back.
+  the plan's checkpointed groups, resident or streamed, with its final norm and rotary tables (and, under the lm
+  objective, its LM head); the readers and the layers below injection stay on the host, since the prefix cache
+  holds what they produce. `stop_steps()` gives all of it back.
 
 The nodes know nothing of this: they compute on `node.device`, which the placement sets while it moves them.
 """
@@ -31,6 +31,7 @@ class Placement:
         self.device = _exact(torch.device(device))
         self.plan = plan
         self.streamers: list[stream.LayerStreamer] = []
+        self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
         self._stepping = None       # an edge-runtime graph whose layers the streamers checkpoint
         from .schedule import Kept
 
@@ -100,7 +101,8 @@ class Placement:
                     raise RuntimeError(f"the plan's groups for {name} do not start at the first layer a step runs, "
                                        f"{first}")
                 device = self.device_of(node)
-                for part in norm_and_rotary(node):
+                self._moved.append((node, node.device))
+                for part in norm_and_rotary(node, head=True):
                     part.to(device)
                 node.device = device
                 self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
@@ -119,16 +121,23 @@ class Placement:
         for streamer in self.streamers:
             streamer.detach()
         self.streamers = []
+        for node, home in self._moved:
+            for part in norm_and_rotary(node, head=True):
+                part.to(home)
+            node.device = home
+        self._moved = []
         if getattr(self, "_stepping", None) is not None:
             self._stepping.checkpoint_layers = True
             self._stepping = None
 
 
-def norm_and_rotary(node: FrozenNode) -> list[torch.nn.Module]:
-    """The small parts a node's upper layers need beside them on the device: the final norm, rotary tables, and
-    the LM head of a node that predicts tokens (the lm objective)."""
-    return [m for m in (node.base.norm, getattr(node.base, "rotary_emb", None), node.model.get_output_embeddings())
-            if m is not None]
+def norm_and_rotary(node: FrozenNode, head: bool = False) -> list[torch.nn.Module]:
+    """The small parts a node's layers need beside them on the device: the final norm and rotary tables, and with
+    `head` (steps of the lm objective) the LM head. Never the head for the frozen pass, which has no use for it:
+    a tied head is the embedding table itself, which stays on the host."""
+    parts = [node.base.norm, getattr(node.base, "rotary_emb", None)]
+    parts += [node.model.get_output_embeddings()] if head else []
+    return [m for m in parts if m is not None]
 
 
 def _exact(device: torch.device) -> torch.device:
