@@ -24,6 +24,16 @@ import pytest  # noqa: E402
 SHARED = Path(os.environ.get("LOWMEM_GRAPH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def hub_response(status: int):
+    """An HTTP response as huggingface_hub's errors carry it: httpx2 from hub 2, httpx before (transformers 5.17,
+    the GPU machine's, pins hub 1)."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/org/model"))
+
+
 def shared_data() -> Path:
     """The real data beside the checkout (ARC, OpenBookQA, stories260K); tests that need it skip without it."""
     data = SHARED / "data"

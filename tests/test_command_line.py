@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import hub_response
 
 from lowmem_graph import __version__
 from lowmem_graph.cli import _run_folder, build_parser, main
@@ -128,7 +129,6 @@ def test_training_on_your_own_files_and_a_test_split_when_asked(tmp_path, capsys
 
 def test_a_gated_model_is_told_apart_from_a_missing_one(monkeypatch):
     """Through transformers' own error wrapping: huggingface_hub raises, transformers turns it into an OSError."""
-    import httpx2
     import transformers.utils.hub as hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -138,8 +138,7 @@ def test_a_gated_model_is_told_apart_from_a_missing_one(monkeypatch):
     monkeypatch.setattr(hub, "is_offline_mode", lambda: False)       # as online: the download itself fails
     for error, words in [(GatedRepoError, "is gated on the Hugging Face hub: accept its licence"),
                          (RepositoryNotFoundError, "does not exist on the Hugging Face hub")]:
-        response = httpx2.Response(401 if error is GatedRepoError else 404,
-                                   request=httpx2.Request("GET", "https://huggingface.co/org/model"))
+        response = hub_response(401 if error is GatedRepoError else 404)
 
         def fail(*args, error=error, response=response, **kwargs):
             raise error("Client Error", response=response)

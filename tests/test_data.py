@@ -5,6 +5,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import hub_response
 
 from lowmem_graph.data import Question, bundled_dir, format_prompt, load_task
 from lowmem_graph.errors import UserError
@@ -298,10 +299,9 @@ def test_a_hub_data_set_by_id_with_a_column_mapping(monkeypatch):
     ("missing", "does not exist on the Hugging Face hub"),
 ])
 def test_hub_failures_are_one_line_and_told_apart(monkeypatch, error, words):
-    import httpx2
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    response = httpx2.Response(401 if error == "gated" else 404, request=httpx2.Request("GET", "https://hf.co/x"))
+    response = hub_response(401 if error == "gated" else 404)
     error = {"gated": GatedRepoError("401 Client Error", response=response),
              "missing": RepositoryNotFoundError("404 Client Error", response=response)}.get(error, error)
 
