@@ -1,6 +1,7 @@
 """The layer-major schedule: every micro-batch through a streamed group while it is loaded. The same gradients as
 the micro-batch loop, each streamed group copied twice per step instead of twice per micro-batch."""
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -33,16 +34,25 @@ def setup(tmp_path_factory):
 
 
 def _step(graph, questions, states, plan):
+    """The step's results, and the most micro-batches whose cached states were alive at once."""
     placement = Placement("cpu", plan)
     placement.start_steps(graph)
+    live, most = [0], [0]
+
+    def counted(part):
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(next(iter(part[1].values())), lambda: live.__setitem__(0, live[0] - 1))
+        return part
+
     try:
         graph.zero_grad(set_to_none=True)
-        parts = ((batch, states.for_batch(graph, batch))
+        parts = ((batch, counted(states.for_batch(graph, batch)))
                  for batch in (graph.collate(questions[i:i + MICRO]) for i in range(0, BATCH, MICRO)))
         loss, correct, routing = step_gradients(graph, parts, BATCH, "cpu", placement)
         grads = {n: p.grad.clone() for n, p in graph.named_parameters()}
         loads = [s.loads for s in placement.streamers]
-        return float(loss), int(correct), routing.clone(), grads, loads, placement.kept.fetched
+        return float(loss), int(correct), routing.clone(), grads, loads, placement.kept.fetched, most[0]
     finally:
         placement.stop_steps()
 
@@ -50,9 +60,12 @@ def _step(graph, questions, states, plan):
 @pytest.mark.parametrize("schedule", ["layer-major", "layer-major-host"])
 def test_layer_major_gives_the_same_gradients_with_each_group_loaded_twice(setup, schedule):
     graph, questions, states, plan = setup
-    loss, correct, routing, grads, loads, _ = _step(graph, questions, states, plan)
-    lm_loss, lm_correct, lm_routing, lm_grads, lm_loads, fetched = _step(
+    loss, correct, routing, grads, loads, _, live = _step(graph, questions, states, plan)
+    lm_loss, lm_correct, lm_routing, lm_grads, lm_loads, fetched, lm_live = _step(
         graph, questions, states, dataclasses.replace(plan, schedule=schedule))
+    # the cached states the planner counts on the device: two micro-batches in the loop, the batch in layer-major
+    assert live * MICRO == planning.cached_on_device("micro-batch-major", MICRO, BATCH) == 2 * MICRO
+    assert lm_live * MICRO == planning.cached_on_device(schedule, MICRO, BATCH) == BATCH
     assert lm_loss == pytest.approx(loss, rel=1e-6) and lm_correct == correct
     torch.testing.assert_close(lm_routing, routing, rtol=1e-5, atol=1e-7)
     assert grads.keys() == lm_grads.keys()

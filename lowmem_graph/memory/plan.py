@@ -461,12 +461,22 @@ def _activation_traffic(profile: _Profile, groups: list[GroupPlan], batch: int, 
     return total
 
 
+def cached_on_device(schedule: str, micro: int, batch: int) -> int:
+    """Examples whose cached states (injection-layer inputs, reader states) a step holds on the device at once: the
+    micro-batch at work and the next one, copied ahead (the default schedule); the whole batch (layer-major)."""
+    return micro * min(2, batch // micro) if schedule == MICRO_BATCH_MAJOR else batch
+
+
 def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: int, injection: str,
-                 batch: int | None = None, kept_on_host: bool = False) -> dict[str, int]:
-    """The step's activations at `micro`. With `batch` (the layer-major schedule) every micro-batch's group inputs
-    are kept between phases, for the whole batch (see `_kept_bytes`), on the device or (`kept_on_host`) in pinned
-    host memory; each micro-batch's recorded masks and tables stay on the device."""
+                 batch: int | None = None, schedule: str = MICRO_BATCH_MAJOR) -> dict[str, int]:
+    """The step's activations at `micro`, in a batch of `batch` (None: `micro`). The cached states a step starts
+    from (each refiner's injection-layer input, the reader states) sit on the device: under the default schedule
+    the micro-batch at work and, when accumulating, the next one (copied ahead); under the layer-major ones the whole
+    batch's, which also keep every micro-batch's group inputs between phases (see `_kept_bytes`), on the device or
+    (LAYER_MAJOR_HOST) in pinned host memory, and each micro-batch's recorded masks and tables on the device."""
+    batch = batch or micro
     tokens = micro * seq
+    cached = cached_on_device(schedule, micro, batch)
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     saved, head = 0, 0
     for node in refiners:
@@ -474,10 +484,10 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
         # a group that is not checkpointed keeps what its layers saved, for the whole step
         saved += sum((g.last - g.first) * layer_saved(node, micro, seq) for g in groups
                      if g.node == node.name and not g.checkpointed)
-        if batch is None:
-            # every group's input, plus the cached injection-layer input that the blend's backward keeps
-            saved += (n_groups + 1) * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
-        elif kept_on_host:
+        saved += cached * seq * node.width * ACT_BYTES                  # the cached injection-layer inputs
+        if schedule == MICRO_BATCH_MAJOR:
+            saved += n_groups * tokens * node.width * ACT_BYTES + forward_tables(node, micro, seq)
+        elif schedule == LAYER_MAJOR_HOST:
             # the micro-batch at work: its group input and output, the gradient coming in and going out
             saved += 4 * tokens * node.width * ACT_BYTES + batch // micro * forward_tables(node, micro, seq)
         else:
@@ -486,6 +496,8 @@ def _activations(profile: _Profile, groups: list[GroupPlan], micro: int, seq: in
         head += tokens * node.lm_vocab * 8         # the lm objective: fp32 logits and their gradient
         if injection == "token":   # per-token reader states (fp32) and their latent, kept for the injection's backward
             head += tokens * 4 * 2 * (sum(profile.reader_widths) + profile.latent)
+    # the cached reader states (fp32) of the examples beyond the micro-batch at work (per token or pooled)
+    head += (cached - micro) * (seq if injection == "token" else 1) * 4 * sum(profile.reader_widths)
     recompute = 0
     for g in groups:
         node = profile.nodes[g.node]
@@ -541,8 +553,7 @@ def _divisors(n: int) -> list[int]:
 def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int,
                     schedule: str = "micro-batch-major", batch: int | None = None) -> dict:
     """The training step's peak, part by part, for these groups (resident or streamed) at this micro-batch, in
-    this schedule (`batch` for the layer-major ones)."""
-    layer_major = schedule != MICRO_BATCH_MAJOR
+    this schedule, in a step of `batch` examples."""
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     workspace = max((quant_workspace(profile.nodes[g.node], g.first, g.last, micro * seq, backward=True)
                      for g in groups), default=0)
@@ -553,8 +564,7 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
         "resident_weights": sum(g.bytes for g in groups if g.resident)
         + sum(n.norm_bytes + n.lm_vocab * n.width * ACT_BYTES for n in refiners),
         "stream_slots": sum(depth * b for b in slots),
-        **_activations(profile, groups, micro, seq, spec.injection, batch if layer_major else None,
-                       schedule == LAYER_MAJOR_HOST),
+        **_activations(profile, groups, micro, seq, spec.injection, batch, schedule),
         "trainable+optimizer": profile.trainable * TRAIN_BYTES_PER_PARAM,
         "workspace": workspace,
         "cuda_context": CUDA_CONTEXT,
@@ -786,7 +796,7 @@ def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budg
 _WHY = {
     "resident_weights": "resident layer groups + final norms",
     "stream_slots": "device slots for streamed groups",
-    "checkpoint_inputs": "one saved input per group (+ cached injection input, mask)",
+    "checkpoint_inputs": "saved group inputs, masks, cached inputs (2 micro-batches; layer-major: the batch)",
     "recompute": "one group recomputed in backward (SDPA, O(seq) attention)",
     "head_activations": "final states, readouts, output node (+ grads)",
     "trainable+optimizer": "fp32 params + grads + AdamW states, 16 B/param",
