@@ -141,9 +141,9 @@ class LayerStreamer:
             for (owner, attr, _), t in zip(resident_sites, moved):
                 setattr(owner, attr, t)
             self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+            # a slot is reused only after the copy stream's writes into it, even if the streamer is dropped undetached
             for slot in self.slots if self._stream is not None else ():
-                slot.record_stream(self._stream)    # reused only after the side stream's copies into it, even if
-                #                                     the streamer is dropped without detach()
+                slot.record_stream(self._stream)
         except BaseException:
             for owner, attr, t in originals:        # every tensor back as it was, then the forwards, then the pages
                 setattr(owner, attr, t)
