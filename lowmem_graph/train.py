@@ -491,6 +491,12 @@ class Trainer:
     def close(self) -> None:
         self.placed.stop_steps()
 
+    def end_training(self) -> None:
+        """Free the gradients and AdamW states (12 B per trainable parameter) when only evaluation follows: a frozen
+        pass after training is planned, like the first, with the trainables' weights alone on the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
     def fit(self, stop: StopSignals | None = None) -> dict:
         """Train from `self.step` to the end, evaluating after each epoch. `stop` (installed by `train`) ends the
         loop between steps with a checkpoint."""

@@ -1,7 +1,9 @@
 """The reproduction command end to end on CPU: tiny graph, a subsample of the real ARC/OpenBookQA files."""
+import gc
 import json
 
 import pytest
+import torch
 
 from lowmem_graph.cli import main
 
@@ -9,8 +11,19 @@ from conftest import shared_data
 
 
 @pytest.mark.slow
-def test_reproduce_tiny_on_shared_data(tmp_path, capsys):
+def test_reproduce_tiny_on_shared_data(tmp_path, capsys, monkeypatch):
+    from lowmem_graph.train import PlacedGraph
+
     data = shared_data()
+    # the test sets' frozen passes run with the trainables' weights alone: no gradients, no AdamW states
+    seen, frozen_states = [], PlacedGraph.frozen_states
+
+    def recording(self, *sets):
+        optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+        seen.append((any(p.grad is not None for p in self.graph.parameters()), sum(len(o.state) for o in optimizers)))
+        return frozen_states(self, *sets)
+
+    monkeypatch.setattr(PlacedGraph, "frozen_states", recording)
     code = main(["reproduce", "--preset", "tiny", "--tasks", "arc-challenge,openbookqa", "--data-dir", str(data),
                  "--limit-train", "16", "--limit-test", "16", "--epochs", "1", "--run-dir", str(tmp_path / "r"),
                  "--no-progress"])
@@ -23,6 +36,7 @@ def test_reproduce_tiny_on_shared_data(tmp_path, capsys):
     table = (tmp_path / "r" / "results.md").read_text()
     assert "| arc-challenge |" in table and "87.3" in table
     assert (tmp_path / "r" / "predictions-openbookqa-test.jsonl").exists()
+    assert len(seen) == 3 and seen == [(False, 0)] * 3     # training's, then one per test set
 
 
 def test_protocol_never_trains_on_mmlu_test():
