@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from deferred_copies import DeferredCopies
 
 from lowmem_graph.memory import stream
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
@@ -229,6 +230,41 @@ def test_one_slot_streams_every_group_on_demand(tiny_nodes):
         assert streamer.device_bytes == streamer.slot_bytes
     # each direction loads every group but the one the other direction left in the slot; nothing prefetched
     assert streamer.loads == streamer.misses == 4 + 3 + 3 + 3
+
+
+@pytest.mark.parametrize("name", ["phi3", "mistral"])
+def test_copies_that_land_only_when_waited_for_give_the_plain_numbers(tiny_nodes, monkeypatch, name):
+    """The CUDA branch's ordering, on the CPU (tests/deferred_copies.py): every group waits for its own copy,
+    through training and evaluation passes in any order. Three streamed groups in two slots: a pass without grad
+    swaps the slots' pairing, and the training passes after it must still find each group where its copy went."""
+    node = tiny_nodes[name]
+    enc = node.encode(TEXTS)
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    with torch.no_grad():
+        plain_eval = node.run(enc["input_ids"], enc["attention_mask"])
+    streamer = DeferredCopies().install(monkeypatch)
+    with streamer(node.layers, [[0], [1], [2], [3]], {1}, device="cpu") as s:
+        for phase in "TETEETT":
+            if phase == "T":
+                for a, b in zip(plain, _step(node, *trainables)):
+                    assert torch.equal(a, b)
+            else:
+                with torch.no_grad():
+                    assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain_eval)
+        assert s.loads > 0
+
+
+def test_the_deferred_copy_model_catches_a_missing_wait(tiny_nodes, monkeypatch):
+    node = tiny_nodes["phi3"]
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    model = DeferredCopies()
+    streamer = model.install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(wait_event=lambda e: None))
+    with streamer(node.layers, [[0], [1], [2], [3]], {1}, device="cpu"):
+        got = _step(node, *trainables)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, got))
 
 
 @pytest.mark.gpu
