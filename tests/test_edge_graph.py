@@ -58,21 +58,26 @@ def test_three_layers_trains_end_to_end_and_the_signal_crosses_two_frozen_models
     from lowmem_graph.data import load_task
 
     batch = graph.collate(load_task("arc-easy", "train", limit=4))
-    grads = {}
-    for backend in ("torch", "triton"):       # triton: what CUDA runs, here through the interpreter
-        monkeypatch.setenv("LOWMEM_GRAPH_INJECT", backend)
-        graph.zero_grad()
-        torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels).backward()
-        grads[backend] = {n: p.grad.clone() for n, p in graph.named_parameters() if p.grad is not None}
-    monkeypatch.delenv("LOWMEM_GRAPH_INJECT")
-    # the readers' maps learn through gemma2's and mistral's upper layers: z1's reader states carry a gradient
-    assert grads["torch"]["project.0-llama-z1.weight"].abs().sum() > 0
-    assert grads["torch"]["carry.2-z1-gemma2.weight"].abs().sum() > 0
-    assert grads["torch"].keys() == grads["triton"].keys()
-    # atol from the largest gradient: some output-node biases have an exactly-zero true gradient, so pure noise
-    scale = max(g.abs().max().item() for g in grads["torch"].values())
-    for name, want in grads["torch"].items():
-        torch.testing.assert_close(grads["triton"][name], want, rtol=1e-3, atol=1e-5 * scale)
+    # On CUDA the injection runs the Triton op: a latent written into gemma2 is read again from mistral, so that op
+    # gets readers that need a gradient (test_kernels checks its dx); here it is checked, then run by the reference.
+    import lowmem_graph.kernels.inject as inject_kernels
+    from lowmem_graph.ops import inject_reference
+
+    needs_grad = []
+
+    def triton_checked(h, xs, weights, carry, blend, **kwargs):
+        inject_kernels._check(h, list(xs), list(weights), carry)
+        needs_grad.append(any(x.requires_grad for x in xs))
+        return inject_reference(h, xs, weights, carry, blend)
+
+    monkeypatch.setenv("LOWMEM_GRAPH_INJECT", "triton")
+    monkeypatch.setattr(inject_kernels, "fused_inject_triton", triton_checked)
+    torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels).backward()
+    monkeypatch.undo()
+    assert any(needs_grad) and not all(needs_grad)
+    # the readers' maps learn through gemma2's and mistral's upper layers
+    assert graph.project["0-llama-z1"].weight.grad.abs().sum() > 0
+    assert graph.carry["2-z1-gemma2"].weight.grad.abs().sum() > 0
     run = tmp_path / "three"
     assert main(["train", "--graph", str(EXAMPLES / "three_layers.yaml"), "--run-dir", str(run), "--epochs", "1",
                  "--limit-train", "16", "--limit-eval", "8", "--no-progress"]) == 0
