@@ -1,5 +1,4 @@
 """The reproduction command end to end on CPU: tiny graph, a subsample of the real ARC/OpenBookQA files."""
-import gc
 import json
 
 import pytest
@@ -16,12 +15,18 @@ def test_reproduce_tiny_on_shared_data(tmp_path, capsys, monkeypatch):
 
     data = shared_data()
     # the test sets' frozen passes run with the trainables' weights alone: no gradients, no AdamW states
-    seen, frozen_states = [], PlacedGraph.frozen_states
+    seen, frozen_states, optimizers = [], PlacedGraph.frozen_states, []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
 
     def recording(self, *sets):
-        optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
         seen.append((any(p.grad is not None for p in self.graph.parameters()), sum(len(o.state) for o in optimizers)))
         return frozen_states(self, *sets)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
 
     monkeypatch.setattr(PlacedGraph, "frozen_states", recording)
     code = main(["reproduce", "--preset", "tiny", "--tasks", "arc-challenge,openbookqa", "--data-dir", str(data),
