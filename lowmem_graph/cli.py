@@ -550,11 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_warnings() -> None:
+    """Hide the libraries' warnings (deprecations, hub notices: noise to a user of the command) but not ours, which
+    say something about this run (a slab streamed from pageable memory, a damaged cache rebuilt)."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"lowmem_graph(\.|$)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.debug:
-        warnings.filterwarnings("ignore")
+        quiet_warnings()
     from .distributed import finish
 
     try:

@@ -9,7 +9,7 @@ import pytest
 from conftest import hub_response
 
 from lowmem_graph import __version__
-from lowmem_graph.cli import _run_folder, build_parser, main
+from lowmem_graph.cli import _run_folder, build_parser, main, quiet_warnings
 
 
 def _commands():
@@ -37,6 +37,16 @@ def test_version_and_debug_after_the_subcommand(capsys):
     assert build_parser().parse_args(["inspect"]).debug is False
     with pytest.raises(Exception, match="no GPU|memory size"):       # --debug after the command: the traceback
         main(["plan", "--gpu-mem", "lots", "--debug"])
+
+
+def test_the_command_hides_the_libraries_warnings_but_not_ours():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_warnings()
+        for module in ("transformers.modeling_utils", "lowmem_graph.memory.stream", "lowmem_graph", "lowmem_graphs"):
+            warnings.warn_explicit(f"from {module}", RuntimeWarning, "x.py", 1, module=module)
+    assert [str(w.message) for w in seen] == ["from lowmem_graph.memory.stream", "from lowmem_graph"]
 
 
 def test_a_memory_size_without_a_unit_is_refused(capsys):

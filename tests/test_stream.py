@@ -313,13 +313,13 @@ class FakeDriver:
 
     ALREADY, NOT_REGISTERED = 712, 713
 
-    def __init__(self, fail_at: int | None = None):
-        self.ranges, self.calls, self.fail_at = {}, 0, fail_at
+    def __init__(self, fail_at: int | None = None, error: int = 1):
+        self.ranges, self.calls, self.fail_at, self.error = {}, 0, fail_at, error
 
     def register(self, ptr, nbytes):
         self.calls += 1
         if self.calls == self.fail_at:
-            return 2                                    # cudaErrorMemoryAllocation
+            return self.error                           # default: cudaErrorInvalidValue, a fault
         first, last = ptr // stream.PAGE, (ptr + nbytes - 1) // stream.PAGE
         if any(first <= b and a <= last for a, b in self.ranges.values()):
             return self.ALREADY
@@ -412,6 +412,37 @@ def test_when_a_later_refiner_fails_the_earlier_ones_let_go(tiny_graph, monkeypa
     assert not any("forward" in vars(layer) for node in nodes.values() for layer in node.layers)
 
 
+@pytest.mark.parametrize("error", sorted(stream.PAGEABLE_FALLBACK))
+def test_a_machine_that_will_not_lock_the_slab_streams_from_pageable_memory(tiny_nodes, monkeypatch, error):
+    """WSL 2 and memlock quotas refuse large registrations: the run warns, clears CUDA's last error (torch would
+    raise it at the next kernel launch) and streams the same numbers from an unlocked slab."""
+    fake = FakeDriver(fail_at=1, error=error)
+    monkeypatch.setattr(stream, "host_register", fake.register)
+    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    cleared = []
+    monkeypatch.setattr(stream, "clear_cuda_error", lambda: cleared.append(True))
+    node = tiny_nodes["phi3"]
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    with pytest.warns(RuntimeWarning, match=f"could not page-lock.*{stream.PAGEABLE_FALLBACK[error]}"):
+        streamer = LayerStreamer(node.layers, [[0], [1], [2], [3]], {0}, device="cpu", pin=True)
+    with streamer:
+        assert not streamer.host.pinned and cleared == [True]
+        for a, b in zip(plain, _step(node, *trainables)):
+            assert torch.equal(a, b)
+    assert fake.ranges == {} and fake.calls == 1        # nothing registered, nothing to unregister
+
+
+def test_the_cuda_runtime_is_found_in_the_process_map():
+    maps = ("7f00-7f10 r-xp 00000000 08:01 123  /venv/nvidia/cu13/lib/libcudart.so.13\n"
+            "7f10-7f20 r--p 00010000 08:01 123  /venv/nvidia/cu13/lib/libcudart.so.13\n"
+            "7f20-7f30 r-xp 00000000 08:01 124  /venv/torch/lib/libtorch_cuda.so\n"
+            "7f30-7f40 rw-p 00000000 00:00 0 \n"
+            "7f40-7f50 r-xp 00000000 08:01 125  /opt/my dir/libcudart.so.12\n")
+    assert stream.cudart_libraries(maps) == ["/venv/nvidia/cu13/lib/libcudart.so.13", "/opt/my dir/libcudart.so.12"]
+    stream.clear_cuda_error()       # no runtime in this process: nothing to do, no error
+
+
 def test_a_pinned_slab_collected_without_unpin_unpins_first(driver):
     import gc
 
@@ -421,6 +452,27 @@ def test_a_pinned_slab_collected_without_unpin_unpins_first(driver):
     del slab
     gc.collect()
     assert driver.ranges == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_refused_registration_is_cleared_before_the_next_kernel():
+    """A refused cudaHostRegister stays the runtime's last error (torch's binding only returns it); without
+    clear_cuda_error torch's launch check would raise it at the next kernel."""
+    import ctypes
+
+    slab = stream.HostSlab(1 << 20)
+    slab.pin()
+    try:
+        assert stream.host_register(slab.tensor.data_ptr(), slab.mapped) == FakeDriver.ALREADY
+        with open("/proc/self/maps") as f:
+            runtimes = [ctypes.CDLL(p) for p in stream.cudart_libraries(f.read())]
+        assert runtimes and any(r.cudaPeekAtLastError() == FakeDriver.ALREADY for r in runtimes)
+        stream.clear_cuda_error()
+        assert all(r.cudaPeekAtLastError() == 0 for r in runtimes)
+        assert (torch.ones(8, device="cuda") * 2).sum().item() == 16
+    finally:
+        slab.unpin()
 
 
 @pytest.mark.gpu

@@ -22,7 +22,9 @@ group runs through `GroupCheckpoint`, which also calls the streamer when a group
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -44,6 +46,34 @@ def host_unregister(ptr: int) -> int:
     return int(torch.cuda.cudart().cudaHostUnregister(ptr))
 
 
+# cudaHostRegister's refusals that mean "this machine will not lock that much" (WSL 2 limits pinned memory, a
+# container its locked-memory quota); the slab then stays pageable: copies still right, but they stall the host
+PAGEABLE_FALLBACK = {2: "cudaErrorMemoryAllocation", 801: "cudaErrorNotSupported"}
+
+
+def cudart_libraries(maps: str) -> list[str]:
+    """Paths of the CUDA runtime libraries mapped into a process, from its /proc/<pid>/maps text."""
+    paths = (line.split(maxsplit=5)[-1].strip() for line in maps.splitlines() if "libcudart" in line)
+    return list(dict.fromkeys(p for p in paths if p.startswith("/")))
+
+
+def clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused call. torch's binding returns cudaHostRegister's code
+    but leaves the error set, and torch checks `cudaGetLastError` after its kernel launches: the refusal would be
+    raised later, at some unrelated kernel. Where the runtime cannot be found (statically linked, no /proc), this
+    does nothing."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = cudart_libraries(f.read())
+    except OSError:
+        return
+    for path in paths:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError):
+            pass
+
+
 class HostSlab:
     """Host memory of one streamer's own: an anonymous mmap, page-aligned and spanning whole pages that nothing
     else shares, viewed as `tensor` (uint8, exactly `nbytes` long). `pin()` page-locks all its pages; `unpin()`
@@ -59,14 +89,29 @@ class HostSlab:
         self.pinned = False
 
     def pin(self) -> None:
-        if not self.pinned and self.mapped:
-            _check_cuda(host_register(self.tensor.data_ptr(), self.mapped), "cudaHostRegister")
+        """Page-lock the slab. Where the machine refuses to lock that much (PAGEABLE_FALLBACK), warn and keep it
+        pageable; any other refusal is a fault and raises."""
+        if self.pinned or not self.mapped:
+            return
+        code = host_register(self.tensor.data_ptr(), self.mapped)
+        if code == 0:
             self.pinned = True
+            return
+        clear_cuda_error()
+        if code not in PAGEABLE_FALLBACK:
+            _check_cuda(code, "cudaHostRegister")
+        warnings.warn(f"could not page-lock {self.mapped / 2**30:.2f} GiB of host memory for streamed layers "
+                      f"(cudaHostRegister: {PAGEABLE_FALLBACK[code]}); streaming from pageable memory instead: "
+                      "the results are the same, but copies no longer overlap compute. On WSL 2 pinned memory "
+                      "is limited; a larger --gpu-mem streams less", RuntimeWarning, stacklevel=2)
 
     def unpin(self) -> None:
         if self.pinned:
             self.pinned = False
-            _check_cuda(host_unregister(self.tensor.data_ptr()), "cudaHostUnregister")
+            code = host_unregister(self.tensor.data_ptr())
+            if code:
+                clear_cuda_error()
+            _check_cuda(code, "cudaHostUnregister")
 
     def __del__(self):
         try:
