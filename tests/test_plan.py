@@ -326,6 +326,62 @@ def test_host_memory_holds_every_node_and_is_checked(paper):
     assert f"{plan.host_peak / GiB:.2f} GiB" in message
 
 
+class PinnedAllocator:
+    """torch's caching host allocator as it sizes memory (ATen/core/CachingHostAllocator.h): each allocation is
+    rounded up to a power of two, served from a freed block of that size if there is one, else newly pinned; freed
+    blocks are kept, never returned."""
+
+    def __init__(self):
+        self.free, self.held = {}, 0
+
+    def allocate(self, nbytes):
+        size = 1 << (nbytes - 1).bit_length()
+        if self.free.get(size):
+            self.free[size] -= 1
+        else:
+            self.held += size
+        return size
+
+    def release(self, size):
+        self.free[size] = self.free.get(size, 0) + 1
+
+
+def test_the_host_plan_bounds_what_the_pinned_allocator_holds():
+    """Steps pin tensors whose size varies with each batch's longest prompt: whatever the sizes, what the
+    allocator holds stays within pinned_bound of the largest, per tensor alive at once."""
+    import random
+
+    assert [planning.pinned_bound(n) for n in (0, 1, 4096, 4097, 3 * MiB)] == [0, 2, 8192, 16384, 8 * MiB]
+    rng = random.Random(0)
+    largest, alive_at_once = 3 * MiB + 5, 6
+    for _ in range(20):
+        pool, alive = PinnedAllocator(), []
+        for _ in range(300):
+            if len(alive) == alive_at_once:
+                pool.release(alive.pop(rng.randrange(alive_at_once)))
+            alive.append(pool.allocate(rng.randint(1, largest)))
+        assert pool.held <= alive_at_once * planning.pinned_bound(largest)
+    # the bound is reached: the sizes grow, bucket by bucket, with every tensor alive in each one
+    pool = PinnedAllocator()
+    for k in range(23):
+        sizes = [pool.allocate(min(1 << k, largest)) for _ in range(alive_at_once)]
+        for size in sizes:
+            pool.release(size)
+    assert pool.held > alive_at_once * planning.pinned_bound(largest) * 0.99
+
+
+def test_pinned_host_memory_is_planned_per_micro_batch_at_its_allocator_sizes(paper):
+    small = make_plan(paper, parse_size("2G"))
+    profile = planning._profile(paper)
+    rows = [small.batch * small.seq * 2 * profile.nodes[n].width for n in ("phi3", "mistral")]
+    host = small.host_breakdown
+    assert host["prefix_cache_rows"] - 2 * planning.CACHE_SHARD_BYTES >= 3 * sum(rows)   # two pinned, one padding
+    if small.schedule == "layer-major-host":
+        kept = sum(planning._kept_bytes(profile.nodes[n], sum(1 for g in small.groups if g.node == n),
+                                        small.batch, small.seq) for n in ("phi3", "mistral"))
+        assert kept < host["kept_activations"] <= 4 * kept
+
+
 def test_plan_command_takes_the_host_memory_of_another_machine(capsys):
     args = _parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "100G"])
     args.func(args)

@@ -445,10 +445,15 @@ def _groups(profile: _Profile, size: int) -> list[GroupPlan]:
             for g in _split(node.name, node.layer_bytes, node.inject, node.top or node.n_layers, size, node.cuts)]
 
 
-def _kept_bytes(node: _Node, n_groups: int, batch: int, seq: int) -> int:
-    """What the layer-major schedule keeps of one refiner for the whole batch: every group boundary (n + 1) and,
+def _kept_tensors(n_groups: int) -> int:
+    """Tensors the layer-major schedule keeps of one refiner per micro-batch: every group boundary (n + 1) and,
     during the backward, the gradients at two boundaries (the one coming in, the one going out)."""
-    return (n_groups + 3) * batch * seq * node.width * ACT_BYTES
+    return n_groups + 3
+
+
+def _kept_bytes(node: _Node, n_groups: int, batch: int, seq: int) -> int:
+    """What the layer-major schedule keeps of one refiner for the whole batch."""
+    return _kept_tensors(n_groups) * batch * seq * node.width * ACT_BYTES
 
 
 def _activation_traffic(profile: _Profile, groups: list[GroupPlan], batch: int, seq: int) -> int:
@@ -524,19 +529,34 @@ def eval_breakdown(profile: _Profile, train_breakdown: dict[str, int], micro: in
             **{k: train_breakdown[k] for k in kept}}
 
 
+def pinned_bound(nbytes: int) -> int:
+    """Host memory torch's pinned allocator may hold for a tensor of at most `nbytes` that is allocated step after
+    step at varying sizes (batches pad to their longest prompt): it rounds each allocation up to a power of two and
+    keeps every freed block for reuse, so at worst one block of each power of two up to the largest, under twice
+    that. (The streamers' slabs avoid the allocator: see stream.HostSlab.)"""
+    return 2 * (1 << (nbytes - 1).bit_length()) if nbytes > 0 else 0
+
+
 def host_breakdown(profile: _Profile, groups: list[GroupPlan], frozen: dict[str, FrozenPlacement], batch: int,
-                   seq: int) -> dict[str, int]:
+                   micro: int, seq: int, injection: str, schedule: str = MICRO_BATCH_MAJOR) -> dict[str, int]:
     """Host memory of a planned run: every frozen node (no lm_head); the largest pinned slab, which exists twice
-    while it is built (the streamed tensors are copied in, then rebound); prefix-cache rows (a shard being written,
-    a batch being read); the runtime."""
+    while it is built (the streamed tensors are copied in, then rebound); prefix-cache rows (a shard being written;
+    the step's cached rows and the next step's, assembled ahead, pinned per micro-batch, and the next step's once
+    more while they are padded, before pinning); what a layer-major-host step keeps, pinned; the runtime."""
     slabs = [sum(g.bytes for g in groups if g.node == n and not g.resident) for n in profile.nodes]
     slabs += [placed.streamed_bytes for placed in frozen.values()]
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
-    batch_rows = batch * seq * ACT_BYTES * sum(n.width for n in refiners) + batch * 4 * sum(profile.reader_widths)
-    return {"frozen_nodes": sum(n.host_bytes for n in profile.nodes.values()),
+    parts = batch // micro
+    rows = ([micro * seq * ACT_BYTES * n.width for n in refiners]
+            + [micro * (seq if injection == "token" else 1) * 4 * w for w in profile.reader_widths])
+    host = {"frozen_nodes": sum(n.host_bytes for n in profile.nodes.values()),
             "slab_being_built": max(slabs, default=0),
-            "prefix_cache_rows": 2 * CACHE_SHARD_BYTES + batch_rows,
+            "prefix_cache_rows": 2 * CACHE_SHARD_BYTES + parts * (sum(rows) + 2 * sum(map(pinned_bound, rows))),
             "runtime": HOST_RUNTIME}
+    if schedule == LAYER_MAJOR_HOST:
+        host["kept_activations"] = sum(_kept_tensors(sum(1 for g in groups if g.node == n.name)) * parts
+                                       * pinned_bound(micro * seq * n.width * ACT_BYTES) for n in refiners)
+    return host
 
 
 def host_available() -> int:
@@ -698,12 +718,8 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
         if all(frozen.values()):
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
-    host = host_breakdown(profile, groups, frozen, batch, seq)
-    activations = 0
-    if schedule == LAYER_MAJOR_HOST:
-        host["kept_activations"] = sum(_kept_bytes(n, sum(1 for g in groups if g.node == n.name), batch, seq)
-                                       for n in profile.nodes.values() if n.role == "refiner")
-        activations = _activation_traffic(profile, groups, batch, seq)
+    host = host_breakdown(profile, groups, frozen, batch, micro, seq, spec.injection, schedule)
+    activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
     available = host_available() if host_budget is None else host_budget
     if sum(host.values()) > available:
         parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host.items())
@@ -757,7 +773,7 @@ def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: in
         raise UserError(f"the frozen pass of {bad} does not fit {devices[bad]}'s budget {_gib(budgets[devices[bad]])}")
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
     _, depth, micro, breakdown, evaluation = chosen[main]
-    host = host_breakdown(profile, groups, frozen, batch, seq)
+    host = host_breakdown(profile, groups, frozen, batch, micro, seq, spec.injection)
     available = host_available() if host_budget is None else host_budget
     if sum(host.values()) > available:
         raise UserError(f"graph {spec.name!r} needs {_gib(sum(host.values()))} of host memory, but "
@@ -805,9 +821,9 @@ _WHY = {
     "eval_activations": "cached inputs, final states and readouts kept; one layer at work",
     "frozen_nodes": "all five models, NF4 layers + bf16 embeddings, no lm_head",
     "slab_being_built": "the largest pinned slab, while its tensors are copied in",
-    "prefix_cache_rows": "a shard being written (x2) + one batch of cached rows",
+    "prefix_cache_rows": "a shard being written (x2); two steps' cached rows, pinned in power-of-two blocks",
     "runtime": "fixed allowance: Python, torch, CUDA libraries",
-    "kept_activations": "layer-major: every micro-batch's group inputs and gradients",
+    "kept_activations": "layer-major: every micro-batch's group inputs and gradients, pinned",
 }
 
 
