@@ -4,6 +4,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import hub_response
@@ -47,6 +48,18 @@ def test_the_command_hides_the_libraries_warnings_but_not_ours():
         for module in ("transformers.modeling_utils", "lowmem_graph.memory.stream", "lowmem_graph", "lowmem_graphs"):
             warnings.warn_explicit(f"from {module}", RuntimeWarning, "x.py", 1, module=module)
     assert [str(w.message) for w in seen] == ["from lowmem_graph.memory.stream", "from lowmem_graph"]
+
+
+def test_python_m_from_the_checkout_does_not_offer_our_kernels_folder_as_the_kernels_hub():
+    """`python -m lowmem_graph` run from a checkout has the root first on sys.path; its kernels/ must not answer
+    bitsandbytes' and transformers' `import kernels`."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util, lowmem_graph.cli as cli\n"
+            "cli.main = lambda: print(getattr(importlib.util.find_spec('kernels'), 'origin', None))\n"
+            "import lowmem_graph.__main__")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert str(root / "kernels") not in out.stdout
 
 
 def test_a_memory_size_without_a_unit_is_refused(capsys):
