@@ -140,8 +140,12 @@ def _blend_bwd_kernel(dh_ptr, du_ptr, dy_ptr, h_ptr, u_ptr, tokens_per_u, tokens
 
 _TUNE_MIN_FLOPS = 2 ** 30          # below this a GEMM takes microseconds: compiling its tiles would cost more
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few rows (pooled), then three for the per-token GEMMs. Each tile is
-# compiled once per dtype combination, so the list stays short: the first step pays for every compile.
-_TILES = ((16, 128, 64, 4, 4), (64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3))
+# compiled once per dtype combination, so the list stays short: the first step pays for every compile. A tile's
+# pipeline holds (stages - 1) x (BLOCK_M + BLOCK_N) x BLOCK_K operands in shared memory, 4 bytes each for fp32
+# operands (compiled for sm_86, exactly that; sm_90's wgmma tiles hold `stages`, within its 227 KiB). Every tile fits
+# an RTX 30xx/40xx's 99 KiB per block, where the autotuner would skip a tile that does not; the few-rows tile, the
+# only candidate for 16 rows or fewer, fits 64 KiB (sm_75). The old (16, 128, 64, 4, 4) needed 108 KiB.
+_TILES = ((16, 128, 32, 4, 4), (64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3))
 
 
 def _pow2(n, low, high):

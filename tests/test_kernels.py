@@ -115,6 +115,21 @@ def test_dot_precision_follows_the_result(monkeypatch):
     assert settings({torch.float32, torch.float16}, torch.float32) == (True, "tf32")
 
 
+def test_every_tile_fits_the_shared_memory_of_consumer_gpus():
+    """Shared memory per block: 99 KiB opt-in on sm_86/sm_89 (RTX 30xx/40xx), 64 KiB on sm_75. A tile that does not
+    fit fails to launch (OutOfResources); the autotuner skips it, but the few-rows tile is the only candidate for
+    16 rows or fewer (pooled injection), so it must fit everywhere. Operands at fp32, the most a tile holds."""
+    def shared_bytes(m, n, k, stages):
+        return (stages - 1) * (m + n) * k * 4
+
+    assert shared_bytes(16, 128, 64, 4) == 110_592      # the old few-rows tile: what the sm_90 compile reported
+    tiles = inject_kernels._TILES
+    assert all(shared_bytes(m, n, k, st) <= 99 * 1024 for m, n, k, _, st in tiles)
+    few_rows = inject_kernels._fits(inject_kernels.tile_configs(), {"M": 8, "N": 4096})
+    assert [(c.kwargs["BLOCK_M"], c.num_stages) for c in few_rows] == [(tiles[0][0], tiles[0][4])]
+    assert shared_bytes(*tiles[0][:3], tiles[0][4]) <= 64 * 1024
+
+
 def test_every_autotuned_tile_gives_the_reference(monkeypatch):
     """The CUDA path's autotuner, replayed on the interpreter: every tile it may pick runs each GEMM through the
     grid it computes from the tile, into the same output the tuner reruns the kernel over."""
