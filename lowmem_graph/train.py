@@ -288,7 +288,7 @@ class PlacedGraph:
                             "or data parallel over whole copies)")
         if cfg.gpu_mem:
             from .memory.placement import _exact as _exact_device
-            from .memory.plan import format_plan, make_plan, parse_budgets
+            from .memory.plan import check_device_room, format_plan, make_plan, parse_budgets
 
             if not cfg.prefix_cache:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
@@ -296,6 +296,7 @@ class PlacedGraph:
             self.plan = make_plan(planned, parse_budgets(cfg.gpu_mem), cfg.batch_size, spec.max_length,
                                   main=str(_exact_device(self.device)))
             log(format_plan(self.plan, spec))
+            check_device_room(self.plan, str(_exact_device(self.device)))
         self.placement = Placement(self.device, self.plan)
         runtime = EdgeGraph if spec.by_edges else FrozenGraph
         self.graph = distributed.main_first(lambda: runtime.build(

@@ -9,6 +9,7 @@ import torch
 from lowmem_graph.ablate import apply_changes
 from lowmem_graph.cli import main
 from lowmem_graph.errors import UserError
+from lowmem_graph.memory import plan as planning
 from lowmem_graph.memory.plan import make_plan, parse_budgets, parse_size
 from lowmem_graph.spec import load_preset
 
@@ -38,6 +39,34 @@ def test_each_device_is_planned_against_its_own_budget():
         make_plan(spec, {"cuda:0": 12 * GiB, "cuda:1": parse_size("512M")}, 8, 512)
     with pytest.raises(UserError, match="device must be cpu, cuda or cuda:N"):
         apply_changes(load_preset("tiny"), ["nodes.mistral.device=tpu"])
+
+
+def test_a_plan_the_card_cannot_hold_for_other_programs_is_refused_with_a_budget_that_fits(monkeypatch):
+    """--gpu-mem says what the run may take; a desktop or another run may hold part of the card. A plan whose peak
+    (past the context allowance) exceeds what is free is refused before anything loads, naming a budget that is."""
+    paper = load_preset("paper")
+    free = {}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[str(device)], 24 * GiB))
+    plan = make_plan(paper, 24 * GiB, 8, 512, host_budget=10 ** 12)
+    need = planning.device_needs(plan, "cuda:0")["cuda:0"]
+    assert need == max(plan.peak, plan.eval_peak, plan.frozen_pass_peak)
+    free["cuda:0"] = need - planning.CUDA_CONTEXT
+    planning.check_device_room(plan, "cuda:0")
+    planning.check_device_room(plan, "cpu")                     # planned as on a GPU, run on the CPU: no check
+    free["cuda:0"] = 2 * GiB + 300 * 2 ** 20
+    with pytest.raises(UserError, match=r"needs up to .* on cuda:0, but only 2.29 GiB of its 24.00 GiB is free") as e:
+        planning.check_device_room(plan, "cuda:0")
+    budget = str(e.value).split("--gpu-mem ")[1]
+    assert budget == "2.8G"
+    planning.check_device_room(make_plan(paper, parse_size(budget), 8, 512, host_budget=10 ** 12), "cuda:0")
+    # nodes on devices of their own: each device against its own free memory, its nodes' frozen passes included
+    spec = apply_changes(paper, ["nodes.mistral.device=cuda:1"])
+    split = make_plan(spec, {"cuda:0": 12 * GiB, "cuda:1": 8 * GiB}, 8, 512, host_budget=10 ** 12)
+    needs = planning.device_needs(split, "cuda:0")
+    assert needs["cuda:1"] >= split.frozen["mistral"].peak and needs["cuda:0"] >= split.devices["cuda:0"]["peak"]
+    free.update({"cuda:0": 24 * GiB, "cuda:1": needs["cuda:1"] - planning.CUDA_CONTEXT - 1})
+    with pytest.raises(UserError, match="on cuda:1"):
+        planning.check_device_room(split, "cuda:0")
 
 
 def test_a_node_on_a_device_of_its_own_trains_like_the_rest(tmp_path):

@@ -566,6 +566,31 @@ def host_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def device_needs(plan: Plan, main: str) -> dict[str, int]:
+    """The most each device of the plan must hold at once: training step, evaluation, the frozen pass of its nodes."""
+    if not plan.devices:
+        return {main: max(plan.peak, plan.eval_peak, plan.frozen_pass_peak)}
+    return {d: max([v["peak"], v["eval_peak"]] + [plan.frozen[n].peak for n in v["nodes"] if plan.frozen.get(n)])
+            for d, v in plan.devices.items()}
+
+
+def check_device_room(plan: Plan, main: str) -> None:
+    """Refuse, before anything loads, a plan that a CUDA device cannot hold for what other programs use of it (a
+    desktop, another run): the budget says what the run may take, not what is free. The plan's context allowance
+    is set against the context this process has made by now, so only a certain shortfall is refused."""
+    import torch
+
+    for device, need in device_needs(plan, main).items():
+        if not device.startswith("cuda"):
+            continue
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        if need - CUDA_CONTEXT > free:
+            room = (free + CUDA_CONTEXT) // (GiB // 10) / 10
+            raise UserError(f"the plan needs up to {_gib(need)} on {device}, but only {_gib(free)} of its "
+                            f"{_gib(total)} is free (other programs hold the rest): close them, or plan for what "
+                            f"is left with --gpu-mem {room:.1f}G")
+
+
 def _divisors(n: int) -> list[int]:
     return [m for m in range(n, 0, -1) if n % m == 0]
 
