@@ -35,6 +35,7 @@ again); smaller ones and the interpreter (which cannot autotune) take one tile s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -281,6 +282,12 @@ def _check(h, xs, weights, carry):
         raise ValueError("fused inject: all tensors must be on one device")
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its stream: make that the tensors' own (a refiner placed on a
+    second card computes there while the current device is the first)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class FusedInject(torch.autograd.Function):
     """Autograd wrapper; readers and weights come flattened as *tensors = (x_1..x_K, W_1..W_K)."""
 
@@ -305,6 +312,11 @@ class FusedInject(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with _on_device(dy.device):     # autograd's worker for that device has set it already; said here too
+            return FusedInject._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         h, z, carry, *rest = ctx.saved_tensors
         K = len(rest) // 2
         x_rows, weights = rest[:K], rest[K:]
@@ -345,4 +357,5 @@ def fused_inject_triton(h, xs, weights, carry, blend: float, eps: float = 1e-6, 
         raise ValueError(f"fused inject: gemm must be one of {sorted(GEMMS)}, got {gemm!r}")
     xs, weights = list(xs), list(weights)
     _check(h, xs, weights, carry)
-    return FusedInject.apply(h, carry, float(blend), float(eps), gemm, *xs, *weights)
+    with _on_device(h.device):
+        return FusedInject.apply(h, carry, float(blend), float(eps), gemm, *xs, *weights)

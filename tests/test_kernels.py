@@ -191,6 +191,21 @@ def test_dispatch_honours_env(monkeypatch):
         ops.fused_inject(h, xs, weights, carry, 0.3)
 
 
+def test_launches_go_to_the_tensors_own_device():
+    """Triton launches on the current device: a node on cuda:1 must compute there while cuda:0 is current."""
+    guard = inject_kernels._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(inject_kernels._on_device(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
+def test_on_a_second_card_while_the_first_is_current(pooled):
+    torch.cuda.set_device(0)
+    assert_matches(make_case(3, pooled, torch.bfloat16, device="cuda:1"), torch.bfloat16, 1e-2, 2e-2)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("pooled", [False, True], ids=["per_token", "pooled"])
