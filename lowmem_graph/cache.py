@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
+from .memory.stream import page_locked
 
 PROMPT_FORMAT = 4   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
 _SHARD = re.compile(r"^shard-\d{5}\.safetensors$")
@@ -89,7 +90,7 @@ class FrozenStates:
         readers = {r: (padded(r) if graph.spec.injection == "token"
                        else torch.cat([self.entries[r].row(i) for i in rows])).float() for r in graph.readers}
         states = readers, {j: padded(j) for j in graph.refiners}
-        return tuple({k: v.pin_memory() for k, v in part.items()} for part in states) if pin else states
+        return tuple({k: page_locked(v) for k, v in part.items()} for part in states) if pin else states
 
 
 def _padded(entry: "CacheEntry", rows: list[int], mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -122,7 +123,7 @@ class EdgeStates:
             kind, name, _ = key.split(":")
             out[key] = (torch.cat([entry.row(r) for r in rows]).float() if kind in ("mean", "last")
                         else _padded(entry, rows, batch.tokens[name][1], name))
-        return ({k: v.pin_memory() for k, v in out.items()} if pin else out,)
+        return ({k: page_locked(v) for k, v in out.items()} if pin else out,)
 
 
 def to_device(states: tuple[dict, dict], device) -> tuple[dict, dict]:

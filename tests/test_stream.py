@@ -433,6 +433,27 @@ def test_a_machine_that_will_not_lock_the_slab_streams_from_pageable_memory(tiny
     assert fake.ranges == {} and fake.calls == 1        # nothing registered, nothing to unregister
 
 
+def test_a_machine_out_of_pinned_memory_keeps_rows_and_activations_pageable(monkeypatch):
+    """torch's pinned allocator raises where the machine will lock no more (WSL 2): the cached rows and the
+    layer-major-host schedule's kept tensors go to pageable memory, with one warning, and pinning is not retried."""
+    from lowmem_graph.memory.schedule import Kept
+
+    monkeypatch.setattr(stream, "_pinning_refused", False)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    t = torch.arange(6.0).view(2, 3)
+    with pytest.warns(RuntimeWarning, match=r"could not page-lock more host memory \(CUDA error: out of memory\)"):
+        assert stream.page_locked(t) is t
+    assert stream.page_locked(t) is t and len(calls) == 1
+    kept = Kept("cuda", on_host=True).keep(t)       # the tensor is on the CPU here: only the host side runs
+    assert torch.equal(kept, t) and kept.data_ptr() != t.data_ptr() and not kept.is_pinned()
+
+
 def test_the_cuda_runtime_is_found_in_the_process_map():
     maps = ("7f00-7f10 r-xp 00000000 08:01 123  /venv/nvidia/cu13/lib/libcudart.so.13\n"
             "7f10-7f20 r--p 00010000 08:01 123  /venv/nvidia/cu13/lib/libcudart.so.13\n"

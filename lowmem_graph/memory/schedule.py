@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .stream import page_locked_empty
+
 
 class Kept:
     """What a layer-major step keeps between its phases: on the device, or in host memory (pinned on CUDA), copied
@@ -35,7 +37,7 @@ class Kept:
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         if not self.on_host:
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device.type == "cuda")
+        host = page_locked_empty(t.shape, t.dtype) if self.device.type == "cuda" else torch.empty(t.shape, dtype=t.dtype)
         return host.copy_(t, non_blocking=True)
 
     def fetch(self, t: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,35 @@ def clear_cuda_error() -> None:
             pass
 
 
+_pinning_refused = False
+
+
+def _pinned_or_pageable(pinned, pageable) -> torch.Tensor:
+    """`pinned()` until the machine refuses to page-lock more host memory (torch's pinned allocator raises, and its
+    check clears CUDA's last error), then `pageable()`, with one warning: copies are synchronous, results the same."""
+    global _pinning_refused
+    if not _pinning_refused:
+        try:
+            return pinned()
+        except RuntimeError as e:
+            _pinning_refused = True
+            warnings.warn(f"could not page-lock more host memory ({str(e).splitlines()[0]}); keeping activations "
+                          "and cached rows in pageable memory: the results are the same, but their copies stop "
+                          "overlapping compute. On WSL 2 pinned memory is limited", RuntimeWarning, stacklevel=3)
+    return pageable()
+
+
+def page_locked(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into page-locked host memory (a copy to the device from it overlaps compute), or `t` itself."""
+    return _pinned_or_pageable(t.pin_memory, lambda: t)
+
+
+def page_locked_empty(shape, dtype) -> torch.Tensor:
+    """An empty host tensor, page-locked where the machine still allows it."""
+    return _pinned_or_pageable(lambda: torch.empty(shape, dtype=dtype, pin_memory=True),
+                               lambda: torch.empty(shape, dtype=dtype))
+
+
 class HostSlab:
     """Host memory of one streamer's own: an anonymous mmap, page-aligned and spanning whole pages that nothing
     else shares, viewed as `tensor` (uint8, exactly `nbytes` long). `pin()` page-locks all its pages; `unpin()`
