@@ -291,20 +291,36 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
             rows.append(row)
         write(rows, out_dir, name)
 
+    def attempt(label: str, plan, fn) -> list[dict]:
+        """One measurement; where the card is too small for it, a row that says so, and the others still run."""
+        try:
+            got = fn()
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            return [{"config": label, "budget_gib": plan.budget / 2 ** 30, "predicted_peak_mib": plan.peak / MiB,
+                     "error": f"out of memory: {str(e).splitlines()[0][:160]}"}]
+        return got if isinstance(got, list) else [got]
+
     for budget in budgets:
         plan = make_plan(spec, parse_size(budget), batch, seq)
-        if reference is None:
+        if not rows:
             everything = with_placement(spec, plan, [dataclasses.replace(g, resident=True) for g in plan.groups],
                                         0, batch)
-            reference = measure("all resident", graph, everything, inputs, device, steps, context)
-            reference["step_vs_all_resident"] = 1.0
-            add(reference)
-        add(*measure_frozen(budget, graph, plan, device, steps, context))
-        add(measure(f"plan {budget}", graph, plan, inputs, device, steps, context))
+            (first_row,) = attempt("all resident", everything,
+                                   lambda: measure("all resident", graph, everything, inputs, device, steps, context))
+            if "step_ms" in first_row:
+                reference = first_row
+                reference["step_vs_all_resident"] = 1.0
+            add(first_row)
+        add(*attempt(f"frozen pass at {budget}", plan,
+                     lambda: measure_frozen(budget, graph, plan, device, steps, context)))
+        add(*attempt(f"plan {budget}", plan, lambda: measure(f"plan {budget}", graph, plan, inputs, device, steps,
+                                                             context)))
     # the streaming overhead at its worst: every group streamed, at the all-resident row's micro-batch
     worst = with_placement(spec, plan, [dataclasses.replace(g, resident=False, checkpointed=True)
                                         for g in plan.groups], 2, batch)
-    add(measure("every group streamed", graph, worst, inputs, device, steps, context))
+    add(*attempt("every group streamed", worst,
+                 lambda: measure("every group streamed", graph, worst, inputs, device, steps, context)))
     add(accelerate_offload_row(graph, inputs, device, steps, context))
     for row in rows:
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})

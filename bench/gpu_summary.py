@@ -79,12 +79,13 @@ def memory_section(rows: list[dict]) -> list[str]:
     for r in rows:
         predicted, measured = _num(r, "predicted_peak_mib"), _num(r, "measured_peak_mib")
         ms = _num(r, "step_ms") or _num(r, "batch_ms")
-        if predicted is None and "error" not in r:
+        if predicted is None and not r.get("error"):     # a CSV row has every column, empty where unset
             continue
         budget = _num(r, "budget_gib")
+        verdict = f"failed: {r['error']}" if r.get("error") else peak_verdict(predicted, measured)
         lines.append(f"| {r['config']} | {budget or 0:g} | {r.get('micro_batch', '')} | {predicted or 0:,.0f} | "
                      f"{measured or 0:,.0f} | {_num(r, 'measured_peak_allocated_mib') or 0:,.0f} | "
-                     f"{ms or 0:,.1f} | {peak_verdict(predicted, measured)} |")
+                     f"{ms or 0:,.1f} | {verdict} |")
     return lines
 
 

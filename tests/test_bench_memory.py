@@ -27,6 +27,28 @@ def test_smoke_run_writes_rows_for_every_configuration(tmp_path):
     assert (tmp_path / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_card_too_small_for_a_measurement_gets_a_row_saying_so_and_the_rest_run(tmp_path, monkeypatch):
+    """A 12 GB card cannot hold the all-resident reference: that row and any other out-of-memory one say so."""
+    def measure(label, graph, plan, *args):
+        if label in ("all resident", "plan 1G"):
+            raise bench_memory.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return {"config": label, "predicted_peak_mib": 1.0, "step_ms": 5.0}
+
+    monkeypatch.setattr(bench_memory, "build_graph", lambda spec, device: None)
+    monkeypatch.setattr(bench_memory, "random_inputs", lambda *args: None)
+    monkeypatch.setattr(bench_memory, "measure", measure)
+    monkeypatch.setattr(bench_memory, "measure_frozen", lambda budget, *args: [{"config": f"frozen {budget}"}])
+    monkeypatch.setattr(bench_memory, "accelerate_offload_row", lambda *args: {"config": "offload", "step_ms": 9.0})
+    rows = bench_memory.run(["1G", "2G"], batch=4, seq=32, steps=1, out_dir=tmp_path, smoke=True)
+    assert [r["config"] for r in rows] == ["all resident", "frozen 1G", "plan 1G", "frozen 2G", "plan 2G",
+                                           "every group streamed", "offload"]
+    failed = [r for r in rows if "error" in r]
+    assert [r["config"] for r in failed] == ["all resident", "plan 1G"]
+    assert all(r["error"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" for r in failed)
+    assert failed[1]["budget_gib"] == 1.0 and failed[1]["predicted_peak_mib"] > 0
+    assert not any("step_vs_all_resident" in r for r in rows)      # no reference to compare with
+
+
 def test_random_nodes_are_4bit_real_architectures():
     from lowmem_graph.spec import load_preset
 

@@ -53,6 +53,7 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
         {"config": "frozen pass mistral", "budget_gib": 2, "micro_batch": 8, "predicted_peak_mib": 1900,
          "measured_peak_mib": 1800, "batch_ms": 50},
         {"config": "accelerate cpu_offload (bf16 layers)", "error": "RuntimeError: boom"},
+        {"config": "plan 3G", "budget_gib": 3, "predicted_peak_mib": 2900, "error": "out of memory: Tried to allocate"},
     ]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(tmp_path / "memory-fake-gpu.csv", "w", newline="") as f:
@@ -74,6 +75,7 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
     assert "step at 6G within 1.1x of all-resident: **missed** (1.20x)" in text
     assert "copies at >= 80% of the pinned peak: met (90%)" in text
     assert "failed: RuntimeError: boom" in text and "124 (timed out)" in text
+    assert "| plan 3G | 3 |  | 2,900 | 0 | 0 | 0.0 | failed: out of memory: Tried to allocate |" in text
     assert "No kernel CSV" in text
     assert "| mistral | 512 | 10.000 | 9.300 | 7.0% | 10.0% | 416 |" in text
     assert "5% of a checkpointed layer's time somewhere: met (at most 7.0%, mistral at 512 tokens)" in text
