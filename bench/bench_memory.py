@@ -32,7 +32,7 @@ import torch
 from lowmem_graph.graph import Batch, FrozenGraph
 from lowmem_graph.memory.plan import make_plan, parse_size, with_placement
 from lowmem_graph.memory.placement import Placement, norm_and_rotary
-from lowmem_graph.memory.report import MiB, device_peaks, outside_torch_bytes, peak_rss_mib
+from lowmem_graph.memory.report import MiB, device_peaks, others_on_the_gpu, outside_torch_bytes, peak_rss_mib
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
 from lowmem_graph.summary import meta_model
@@ -269,9 +269,12 @@ def run(budgets: list[str], batch: int, seq: int, steps: int, out_dir: Path, smo
     """Every measurement, the CSV and plot rewritten after each one: a run stopped at its time limit keeps what it
     measured."""
     device = torch.device("cpu" if smoke else "cuda")
+    others = others_on_the_gpu() if device.type == "cuda" else None      # before this process's context exists
     context = cuda_context_bytes(device) if device.type == "cuda" else 0
     name = "cpu-smoke" if smoke else torch.cuda.get_device_name(device)
     common = {"device": name, "batch": batch, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if others is not None:
+        common["others_at_start_mib"] = others / MiB
     if device.type == "cuda":
         common["pinned_copy_peak_gbs"] = pinned_copy_gbs(device)
     spec = load_preset("tiny" if smoke else "paper")

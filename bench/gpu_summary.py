@@ -86,6 +86,10 @@ def memory_section(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['config']} | {budget or 0:g} | {r.get('micro_batch', '')} | {predicted or 0:,.0f} | "
                      f"{measured or 0:,.0f} | {_num(r, 'measured_peak_allocated_mib') or 0:,.0f} | "
                      f"{ms or 0:,.1f} | {verdict} |")
+    others = max((_num(r, "others_at_start_mib") or 0 for r in rows), default=0)
+    if others > 64:
+        lines += ["", f"Other programs and the driver held {others:,.0f} MiB of the card when the run began (NVML): "
+                      "every measured peak above includes that much that is not this run's."]
     return lines
 
 

@@ -49,6 +49,39 @@ def test_a_card_too_small_for_a_measurement_gets_a_row_saying_so_and_the_rest_ru
     assert not any("step_vs_all_resident" in r for r in rows)      # no reference to compare with
 
 
+def test_what_other_programs_hold_is_read_from_nvml_for_one_gpu(monkeypatch):
+    """NVML's used bytes before this process's context: one GPU only, None where NVML is missing or refuses."""
+    from lowmem_graph.memory import report
+
+    class FakeNVML:
+        def __init__(self, gpus, used, init=0):
+            self.gpus, self.used, self.init, self.shut = gpus, used, init, False
+
+        def nvmlInit_v2(self):
+            return self.init
+
+        def nvmlDeviceGetCount_v2(self, count):
+            count._obj.value = self.gpus
+            return 0
+
+        def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+            handle._obj.value = 1234
+            return 0
+
+        def nvmlDeviceGetMemoryInfo(self, handle, memory):
+            memory[:] = [24 << 30, (24 << 30) - self.used, self.used]
+            return 0
+
+        def nvmlShutdown(self):
+            self.shut = True
+
+    assert report.others_on_the_gpu() is None               # no NVML on this machine
+    for gpus, init, want in ((1, 0, 812 << 20), (2, 0, None), (1, 9, None)):
+        nvml = FakeNVML(gpus, 812 << 20, init)
+        monkeypatch.setattr(report.ctypes, "CDLL", lambda name: nvml)
+        assert report.others_on_the_gpu() == want and nvml.shut == (init == 0)
+
+
 def test_random_nodes_are_4bit_real_architectures():
     from lowmem_graph.spec import load_preset
 

@@ -44,7 +44,8 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
 
     rows = [
         {"config": "all resident", "budget_gib": 24, "micro_batch": 8, "predicted_peak_mib": 4800,
-         "measured_peak_mib": 4500, "step_ms": 100, "step_vs_all_resident": 1.0, "pinned_copy_peak_gbs": 50},
+         "measured_peak_mib": 4500, "step_ms": 100, "step_vs_all_resident": 1.0, "pinned_copy_peak_gbs": 50,
+         "others_at_start_mib": 812.4},
         {"config": "plan 6G", "budget_gib": 6, "micro_batch": 8, "predicted_peak_mib": 4800,
          "measured_peak_mib": 4900, "step_ms": 120, "step_vs_all_resident": 1.2, "pinned_copy_peak_gbs": 50},
         {"config": "every group streamed", "budget_gib": 2, "micro_batch": 8, "predicted_peak_mib": 3000,
@@ -76,6 +77,7 @@ def test_summary_judges_each_figure_against_its_goal(tmp_path):
     assert "copies at >= 80% of the pinned peak: met (90%)" in text
     assert "failed: RuntimeError: boom" in text and "124 (timed out)" in text
     assert "| plan 3G | 3 |  | 2,900 | 0 | 0 | 0.0 | failed: out of memory: Tried to allocate |" in text
+    assert "Other programs and the driver held 812 MiB of the card when the run began" in text
     assert "No kernel CSV" in text
     assert "| mistral | 512 | 10.000 | 9.300 | 7.0% | 10.0% | 416 |" in text
     assert "5% of a checkpointed layer's time somewhere: met (at most 7.0%, mistral at 512 tokens)" in text

@@ -3,6 +3,7 @@ device, the bytes of tensors a block of code allocates (`LiveBytes`: how the pla
 a CPU, where torch keeps no allocator statistics)."""
 from __future__ import annotations
 
+import ctypes
 import resource
 import weakref
 
@@ -30,6 +31,29 @@ def outside_torch_bytes(device) -> int:
     read from the driver."""
     free, total = torch.cuda.mem_get_info(device)
     return total - free - torch.cuda.memory_reserved(device)
+
+
+def others_on_the_gpu() -> int | None:
+    """Bytes in use on this machine's one GPU before this process makes its CUDA context: other programs (a desktop,
+    another run) and the driver's reserve, which cudaMemGetInfo counts as used too, so a peak measured through it
+    includes them. Read through NVML, which makes no context. None where NVML is missing, or with several GPUs
+    (which one this process will use is not known from NVML's numbering)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        count, handle = ctypes.c_uint(), ctypes.c_void_p()
+        memory = (ctypes.c_ulonglong * 3)()         # nvmlMemory_t: total, free, used
+        if (nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0 or count.value != 1
+                or nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0
+                or nvml.nvmlDeviceGetMemoryInfo(handle, memory) != 0):
+            return None
+        return int(memory[2])
+    finally:
+        nvml.nvmlShutdown()
 
 
 def device_peaks(device, outside: int = 0) -> dict[str, float]:
