@@ -23,6 +23,7 @@ from .data import Question
 from .errors import UserError
 from .evaluate import wilson_interval
 from .files import atomic_file
+from .graph import node_device
 from .nodes import FrozenNode
 from .spec import GraphSpec
 from .summary import describe
@@ -201,7 +202,8 @@ def run_baselines(spec: GraphSpec, cfg: TrainConfig, out_dir: str | Path, progre
     target = _trainable(spec)
     rows = []
     for node_spec in spec.nodes:
-        node = FrozenNode.load(node_spec, node_spec.format(spec.quant), device, spec.max_length, logits=True)
+        node = FrozenNode.load(node_spec, node_spec.format(spec.quant), node_device(node_spec, device),
+                               spec.max_length, logits=True)
         zero = score_zero_shot(node, questions, progress=progress)
         del node                        # one frozen model in memory at a time
         gc.collect()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 TIMEOUT = datetime.timedelta(minutes=30)    # a collective's limit (the frozen pass of a large node can be long)
 
 
@@ -38,8 +40,13 @@ class Ranks:
         return self.world > 1
 
     def device(self, requested: torch.device) -> torch.device:
-        """Each rank's own GPU (cuda:LOCAL_RANK) where the run asks for CUDA; the CPU stays the CPU."""
-        if self.active and requested.type == "cuda" and requested.index is None:
+        """Each rank's own GPU (cuda:LOCAL_RANK) where the run asks for CUDA; the CPU stays the CPU. A GPU named by
+        index would be every rank's: refused."""
+        if self.active and requested.type == "cuda":
+            if requested.index is not None:
+                raise UserError(f"--device {requested} with {self.world} ranks would put every rank on that one GPU: "
+                                "give --device cuda (each rank takes its own, cuda:LOCAL_RANK), and choose the GPUs "
+                                "with CUDA_VISIBLE_DEVICES")
             return torch.device("cuda", self.local_rank)
         return requested
 
@@ -50,10 +57,10 @@ def current() -> Ranks:
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and os.environ.get("LOWMEM_GRAPH_BACKEND", "") != "gloo"
-        if cuda:
+        if torch.cuda.is_available():       # whatever the backend: the current device is this rank's own
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        nccl = torch.cuda.is_available() and os.environ.get("LOWMEM_GRAPH_BACKEND", "") != "gloo"
+        dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

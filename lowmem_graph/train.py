@@ -625,7 +625,7 @@ def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Ten
     following = next(parts, None)
     while following is not None:
         batch, frozen = following           # the previous micro-batch's states are let go first, then the next
-        following = next(parts, None)       # one's copy starts while this one computes: two on the device at once
+        following = next(parts, None)       # one's copy is queued (the host does not wait): two on the device
         # under DDP the gradients are averaged across ranks once, in the step's last backward
         sync = graph.no_sync() if following is not None and hasattr(graph, "no_sync") else contextlib.nullcontext()
         with sync:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -93,3 +94,15 @@ def test_bad_input_fails_every_rank_in_one_line_and_none_hangs(tmp_path):
                       "if ranks.rank == 1:\n    sys.exit(3)\ndistributed.all_sum(torch.ones(1), ranks)\n")
     done = torchrun([str(script)], module=False, timeout=120)
     assert done.returncode != 0 and time.time() - started < 120
+
+
+def test_each_rank_takes_its_own_gpu_and_a_gpu_named_by_index_is_refused():
+    from lowmem_graph.distributed import Ranks
+    from lowmem_graph.errors import UserError
+
+    second = Ranks(rank=1, world=2, local_rank=1)
+    assert second.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert second.device(torch.device("cpu")) == torch.device("cpu")
+    assert Ranks().device(torch.device("cuda", 3)) == torch.device("cuda", 3)       # one process: as asked
+    with pytest.raises(UserError, match="--device cuda:0 with 2 ranks would put every rank on that one GPU"):
+        second.device(torch.device("cuda", 0))

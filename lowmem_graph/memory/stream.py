@@ -145,7 +145,8 @@ class HostSlab:
     def __del__(self):
         try:
             if self.pinned and torch.cuda.is_initialized():
-                torch.cuda.synchronize()    # a copy from it may still be queued (a streamer never detached)
+                for device in range(torch.cuda.device_count()):   # a copy from it may still be queued (a streamer
+                    torch.cuda.synchronize(device)                # never detached), on whichever card it streams to
             self.unpin()
         except Exception:       # at interpreter exit CUDA may be gone already; the process frees it then
             pass
