@@ -76,8 +76,16 @@ class FrozenStates:
 
     def for_batch(self, graph, batch) -> tuple[dict, dict]:
         """(reader states in fp32: pooled (B, d_k) or per token (B, T_k, d_k); each refiner's stream entering its
-        injection layer, padded to the batch's tokens), on the graph's device."""
-        return to_device(self.gather(graph, batch), next(graph.parameters()).device)
+        injection layer, padded to the batch's tokens), on the devices that read them (see `placed`)."""
+        return self.placed(graph, self.gather(graph, batch))
+
+    @staticmethod
+    def placed(graph, states: tuple[dict, dict]) -> tuple[dict, dict]:
+        """`gather`'s tensors on the devices that read them: reader states where the projections are (the graph's
+        device), each refiner's stream on the device that refiner computes on."""
+        readers, prefixes = states
+        return (_to({r: _graph_device(graph) for r in readers}, readers),
+                _to({j: graph.nodes[j].device for j in prefixes}, prefixes))
 
     def gather(self, graph, batch, pin: bool = False) -> tuple[dict, dict]:
         """What `for_batch` gives, in host memory (page-locked with `pin`, so the copy to the device can overlap):
@@ -114,7 +122,14 @@ class EdgeStates:
     entries: dict[str, "CacheEntry"]     # part key ("prefix:gemma2:2") -> entry
 
     def for_batch(self, graph, batch) -> tuple[dict]:
-        return to_device(self.gather(graph, batch), next(graph.parameters()).device)
+        return self.placed(graph, self.gather(graph, batch))
+
+    @staticmethod
+    def placed(graph, states: tuple[dict]) -> tuple[dict]:
+        """Prefixes on the device their node computes on; every read where the trainable maps are."""
+        (parts,) = states
+        return (_to({k: graph.nodes[k.split(":")[1]].device if k.startswith("prefix:") else _graph_device(graph)
+                     for k in parts}, parts),)
 
     def gather(self, graph, batch, pin: bool = False) -> tuple[dict]:
         rows = [self.rows[i] for i in batch.ids]
@@ -126,9 +141,13 @@ class EdgeStates:
         return ({k: page_locked(v) for k, v in out.items()} if pin else out,)
 
 
-def to_device(states: tuple[dict, dict], device) -> tuple[dict, dict]:
-    """Cached states onto the device without blocking the host (from page-locked memory the copy is asynchronous)."""
-    return tuple({k: v.to(device, non_blocking=True) for k, v in part.items()} for part in states)
+def _graph_device(graph) -> torch.device:
+    return next(graph.parameters()).device
+
+
+def _to(devices: dict, tensors: dict) -> dict:
+    """Each tensor onto its device without blocking the host (from page-locked memory the copy is asynchronous)."""
+    return {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
 
 
 class CacheEntry:

@@ -447,14 +447,12 @@ class Trainer:
     def train_step(self, questions: list[Question], inputs: list | None = None) -> dict:
         """One optimizer step over `questions`, in micro-batches when the plan asks for them (same gradient).
         `inputs`: what `step_inputs` made for them, ahead of time."""
-        from .cache import to_device
-
         self.optimizer.zero_grad(set_to_none=True)
         mine = distributed.shard(questions, self.ranks)
         idle = not mine     # fewer questions than ranks (an epoch's last step): a step that adds zero gradient
         if idle:
             mine, inputs = questions[:1], None
-        parts = ((batch, to_device(host, self.device) if host is not None else ())
+        parts = ((batch, self.train_states.placed(self.graph, host) if host is not None else ())
                  for batch, host in (inputs if inputs is not None else self.step_inputs(mine)))
         # each rank's share of the mean over the global batch; DDP averages the ranks' gradients
         sums = step_gradients(self.model, parts, math.inf if idle else len(questions) / self.ranks.world,

@@ -85,3 +85,23 @@ def test_a_node_on_a_device_of_its_own_trains_like_the_rest(tmp_path):
     torch.testing.assert_close(losses(runs["two"]), losses(runs["one"]))
     config = (runs["two"] / "config.yaml").read_text()
     assert "device: cpu" in config
+
+
+def test_cached_states_go_to_the_device_that_reads_them():
+    """A refiner on a card of its own gets its cached stream there directly (not through the run's device, which
+    its plan does not charge); reader states and reads go where the trainable maps are."""
+    from types import SimpleNamespace
+
+    from lowmem_graph.cache import EdgeStates, FrozenStates
+
+    graph = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]),
+                            nodes={"phi3": SimpleNamespace(device=torch.device("cpu")),
+                                   "mistral": SimpleNamespace(device=torch.device("meta"))})
+    readers, prefixes = FrozenStates.placed(graph, ({"llama": torch.ones(2, 3)},
+                                                    {"phi3": torch.ones(2, 4, 5), "mistral": torch.ones(2, 4, 6)}))
+    assert readers["llama"].device.type == "cpu" and prefixes["phi3"].device.type == "cpu"
+    assert prefixes["mistral"].device.type == "meta"
+    (parts,) = EdgeStates.placed(graph, ({"prefix:mistral:2": torch.ones(2, 4, 6), "tokens:mistral:5": torch.ones(2),
+                                          "mean:phi3:3": torch.ones(2)},))
+    assert {k: v.device.type for k, v in parts.items()} == {"prefix:mistral:2": "meta", "tokens:mistral:5": "cpu",
+                                                             "mean:phi3:3": "cpu"}
