@@ -105,3 +105,15 @@ def test_cached_states_go_to_the_device_that_reads_them():
                                           "mean:phi3:3": torch.ones(2)},))
     assert {k: v.device.type for k, v in parts.items()} == {"prefix:mistral:2": "meta", "tokens:mistral:5": "cpu",
                                                              "mean:phi3:3": "cpu"}
+
+
+def test_the_run_device_counts_the_head_of_refiners_computing_elsewhere():
+    """Both refiners on cuda:1: their final states come to cuda:0 in fp32 for the readout and output node, which
+    cuda:0's step must hold (it counted only the trainables and the context)."""
+    spec = apply_changes(load_preset("paper"), ["nodes.mistral.device=cuda:1", "nodes.phi3.device=cuda:1"])
+    plan = make_plan(spec, {"cuda:0": 2 * GiB, "cuda:1": 24 * GiB}, 8, 512, host_budget=10 ** 12)
+    profile = planning._profile(spec)
+    head = planning._remote_head([profile.nodes["phi3"], profile.nodes["mistral"]], profile.latent,
+                                 plan.micro_batch, plan.seq)
+    assert plan.breakdown["head_activations"] == head > 0
+    assert plan.devices["cuda:0"]["peak"] == sum(plan.breakdown.values()) <= 2 * GiB

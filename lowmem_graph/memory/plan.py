@@ -776,9 +776,11 @@ def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: in
         on[main] = []
     parts = {d: dataclasses.replace(profile, nodes={n: profile.nodes[n] for n in names},
                                     trainable=profile.trainable if d == main else 0) for d, names in on.items()}
+    remote = [n for name, n in profile.nodes.items() if n.role == "refiner" and devices[name] != main]
     chosen, smallest = {}, {}
     for micro in _divisors(batch):
-        chosen = {d: _best_on_device(spec, part, batch, seq, micro, budgets.get(d, 0), smallest.setdefault(d, []))
+        chosen = {d: _best_on_device(spec, part, batch, seq, micro, budgets.get(d, 0), smallest.setdefault(d, []),
+                                     _remote_head(remote, profile.latent, micro, seq) if d == main else 0)
                   for d, part in parts.items()}
         if all(chosen.values()):
             break
@@ -812,17 +814,29 @@ def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: in
                 minimum, MICRO_BATCH_MAJOR, 0, evaluation, host, available, per_device)
 
 
-def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budget: int, peaks: list):
+def _remote_head(refiners: list[_Node], latent: int, micro: int, seq: int) -> int:
+    """What the run's device holds at a step for refiners computing elsewhere: the graph's head brings each one's
+    final states over in fp32 (with their gradient) and runs the readout and output node there (the latent part of
+    HEAD_PER_TOKEN); that refiner's own device counts the rest of its head."""
+    return sum(micro * seq * (2 * 4 * n.width + HEAD_PER_TOKEN[1] * latent) for n in refiners)
+
+
+def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budget: int, peaks: list,
+                    remote_head: int = 0):
     """(groups, prefetch depth, micro, step breakdown, eval breakdown) of the best choice for one device's nodes
-    at `micro`, or None; every choice's worst peak is added to `peaks`."""
+    at `micro`, or None; every choice's worst peak is added to `peaks`. `remote_head`: the run's device's share of
+    other devices' refiners (see `_remote_head`)."""
     if not any(n.role == "refiner" for n in part.nodes.values()):   # only frozen-pass work: nothing at a step
         breakdown = {"trainable+optimizer": part.trainable * TRAIN_BYTES_PER_PARAM, "cuda_context": CUDA_CONTEXT}
+        if remote_head:
+            breakdown["head_activations"] = remote_head
         peaks.append(sum(breakdown.values()))
         return ([], 0, micro, breakdown, dict(breakdown)) if peaks[-1] <= budget else None
     best, best_key = None, None
     for groups, depth, m, schedule, breakdown in _candidates(spec, part, batch, seq):
         if m != micro or schedule != MICRO_BATCH_MAJOR:
             continue
+        breakdown = {**breakdown, "head_activations": breakdown["head_activations"] + remote_head}
         peak = sum(breakdown.values())
         evaluation = eval_breakdown(part, breakdown, micro, seq)
         peaks.append(max(peak, sum(evaluation.values())))
