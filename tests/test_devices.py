@@ -117,3 +117,16 @@ def test_the_run_device_counts_the_head_of_refiners_computing_elsewhere():
                                  plan.micro_batch, plan.seq)
     assert plan.breakdown["head_activations"] == head > 0
     assert plan.devices["cuda:0"]["peak"] == sum(plan.breakdown.values()) <= 2 * GiB
+
+
+def test_out_of_memory_names_the_plan_of_the_card_that_ran_out():
+    from lowmem_graph.memory.report import out_of_memory_message
+
+    spec = apply_changes(load_preset("paper"), ["nodes.mistral.device=cuda:1"])
+    plan = make_plan(spec, {"cuda:0": 12 * GiB, "cuda:1": 8 * GiB}, 8, 512, host_budget=10 ** 12)
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity "
+                                        "of 11.7 GiB of which 1.2 GiB is free.")
+    peak = plan.devices["cuda:1"]["peak"] / GiB
+    assert f"predicted a peak of {peak:.2f} GiB within 8.00 GiB on cuda:1;" in out_of_memory_message(error, plan)
+    one = make_plan(load_preset("paper"), 6 * GiB, 8, 512, host_budget=10 ** 12)
+    assert f"predicted a peak of {one.peak / GiB:.2f} GiB within 6.00 GiB;" in out_of_memory_message(error, one)

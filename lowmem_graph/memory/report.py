@@ -4,6 +4,7 @@ a CPU, where torch keeps no allocator statistics)."""
 from __future__ import annotations
 
 import ctypes
+import re
 import resource
 import weakref
 
@@ -104,10 +105,17 @@ def format_snapshot(snap: dict[str, float]) -> str:
 
 
 def out_of_memory_message(error: BaseException, plan=None) -> str:
-    """One line for a CUDA OOM: what the plan predicted and what to change."""
+    """One line for a CUDA OOM: what the plan predicted (for the card that ran out, when the plan spans several:
+    torch names it as "GPU N") and what to change."""
     first = str(error).splitlines()[0] if str(error) else "CUDA out of memory"
-    predicted = (f"the plan predicted a peak of {plan.peak / 2**30:.2f} GiB within {plan.budget / 2**30:.2f} GiB; "
-                 if plan is not None else "no --gpu-mem plan was applied; ")
+    predicted = "no --gpu-mem plan was applied; "
+    if plan is not None:
+        peak, budget, where = plan.peak, plan.budget, ""
+        card = re.search(r"\bGPU (\d+)\b", str(error))
+        device = f"cuda:{card.group(1)}" if card else None
+        if plan.devices and device in plan.devices:
+            peak, budget, where = plan.devices[device]["peak"], plan.devices[device]["budget"], f" on {device}"
+        predicted = f"the plan predicted a peak of {peak / GiB:.2f} GiB within {budget / GiB:.2f} GiB{where}; "
     return (f"CUDA out of memory ({first[:160]}); {predicted}try a smaller --gpu-mem (the plan then keeps less "
             "resident and streams more), a smaller --batch-size, or keep the prefix cache on")
 
