@@ -45,6 +45,14 @@ class Question:
     context: str = ""  # a passage the question refers to, shown before it
 
 
+def leave_out_trained(evaluated: list[Question], trained: list[Question]) -> list[Question]:
+    """The evaluated questions that are not also training questions (same id, text and choices): a protocol may
+    train on a split it also evaluates on (the paper's draws from MMLU's validation split), and a question scored
+    after being trained on inflates the accuracy."""
+    seen = {(q.id, q.question, q.choices) for q in trained}
+    return [q for q in evaluated if (q.id, q.question, q.choices) not in seen]
+
+
 def bundled_dir() -> Path:
     """ARC-Easy (train, dev and test) ships with the package so the default job and its evaluation run offline."""
     return Path(__file__).resolve().parent / "bundled"

@@ -28,7 +28,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runstate
-from .data import Question, is_path_task, load_task, spread
+from .data import Question, is_path_task, leave_out_trained, load_task, spread
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
@@ -352,10 +352,14 @@ class Trainer:
         self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
         cfg.check_splits()
         self.train_set = load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train, cfg.columns)
-        self.eval_set = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval, cfg.columns)
+        evaluated = load_questions(cfg.evaluated(), cfg.eval_split, cfg.data_dir, cfg.limit_eval, cfg.columns)
+        self.eval_set = leave_out_trained(evaluated, self.train_set)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
         log(f"run folder: {self.run_dir}")
+        if len(self.eval_set) < len(evaluated):
+            log(f"evaluation: {len(evaluated) - len(self.eval_set):,} of the {len(evaluated):,} questions to evaluate "
+                "are also training questions and are left out")
         log(f"data: {len(self.train_set):,} training questions ({cfg.task}, {cfg.train_split}), "
             f"{len(self.eval_set):,} evaluated after each epoch ({cfg.evaluated()}, {cfg.eval_split}); "
             f"{math.ceil(len(self.train_set) / cfg.batch_size)} steps per epoch of {cfg.batch_size}, "

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import sys
@@ -345,3 +346,19 @@ def test_columns_reach_only_the_hub_parts_of_a_task(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     questions = load_questions("arc-easy+hf:org/x", "validation", limit=2, columns="question=q,choices=opts,answer=key")
     assert len(questions) == 3 and questions[-1].label == 1
+
+
+def test_questions_drawn_into_training_are_left_out_of_evaluation():
+    """The paper's protocol trains on draws from a split it evaluates on: those questions are not scored."""
+    from lowmem_graph.data import leave_out_trained
+    from lowmem_graph.train import load_questions
+
+    trained = load_questions("arc-easy:train+arc-easy:validation@50", "train")
+    evaluated = load_questions("arc-easy", "validation")
+    kept = leave_out_trained(evaluated, trained)
+    drawn = {q.id for q in trained} & {q.id for q in evaluated}
+    assert len(drawn) == 50 and len(kept) == len(evaluated) - 50
+    assert not {q.id for q in kept} & drawn
+    # a question with another's id but other text is another question
+    other = [dataclasses.replace(q, question=q.question + " (rephrased)") for q in evaluated[:3]]
+    assert leave_out_trained(other, evaluated) == other
