@@ -20,7 +20,7 @@ from torch import nn
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
 from .errors import UserError
-from .nodes import FrozenNode, default_device
+from .nodes import FrozenNode, default_device, load_config
 from .ops import fused_inject
 from .spec import GraphSpec
 
@@ -29,13 +29,23 @@ def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress
                logits: frozenset = frozenset()) -> dict[str, FrozenNode]:
     """Every node of `spec` frozen, in its format, onto `load_device` (default: where it computes: its own
     `device:` or the run's), computing in its device's dtype; the nodes named in `logits` keep their LM head."""
+    refused = []        # every node's config first: a gated or missing model is said before any download
+    for node_spec in spec.nodes:
+        try:
+            load_config(node_spec.model, revision=node_spec.revision, trust_remote_code=node_spec.trust_remote_code)
+        except UserError as e:
+            refused.append(f"node {node_spec.name}: {e}")
+    if refused:
+        raise UserError(f"{len(refused)} of {len(spec.nodes)} nodes cannot be loaded, so nothing was: "
+                        + "; ".join(refused))
     nodes = {}
     for node_spec in spec.nodes:
         if progress:
             progress(f"loading {node_spec.name} ({node_spec.model}, {node_spec.format(spec.quant)})")
         own = node_device(node_spec, device)
         nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
-                                                spec.max_length, compute_device=own, logits=node_spec.name in logits)
+                                                spec.max_length, compute_device=own, logits=node_spec.name in logits,
+                                                progress=progress)
     return nodes
 
 

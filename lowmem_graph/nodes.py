@@ -73,10 +73,15 @@ class _StopForward(Exception):
 
 
 def _quiet_transformers():
+    """transformers' warnings and per-load bars off (noise beside the run's own progress); the hub's download bars,
+    which transformers turns off with its own, back on where someone watches: a first paper run downloads 38 GB."""
     import transformers
+    from huggingface_hub.utils import enable_progress_bars
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if sys.stderr.isatty():
+        enable_progress_bars()
 
 
 def resolve_model(ref: str) -> tuple[str, bool]:
@@ -258,7 +263,7 @@ class FrozenNode:
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, spec: NodeSpec, quant: str = "nf4", device=None, max_length: int = 512,
-             compute_device=None, logits: bool = False) -> "FrozenNode":
+             compute_device=None, logits: bool = False, progress=None) -> "FrozenNode":
         """Load a node frozen: NF4 with double quantisation (saved once, reloaded without quantising), LLM.int8,
         or bf16/fp32.
 
@@ -292,6 +297,9 @@ class FrozenNode:
                 load_from = str(cached)
             else:
                 save_to = cached
+                if progress:
+                    progress(f"{spec.name}: quantising to NF4 on the {device.type.upper()}, once: the result is "
+                             "saved for later runs (on a CPU, about a minute per billion parameters on two cores)")
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=compute)
@@ -339,7 +347,8 @@ class FrozenNode:
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """How many tokens `encode` gives each text (no padding, no tensors)."""
-        return [min(len(ids), self.max_length) for ids in self.tokenizer([self.spec.prefix + t for t in texts])["input_ids"]]
+        encoded = self.tokenizer([self.spec.prefix + t for t in texts])["input_ids"]
+        return [min(len(ids), self.max_length) for ids in encoded]
 
     def _fit(self, ids: list[int], spans: list) -> tuple[list[int], list]:
         """Cut a sequence over max_length in the middle: the prefix's tokens stay, then the text's last tokens."""

@@ -150,6 +150,33 @@ def test_training_on_your_own_files_and_a_test_split_when_asked(tmp_path, capsys
                  "4", "--epochs", "1", "--run-dir", str(tmp_path / "run2"), "--no-progress"]) == 0
 
 
+def test_every_node_is_checked_before_any_model_loads(monkeypatch):
+    """Gated and missing models are all named at once, before the first download and quantisation."""
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from lowmem_graph import graph
+    from lowmem_graph.ablate import apply_changes
+    from lowmem_graph.errors import UserError
+    from lowmem_graph.spec import load_preset
+
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+
+    def fail(*args, **kwargs):
+        raise GatedRepoError("Client Error", response=hub_response(401))
+
+    monkeypatch.setattr(hub, "hf_hub_download", fail)
+    loaded = []
+    monkeypatch.setattr(graph.FrozenNode, "load", lambda spec, *a, **k: loaded.append(spec.name))
+    spec = apply_changes(load_preset("tiny"), ["nodes.gemma2.model=google/gemma-2-2b",
+                                               "nodes.mistral.model=mistralai/Mistral-7B-v0.1"])
+    with pytest.raises(UserError) as info:
+        graph.load_nodes(spec, "cpu")
+    message = str(info.value)
+    assert message.startswith("2 of 5 nodes cannot be loaded, so nothing was: node gemma2: model 'google/gemma-2-2b'")
+    assert "node mistral: model 'mistralai/Mistral-7B-v0.1' is gated" in message and loaded == []
+
+
 def test_a_gated_model_is_told_apart_from_a_missing_one(monkeypatch):
     """Through transformers' own error wrapping: huggingface_hub raises, transformers turns it into an OSError."""
     import transformers.utils.hub as hub

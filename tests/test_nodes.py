@@ -71,10 +71,20 @@ def test_quantised_node_is_saved_once_and_reloaded_without_quantising(monkeypatc
         raise AssertionError("quantize_4bit called for a node that was saved quantised")
 
     monkeypatch.setattr(bnb.functional, "quantize_4bit", no_quantising)
-    node = FrozenNode.load(spec, "nf4", "cpu", 64)
+    said = []
+    node = FrozenNode.load(spec, "nf4", "cpu", 64, progress=said.append)
     reference = tiny_nodes["qwen2"]
     for (name, a), (_, b) in zip(node.frozen_tensors(), reference.frozen_tensors()):
         assert torch.equal(a, b), name
+    assert said == []           # nothing to quantise, nothing said
+
+
+def test_a_node_quantised_for_the_first_time_says_so(monkeypatch, tmp_path):
+    """On a CPU a 7B model takes minutes to quantise, once: the run says what it is doing."""
+    monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path))
+    said = []
+    FrozenNode.load(NodeSpec(name="q", model="tiny:qwen2", role="reader"), "nf4", "cpu", 64, progress=said.append)
+    assert len(said) == 1 and said[0].startswith("q: quantising to NF4 on the CPU, once: the result is saved")
 
 
 @pytest.mark.parametrize("quant, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -201,3 +211,18 @@ def test_graph_nodes_drop_lm_head_scoring_keeps_it(tiny_nodes):
     assert head is not None
     dropped = sum(p.numel() for p in tiny_nodes["mistral"].model.parameters())
     assert sum(p.numel() for p in scoring.model.parameters()) == dropped + head.weight.numel()
+
+
+def test_hub_download_bars_stay_on_where_someone_watches(monkeypatch):
+    """transformers' disable_progress_bar turns off the hub's download bars too: a first paper run would download
+    38 GB in silence."""
+    import types
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from lowmem_graph import nodes
+
+    for tty in (True, False):
+        monkeypatch.setattr(nodes, "sys", types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: tty)))
+        nodes._quiet_transformers()
+        assert are_progress_bars_disabled() is not tty
