@@ -26,30 +26,58 @@ def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placem
         return run_edge_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions], cache, batch_size,
                                     progress, placement)
     ids = [q.id for q in questions]
+    texts = [format_prompt(q) for q in questions]
+    entries = {}
+    for name, node, reader, pooled, what, key in _entries(graph, questions):
+        entry = cache.load_shared(key, ranks)
+        if entry is None:
+            lengths = node.token_lengths(texts)
+            order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
+            with placement.frozen_pass(node):
+                mine = shard_batches(order, batch_size, ranks)
+                rows = _rows(node, reader, pooled, [texts[i] for i in mine], batch_size, progress)
+                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
+                                   _entry_bytes(node, pooled, lengths), ranks)
+        entries[name] = entry
+    return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
+
+
+def _entries(graph, questions: list[Question]):
+    """(name, node, reader, pooled, what it caches, entry key) of each node's entry for these questions."""
+    ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
-    texts = [format_prompt(q) for q in questions]
-    data = fingerprint(list(zip(ids, texts)))
-    entries = {}
+    data = fingerprint([(q.id, format_prompt(q)) for q in questions])
     for name, node in graph.nodes.items():
         reader = name in graph.readers
         pooled = reader and graph.spec.injection == "pooled"
         what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
                 else ("prefix", node.inject_layer))
-        key = entry_key(node, what, data)
-        entry = cache.load_shared(key, ranks)
-        if entry is None:
-            lengths = node.token_lengths(texts)
-            order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
-            per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
-            expected = per_row * (len(texts) if pooled else sum(lengths))
-            with placement.frozen_pass(node):
-                mine = shard_batches(order, batch_size, ranks)
-                rows = _rows(node, reader, pooled, [texts[i] for i in mine], batch_size, progress)
-                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
-                                   expected, ranks)
-        entries[name] = entry
-    return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
+        yield name, node, reader, pooled, what, entry_key(node, what, data)
+
+
+def _entry_bytes(node, pooled: bool, lengths: list[int]) -> int:
+    """An entry's size on disk: a pooled fp32 row per prompt, or a row per token in the node's dtype."""
+    return 4 * node.width * len(lengths) if pooled else node.model.dtype.itemsize * node.width * sum(lengths)
+
+
+def check_cache_room(graph, question_sets: list[list[Question]], cache: PrefixCache) -> None:
+    """Refuse, before the first node runs, a frozen pass whose missing entries (every node, every set) the disk
+    cannot hold: each entry's own check would only refuse once the entries before it were written."""
+    import shutil
+
+    needed = 0
+    for questions in question_sets:
+        texts = [format_prompt(q) for q in questions]
+        for _, node, _, pooled, _, key in _entries(graph, questions):
+            if not (cache.root / key).exists():
+                needed += _entry_bytes(node, pooled, node.token_lengths(texts))
+    cache.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache.root).free
+    if needed > free:
+        raise UserError(f"the frozen pass will write about {needed / 2 ** 30:.1f} GiB to the prefix cache, but "
+                        f"{cache.root} has {free / 2 ** 30:.1f} GiB free: free some space or set cache_dir to a "
+                        "larger disk")
 
 
 def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, progress: bool):

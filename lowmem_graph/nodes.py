@@ -347,6 +347,8 @@ class FrozenNode:
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """How many tokens `encode` gives each text (no padding, no tensors)."""
+        if not texts:           # a set left empty (every question also a training one): the tokenizer fails on []
+            return []
         encoded = self.tokenizer([self.spec.prefix + t for t in texts])["input_ids"]
         return [min(len(ids), self.max_length) for ids in encoded]
 

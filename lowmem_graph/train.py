@@ -312,12 +312,14 @@ class PlacedGraph:
         """The model-major frozen pass over each set of questions (cached), each node placed as the plan says.
         What `start_steps` placed is given back first: the pass needs the room."""
         from .cache import PrefixCache
-        from .frozen_pass import run_frozen_pass
+        from .frozen_pass import check_cache_room, run_frozen_pass
         from .tiny import cache_root
 
         self.stop_steps()
         cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
         batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
+        if not isinstance(self.graph, EdgeGraph):
+            check_cache_room(self.graph, question_sets, cache)
         return [run_frozen_pass(self.graph, questions, cache, self.placement, batch, self.progress)
                 for questions in question_sets]
 

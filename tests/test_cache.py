@@ -95,6 +95,36 @@ def test_a_full_disk_is_refused_before_the_pass(tmp_path, tiny_spec, tiny_nodes,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_disk_too_small_for_the_whole_pass_is_refused_before_the_first_node(tmp_path, tiny_spec, tiny_nodes,
+                                                                             questions, monkeypatch):
+    """Every missing entry of every set counts at once: a disk that holds the first nodes' entries but not the last
+    one's is refused before any is written. Entries already cached count nothing."""
+    import shutil
+    from collections import namedtuple
+
+    from lowmem_graph.errors import UserError
+    from lowmem_graph.frozen_pass import check_cache_room
+
+    graph, cache = FrozenGraph(tiny_spec, tiny_nodes), PrefixCache(tmp_path)
+    sets = [questions[:10], questions[10:]]
+    entry = precompute(graph, sets[0], cache).entries["mistral"]
+    one = sum(f.stat().st_size for f in entry.folder.glob("shard-*"))
+    shutil.rmtree(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    free = [10 ** 12]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, free[0]))
+    check_cache_room(graph, sets, cache)
+    free[0] = one                # room for one refiner's entry of the first set, not for the pass
+    with pytest.raises(UserError, match=r"will write about .* GiB to the prefix cache, but .* free"):
+        check_cache_room(graph, sets, cache)
+    assert not any(tmp_path.iterdir())
+    precompute(graph, sets[0], cache)
+    precompute(graph, sets[1], cache)
+    free[0] = 0
+    check_cache_room(graph, sets, cache)        # everything cached: nothing to write
+    check_cache_room(graph, [[]], cache)        # a set left empty (all of it trained on) writes nothing
+
+
 def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, questions):
     from dataclasses import replace
 
