@@ -298,8 +298,8 @@ class FrozenNode:
             else:
                 save_to = cached
                 if progress:
-                    progress(f"{spec.name}: quantising to NF4 on the {device.type.upper()}, once: the result is "
-                             "saved for later runs (on a CPU, about a minute per billion parameters on two cores)")
+                    progress(f"{spec.name}: quantising to NF4 on the {device.type.upper()}, once (saved for later "
+                             "runs; on a CPU about a minute per billion parameters on two cores)")
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=compute)

@@ -84,7 +84,7 @@ def test_a_node_quantised_for_the_first_time_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path))
     said = []
     FrozenNode.load(NodeSpec(name="q", model="tiny:qwen2", role="reader"), "nf4", "cpu", 64, progress=said.append)
-    assert len(said) == 1 and said[0].startswith("q: quantising to NF4 on the CPU, once: the result is saved")
+    assert len(said) == 1 and said[0].startswith("q: quantising to NF4 on the CPU, once (saved for later runs")
 
 
 @pytest.mark.parametrize("quant, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
