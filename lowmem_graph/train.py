@@ -34,7 +34,7 @@ from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
 from . import distributed
 from .edge_graph import EdgeGraph
-from .graph import FrozenGraph, autocast
+from .graph import FrozenGraph, autocast, node_device
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
 from .progress import Lines
 from .spec import GraphSpec, check_name, from_dict, typed_fields
@@ -373,6 +373,7 @@ class Trainer:
         transformers.set_seed(cfg.seed)
         self.placed = PlacedGraph(spec, cfg, log, progress)
         self.graph, self.plan, self.device = self.placed.graph, self.placed.plan, self.placed.device
+        self.other_cards = self._other_cards()
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.ranks = distributed.current()
@@ -438,6 +439,14 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _other_cards(self) -> tuple[str, ...]:
+        """The cards besides the run's that nodes compute on (a node's own `device:`): their peaks are reported."""
+        from .memory.placement import _exact
+
+        main = str(_exact(self.device))
+        cards = {str(_exact(node_device(n, self.device))) for n in self.spec.nodes}
+        return tuple(sorted(c for c in cards if c.startswith("cuda") and c != main))
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def step_inputs(self, questions: list[Question]) -> list:
@@ -507,8 +516,8 @@ class Trainer:
         loop between steps with a checkpoint."""
         cfg = self.cfg
         stop = stop or StopSignals()          # not entered: it never fires
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        for card in ((self.device,) if self.device.type == "cuda" else ()) + self.other_cards:
+            torch.cuda.reset_peak_memory_stats(card)
         result = self._unfinished_epoch_end()
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -543,7 +552,8 @@ class Trainer:
                     if lines is not None:
                         lines.update(i + 1, f"loss {metrics['loss']:.3f}")
                     self._metric({"kind": "step", "step": self.step, "epoch": epoch + 1, **metrics,
-                                  "lr": self.scheduler.get_last_lr()[0], **memory_snapshot(self.device)})
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  **memory_snapshot(self.device, self.other_cards)})
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                     if cfg.max_steps is not None and self.step >= cfg.max_steps and i + 1 < self.steps_per_epoch:
@@ -577,7 +587,7 @@ class Trainer:
         cfg = self.cfg
         result = evaluate(self.graph, self.eval_set, self.micro_batch, self.progress, "eval", self.eval_states,
                               self.ranks)
-        memory = memory_snapshot(self.device)
+        memory = memory_snapshot(self.device, self.other_cards)
         record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step,
                   "train_loss": float(np.mean(losses)) if losses else None,
                   "train_acc": float(np.mean(accs)) if accs else None,
@@ -711,7 +721,7 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
         raise Interrupted(f"interrupted ({signal.Signals(summary['signal']).name})", 128 + summary["signal"])
     summary["trainer"] = trainer     # in-process callers (reproduce) evaluate further without reloading
     summary["run_dir"] = str(run_dir)
-    summary["memory"] = memory_snapshot(trainer.device)
+    summary["memory"] = memory_snapshot(trainer.device, trainer.other_cards)
     return summary
 
 

@@ -130,3 +130,19 @@ def test_out_of_memory_names_the_plan_of_the_card_that_ran_out():
     assert f"predicted a peak of {peak:.2f} GiB within 8.00 GiB on cuda:1;" in out_of_memory_message(error, plan)
     one = make_plan(load_preset("paper"), 6 * GiB, 8, 512, host_budget=10 ** 12)
     assert f"predicted a peak of {one.peak / GiB:.2f} GiB within 6.00 GiB;" in out_of_memory_message(error, one)
+
+
+def test_the_peaks_of_every_card_a_run_computes_on_are_reported(monkeypatch):
+    from types import SimpleNamespace
+
+    from lowmem_graph.memory.report import format_snapshot
+    from lowmem_graph.train import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = apply_changes(load_preset("paper"), ["nodes.mistral.device=cuda:1", "nodes.phi3.device=cuda:2"])
+    assert Trainer._other_cards(SimpleNamespace(device=torch.device("cuda", 0), spec=spec)) == ("cuda:1", "cuda:2")
+    assert Trainer._other_cards(SimpleNamespace(device=torch.device("cuda", 2), spec=spec)) == ("cuda:1",)
+    assert Trainer._other_cards(SimpleNamespace(device=torch.device("cpu"), spec=load_preset("paper"))) == ()
+    text = format_snapshot({"host_rss_mb": 900.0, "cuda_peak_allocated_mb": 5000.0, "cuda_peak_reserved_mb": 5200.0,
+                            "cuda:1_peak_allocated_mb": 3100.4})
+    assert text.endswith("GPU peak 5000 MiB allocated / 5200 MiB reserved, cuda:1 peak 3100 MiB allocated")

@@ -85,14 +85,17 @@ def peak_during(fn, device) -> int:
     return live.peak
 
 
-def memory_snapshot(device: torch.device | str | None = None) -> dict[str, float]:
-    """Host RSS now and, on CUDA, the peak allocated/reserved bytes since the last reset, in MiB."""
+def memory_snapshot(device: torch.device | str | None = None, others: tuple = ()) -> dict[str, float]:
+    """Host RSS now and, on CUDA, the peak allocated/reserved bytes since the last reset, in MiB; `others`: the
+    other cards a run computes on (nodes on devices of their own), each's peak allocated as "cuda:N_peak_..."."""
     snap = {"host_rss_mb": psutil.Process().memory_info().rss / MB}
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         snap["cuda_allocated_mb"] = torch.cuda.memory_allocated(device) / MB
         snap["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / MB
         snap["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / MB
+    for other in others:
+        snap[f"{other}_peak_allocated_mb"] = torch.cuda.max_memory_allocated(other) / MB
     return snap
 
 
@@ -101,6 +104,9 @@ def format_snapshot(snap: dict[str, float]) -> str:
     if "cuda_peak_allocated_mb" in snap:
         text += (f", GPU peak {snap['cuda_peak_allocated_mb']:.0f} MiB allocated / "
                  f"{snap['cuda_peak_reserved_mb']:.0f} MiB reserved")
+    for key, value in snap.items():
+        if key.startswith("cuda:") and key.endswith("_peak_allocated_mb"):
+            text += f", {key.split('_')[0]} peak {value:.0f} MiB allocated"
     return text
 
 
