@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import Question
+from .data import Question, leave_out_trained
 from .errors import UserError
 from .evaluate import wilson_interval
 from .files import atomic_file
@@ -194,8 +194,9 @@ def run_baselines(spec: GraphSpec, cfg: TrainConfig, out_dir: str | Path, progre
     taken = [out_dir / f"head-{n.name}" for n in spec.nodes if (out_dir / f"head-{n.name}").exists()]
     if taken:
         raise UserError(f"{taken[0]} already exists: choose another --out")
-    tasks = cfg.evaluated()             # the questions train() evaluates the heads on
-    questions = load_questions(tasks, cfg.eval_split, cfg.data_dir, cfg.limit_eval)
+    tasks = cfg.evaluated()             # the questions train() evaluates the heads on (those it trains on left out)
+    questions = leave_out_trained(load_questions(tasks, cfg.eval_split, cfg.data_dir, cfg.limit_eval),
+                                  load_questions(cfg.task, cfg.train_split, cfg.data_dir, cfg.limit_train, cfg.columns))
     if not questions:
         raise UserError(f"no questions in {tasks} {cfg.eval_split}")
     device = cfg.resolved_device()

@@ -57,8 +57,9 @@ def current() -> Ranks:
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        if torch.cuda.is_available():       # whatever the backend: the current device is this rank's own
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local < torch.cuda.device_count():   # whatever the backend: the current device is this rank's own (a CPU
+            torch.cuda.set_device(local)        # run may have more ranks than the machine has GPUs)
         nccl = torch.cuda.is_available() and os.environ.get("LOWMEM_GRAPH_BACKEND", "") != "gloo"
         dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -358,6 +358,9 @@ class Trainer:
         self.eval_set = leave_out_trained(evaluated, self.train_set)
         if not self.train_set:
             raise UserError(f"no training questions in {cfg.task} {cfg.train_split}")
+        if evaluated and not self.eval_set:
+            raise UserError(f"every question of {cfg.evaluated()} {cfg.eval_split} is also a training question: "
+                            "evaluate on another split (--eval-split) or task (--eval-task)")
         log(f"run folder: {self.run_dir}")
         if len(self.eval_set) < len(evaluated):
             log(f"evaluation: {len(evaluated) - len(self.eval_set):,} of the {len(evaluated):,} questions to evaluate "

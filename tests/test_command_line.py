@@ -130,6 +130,8 @@ def _mine(folder, name, n=6):
     (["--task", "arc-easy", "--train-split", "test"], "training on a test split (arc-easy:test)"),
     (["--task", "{d}/ARC-Easy-Test.jsonl", "--eval-task", "{d}/dev.jsonl"], "training on a test split"),
     (["--task", "{d}/mine.jsonl"], "is one file, with no splits: give the questions to evaluate on with --eval-task"),
+    (["--task", "arc-easy", "--limit-train", "8", "--limit-eval", "8", "--eval-split", "train"],
+     "every question of arc-easy train is also a training question: evaluate on another split"),
 ])
 def test_contaminating_or_ambiguous_training_data_is_refused(tmp_path, capsys, argv, words):
     for name in ("ARC-Easy-Test.jsonl", "dev.jsonl", "mine.jsonl"):

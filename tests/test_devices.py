@@ -1,6 +1,7 @@
 """Nodes on chosen devices: a node's `device:` in the spec; activations cross at the edges; each device planned
 against its own budget. This machine has one device, so the runtime is run with two "cpu" devices through the
 same code path, and the per-device planner (arithmetic) with CUDA device names."""
+import dataclasses
 import json
 
 import pytest
@@ -54,6 +55,10 @@ def test_a_plan_the_card_cannot_hold_for_other_programs_is_refused_with_a_budget
     planning.check_device_room(plan, "cuda:0")
     planning.check_device_room(plan, "cpu")                     # planned as on a GPU, run on the CPU: no check
     free["cuda:0"] = 2 * GiB + 300 * 2 ** 20
+    reserved = {"cuda:0": need}         # an earlier run in this process left its blocks cached: they are ours
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved[str(device)])
+    planning.check_device_room(plan, "cuda:0")
+    reserved["cuda:0"] = 0
     with pytest.raises(UserError, match=r"needs up to .* on cuda:0, but only 2.29 GiB of its 24.00 GiB is free") as e:
         planning.check_device_room(plan, "cuda:0")
     budget = str(e.value).split("--gpu-mem ")[1]
@@ -65,6 +70,7 @@ def test_a_plan_the_card_cannot_hold_for_other_programs_is_refused_with_a_budget
     needs = planning.device_needs(split, "cuda:0")
     assert needs["cuda:1"] >= split.frozen["mistral"].peak and needs["cuda:0"] >= split.devices["cuda:0"]["peak"]
     free.update({"cuda:0": 24 * GiB, "cuda:1": needs["cuda:1"] - planning.CUDA_CONTEXT - 1})
+    reserved.update({"cuda:1": 0})
     with pytest.raises(UserError, match="on cuda:1"):
         planning.check_device_room(split, "cuda:0")
 
@@ -115,8 +121,13 @@ def test_the_run_device_counts_the_head_of_refiners_computing_elsewhere():
     profile = planning._profile(spec)
     head = planning._remote_head([profile.nodes["phi3"], profile.nodes["mistral"]], profile.latent,
                                  plan.micro_batch, plan.seq)
-    assert plan.breakdown["head_activations"] == head > 0
+    cached = planning.cached_on_device("micro-batch-major", plan.micro_batch, plan.batch)   # (and the next one's)
+    readers = cached * 4 * sum(profile.reader_widths)                                     # pooled, fp32
+    assert plan.breakdown["head_activations"] == head + readers and head > 0
     assert plan.devices["cuda:0"]["peak"] == sum(plan.breakdown.values()) <= 2 * GiB
+    token = make_plan(dataclasses.replace(spec, injection="token"), {"cuda:0": 2 * GiB, "cuda:1": 24 * GiB}, 8, 512,
+                      host_budget=10 ** 12)
+    assert token.breakdown["head_activations"] - plan.breakdown["head_activations"] >= readers * (512 - 1)
 
 
 def test_out_of_memory_names_the_plan_of_the_card_that_ran_out():

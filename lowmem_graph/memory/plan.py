@@ -584,6 +584,7 @@ def check_device_room(plan: Plan, main: str) -> None:
         if not device.startswith("cuda"):
             continue
         free, total = torch.cuda.mem_get_info(torch.device(device))
+        free += torch.cuda.memory_reserved(torch.device(device))    # this process's own cached blocks (an earlier run)
         if need - CUDA_CONTEXT > free:
             room = (free + CUDA_CONTEXT) // (GiB // 10) / 10
             raise UserError(f"the plan needs up to {_gib(need)} on {device}, but only {_gib(free)} of its "
@@ -828,8 +829,10 @@ def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budg
     other devices' refiners (see `_remote_head`)."""
     if not any(n.role == "refiner" for n in part.nodes.values()):   # only frozen-pass work: nothing at a step
         breakdown = {"trainable+optimizer": part.trainable * TRAIN_BYTES_PER_PARAM, "cuda_context": CUDA_CONTEXT}
-        if remote_head:
-            breakdown["head_activations"] = remote_head
+        if remote_head:     # the run's device: the head, and the cached reader states (this micro-batch, the next)
+            readers = (cached_on_device(MICRO_BATCH_MAJOR, micro, batch) * (seq if spec.injection == "token" else 1)
+                       * 4 * sum(part.reader_widths))
+            breakdown["head_activations"] = remote_head + readers
         peaks.append(sum(breakdown.values()))
         return ([], 0, micro, breakdown, dict(breakdown)) if peaks[-1] <= budget else None
     best, best_key = None, None

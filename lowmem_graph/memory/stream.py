@@ -109,8 +109,8 @@ class HostSlab:
     must come before the memory can go, so a slab still pinned when it is collected unpins itself first (the
     mapping is freed only after this object and every view into it are gone)."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
+    def __init__(self, nbytes: int, device: torch.device | None = None):
+        self.nbytes, self.device = nbytes, device       # the device its copies go to
         self.mapped = -(-nbytes // PAGE) * PAGE
         self._map = mmap.mmap(-1, self.mapped) if self.mapped else None
         whole = torch.frombuffer(self._map, dtype=torch.uint8) if self._map else torch.empty(0, dtype=torch.uint8)
@@ -144,9 +144,8 @@ class HostSlab:
 
     def __del__(self):
         try:
-            if self.pinned and torch.cuda.is_initialized():
-                for device in range(torch.cuda.device_count()):   # a copy from it may still be queued (a streamer
-                    torch.cuda.synchronize(device)                # never detached), on whichever card it streams to
+            if self.pinned and torch.cuda.is_initialized():     # a copy from it may still be queued (a streamer
+                torch.cuda.synchronize(self.device)             # never detached)
             self.unpin()
         except Exception:       # at interpreter exit CUDA may be gone already; the process frees it then
             pass
@@ -197,7 +196,7 @@ class LayerStreamer:
         self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
         self._stream = self._ready = None
         self.slots, self._in_slot = [], []
-        self.host = HostSlab(total)
+        self.host = HostSlab(total, self.device)
         self.slab = self.host.tensor
         originals = [site for group in sites for site in group]
         self.checkpoint = GroupCheckpoint(layers, groups, before_group=self.load_group, plain=plain)
