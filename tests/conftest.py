@@ -1,5 +1,4 @@
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -9,11 +8,6 @@ import torch  # defines no @triton.jit: the flag below is still in time
 # GPU the kernels are compiled: the kernel tests then run on CUDA tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# `python -m pytest` puts the checkout's root first on sys.path, where our kernels/ folder would stand in for the
-# Hugging Face kernels hub that bitsandbytes and transformers import as `kernels`. The tests use the installed
-# package (lowmem_graph.kernels), so the root goes.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # A fresh cache per test session: tiny models are built and quantised from scratch, as on a new machine.

@@ -1,5 +1,10 @@
 """The layouts of other libraries that our code relies on, checked so that an upgrade fails here, loudly, and not
 on a GPU in the middle of a run."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import bitsandbytes as bnb
 import torch
 
@@ -55,13 +60,46 @@ def test_decoder_layers_are_called_by_the_model_loop_with_the_hidden_state_first
     assert seen == [(torch.Size([1, 5, 32]), torch.Tensor)] * 2
 
 
-def test_our_kernels_folder_never_stands_in_for_the_hugging_face_kernels_hub():
-    """bitsandbytes and transformers run `from kernels import get_kernel`; ours installs as lowmem_graph.kernels."""
-    import importlib.util
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+# From the checkout's root, where '' (the working directory) is first on sys.path.
+FROM_ROOT = [sys.executable, "-c"]
 
-    import lowmem_graph.kernels
 
-    spec = importlib.util.find_spec("kernels")
-    ours = Path(lowmem_graph.kernels.__file__).resolve().parent
-    assert spec is None or Path(spec.origin or "").resolve().parent != ours
+def _from_root(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*FROM_ROOT, code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_from_the_root_import_kernels_is_the_hugging_face_hub_or_nothing():
+    """bitsandbytes and transformers run `from kernels import ...` (Hugging Face's kernels hub); our kernels/ folder
+    installs as lowmem_graph.kernels and, found first from a checkout's root, steps aside for the hub's package, or
+    fails as if absent where the hub is not installed."""
+    hub = importlib.util.find_spec("kernels")      # conftest leaves the root on sys.path: this is the hand-over
+    ours = ROOT / "kernels"
+    check = ("import sys, kernels, lowmem_graph.kernels.inject as ours; "
+             "print(kernels.__file__, sys.modules['kernels'] is kernels, ours.__file__)")
+    run = _from_root(check)
+    if hub is None or Path(hub.origin).resolve().parent == ours:
+        assert run.returncode == 1 and "No module named 'kernels'" in run.stderr, run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        found, same, inject = run.stdout.split()
+        assert Path(found).resolve().parent != ours and same == "True"
+        assert Path(inject).resolve() == ours / "inject.py"
+    # Without the hub on the path (every site folder gone) the name is free: nothing of ours answers it.
+    run = _from_root("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+                     "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+                     "    print(e.name, 'kernels' in sys.modules)")
+    assert run.returncode == 0 and run.stdout.split() == ["kernels", "False"], run.stderr
+
+
+def test_from_the_root_transformers_models_and_the_command_line_work():
+    """What a fresh install broke (transformers 5.25 imports the hub's kernels at `import transformers`): a model
+    built from the root, and `python -m lowmem_graph.cli`, which keeps the root on sys.path."""
+    run = _from_root("from transformers import LlamaConfig, LlamaForCausalLM\n"
+                     "LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, "
+                     "num_key_value_heads=2, num_hidden_layers=1, vocab_size=64))\n"
+                     "import bitsandbytes, lowmem_graph\nprint('built')")
+    assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr
+    run = subprocess.run([sys.executable, "-m", "lowmem_graph.cli", "--version"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
