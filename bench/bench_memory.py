@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_graph.graph import Batch, FrozenGraph
+from lowmem_graph.edge_graph import EdgeGraph, part_key
+from lowmem_graph.frozen_pass import frozen_part, highest_part
+from lowmem_graph.graph import Batch
 from lowmem_graph.memory.plan import make_plan, parse_size, with_placement
 from lowmem_graph.memory.placement import Placement, norm_and_rotary
 from lowmem_graph.memory.report import MiB, device_peaks, others_on_the_gpu, outside_torch_bytes, peak_rss_mib
@@ -80,24 +82,28 @@ def random_nf4_node(node_spec, max_length: int, device: torch.device, seed: int,
     return FrozenNode(node_spec, model, None, max_length, f"random:{node_spec.model}:{seed}", "cpu")
 
 
-def build_graph(spec, device, quant: str = "nf4") -> FrozenGraph:
+def build_graph(spec, device, quant: str = "nf4") -> EdgeGraph:
     nodes = {n.name: random_nf4_node(n, spec.max_length, device, i, quant) for i, n in enumerate(spec.nodes)}
     torch.manual_seed(0)
-    return FrozenGraph(spec, nodes).to(device)
+    return EdgeGraph(spec, nodes).to(device)
 
 
-def random_inputs(graph: FrozenGraph, batch: int, seq: int, device):
-    """A batch as the prefix cache serves it, in host memory (pinned for a GPU): pooled reader states, refiners'
-    injection-layer inputs. Each micro-batch moves to the device when it runs, as in training."""
+def random_inputs(graph: EdgeGraph, batch: int, seq: int, device):
+    """A batch as the prefix cache serves it, in host memory (pinned for a GPU): every node's input-only parts
+    (pooled reads in fp32, streams entering the lowest written layers and per-token reads in the compute dtype).
+    Each micro-batch moves to the device when it runs, as in training."""
     mask = torch.ones(batch, seq, dtype=torch.long)
     tokens = {name: (torch.zeros(batch, seq, dtype=torch.long), mask) for name in graph.nodes}
     b = Batch(tokens, torch.randint(0, 4, (batch,)), torch.full((batch,), 4), [str(i) for i in range(batch)])
     cuda = torch.device(device).type == "cuda"
-    readers = {r: torch.randn(batch, graph.nodes[r].width, pin_memory=cuda) for r in graph.readers}
     dtype = torch.bfloat16 if cuda else torch.float32
-    prefixes = {j: torch.randn(batch, seq, graph.nodes[j].width, dtype=dtype, pin_memory=cuda)
-                for j in graph.refiners}
-    return b, readers, prefixes
+    parts = {}
+    for name, node in graph.nodes.items():
+        for kind, layer in graph.frozen_parts(name):
+            shape = (batch, node.width) if kind in ("mean", "last") else (batch, seq, node.width)
+            parts[part_key(kind, name, layer)] = torch.randn(
+                shape, dtype=torch.float32 if kind in ("mean", "last") else dtype, pin_memory=cuda)
+    return b, parts
 
 
 def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=None) -> list[float]:
@@ -105,7 +111,7 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=No
     schedule: `step_gradients`, then AdamW), synchronised. Leaves no gradients or optimizer state behind, so the next measurement starts from
     what a run holds."""
     optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
-    batch, readers, prefixes = inputs
+    batch, cached = inputs
     n = batch.labels.shape[0]
 
     def parts():
@@ -113,8 +119,7 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=No
             part = slice(lo, lo + micro_batch)
             sub = Batch({k: (ids[part], m[part]) for k, (ids, m) in batch.tokens.items()}, batch.labels[part],
                         batch.n_choices[part], batch.ids[part])
-            yield sub, ({r: x[part].to(device, non_blocking=True) for r, x in readers.items()},
-                        {j: p[part].to(device, non_blocking=True) for j, p in prefixes.items()})
+            yield sub, ({k: x[part].to(device, non_blocking=True) for k, x in cached.items()},)
 
     times = []
     for _ in range(steps + 1):                          # the first step warms up and is dropped
@@ -198,15 +203,15 @@ def measure_frozen(budget: str, graph, plan, device, repeats: int, context: int 
         vocab = node.model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (plan.frozen_micro_batch, plan.seq))
         mask = torch.ones_like(ids)
-        run = node.read if name in graph.readers else node.prefix
+        kind, layer = graph.frozen_parts(name)[0]
         _fresh_peak(device)
         times = []
-        with Placement(device, plan).frozen_pass(node) as streamer:
+        with Placement(device, plan).frozen_pass(node, highest_part(graph, name)) as streamer:
             for _ in range(repeats + 1):                # the first warms up and is dropped
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                run(ids, mask)
+                frozen_part(node, kind, layer, ids, mask)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)

@@ -1,9 +1,9 @@
 """The frozen-prefix cache: input-only work done once per data set and kept on disk.
 
-Readers' states and each refiner's residual stream at its injection layer depend on the input alone, so the
-model-major frozen pass (frozen_pass.py) runs each node once over the whole data set and stores the result here;
-`FrozenStates` serves it back batch by batch. Training then runs only the refiners' upper layers, the projections
-and the output node.
+What each node reads below its lowest written layer, and its residual stream entering that layer, depend on the
+input alone, so the model-major frozen pass (frozen_pass.py) runs each node once over the whole data set and
+stores the result here; `EdgeStates` serves it back batch by batch. Training then runs only the layers above, the
+maps and the output node.
 
 At the paper's scale one refiner's entry is tens of GB, so an entry is a folder written as the pass goes:
 `shard-NNNNN.safetensors` files of whole rows (flattened, with their offsets), each hashed when written, and
@@ -65,40 +65,6 @@ def entry_key(node, what, data: str) -> str:
     pooling, framing prefix, maximum length, tokenizer, prompt format, the questions)."""
     return fingerprint(node.identity, what, node.spec.prefix, node.max_length, tokenizer_fingerprint(node.tokenizer),
                        PROMPT_FORMAT, data)[:32]
-
-
-@dataclass
-class FrozenStates:
-    """What the frozen pass produced for one data set, served per batch in the shapes `FrozenGraph.forward` takes."""
-
-    rows: dict[str, int]                 # question id -> row
-    entries: dict[str, "CacheEntry"]     # node name -> entry
-
-    def for_batch(self, graph, batch) -> tuple[dict, dict]:
-        """(reader states in fp32: pooled (B, d_k) or per token (B, T_k, d_k); each refiner's stream entering its
-        injection layer, padded to the batch's tokens), on the devices that read them (see `placed`)."""
-        return self.placed(graph, self.gather(graph, batch))
-
-    @staticmethod
-    def placed(graph, states: tuple[dict, dict]) -> tuple[dict, dict]:
-        """`gather`'s tensors on the devices that read them: reader states where the projections are (the graph's
-        device), each refiner's stream on the device that refiner computes on."""
-        readers, prefixes = states
-        return (_to({r: _graph_device(graph) for r in readers}, readers),
-                _to({j: graph.nodes[j].device for j in prefixes}, prefixes))
-
-    def gather(self, graph, batch, pin: bool = False) -> tuple[dict, dict]:
-        """What `for_batch` gives, in host memory (page-locked with `pin`, so the copy to the device can overlap):
-        the part of a step that can run ahead of it, on another thread."""
-        rows = [self.rows[i] for i in batch.ids]
-
-        def padded(name):
-            return _padded(self.entries[name], rows, batch.tokens[name][1], name)
-
-        readers = {r: (padded(r) if graph.spec.injection == "token"
-                       else torch.cat([self.entries[r].row(i) for i in rows])).float() for r in graph.readers}
-        states = readers, {j: padded(j) for j in graph.refiners}
-        return tuple({k: page_locked(v) for k, v in part.items()} for part in states) if pin else states
 
 
 def _padded(entry: "CacheEntry", rows: list[int], mask: torch.Tensor, name: str) -> torch.Tensor:

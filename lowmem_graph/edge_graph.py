@@ -11,13 +11,13 @@ train; the frozen nodes are outside the state_dict.
 Objectives: "choice" (the output node scores the answer options, as in the paper) or "lm" (next-token prediction
 on plain text through the frozen LM heads of the nodes the output reads; edges read per token, aligned causally).
 For every node, what lies below its lowest written layer depends on the input alone: the prefix cache keeps it
-(`frozen_parts`) and a memory plan places the layers above (`stepped_layers`, groups cut at `cuts`). The paper's
-shape also runs here (tests check it gives FrozenGraph's logits and gradients bit for bit); FrozenGraph stays that
-shape's runtime, with its layer-major schedule.
+(`frozen_parts`) and a memory plan places the layers above (`stepped_layers`, groups cut at `cuts`). Every graph
+runs here, the paper's shape included (readers -> one latent -> refiners -> the output node); a step's loop order
+over micro-batches and layer groups is step.py's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,6 +74,21 @@ class EdgeGraph(TrainedParts):
         # each layer whose input needs grad runs under checkpoint; a memory plan's placement turns this off while
         # its streamers checkpoint the plan's layer groups (memory/placement.py)
         self.checkpoint_layers = True
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """As TrainedParts', also taking weights saved by the paper shape's former runtime, which named a reader's
+        map `read_proj.<reader>` and a refiner's own carry `carry.<refiner>`."""
+        former = {}
+        for s in self.sites:
+            if s.key in self.project:
+                former[f"read_proj.{s.edge.source}."] = f"project.{s.key}."
+            if s.key in self.carry:
+                former[f"carry.{s.edge.target}."] = f"carry.{s.key}."
+        renamed = {}
+        for key, value in state.items():
+            old = next((o for o in former if key.startswith(o)), None)
+            renamed[former[old] + key[len(old):] if old else key] = value
+        super().load_trainable(renamed, source)
 
     # ---- the graph's shape --------------------------------------------------------------------------------------
     def _site(self, i: int, e: Edge) -> _Site:
@@ -246,43 +261,74 @@ class EdgeGraph(TrainedParts):
         """The choice logits (GraphOutput), or under the lm objective each read node's final states. `cached`:
         the nodes' input-only parts from the prefix cache (`frozen_parts`, keyed by `part_key`) for this batch:
         then each node runs from its entry layer up, and a node nothing is written into does not run."""
-        reads: dict[tuple, torch.Tensor] = {}
-        if cached:
-            for key, value in cached.items():
-                kind, name, layer = key.split(":")
-                if kind != "prefix":
-                    reads[(name, int(layer)) if kind == "tokens" else (name, int(layer), kind)] = value
-        finals: dict[str, torch.Tensor] = {}
-        for unit in self.units:
-            self._run_unit(unit, batch, reads, finals, cached)
-        if self.objective == "lm":
-            return finals
-        return self.head([finals[j] for j in self.reads], batch)
+        return self.forward_many([(batch, cached)])[0]
 
-    def _run_unit(self, unit: list[str], batch: Batch, reads: dict, finals: dict, cached=None) -> None:
-        """The unit's nodes layer by layer in lockstep: writes into a layer's input, the layer, reads of its output."""
-        streams, calls, starts, tops = {}, {}, {}, {}
+    def forward_many(self, parts: list, groups: dict[str, list[tuple[int, int]]] | None = None) -> list:
+        """`forward` of several micro-batches ((batch, cached) pairs) in one loop order: unit by unit, and within a
+        unit by segments of layers, every micro-batch through a segment before the next. A segment is one layer
+        of each node in turn, or with `groups` (node -> its layer groups [first, last), as a memory plan cuts
+        them) one node's group: each group is then loaded once for every micro-batch (the layer-major schedule;
+        a backward over all the micro-batches' losses visits the groups in the reverse order, since autograd runs
+        what was recorded last first). Groups start wherever a node is written into and end where it is read,
+        so a group sorted by its first layer finds every read it needs done."""
+        runs = [self._start(batch, cached) for batch, cached in parts]
+        for unit in self.units:
+            for run in runs:
+                self._begin_unit(run, unit)
+            for name, first, last in self._segments(unit, runs[0], groups):
+                for run in runs:
+                    self._advance(run, name, first, last)
+            for run in runs:
+                for n in run.streams:
+                    if n in self.reads:
+                        run.finals[n] = self.nodes[n].base.norm(run.streams[n])
+        if self.objective == "lm":
+            return [run.finals for run in runs]
+        return [self.head([run.finals[j] for j in self.reads], run.batch) for run in runs]
+
+    def _start(self, batch: Batch, cached) -> "_Run":
+        reads: dict[tuple, torch.Tensor] = {}
+        for key, value in (cached or {}).items():
+            kind, name, layer = key.split(":")
+            if kind != "prefix":
+                reads[(name, int(layer)) if kind == "tokens" else (name, int(layer), kind)] = value
+        return _Run(batch, cached, reads)
+
+    def _begin_unit(self, run: "_Run", unit: list[str]) -> None:
+        """Each node of the unit at the layer it starts from, with the calls its model's loop makes above it."""
+        run.streams, run.calls, run.starts, run.tops = {}, {}, {}, {}
         for n in unit:
-            if cached and self.entry(n) is None:
+            if run.cached and self.entry(n) is None:
                 continue        # all of it is reads, served by the cache
-            ids, mask = batch.tokens[n]
-            prefix = cached.get(part_key("prefix", n, self.entry(n))) if cached else None
-            starts[n], tops[n] = (self.entry(n) if prefix is not None else self.start(n)), self.top(n)
-            streams[n], calls[n] = self.nodes[n].layer_calls(ids, mask, start=starts[n], prefix=prefix)
-        for i in range(min(starts.values(), default=0), max(tops.values(), default=0)):
-            for n in streams:
-                if starts[n] <= i < tops[n]:
-                    for site in self.into[n]:
-                        if site.write == i:
-                            streams[n] = self._write(site, streams[n], batch, reads)
-            for n in streams:
-                if starts[n] <= i < tops[n]:
-                    streams[n] = _run_layer(calls[n][i - starts[n]], streams[n], self.checkpoint_layers)
-                    if any(s.edge.source == n and s.read == i for s in self.sites):
-                        reads[(n, i)] = self.nodes[n].base.norm(streams[n])
-        for n in streams:
-            if n in self.reads:
-                finals[n] = self.nodes[n].base.norm(streams[n])
+            ids, mask = run.batch.tokens[n]
+            prefix = run.cached.get(part_key("prefix", n, self.entry(n))) if run.cached else None
+            run.starts[n], run.tops[n] = (self.entry(n) if prefix is not None else self.start(n)), self.top(n)
+            run.streams[n], run.calls[n] = self.nodes[n].layer_calls(ids, mask, start=run.starts[n], prefix=prefix)
+
+    def _segments(self, unit: list[str], run: "_Run", groups) -> list[tuple[str, int, int]]:
+        """(node, first, last) in execution order: layer by layer across the unit's nodes, or group by group."""
+        if groups is None:
+            return [(n, i, i + 1) for i in range(min(run.starts.values(), default=0), max(run.tops.values(), default=0))
+                    for n in run.streams if run.starts[n] <= i < run.tops[n]]
+        order = {n: k for k, n in enumerate(run.streams)}
+        segments = [(first, order[n], n, last) for n in run.streams for first, last in groups[n]]
+        covered = {n: sorted(i for first, _, m, last in segments if m == n for i in range(first, last))
+                   for n in run.streams}
+        for n in run.streams:
+            if covered[n] != list(range(run.starts[n], run.tops[n])):
+                raise RuntimeError(f"the layer groups of {n} do not cover the layers a step runs, "
+                                   f"{run.starts[n]}..{run.tops[n] - 1}")
+        return [(n, first, last) for first, _, n, last in sorted(segments)]
+
+    def _advance(self, run: "_Run", n: str, first: int, last: int) -> None:
+        """Node n's layers [first, last) for one micro-batch: writes into a layer's input, the layer, its reads."""
+        for i in range(first, last):
+            for site in self.into[n]:
+                if site.write == i:
+                    run.streams[n] = self._write(site, run.streams[n], run.batch, run.reads)
+            run.streams[n] = _run_layer(run.calls[n][i - run.starts[n]], run.streams[n], self.checkpoint_layers)
+            if any(s.edge.source == n and s.read == i for s in self.sites):
+                run.reads[(n, i)] = self.nodes[n].base.norm(run.streams[n])
 
     def _write(self, site: _Site, h: torch.Tensor, batch: Batch, reads: dict) -> torch.Tensor:
         e = site.edge
@@ -292,6 +338,8 @@ class EdgeGraph(TrainedParts):
             update = torch.sigmoid(self.gate[site.key]) * bridge(x.to(bridge.weight.device))
             return (h.float() + update.to(h.device)).to(h.dtype)
         ins = self.into[e.source]       # the latent: its inputs projected and averaged, carried in, blended
+        if not ins:
+            return h                    # a latent nothing writes into (a learned head alone) carries nothing
         xs = [self._latent_input(s, e.target, batch, reads) for s in ins]
         carry = self.readout[e.target].weight.t() if self._tied(site) else self.carry[site.key].weight
         return inject_on_device(h, xs=xs, weights=[self.project[s.key].weight for s in ins], carry=carry,
@@ -305,6 +353,19 @@ class EdgeGraph(TrainedParts):
         if e.pooling == "token":
             return gather_tokens(states, batch.align[(e.source, target)])
         return pool(states, batch.tokens[e.source][1], e.pooling)
+
+
+@dataclass
+class _Run:
+    """One micro-batch's forward under way: its inputs, what has been read, and the current unit's streams."""
+    batch: Batch
+    cached: dict | None
+    reads: dict
+    finals: dict = field(default_factory=dict)
+    streams: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+    starts: dict = field(default_factory=dict)
+    tops: dict = field(default_factory=dict)
 
 
 def part_key(kind: str, node: str, layer: int) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from .data import Question
 from .files import atomic_file
-from .graph import FrozenGraph, autocast
+from .graph import autocast
 from .progress import progress as bar
 
 
@@ -40,7 +40,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(graph: FrozenGraph, questions: list[Question], batch_size: int = 8, progress: bool = True,
+def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bool = True,
              desc: str = "eval", states=None, ranks=None) -> EvalResult:
     """`batch_size` questions per forward (under a memory plan: its micro-batch). `states`: the frozen pass over
     these questions (frozen_pass.run_frozen_pass), so only the refiners' tops run. Same autocast as training.

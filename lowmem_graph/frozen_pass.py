@@ -1,77 +1,77 @@
 """The model-major frozen pass: every node once over the whole data set, one model after the other.
 
-Everything before an injection point depends on the input alone: the readers' states and each refiner's residual
-stream entering its injection layer. So each node runs once per data set, placed on the device as the run's
-placement says (`Placement.frozen_pass`), and what it produces goes to the prefix cache; training and evaluation
-then run only the refiners' upper layers. Prompts run longest first, so a micro-batch wastes little on padding.
+For every node, what lies below its lowest written layer depends on the input alone (`EdgeGraph.frozen_parts`:
+the stream entering that layer, and the reads below it). So each node runs once per data set, placed on the device
+as the run's placement says (`Placement.frozen_pass`), and what it produces goes to the prefix cache; training and
+evaluation then run only the layers above. Prompts run longest first, so a micro-batch wastes little on padding.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 import torch
 
-from .cache import EdgeStates, FrozenStates, PrefixCache, entry_key, fingerprint
-from .data import Question, format_prompt
+from .cache import EdgeStates, PrefixCache, entry_key, fingerprint
+from .distributed import current, shard_batches
+from .edge_graph import _run_layer, part_key
 from .errors import UserError
+from .nodes import pool
+from .progress import progress as bar
 
 
-def run_frozen_pass(graph, questions: list[Question], cache: PrefixCache, placement, batch_size: int = 16,
-                    progress: bool = True) -> FrozenStates:
-    """Each node over all `questions` (entries already cached are reused), `batch_size` prompts per forward. Under
-    several ranks (torchrun) each computes its slice of the prompts and writes its shards; rank 0 the manifests."""
-    from .distributed import current, shard_batches
-    from .edge_graph import EdgeGraph
-
+def run_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, batch_size: int = 16,
+                    progress: bool = True, placement=None) -> EdgeStates:
+    """Each node's input-only parts over (id, text) items, one cache entry each (entries already cached are
+    reused), `batch_size` texts per forward, the node placed as `placement` says (its layers up to the highest
+    part; None: the nodes are on the device). Under several ranks (torchrun) each computes its slice of the texts
+    and writes its shards; rank 0 the manifests."""
     ranks = current()
-    if isinstance(graph, EdgeGraph):
-        return run_edge_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions], cache, batch_size,
-                                    progress, placement)
-    ids = [q.id for q in questions]
-    texts = [format_prompt(q) for q in questions]
+    ids, texts = [i for i, _ in items], [t for _, t in items]
     entries = {}
-    for name, node, reader, pooled, what, key in _entries(graph, questions):
+    for name, node, kind, layer, key in _entries(graph, items):
         entry = cache.load_shared(key, ranks)
         if entry is None:
             lengths = node.token_lengths(texts)
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
-            with placement.frozen_pass(node):
-                mine = shard_batches(order, batch_size, ranks)
-                rows = _rows(node, reader, pooled, [texts[i] for i in mine], batch_size, progress)
-                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": what},
-                                   _entry_bytes(node, pooled, lengths), ranks)
-        entries[name] = entry
-    return FrozenStates({q: i for i, q in enumerate(ids)}, entries)
+            needed = highest_part(graph, name)
+            label = node.spec.name if len(graph.frozen_parts(name)) == 1 else f"{node.spec.name} {kind} {layer + 1}"
+            rows = _rows(node, kind, layer, [texts[i] for i in shard_batches(order, batch_size, ranks)], batch_size,
+                         progress and label)
+            with placement.frozen_pass(node, needed) if placement else contextlib.nullcontext():
+                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": (kind, layer)},
+                                   _entry_bytes(node, kind, lengths), ranks)
+        entries[part_key(kind, name, layer)] = entry
+    return EdgeStates({i: r for r, i in enumerate(ids)}, entries)
 
 
-def _entries(graph, questions: list[Question]):
-    """(name, node, reader, pooled, what it caches, entry key) of each node's entry for these questions."""
-    ids = [q.id for q in questions]
+def _entries(graph, items: list[tuple[str, str]]):
+    """(name, node, kind, layer, entry key) of every node's input-only parts for these items."""
+    ids = [i for i, _ in items]
     if len(set(ids)) != len(ids):
-        raise UserError("question ids repeat in this data set; the prefix cache needs unique ids")
-    data = fingerprint([(q.id, format_prompt(q)) for q in questions])
+        raise UserError("ids repeat in this data set; the prefix cache needs unique ids")
+    data = fingerprint(list(items))
     for name, node in graph.nodes.items():
-        reader = name in graph.readers
-        pooled = reader and graph.spec.injection == "pooled"
-        what = (("tokens" if not pooled else node.spec.pooling, node.read_layer) if reader
-                else ("prefix", node.inject_layer))
-        yield name, node, reader, pooled, what, entry_key(node, what, data)
+        for kind, layer in graph.frozen_parts(name):
+            yield name, node, kind, layer, entry_key(node, (kind, layer), data)
 
 
-def _entry_bytes(node, pooled: bool, lengths: list[int]) -> int:
-    """An entry's size on disk: a pooled fp32 row per prompt, or a row per token in the node's dtype."""
-    return 4 * node.width * len(lengths) if pooled else node.model.dtype.itemsize * node.width * sum(lengths)
+def _entry_bytes(node, kind: str, lengths: list[int]) -> int:
+    """An entry's size on disk: a pooled fp32 row per text, or a row per token in the node's dtype."""
+    if kind in ("mean", "last"):
+        return 4 * node.width * len(lengths)
+    return node.model.dtype.itemsize * node.width * sum(lengths)
 
 
-def check_cache_room(graph, question_sets: list[list[Question]], cache: PrefixCache) -> None:
+def check_cache_room(graph, item_sets: list[list[tuple[str, str]]], cache: PrefixCache) -> None:
     """Refuse, before the first node runs, a frozen pass whose missing entries (every node, every set) the disk
     cannot hold: each entry's own check would only refuse once the entries before it were written."""
-    import shutil
-
     needed = 0
-    for questions in question_sets:
-        texts = [format_prompt(q) for q in questions]
-        for _, node, _, pooled, _, key in _entries(graph, questions):
+    for items in item_sets:
+        texts = [t for _, t in items]
+        for _, node, kind, _, key in _entries(graph, items):
             if not (cache.root / key).exists():
-                needed += _entry_bytes(node, pooled, node.token_lengths(texts))
+                needed += _entry_bytes(node, kind, node.token_lengths(texts))
     cache.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache.root).free
     if needed > free:
@@ -80,73 +80,30 @@ def check_cache_room(graph, question_sets: list[list[Question]], cache: PrefixCa
                         "larger disk")
 
 
-def _rows(node, reader: bool, pooled: bool, texts: list[str], batch_size: int, progress: bool):
-    """One node over all prompts, yielding per prompt a reader's states (per token in the node's dtype, or
-    pooled in fp32) or a refiner's stream entering its injection layer."""
-    from .progress import progress as bar
-
+def _rows(node, kind: str, layer: int, texts: list[str], batch_size: int, progress):
+    """One node over all texts, yielding per text its part: the stream entering `layer` ("prefix"), or the
+    states read at `layer`'s output through the final norm, per token in the node's dtype or pooled in fp32.
+    `progress`: the label of its progress bar (the node, and the part where it has several), or False."""
+    pooled = kind in ("mean", "last")
     starts = range(0, len(texts), batch_size)
-    for start in bar(starts, len(starts), f"caching {node.spec.name} batch", progress):
+    for start in bar(starts, len(starts), f"caching {progress} batch", bool(progress)):
         enc = node.encode(texts[start:start + batch_size])
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        if reader:
-            out = node.read(ids, mask)
-            out = node.pool(out.float(), mask)[:, None] if pooled else out
-        else:
-            out = node.prefix(ids, mask)
-        yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
+        out = frozen_part(node, kind, layer, enc["input_ids"], enc["attention_mask"])
+        yield from (o[None].cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, enc["attention_mask"]))
 
 
-def run_edge_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, batch_size: int = 16,
-                         progress: bool = True, placement=None) -> EdgeStates:
-    """The frozen pass of a graph given by its edges over (id, text) items: each node's input-only parts
-    (`EdgeGraph.frozen_parts`: the stream entering its lowest written layer, the reads below it), one entry each,
-    the node placed as `placement` says (its layers up to the highest part; None: the nodes are on the device)."""
-    import contextlib
+@torch.no_grad()
+def frozen_part(node, kind: str, layer: int, input_ids, attention_mask) -> torch.Tensor:
+    """One batch's part: the stream entering `layer` ("prefix", (B, T, d)), or what is read at `layer`'s output
+    through the final norm, per token ("tokens", (B, T, d)) or pooled in fp32 ("mean", "last": (B, d))."""
+    h, calls = node.layer_calls(input_ids, attention_mask, start=layer)
+    if kind == "prefix":
+        return h
+    with node._autocast():
+        h = node.base.norm(_run_layer(calls[0], h))
+    return pool(h.float(), attention_mask, kind) if kind in ("mean", "last") else h
 
-    from .distributed import current, shard_batches
 
-    from .edge_graph import _run_layer, part_key
-    from .nodes import pool
-
-    ranks = current()
-    ids, texts = [i for i, _ in items], [t for _, t in items]
-    if len(set(ids)) != len(ids):
-        raise UserError("item ids repeat in this data set; the prefix cache needs unique ids")
-    data = fingerprint(list(zip(ids, texts)))
-    entries = {}
-    for name, node in graph.nodes.items():
-        parts = graph.frozen_parts(name)
-        needed = max((layer + (kind != "prefix") for kind, layer in parts), default=0)
-        for kind, layer in parts:
-            key = entry_key(node, (kind, layer), data)
-            entry = cache.load_shared(key, ranks)
-            if entry is None:
-                lengths = node.token_lengths(texts)
-                order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-                pooled = kind in ("mean", "last")
-                per_row = 4 * node.width if pooled else node.model.dtype.itemsize * node.width
-                expected = per_row * (len(texts) if pooled else sum(lengths))
-
-                def rows(kind=kind, layer=layer, node=node, order=shard_batches(order, batch_size, ranks),
-                         pooled=pooled):
-                    from .progress import progress as bar
-
-                    starts = range(0, len(order), batch_size)
-                    for start in bar(starts, len(starts), f"caching {node.spec.name} {kind} batch", progress):
-                        enc = node.encode([texts[i] for i in order[start:start + batch_size]])
-                        ids, mask = enc["input_ids"], enc["attention_mask"]
-                        with torch.no_grad():
-                            h, calls = node.layer_calls(ids, mask, start=layer)
-                            if kind != "prefix":
-                                with node._autocast():
-                                    h = node.base.norm(_run_layer(calls[0], h))
-                            out = pool(h.float(), mask, kind)[:, None] if pooled else h
-                        yield from (o.cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, mask))
-
-                placed = placement.frozen_pass(node, needed) if placement else contextlib.nullcontext()
-                with placed:
-                    entry = cache.save(key, rows(), order, {"node": name, "model": node.spec.model,
-                                                            "what": (kind, layer)}, expected, ranks)
-            entries[part_key(kind, name, layer)] = entry
-    return EdgeStates({i: r for r, i in enumerate(ids)}, entries)
+def highest_part(graph, name: str) -> int:
+    """How many of a node's layers its frozen pass runs: up to its highest input-only part."""
+    return max(layer + (kind != "prefix") for kind, layer in graph.frozen_parts(name))

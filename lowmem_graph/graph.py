@@ -1,26 +1,20 @@
-"""FrozenGraph: the trainable parts of the paper's graph, wired around frozen nodes.
+"""What a graph is built from besides its edges: the frozen nodes loaded for a run, the device each computes on,
+the run's precision, a step's batch, and the trainable head (readout W_j and the cross-attention output node).
 
-One training step, in the order `forward` runs it:
-  prompts (each node tokenizes with its own tokenizer) -> readers' states (frozen, pooled; from the prefix cache
-  when training from it) -> projections W_k and their average z -> injection into each refiner's residual stream
-  at its injection layer (fused_inject) -> the refiners' upper layers (frozen; checkpointed and streamed as the
-  run's placement says) -> readout W_j -> cross-attention output node -> choice logits.
-Only the projections and the output node are parameters of this module; frozen nodes live outside its
-state_dict, so checkpoints hold exactly what trains. Where the frozen tensors live is memory/placement.py's.
+The runtime (edge_graph.py) wires these around the frozen nodes. Only the maps and the output node are parameters;
+frozen nodes live outside the state_dict, so checkpoints hold exactly what trains. Where the frozen tensors live
+is memory/placement.py's.
 """
 from __future__ import annotations
 
-import functools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .align import align_index, gather_tokens
-from .data import Question, format_prompt
 from .errors import UserError
-from .nodes import FrozenNode, default_device, load_config
+from .nodes import FrozenNode, load_config
 from .ops import fused_inject
 from .spec import GraphSpec
 
@@ -102,8 +96,8 @@ class Batch:
     labels: torch.Tensor
     n_choices: torch.Tensor
     ids: list[str]
-    align: dict[tuple[str, str], torch.Tensor] | None = None   # per-token mode: (reader, refiner) -> (B, T_refiner)
-    offsets: dict[str, torch.Tensor | None] | None = None     # edge runtime: each node's character offsets
+    align: dict[tuple[str, str], torch.Tensor] | None = None   # aligned pairs: (source, target) -> (B, T_target)
+    offsets: dict[str, torch.Tensor | None] | None = None     # each node's character offsets, where needed
 
 
 @dataclass
@@ -113,8 +107,8 @@ class GraphOutput:
 
 
 class TrainedParts(nn.Module):
-    """What every graph runtime shares: the readout of the nodes the output node reads (`refiners`) into the
-    output node, and the checkpointable state, which is exactly what trains (frozen nodes are not submodules)."""
+    """The readout of the nodes the output node reads (`refiners`) into the output node, and the checkpointable
+    state, which is exactly what trains (frozen nodes are not submodules)."""
 
     refiners: list[str]
     readout: nn.ModuleDict
@@ -144,109 +138,6 @@ class TrainedParts(nn.Module):
                 raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but this graph needs "
                                 f"{tuple(own[key].shape)} (mismatched widths: was it trained with another spec?)")
         self.load_state_dict(state)
-
-
-class FrozenGraph(TrainedParts):
-    def __init__(self, spec: GraphSpec, nodes: dict[str, FrozenNode]):
-        super().__init__()
-        self.spec = spec
-        self.nodes = nodes            # a plain dict: frozen models are not submodules (not in state_dict)
-        dim = spec.latent_dim
-        self.readers = [n.name for n in spec.readers]
-        self.refiners = [n.name for n in spec.refiners]
-        self.read_proj = nn.ModuleDict({r: nn.Linear(nodes[r].width, dim, bias=False) for r in self.readers})
-        self.readout = nn.ModuleDict({j: nn.Linear(nodes[j].width, dim, bias=False) for j in self.refiners})
-        self.carry = nn.ModuleDict(
-            {j: nn.Linear(dim, nodes[j].width, bias=False) for j in self.refiners} if spec.carry == "separate" else {})
-        self.output = OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.refiners))
-
-    @classmethod
-    def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None,
-              load_device=None, objective: str = "choice") -> "FrozenGraph":
-        """Load every node frozen (4-bit by default) onto `load_device` (default: `device`; a placement says
-        where), computing in `device`'s dtype, then create the trainable parts on `device`.
-        `seed` is applied right before the trainable parts are initialised, so their values do not depend on
-        whether loading consumed random numbers (building a tiny model, say)."""
-        if objective != "choice":
-            raise UserError(f"the {objective} objective runs on graphs given by their edges (see "
-                            "examples/residual_coupling.yaml); the paper's shape scores answer options")
-        device = torch.device(device) if device is not None else default_device()
-        nodes = load_nodes(spec, device, load_device, progress)
-        if seed is not None:
-            torch.manual_seed(seed)
-        return cls(spec, nodes).to(device)
-
-    def stepped_layers(self) -> dict[str, tuple[int, int]]:
-        """Refiner -> [first, top): the layers a step from the prefix cache runs (what a memory plan places)."""
-        return {j: (self.nodes[j].inject_layer, self.nodes[j].n_layers) for j in self.refiners}
-
-    def carry_weight(self, refiner: str) -> torch.Tensor:
-        """(d_j, latent): tied to the refiner's readout (the paper's 5 matrices) or a matrix of its own."""
-        return self.carry[refiner].weight if self.spec.carry == "separate" else self.readout[refiner].weight.t()
-
-    # ---- data ------------------------------------------------------------------------------------------------
-    def collate(self, questions: list[Question], cached: bool = False) -> Batch:
-        """Each node tokenizes the same prompts with its own tokenizer and framing prefix. With `cached` (the
-        step reads the readers' pooled states from the prefix cache) only the refiners tokenize: nothing else
-        uses a reader's tokens then."""
-        too_many = [q.id for q in questions if len(q.choices) > self.spec.output.max_choices]
-        if too_many:
-            raise UserError(f"question {too_many[0]} has more choices than output.max_choices="
-                            f"{self.spec.output.max_choices}")
-        texts = [format_prompt(q) for q in questions]
-        per_token = self.spec.injection == "token"
-        tokens, offsets = {}, {}
-        for name, node in self.nodes.items():
-            if cached and not per_token and name in self.readers:
-                continue
-            enc = node.encode(texts, offsets=per_token)
-            tokens[name] = (enc["input_ids"], enc["attention_mask"])
-            offsets[name] = enc.get("offset_mapping")
-        align = None
-        if per_token:
-            align = {(r, j): align_index(offsets[r], tokens[r][1], len(self.nodes[r].spec.prefix),
-                                         offsets[j], tokens[j][1], len(self.nodes[j].spec.prefix))
-                     for r in self.readers for j in self.refiners}
-        return Batch(tokens, torch.tensor([q.label for q in questions]),
-                     torch.tensor([len(q.choices) for q in questions]), [q.id for q in questions], align)
-
-    # ---- the step ----------------------------------------------------------------------------------------------
-    def reader_states(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Frozen, input-only work: each reader's states in fp32, pooled (B, d_k) or per token (B, T_k, d_k)."""
-        states = {}
-        for r in self.readers:
-            ids, mask = batch.tokens[r]
-            node = self.nodes[r]
-            full = node.read(ids, mask).float()
-            states[r] = full if self.spec.injection == "token" else node.pool(full, mask)
-        return states
-
-    def _reader_inputs(self, states, batch: Batch, refiner: str) -> list[torch.Tensor]:
-        """What refiner j receives from each reader: the pooled vector, or its tokens aligned to j's tokens."""
-        if self.spec.injection == "token":
-            return [gather_tokens(states[r], batch.align[(r, refiner)]) for r in self.readers]
-        return [states[r] for r in self.readers]
-
-    def forward(self, batch: Batch, reader_states: dict[str, torch.Tensor] | None = None,
-                prefixes: dict[str, torch.Tensor] | None = None) -> GraphOutput:
-        """One step's forward. `reader_states` and `prefixes` (each refiner's stream entering its injection layer)
-        come from the prefix cache when training from it; without them the frozen nodes run here."""
-        states = reader_states if reader_states is not None else self.reader_states(batch)
-        finals = []
-        for j in self.refiners:
-            ids, mask = batch.tokens[j]
-            finals.append(self.nodes[j].run(ids, mask, inject=self.injection(j, states, batch),
-                                            prefix=prefixes[j] if prefixes is not None else None))
-        return self.head(finals, batch)
-
-    def injection(self, refiner: str, states: dict[str, torch.Tensor], batch: Batch):
-        """`h -> h'` for refiner j's injection layer: the readers' states projected (W_k), averaged, carried into
-        j's width and blended into its residual stream, as one fused op (None without readers)."""
-        xs = self._reader_inputs(states, batch, refiner)
-        if not xs:
-            return None
-        return functools.partial(inject_on_device, xs=xs, weights=[self.read_proj[r].weight for r in self.readers],
-                                 carry=self.carry_weight(refiner), blend=self.nodes[refiner].spec.blend)
 
 
 def inject_on_device(h, xs, weights, carry, blend: float):

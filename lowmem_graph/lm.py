@@ -137,7 +137,7 @@ def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = 
         return graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
     with torch.no_grad():
         needed = graph.nodes if variant == "router" else graph.reads
-        finals = {n: graph.nodes[n].run(*batch.tokens[n]) for n in needed}
+        finals = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}
     return router(finals, batch) if variant == "router" else {j: finals[j] for j in graph.reads}
 
 

@@ -1,8 +1,8 @@
-"""FrozenNode: one frozen causal LM, loaded in 4-bit, read and steered through hooks.
+"""FrozenNode: one frozen causal LM, loaded in 4-bit, with its own tokenizer, run layer by layer.
 
-The model's code is never copied or patched: a forward hook on decoder layer `read_layer` captures the
-reader's hidden states (and stops the forward there, so no layer above it runs), and a forward
-pre-hook on decoder layer `inject_layer` rewrites a refiner's residual stream with the blend.
+The model's code is never copied or patched: one forward through stand-ins records the calls its own loop makes of
+each decoder layer (`layer_calls`: masks, rotary tables, each layer's attention type), and the graph then runs the
+layers itself, writing into the stream and reading it between them.
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ class _FrozenInt8Matmul(torch.autograd.Function):
 
 
 class FrozenNode:
-    """A frozen causal LM with its own tokenizer and framing prefix, read or steered by hooks."""
+    """A frozen causal LM with its own tokenizer and framing prefix."""
 
     def __init__(self, spec: NodeSpec, model, tokenizer, max_length: int, identity: str = "", device=None):
         self.spec = spec
@@ -371,74 +371,10 @@ class FrozenNode:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def read(self, input_ids, attention_mask) -> torch.Tensor:
-        """Hidden states (B, T, d) after decoder layer `read_layer`, passed through the model's final norm, in the
-        dtype the norm gives (bf16 for a bf16 or 4-bit node on CUDA: storing them so loses nothing)."""
-        def stop(module, args, output):
-            raise _StopForward(output[0] if isinstance(output, tuple) else output)
-
-        handle = self.layers[self.read_layer].register_forward_hook(stop)
-        try:
-            with self._autocast():
-                self._forward(input_ids, attention_mask)
-            raise RuntimeError("read hook did not fire")
-        except _StopForward as stopped:
-            with self._autocast():
-                return self.base.norm(stopped.hidden)
-        finally:
-            handle.remove()
-
-    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One vector per example, as the node's `pooling` says."""
-        return pool(states, attention_mask, self.spec.pooling)
-
-    @torch.no_grad()
-    def prefix(self, input_ids, attention_mask) -> torch.Tensor:
-        """The residual stream entering the injection layer (B, T, d): input-only work a cache can keep."""
-        def stop(module, args, kwargs):
-            raise _StopForward(args[0] if args else kwargs["hidden_states"])
-
-        handle = self.layers[self.inject_layer].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            with self._autocast():
-                self._forward(input_ids, attention_mask)
-            raise RuntimeError("prefix hook did not fire")
-        except _StopForward as stopped:
-            return stopped.hidden
-        finally:
-            handle.remove()
-
-    def run(self, input_ids, attention_mask, inject=None, prefix=None) -> torch.Tensor:
-        """Final hidden states (B, T, d), after the final norm; `inject(h) -> h` rewrites the injection layer's input.
-
-        With `prefix` (what `prefix()` returned for these inputs) the layers below the injection are skipped.
-        Layers below the injection see no tensor that needs grad, so autograd records nothing there.
-        The steering is a pre-hook on the injection layer for this call only (a checkpointed group recomputes from
-        the input it recorded, after the hook, so the hook runs once).
-        """
-        def steer(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            if prefix is not None:     # the cached stream, not what the pass-throughs carried (Gemma scales it)
-                h = prefix.to(h.device, h.dtype)
-            if inject is not None:
-                h = inject(h)
-            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-        mask = attention_mask.to(self.device)
-        handle = (self.layers[self.inject_layer].register_forward_pre_hook(steer, with_kwargs=True, prepend=True)
-                  if inject is not None or prefix is not None else None)      # first: other hooks see the steered h
-        try:
-            with self._autocast():
-                if prefix is None:
-                    out = self._forward(input_ids, attention_mask)
-                else:
-                    with self._lower_layers_skipped():
-                        out = self.base(inputs_embeds=prefix.to(self.device), attention_mask=mask, use_cache=False)
-        finally:
-            if handle is not None:
-                handle.remove()
-        return out.last_hidden_state
+    def final(self, input_ids, attention_mask) -> torch.Tensor:
+        """Final hidden states (B, T, d), after the final norm: the node by itself, nothing written into it."""
+        with self._autocast():
+            return self._forward(input_ids, attention_mask).last_hidden_state
 
     @torch.no_grad()
     def layer_calls(self, input_ids, attention_mask, start: int = 0, prefix: torch.Tensor | None = None):
@@ -507,18 +443,6 @@ class FrozenNode:
             return self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
         embeds = table(input_ids.to(table.weight.device)).to(self.device)
         return self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-
-    @contextlib.contextmanager
-    def _lower_layers_skipped(self):
-        """Swap the layers below the injection for pass-throughs (the list keeps its length and indices)."""
-        lower = [self.layers[i] for i in range(self.inject_layer)]
-        for i in range(self.inject_layer):
-            self.layers[i] = _PassThrough()
-        try:
-            yield
-        finally:
-            for i, layer in enumerate(lower):
-                self.layers[i] = layer
 
     def frozen_tensors(self):
         """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""

@@ -21,14 +21,16 @@ FOLDS, TEST_SHARE = 5, 0.2
 
 
 def pooled_states(graph, states, questions) -> dict[str, torch.Tensor]:
-    """Per node, one fp64 row per question: a reader's pooled state as the graph uses it, a refiner's residual
-    stream entering its injection layer, averaged over its tokens."""
+    """Per node, one fp64 row per question, from its first input-only part in the prefix cache: a pooled read as
+    the graph uses it; per-token reads and the stream entering a node's lowest written layer averaged over its
+    tokens."""
     rows = [states.rows[q.id] for q in questions]
     out = {}
-    for name, entry in states.entries.items():
-        pooled = name in graph.readers and graph.spec.injection == "pooled"
-        out[name] = torch.stack([entry.row(r).double().reshape(-1) if pooled else entry.row(r).double().mean(0)
-                                 for r in rows])
+    for key, entry in states.entries.items():
+        kind, name, _ = key.split(":")
+        if name not in out:
+            out[name] = torch.stack([entry.row(r).double().reshape(-1) if kind in ("mean", "last")
+                                     else entry.row(r).double().mean(0) for r in rows])
     return out
 
 
@@ -132,21 +134,25 @@ def ridge_init(graph, states: dict[str, torch.Tensor], anchor: str | None = None
         extra -= basis @ (basis.T @ extra)
         basis = torch.cat([basis, extra / extra.norm(dim=0).clamp_min(1e-12)], 1)
     z = (a - a.mean(0)) @ basis                            # the anchor's coordinates in the latent
+    maps = {name: [] for name in states}         # node -> (weight to set, transposed?) of each of its maps
+    for site in graph.sites:
+        if site.edge.source in states and site.key in graph.project:
+            maps[site.edge.source].append((graph.project[site.key].weight, True))
+        if site.key in graph.carry and site.edge.target in states:
+            maps[site.edge.target].append((graph.carry[site.key].weight, False))
+    for name in graph.readout:
+        if name in states:
+            maps[name].append((graph.readout[name].weight, True))
     with torch.no_grad():
         for name, node_states in states.items():
-            if name in graph.readers:
-                target = graph.read_proj[name].weight
-            elif name in graph.refiners:
-                target = graph.readout[name].weight
-            else:
+            if not maps[name]:
                 continue
-            if name == anchor:
-                weight = basis if basis.shape[0] == node_states.shape[1] else fit(node_states, z, seed=seed).weight
+            if name == anchor and basis.shape[0] == node_states.shape[1]:
+                weight = basis
             else:
                 weight = fit(node_states, z, seed=seed).weight
-            target.copy_(weight.T.to(target.dtype))
-            if graph.spec.carry == "separate" and name in graph.refiners:
-                graph.carry[name].weight.copy_(weight.to(target.dtype))
+            for target, transposed in maps[name]:
+                target.copy_((weight.T if transposed else weight).to(target.dtype))
     return anchor
 
 

@@ -57,19 +57,17 @@ def node_shapes(spec: GraphSpec) -> dict[str, NodeShape]:
 
 
 def describe(spec: GraphSpec) -> tuple[dict[str, NodeShape], dict[str, int]]:
-    """Node shapes and the graph's trainable parameter count per part, from the real graph module (FrozenGraph,
-    or EdgeGraph for a graph given by its edges, with the objective its spec trains for)."""
+    """Node shapes and the graph's trainable parameter count per part, from the real graph module on the meta
+    device, with the objective its spec trains for."""
     from .edge_graph import EdgeGraph
-    from .graph import FrozenGraph
 
     shapes = node_shapes(spec)
     with torch.device("meta"):
-        graph = (EdgeGraph(spec, shapes, spec.train.get("objective", "choice")) if spec.by_edges
-                 else FrozenGraph(spec, shapes))
+        graph = EdgeGraph(spec, shapes, spec.train.get("objective", "choice"))
     parts: dict[str, int] = {}
     for name, p in graph.named_parameters():
         key = ".".join(name.split(".")[:2]) if name.startswith(
-            ("read_proj", "readout", "carry", "project", "bridge", "gate")) else name.split(".")[0]
+            ("readout", "carry", "project", "bridge", "gate")) else name.split(".")[0]
         parts[key] = parts.get(key, 0) + p.numel()
     return shapes, parts
 

@@ -28,16 +28,17 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runstate
-from .data import Question, is_path_task, leave_out_trained, load_task, spread
+from .data import Question, format_prompt, is_path_task, leave_out_trained, load_task, spread
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
 from . import distributed
 from .edge_graph import EdgeGraph
-from .graph import FrozenGraph, autocast, node_device
+from .graph import node_device
 from .memory.report import format_snapshot, memory_snapshot, out_of_memory_message
 from .progress import Lines
 from .spec import GraphSpec, check_name, from_dict, typed_fields
+from .step import step_gradients
 
 
 @dataclass
@@ -298,8 +299,7 @@ class PlacedGraph:
             log(format_plan(self.plan, spec))
             check_device_room(self.plan, str(_exact_device(self.device)))
         self.placement = Placement(self.device, self.plan)
-        runtime = EdgeGraph if spec.by_edges else FrozenGraph
-        self.graph = distributed.main_first(lambda: runtime.build(
+        self.graph = distributed.main_first(lambda: EdgeGraph.build(
             spec, self.device, progress=log if progress else None, seed=cfg.seed,
             load_device=self.placement.load_device, objective=cfg.objective), distributed.current())
 
@@ -312,27 +312,20 @@ class PlacedGraph:
         """The model-major frozen pass over each set of questions (cached), each node placed as the plan says.
         What `start_steps` placed is given back first: the pass needs the room."""
         from .cache import PrefixCache
+        return self.frozen_items(*([(q.id, format_prompt(q)) for q in questions] for questions in question_sets))
+
+    def frozen_items(self, *item_sets: list[tuple[str, str]]) -> list:
+        """The frozen pass over each set of (id, text) items (cached): questions as prompts, or the lm objective's
+        passages. Every set's missing entries are checked against the disk before the first node runs."""
+        from .cache import PrefixCache
         from .frozen_pass import check_cache_room, run_frozen_pass
         from .tiny import cache_root
 
         self.stop_steps()
         cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
         batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
-        if not isinstance(self.graph, EdgeGraph):
-            check_cache_room(self.graph, question_sets, cache)
-        return [run_frozen_pass(self.graph, questions, cache, self.placement, batch, self.progress)
-                for questions in question_sets]
-
-    def frozen_items(self, *item_sets: list[tuple[str, str]]) -> list:
-        """The frozen pass of a graph given by its edges over (id, text) items (the lm objective's passages)."""
-        from .cache import PrefixCache
-        from .frozen_pass import run_edge_frozen_pass
-        from .tiny import cache_root
-
-        self.stop_steps()
-        cache = PrefixCache(self.cfg.cache_dir or cache_root() / "prefix", log=self.log)
-        batch = self.plan.frozen_micro_batch if self.plan is not None else self.cfg.batch_size
-        return [run_edge_frozen_pass(self.graph, items, cache, batch, self.progress, self.placement)
+        check_cache_room(self.graph, item_sets, cache)
+        return [run_frozen_pass(self.graph, items, cache, batch, self.progress, self.placement)
                 for items in item_sets]
 
     def start_steps(self) -> None:
@@ -486,8 +479,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.graph.parameters(), self.cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
-        readers = sum(v for k, v in norms.items() if k.startswith("read_proj."))
-        matrices = sum(v for k, v in norms.items() if k.startswith(("read_proj.", "readout.", "carry.")))
+        readers = sum(v for k, v in norms.items() if k.startswith("project."))
+        matrices = sum(v for k, v in norms.items() if k.startswith(("project.", "readout.", "carry.")))
         return {"loss": total_loss / len(questions), "acc": correct / len(questions), "grad_norm": float(grad_norm),
                 "grad_norms": norms, "reader_grad_share": readers / matrices if matrices else 0.0,
                 "routing": dict(zip(self.graph.refiners, (routing / len(questions)).tolist()))}
@@ -613,48 +606,6 @@ class Trainer:
             return None
         steps = [r for r in records if r.get("kind") == "step" and r.get("epoch") == epoch]
         return self._end_epoch(epoch - 1, [r["loss"] for r in steps], [r["acc"] for r in steps], time.time())
-
-
-def step_gradients(graph: FrozenGraph, parts, total: int, device, placement=None):
-    """The gradients of one optimizer step, in the schedule the plan chose: micro-batch by micro-batch
-    (`accumulate`), or layer-major (memory/schedule.py: each streamed group loaded once for all micro-batches)."""
-    schedule = placement.plan.schedule if placement is not None and placement.plan is not None else None
-    if schedule in ("layer-major", "layer-major-host"):
-        from .memory.schedule import layer_major_step
-
-        module = getattr(graph, "module", graph)        # DDP's: this schedule runs the graph's parts itself ...
-        sums = layer_major_step(module, parts, total, device, placement.streamers, placement.kept)
-        if module is not graph:                         # ... so the ranks' gradients are averaged here
-            ranks = distributed.current()
-            for p in module.parameters():
-                if p.grad is not None:
-                    distributed.all_sum(p.grad, ranks).div_(ranks.world)
-        return sums
-    return accumulate(graph, parts, total, device)
-
-
-def accumulate(graph: FrozenGraph, parts, total: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward and backward of every micro-batch in `parts` ((batch, frozen states) pairs; the states empty when
-    the nodes run here), gradients summed as for one batch of `total` examples. Returns the summed loss (fp64), the
-    number correct and the summed routing share per refiner, as tensors: the caller reads them once."""
-    loss_sum = correct = routing = 0
-    parts = iter(parts)
-    following = next(parts, None)
-    while following is not None:
-        batch, frozen = following           # the previous micro-batch's states are let go first, then the next
-        following = next(parts, None)       # one's copy is queued (the host does not wait): two on the device
-        # under DDP the gradients are averaged across ranks once, in the step's last backward
-        sync = graph.no_sync() if following is not None and hasattr(graph, "no_sync") else contextlib.nullcontext()
-        with sync:
-            with autocast(device):
-                out = graph(batch, *frozen)
-            labels = batch.labels.to(out.logits.device)
-            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
-            (loss / total).backward()
-        loss_sum = loss_sum + loss.detach().double()
-        correct = correct + (out.logits.argmax(-1) == labels).sum()
-        routing = routing + out.routing.detach().float().sum(0)
-    return loss_sum, correct, routing
 
 
 def projection_grad_norms(graph) -> dict[str, float]:

@@ -46,17 +46,17 @@ def tiny_spec():
 @pytest.fixture(scope="session")
 def tiny_nodes(tiny_spec):
     """The five tiny 4-bit nodes, loaded once; tests build fresh trainable parts around them."""
-    from lowmem_graph.graph import FrozenGraph
+    from lowmem_graph.edge_graph import EdgeGraph
 
-    return FrozenGraph.build(tiny_spec, "cpu").nodes
+    return EdgeGraph.build(tiny_spec, "cpu").nodes
 
 
 @pytest.fixture
 def tiny_graph(tiny_spec, tiny_nodes):
-    from lowmem_graph.graph import FrozenGraph
+    from lowmem_graph.edge_graph import EdgeGraph
 
     torch.manual_seed(0)
-    return FrozenGraph(tiny_spec, tiny_nodes)
+    return EdgeGraph(tiny_spec, tiny_nodes)
 
 
 @pytest.fixture

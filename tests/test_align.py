@@ -5,7 +5,7 @@ import torch
 
 from lowmem_graph.align import align_index, prompt_spans
 from lowmem_graph.data import format_prompt
-from lowmem_graph.graph import FrozenGraph
+from lowmem_graph.edge_graph import EdgeGraph
 
 
 def test_alignment_rule_on_hand_made_offsets():
@@ -41,14 +41,13 @@ def test_every_refiner_token_reads_the_reader_token_covering_its_end(tiny_nodes,
 
 def test_token_injection_trains_through_frozen_refiners(tiny_spec, tiny_nodes, questions):
     torch.manual_seed(0)
-    graph = FrozenGraph(replace(tiny_spec, injection="token"), tiny_nodes)
+    graph = EdgeGraph(replace(tiny_spec, injection="token"), tiny_nodes)
+    assert {graph.frozen_parts(r)[0][0] for r in ("llama", "qwen2", "gemma2")} == {"tokens"}
     batch = graph.collate(questions[:3])
-    states = graph.reader_states(batch)
-    assert states["llama"].dim() == 3
-    out = graph(batch, states)
+    out = graph(batch)
     torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in graph.read_proj.parameters())
-    pooled = FrozenGraph(tiny_spec, tiny_nodes)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in graph.project.parameters())
+    pooled = EdgeGraph(tiny_spec, tiny_nodes)
     pooled.load_state_dict(graph.state_dict())
     assert not torch.allclose(pooled(pooled.collate(questions[:3])).logits, out.logits)
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lowmem_graph.cache import PrefixCache
-from lowmem_graph.graph import FrozenGraph
+from frozen_run import prefix_of, read_of
+
+from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
 
@@ -18,7 +20,19 @@ def precompute(graph, questions, cache, batch_size=16, placements=None):
     from lowmem_graph.memory.placement import Placement
 
     plan = SimpleNamespace(frozen=placements) if placements is not None else None
-    return run_frozen_pass(graph, questions, cache, Placement("cpu", plan), batch_size, progress=False)
+    return run_frozen_pass(graph, _items(questions), cache, batch_size, False, Placement("cpu", plan))
+
+
+def _items(questions):
+    from lowmem_graph.data import format_prompt
+
+    return [(q.id, format_prompt(q)) for q in questions]
+
+
+def entry(states, name):
+    """A node's one entry in the frozen pass's states (each node of the tiny preset has one part)."""
+    (found,) = [e for key, e in states.entries.items() if key.split(":")[1] == name]
+    return found
 
 
 def _losses(run):
@@ -42,12 +56,12 @@ def test_training_from_the_cache_follows_the_same_losses(tmp_path, injection):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "shard-missing"])
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, questions, damage):
-    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
     messages = []
     cache = PrefixCache(tmp_path, log=messages.append, shard_bytes=4096)
     first = precompute(graph, questions, cache)
-    reference = first.entries["phi3"].row(3).clone()
-    victim = sorted(first.entries["phi3"].folder.glob("shard-*.safetensors"))[1]
+    reference = entry(first, "phi3").row(3).clone()
+    victim = sorted(entry(first, "phi3").folder.glob("shard-*.safetensors"))[1]
     raw = bytearray(victim.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0xFF
@@ -60,7 +74,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, 
         victim.unlink()
     again = precompute(graph, questions, cache)
     assert len(messages) == 1 and victim.parent.name in messages[0] and "rebuilding" in messages[0]
-    assert torch.equal(again.entries["phi3"].row(3), reference)
+    assert torch.equal(entry(again, "phi3").row(3), reference)
     precompute(graph, questions, cache)
     assert len(messages) == 1          # intact now
 
@@ -68,17 +82,18 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, 
 def test_entries_are_sharded_and_rows_belong_to_their_questions(tmp_path, tiny_spec, tiny_nodes, questions):
     """The pass runs questions longest first and writes shards as it goes; row(i) is still question i's."""
     from lowmem_graph.data import format_prompt
+    from lowmem_graph.nodes import pool
 
-    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
     states = precompute(graph, questions, PrefixCache(tmp_path, shard_bytes=256), batch_size=4)
     for name in ("qwen2", "mistral"):                   # a reader and a refiner
-        node, entry = tiny_nodes[name], states.entries[name]
-        assert len(entry.shards) > 1 and len(entry) == len(questions)
+        node, part = tiny_nodes[name], entry(states, name)
+        assert len(part.shards) > 1 and len(part) == len(questions)
         for i in (0, 5, len(questions) - 1):
             enc = node.encode([format_prompt(questions[i])])
-            alone = (node.pool(node.read(**enc), enc["attention_mask"]) if name == "qwen2"
-                     else node.prefix(**enc)[0])
-            torch.testing.assert_close(entry.row(i), alone, rtol=1e-4, atol=1e-5)
+            alone = (pool(read_of(node, **enc), enc["attention_mask"], node.spec.pooling) if name == "qwen2"
+                     else prefix_of(node, **enc)[0])
+            torch.testing.assert_close(part.row(i), alone, rtol=1e-4, atol=1e-5)
 
 
 def test_a_full_disk_is_refused_before_the_pass(tmp_path, tiny_spec, tiny_nodes, questions, monkeypatch):
@@ -89,7 +104,7 @@ def test_a_full_disk_is_refused_before_the_pass(tmp_path, tiny_spec, tiny_nodes,
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
-    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
     with pytest.raises(UserError, match=r"needs about .* GiB, but .* free"):
         precompute(graph, questions, PrefixCache(tmp_path))
     assert list(tmp_path.iterdir()) == []
@@ -105,30 +120,29 @@ def test_a_disk_too_small_for_the_whole_pass_is_refused_before_the_first_node(tm
     from lowmem_graph.errors import UserError
     from lowmem_graph.frozen_pass import check_cache_room
 
-    graph, cache = FrozenGraph(tiny_spec, tiny_nodes), PrefixCache(tmp_path)
+    graph, cache = EdgeGraph(tiny_spec, tiny_nodes), PrefixCache(tmp_path)
     sets = [questions[:10], questions[10:]]
-    entry = precompute(graph, sets[0], cache).entries["mistral"]
-    one = sum(f.stat().st_size for f in entry.folder.glob("shard-*"))
+    one = sum(f.stat().st_size for f in entry(precompute(graph, sets[0], cache), "mistral").folder.glob("shard-*"))
     shutil.rmtree(tmp_path)
     usage = namedtuple("usage", "total used free")
     free = [10 ** 12]
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 12, 0, free[0]))
-    check_cache_room(graph, sets, cache)
+    check_cache_room(graph, [_items(q) for q in sets], cache)
     free[0] = one                # room for one refiner's entry of the first set, not for the pass
     with pytest.raises(UserError, match=r"will write about .* GiB to the prefix cache, but .* free"):
-        check_cache_room(graph, sets, cache)
+        check_cache_room(graph, [_items(q) for q in sets], cache)
     assert not any(tmp_path.iterdir())
     precompute(graph, sets[0], cache)
     precompute(graph, sets[1], cache)
     free[0] = 0
-    check_cache_room(graph, sets, cache)        # everything cached: nothing to write
+    check_cache_room(graph, [_items(q) for q in sets], cache)        # everything cached: nothing to write
     check_cache_room(graph, [[]], cache)        # a set left empty (all of it trained on) writes nothing
 
 
 def test_key_follows_the_data_and_the_prefix(tmp_path, tiny_spec, tiny_nodes, questions):
     from dataclasses import replace
 
-    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
     cache = PrefixCache(tmp_path)
     precompute(graph, questions[:8], cache)
     precompute(graph, questions[:9], cache)
@@ -151,7 +165,7 @@ def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tin
     from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
 
     made = streamers_made
-    graph = FrozenGraph(tiny_spec, tiny_nodes)
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
     placements = {}
     for name, node in tiny_nodes.items():
         needed = node.read_layer + 1 if node.spec.role == "reader" else node.inject_layer
@@ -172,7 +186,7 @@ def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tin
         assert (streamer.loads, streamer.misses) == ((2, 1) if n == 2 else (3 * batches + 1, 1))
     assert not any("forward" in vars(layer) for node in tiny_nodes.values() for layer in node.layers)
     for name in tiny_nodes:
-        a, b = plain.entries[name], streamed.entries[name]
+        a, b = entry(plain, name), entry(streamed, name)
         assert len(a) == len(b) == len(questions)
         for i in range(len(questions)):
             assert torch.equal(a.row(i), b.row(i)), (name, i)

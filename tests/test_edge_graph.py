@@ -7,7 +7,6 @@ import torch
 from lowmem_graph.align import align_index, gather_tokens
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.errors import UserError
-from lowmem_graph.graph import FrozenGraph
 from lowmem_graph.spec import from_dict, load_spec
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
@@ -25,28 +24,6 @@ def _coupled_raw(**edge):
 def coupled():
     """The two tiny models of examples/residual_coupling.yaml with their LM heads, coupled both ways."""
     return EdgeGraph.build(from_dict(_coupled_raw(), "pair.yaml"), "cpu", seed=0, objective="lm")
-
-
-def test_the_paper_shape_on_the_edge_runtime_is_frozen_graph_exactly(tiny_spec, tiny_graph, questions):
-    """Same weights, same logits and gradients, bit for bit: stepping layers one at a time with the model's own
-    recorded calls is the model's forward."""
-    edge = EdgeGraph(tiny_spec, tiny_graph.nodes)
-    state = {k.replace(f"read_proj.{r}.", f"project.{i}-{r}-z."): v
-             for k, v in tiny_graph.state_dict().items() for i, r in [next(
-                 ((i, r) for i, r in enumerate(tiny_graph.readers) if k.startswith(f"read_proj.{r}.")), (0, "-"))]}
-    edge.load_trainable(state, "test")
-    assert sum(p.numel() for p in edge.parameters()) == sum(p.numel() for p in tiny_graph.parameters())
-    losses = []
-    for graph in (tiny_graph, edge):
-        batch = graph.collate(questions[:6])
-        loss = torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels)
-        loss.backward()
-        losses.append((graph(batch).logits.detach(), loss.item()))
-    (a, la), (b, lb) = losses
-    assert la == lb and torch.equal(a, b)
-    for i, r in enumerate(tiny_graph.readers):
-        assert torch.equal(tiny_graph.read_proj[r].weight.grad, edge.project[f"{i}-{r}-z"].weight.grad)
-    assert torch.equal(tiny_graph.readout["phi3"].weight.grad, edge.readout["phi3"].weight.grad)
 
 
 def test_three_layers_trains_end_to_end_and_the_signal_crosses_two_frozen_models(tmp_path, monkeypatch):
@@ -93,7 +70,7 @@ def test_closed_gates_give_each_model_alone(coupled):
     batch = graph.collate_text(["Plants need sunlight to grow.", "A magnet attracts iron nails."], ["a", "b"])
     finals = graph(batch)
     for name, node in graph.nodes.items():
-        alone = node.run(*batch.tokens[name])
+        alone = node.final(*batch.tokens[name])
         mask = batch.tokens[name][1].bool()
         assert torch.allclose(finals[name][mask], alone[mask], atol=1e-5)
 
@@ -137,8 +114,6 @@ def test_bridges_and_objectives_are_checked():
         EdgeGraph.build(spec, "cpu")
     with pytest.raises(UserError, match="pooling mean sees the whole text"):
         EdgeGraph.build(from_dict(_coupled_raw(pooling="mean"), "pair.yaml"), "cpu", objective="lm")
-    with pytest.raises(UserError, match="runs on graphs given by their edges"):
-        FrozenGraph.build(load_spec(EXAMPLES / "three_layers.yaml"), "cpu", objective="lm")
 
 
 def test_lm_compares_coupling_with_each_model_alone_and_a_router(tmp_path, capsys):
@@ -181,14 +156,15 @@ def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(
     frozen pass caches them, and a step from the cache gives what a step without it does."""
     from lowmem_graph.cache import PrefixCache
     from lowmem_graph.data import load_task
-    from lowmem_graph.frozen_pass import run_edge_frozen_pass, run_frozen_pass
+    from lowmem_graph.data import format_prompt
+    from lowmem_graph.frozen_pass import run_frozen_pass
 
     cache = PrefixCache(tmp_path)
     three = EdgeGraph.build(load_spec(EXAMPLES / "three_layers.yaml"), "cpu", seed=0)
     assert {n: three.frozen_parts(n) for n in three.nodes} == {
         "llama": [("mean", 3)], "qwen2": [("mean", 3)], "gemma2": [("prefix", 2)], "mistral": [("prefix", 2)]}
     questions = load_task("arc-easy", "train", limit=6)
-    states = run_frozen_pass(three, questions, cache, None, 4, False)
+    states = run_frozen_pass(three, [(q.id, format_prompt(q)) for q in questions], cache, 4, False)
     batch = three.collate(questions)
     plain, cached = three(batch).logits, three(batch, *states.for_batch(three, batch)).logits
     finite = torch.isfinite(plain)
@@ -196,14 +172,14 @@ def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(
 
     assert coupled.frozen_parts("llama") == [("prefix", 2), ("tokens", 1)]     # bridges read 2, write 3
     items = [("a", "Plants need light to grow."), ("b", "Iron is a metal that rusts in water.")]
-    states = run_edge_frozen_pass(coupled, items, cache, 4, False)
+    states = run_frozen_pass(coupled, items, cache, 4, False)
     batch = coupled.collate_text([t for _, t in items], [i for i, _ in items])
     plain, cached = coupled(batch), coupled(batch, *states.for_batch(coupled, batch))
     for name in coupled.nodes:
         real = batch.tokens[name][1].bool()
         assert torch.equal(plain[name][real], cached[name][real])
     assert len(list(tmp_path.iterdir())) == 4 + 4       # one entry per part; the second pass reuses them
-    run_edge_frozen_pass(coupled, items, cache, 4, False)
+    run_frozen_pass(coupled, items, cache, 4, False)
     assert len(list(tmp_path.iterdir())) == 8
 
 

@@ -12,7 +12,7 @@ when a change of figures is intended, and say why in the commit.
   example, for information (its figures move with the seed-rule change: the test warns with what moved, it does
   not fail).
 
-Tolerance: none. Every figure is compared bit for bit (==) where the run's environment is the capture's (torch,
+Tolerance: none but for the layer-major schedules (see REASSOCIATED). Every figure is compared bit for bit (==) where the run's environment is the capture's (torch,
 transformers and bitsandbytes versions, torch's thread count, CPU model: `environment` in tiny.json); the capture
 is deterministic there, run to run. Elsewhere (another CPU, another thread count, another torch) the last bits of
 the float sums move: measured, one thread instead of two changes losses by up to 1.3e-7 and grad norms by up to
@@ -33,6 +33,14 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 ALL = os.environ.get("LOWMEM_GRAPH_GOLDEN_ALL") == "1"
 # compared within this relative tolerance only off the capture's environment (see the docstring); exact otherwise
 DRIFT = {"loss": 1e-5, "grad_norm": 1e-5, "eval_loss": 1e-5, "train_loss": 1e-5}
+# Compared within DRIFT everywhere: the layer-major schedules now run one backward over all the micro-batches'
+# losses (step.py) where the old runtime ran one per phase, so gradients reached from several places (the tied
+# readout: each micro-batch's head and its injection) are summed in autograd's order instead: a reassociated sum,
+# not another algorithm. Measured against the golden figures: losses within 2.7e-7, grad norms within 2.0e-6
+# (relative, over 96 steps); accuracies and counts exact. Which last bits move also depends on what ran before in
+# the process (a layer-major run alone or after the plain one), as CPU GEMMs' last bits follow their operands'
+# alignment.
+REASSOCIATED = {"gpu-mem-0.6G/layer-major", "gpu-mem-0.6G/layer-major-host"}
 
 
 def _capture():
@@ -87,7 +95,7 @@ def _compare(got: dict, want: dict, exact: bool) -> list[str]:
 
 def _check(variant, golden, tiny_runs):
     got, want = tiny_runs(variant), golden["variants"][variant]
-    exact = capture.environment() == golden["environment"]
+    exact = capture.environment() == golden["environment"] and variant not in REASSOCIATED
     bad = _compare(got, want, exact)
     assert not bad, (f"{variant}: {len(bad)} figures differ from tests/golden/tiny.json "
                      f"({'bit for bit' if exact else 'within the drift tolerance'}):\n  " + "\n  ".join(bad[:20]))

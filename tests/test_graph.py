@@ -30,7 +30,7 @@ def test_gradients_reach_reader_projections_through_4bit_refiners(tiny_graph, qu
     torch.testing.assert_close(out.routing.sum(-1), torch.ones(4))
     torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
     for name, p in tiny_graph.named_parameters():
-        if name.startswith(("read_proj", "readout")):
+        if name.startswith(("project", "readout")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     frozen = [p for node in tiny_graph.nodes.values() for p in node.model.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in frozen)
@@ -64,12 +64,12 @@ def test_frozen_weights_are_bit_identical_after_training(tiny_graph, questions):
 
 def test_state_dict_holds_only_trainable_parts(tiny_graph):
     keys = tiny_graph.state_dict().keys()
-    assert all(k.startswith(("read_proj.", "readout.", "output.")) for k in keys)
+    assert all(k.startswith(("project.", "readout.", "output.")) for k in keys)
 
 
 def test_mismatched_widths_are_refused(tiny_graph):
     state = tiny_graph.trainable_state()
-    state["read_proj.llama.weight"] = torch.zeros(32, 65)
+    state["project.0-llama-z.weight"] = torch.zeros(32, 65)
     with pytest.raises(UserError, match="mismatched widths"):
         tiny_graph.load_trainable(state, "weights.safetensors")
 
@@ -77,13 +77,20 @@ def test_mismatched_widths_are_refused(tiny_graph):
 def test_separate_carry_adds_a_matrix_per_refiner(tiny_spec, tiny_nodes, questions):
     from dataclasses import replace
 
-    from lowmem_graph.graph import FrozenGraph
+    from lowmem_graph.edge_graph import EdgeGraph
 
-    graph = FrozenGraph(replace(tiny_spec, carry="separate"), tiny_nodes)
-    assert set(graph.carry) == {"phi3", "mistral"}
+    graph = EdgeGraph(replace(tiny_spec, carry="separate"), tiny_nodes)
+    assert set(graph.carry) == {"3-z-phi3", "4-z-mistral"}
     batch = graph.collate(questions[:2])
     torch.nn.functional.cross_entropy(graph(batch).logits, batch.labels).backward()
-    assert graph.carry["phi3"].weight.grad.abs().sum() > 0
+    assert graph.carry["3-z-phi3"].weight.grad.abs().sum() > 0
+    # weights saved under the paper shape's former names load into the edge names
+    former = {k.replace("project.0-llama-z.", "read_proj.llama.").replace("carry.3-z-phi3.", "carry.phi3."): v
+              for k, v in graph.trainable_state().items()}
+    assert "read_proj.llama.weight" in former and "carry.phi3.weight" in former
+    again = EdgeGraph(replace(tiny_spec, carry="separate"), tiny_nodes)
+    again.load_trainable(former, "old run")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), graph.state_dict().values()))
 
 
 def test_paper_graph_counts_from_meta_configs():

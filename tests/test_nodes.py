@@ -2,6 +2,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from frozen_run import prefix_of, read_of, run_node
 
 from lowmem_graph.errors import UserError
 from lowmem_graph.nodes import FrozenNode, load_config
@@ -21,7 +22,7 @@ def test_every_architecture_loads_frozen_in_nf4(tiny_nodes, arch):
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears)
     assert not any(p.requires_grad for p in node.model.parameters())
     enc = node.encode(TEXTS)
-    states = node.read(enc["input_ids"], enc["attention_mask"])
+    states = read_of(node, enc["input_ids"], enc["attention_mask"])
     assert states.shape == (*enc["input_ids"].shape, node.width) and torch.isfinite(states).all()
 
 
@@ -37,7 +38,7 @@ def test_read_stops_after_read_layer(tiny_nodes):
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(node.layers)]
     try:
         enc = node.encode(TEXTS)
-        node.read(enc["input_ids"], enc["attention_mask"])
+        read_of(node, enc["input_ids"], enc["attention_mask"])
     finally:
         for h in handles:
             h.remove()
@@ -54,8 +55,8 @@ def test_inject_hook_rewrites_input_of_the_injection_layer(tiny_nodes):
 
     handle = node.layers[node.inject_layer].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        plain = node.run(enc["input_ids"], enc["attention_mask"])
-        steered = node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0 + 1.0)
+        plain = run_node(node, enc["input_ids"], enc["attention_mask"])
+        steered = run_node(node, enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0 + 1.0)
     finally:
         handle.remove()
     # the steering hook runs first (prepended for the call), so the layer and later hooks see the rewritten stream
@@ -100,7 +101,7 @@ def test_stories260k_loads_as_a_4bit_node():
     node = FrozenNode.load(NodeSpec(name="s", model=str(path), role="refiner"), "nf4", "cpu", 64)
     assert node.width == 64 and node.n_layers == 5
     enc = node.encode(["Once upon a time, there was a little cat."])
-    out = node.run(enc["input_ids"], enc["attention_mask"])
+    out = run_node(node, enc["input_ids"], enc["attention_mask"])
     assert out.shape[-1] == 64 and torch.isfinite(out).all()
 
 
@@ -135,10 +136,10 @@ def test_prequantised_folder_loads_as_it_is(tiny_nodes):
 def test_run_leaves_no_steering_behind(tiny_nodes):
     node = tiny_nodes["mistral"]
     enc = node.encode(TEXTS)
-    plain = node.run(enc["input_ids"], enc["attention_mask"])
-    node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0.5,
-             prefix=node.prefix(enc["input_ids"], enc["attention_mask"]))
-    assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain)
+    plain = run_node(node, enc["input_ids"], enc["attention_mask"])
+    run_node(node, enc["input_ids"], enc["attention_mask"], inject=lambda h: h * 0.5,
+             prefix=prefix_of(node, enc["input_ids"], enc["attention_mask"]))
+    assert torch.equal(run_node(node, enc["input_ids"], enc["attention_mask"]), plain)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -68,14 +68,14 @@ def _layer_bytes(layer) -> int:
 
 
 def test_a_node_may_keep_its_own_format(tmp_path):
-    from lowmem_graph.graph import FrozenGraph
+    from lowmem_graph.edge_graph import EdgeGraph
     from lowmem_graph.memory.plan import layer_bytes
 
     spec = apply_changes(load_preset("tiny"), ["nodes.mistral.quant=bf16", "nodes.qwen2.quant=int8"])
     sizes, base = layer_bytes(spec), layer_bytes(load_preset("tiny"))
     assert sizes["mistral"][0] > 3 * base["mistral"][0] and sizes["phi3"] == base["phi3"]
     assert base["qwen2"][0] < sizes["qwen2"][0] < layer_bytes(load_preset("tiny"), "bf16")["qwen2"][0]
-    graph = FrozenGraph.build(spec, "cpu")
+    graph = EdgeGraph.build(spec, "cpu")
     modules = {name: list(node.model.modules()) for name, node in graph.nodes.items()}
     assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in modules["mistral"])
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules["phi3"])

@@ -271,11 +271,11 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
 # ---- no cache trusted blindly -------------------------------------------------------------------------------------
 def _cached_entry(tiny_graph, questions, tmp_path):
     from lowmem_graph.cache import PrefixCache
+    from lowmem_graph.data import format_prompt
     from lowmem_graph.frozen_pass import run_frozen_pass
-    from lowmem_graph.memory.placement import Placement
 
     cache = PrefixCache(tmp_path / "prefix", log=lambda *_: None)
-    run_frozen_pass(tiny_graph, questions, cache, Placement("cpu"), 8, progress=False)
+    run_frozen_pass(tiny_graph, [(q.id, format_prompt(q)) for q in questions], cache, 8, progress=False)
     return cache, sorted((tmp_path / "prefix").iterdir())[0]
 
 

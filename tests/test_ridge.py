@@ -61,9 +61,9 @@ def test_ridge_init_spans_the_latent_by_the_anchors_principal_directions(tiny_gr
     rank = min(64, tiny_graph.nodes["phi3"].width, tiny_graph.spec.latent_dim)
     gram = readout[:rank] @ readout[:rank].T
     torch.testing.assert_close(gram, torch.eye(rank, dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(tiny_graph.carry_weight("phi3"), tiny_graph.readout["phi3"].weight.T)
+    assert not tiny_graph.carry                           # tied: the carry is the readout transposed
     z = (states["phi3"] - states["phi3"].mean(0)) @ readout.T
-    projected = states["llama"] @ tiny_graph.read_proj["llama"].weight.double().T
+    projected = states["llama"] @ tiny_graph.project["0-llama-z"].weight.double().T
     assert torch.isfinite(projected).all() and projected.shape == z.shape
 
 

@@ -9,13 +9,14 @@ from deferred_copies import DeferredCopies
 
 from lowmem_graph.ablate import apply_changes
 from lowmem_graph.cache import PrefixCache
+from lowmem_graph.data import format_prompt
+from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.frozen_pass import run_frozen_pass
-from lowmem_graph.graph import FrozenGraph
 from lowmem_graph.memory import plan as planning
 from lowmem_graph.memory.placement import Placement
 from lowmem_graph.memory.plan import GroupPlan
 from lowmem_graph.spec import load_preset
-from lowmem_graph.train import step_gradients
+from lowmem_graph.step import step_gradients
 
 SPEC = apply_changes(load_preset("tiny"), ["nodes.phi3.inject_depth=0.25", "nodes.mistral.inject_depth=0.25"])
 MICRO, BATCH = 2, 8
@@ -25,10 +26,10 @@ MICRO, BATCH = 2, 8
 def setup(tmp_path_factory):
     from lowmem_graph.data import load_task
 
-    graph = FrozenGraph.build(SPEC, "cpu", seed=0)
+    graph = EdgeGraph.build(SPEC, "cpu", seed=0)
     questions = load_task("arc-easy", "train", limit=BATCH)
-    states = run_frozen_pass(graph, questions, PrefixCache(tmp_path_factory.mktemp("cache")), Placement("cpu"),
-                             BATCH, progress=False)
+    states = run_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions],
+                             PrefixCache(tmp_path_factory.mktemp("cache")), BATCH, progress=False)
     base = planning.make_plan(SPEC, planning.parse_size("1G"), BATCH, SPEC.max_length)
     groups = [GroupPlan(n, i, i + 1, 0, resident=False) for n in ("phi3", "mistral") for i in (1, 2, 3)]
     return graph, questions, states, dataclasses.replace(base, groups=groups, prefetch_depth=2, micro_batch=MICRO)
@@ -43,7 +44,7 @@ def _step(graph, questions, states, plan):
     def counted(part):
         live[0] += 1
         most[0] = max(most[0], live[0])
-        weakref.finalize(next(iter(part[1].values())), lambda: live.__setitem__(0, live[0] - 1))
+        weakref.finalize(next(iter(part[0].values())), lambda: live.__setitem__(0, live[0] - 1))
         return part
 
     try:
@@ -71,7 +72,7 @@ def test_layer_major_gives_the_same_gradients_with_each_group_loaded_twice(setup
     assert lm_loss == pytest.approx(loss, rel=1e-6) and lm_correct == correct
     torch.testing.assert_close(lm_routing, routing, rtol=1e-5, atol=1e-7)
     assert grads.keys() == lm_grads.keys()
-    assert all(grads[k].abs().sum() > 0 for k in grads if k.startswith(("read_proj", "readout")))   # through 4-bit
+    assert all(grads[k].abs().sum() > 0 for k in grads if k.startswith(("project", "readout")))   # through 4-bit
     for name in grads:
         torch.testing.assert_close(lm_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
     # three streamed groups per refiner, two slots: the micro-batch loop copies all three forward and the first

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from frozen_run import prefix_of, read_of, run_node
 from deferred_copies import DeferredCopies
 
 from lowmem_graph.memory import stream
@@ -46,7 +47,7 @@ def _step(node, delta, proj):
 
     handle = node.layers[0].register_forward_pre_hook(enter, with_kwargs=True)
     try:
-        out = node.run(enc["input_ids"], enc["attention_mask"])
+        out = run_node(node, enc["input_ids"], enc["attention_mask"])
     finally:
         handle.remove()
     delta.grad = proj.grad = None
@@ -96,7 +97,7 @@ def test_trainable_input_must_start_a_group(tiny_nodes):
     a = torch.zeros(node.width, requires_grad=True)
 
     def run():
-        return node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h + a)
+        return run_node(node, enc["input_ids"], enc["attention_mask"], inject=lambda h: h + a)
 
     plain = torch.autograd.grad(run().square().sum(), a)[0]
     with GroupCheckpoint(node.layers, [[0, 1, 2], [3]]):
@@ -147,7 +148,7 @@ def test_streamed_node_matches_the_plain_one_within_its_budget(request, tiny_nod
     trainables = _trainables(node)
     plain = _step(node, *trainables)
     with torch.no_grad():
-        plain_eval = node.run(enc["input_ids"], enc["attention_mask"])
+        plain_eval = run_node(node, enc["input_ids"], enc["attention_mask"])
 
     streamed = [group for g, group in enumerate(groups) if g not in resident]
     streamed_layers = [i for group in streamed for i in group]
@@ -166,7 +167,7 @@ def test_streamed_node_matches_the_plain_one_within_its_budget(request, tiny_nod
                 for a, b in zip(plain, _step(node, *trainables)):
                     assert torch.equal(a, b)
             with torch.no_grad():
-                assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain_eval)
+                assert torch.equal(run_node(node, enc["input_ids"], enc["attention_mask"]), plain_eval)
         finally:
             for h in hooks:
                 h.remove()
@@ -196,7 +197,7 @@ def test_streamed_refiner_steered_at_its_injection_layer(tiny_nodes):
     delta = torch.full((node.width,), 0.1, requires_grad=True)
 
     def step():
-        out = node.run(enc["input_ids"], enc["attention_mask"], inject=lambda h: h + delta)
+        out = run_node(node, enc["input_ids"], enc["attention_mask"], inject=lambda h: h + delta)
         return out.detach(), torch.autograd.grad(out.square().sum(), delta)[0]
 
     plain = step()
@@ -211,10 +212,10 @@ def test_passes_without_grad_prefetch_the_next_pass_first_group(tiny_nodes):
     node = tiny_nodes["llama"]
     enc = node.encode(TEXTS)
     with torch.no_grad():
-        plain = node.run(enc["input_ids"], enc["attention_mask"])
+        plain = run_node(node, enc["input_ids"], enc["attention_mask"])
         with LayerStreamer(node.layers, [[0], [1], [2], [3]], device="cpu") as streamer:
             for _ in range(3):
-                assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain)
+                assert torch.equal(run_node(node, enc["input_ids"], enc["attention_mask"]), plain)
     # four groups, two slots: each pass ends by loading group 0 (slot 0, free: group 3 computes in slot 1)
     assert streamer.loads == 3 * 4 + 1 and streamer.misses == 1
 
@@ -242,7 +243,7 @@ def test_copies_that_land_only_when_waited_for_give_the_plain_numbers(tiny_nodes
     trainables = _trainables(node)
     plain = _step(node, *trainables)
     with torch.no_grad():
-        plain_eval = node.run(enc["input_ids"], enc["attention_mask"])
+        plain_eval = run_node(node, enc["input_ids"], enc["attention_mask"])
     streamer = DeferredCopies().install(monkeypatch)
     with streamer(node.layers, [[0], [1], [2], [3]], {1}, device="cpu") as s:
         for phase in "TETEETT":
@@ -251,7 +252,7 @@ def test_copies_that_land_only_when_waited_for_give_the_plain_numbers(tiny_nodes
                     assert torch.equal(a, b)
             else:
                 with torch.no_grad():
-                    assert torch.equal(node.run(enc["input_ids"], enc["attention_mask"]), plain_eval)
+                    assert torch.equal(run_node(node, enc["input_ids"], enc["attention_mask"]), plain_eval)
         assert s.loads > 0
 
 
@@ -280,14 +281,14 @@ def test_on_cuda_a_hosted_node_visits_and_streams_like_a_resident_one(quant):
     enc = resident.encode(TEXTS)
     with Placement("cuda").frozen_pass(hosted):
         assert hosted.layers[0].self_attn.q_proj.weight.is_cuda
-        torch.testing.assert_close(hosted.prefix(**enc), resident.prefix(**enc))
+        torch.testing.assert_close(prefix_of(hosted, **enc), prefix_of(resident, **enc))
     assert not hosted.layers[0].self_attn.q_proj.weight.is_cuda        # back on the host after the visit
     placement = FrozenPlacement([GroupPlan("m", i, i + 1, 0, resident=i == 0) for i in range(hosted.inject_layer)],
                                 2, {})
     plan = SimpleNamespace(frozen={"m": placement})
     with Placement("cuda", plan).frozen_pass(hosted) as streamer:      # a frozen pass under a small budget
         for _ in range(2):
-            torch.testing.assert_close(hosted.prefix(**enc), resident.prefix(**enc))
+            torch.testing.assert_close(prefix_of(hosted, **enc), prefix_of(resident, **enc))
         assert streamer.slab.is_pinned() and streamer.loads == 2
 
     trainables = _trainables(resident, device="cuda")       # both nodes run the same CUDA ops on them
@@ -436,7 +437,7 @@ def test_a_machine_that_will_not_lock_the_slab_streams_from_pageable_memory(tiny
 def test_a_machine_out_of_pinned_memory_keeps_rows_and_activations_pageable(monkeypatch):
     """torch's pinned allocator raises where the machine will lock no more (WSL 2): the cached rows and the
     layer-major-host schedule's kept tensors go to pageable memory, with one warning, and pinning is not retried."""
-    from lowmem_graph.memory.schedule import Kept
+    from lowmem_graph.memory.kept import Kept
 
     monkeypatch.setattr(stream, "_pinning_refused", False)
     calls = []

@@ -44,7 +44,7 @@ def test_run_folder_has_everything(tmp_path):
     assert set(record["routing"]) == {"phi3", "mistral"}
     assert 0 <= summary["eval_ci"][0] <= summary["eval_acc"] <= summary["eval_ci"][1] <= 1
     step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert set(step["grad_norms"]) == {"read_proj.llama", "read_proj.qwen2", "read_proj.gemma2", "readout.phi3",
+    assert set(step["grad_norms"]) == {"project.0-llama-z", "project.1-qwen2-z", "project.2-gemma2-z", "readout.phi3",
                                        "readout.mistral", "output"}
     assert 0 < step["reader_grad_share"] < 1
     assert sum(step["routing"].values()) == pytest.approx(1.0, abs=1e-5)

@@ -8,13 +8,12 @@ the group's input does not require grad). Backward recomputes the group from its
 arguments (HF loops give each layer the same masks and position embeddings whatever the layers before it
 returned), calling the layers' forwards directly.
 
-Layer-level hooks run once, in the forward, on the group's input: a pre-hook on the group's first layer may
-rewrite the stream (FrozenNode's injection), one on a later layer may not, so the injection layer must start
-a group. A forward hook on any layer but the group's last sees the group's input, not that layer's output.
+Layer-level hooks run once, in the forward, on the group's input: the stream may be rewritten only before a
+group's first layer (where the graph writes into a node, groups are cut). A forward hook on any layer but the
+group's last sees the group's input, not that layer's output.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -41,7 +40,6 @@ class GroupCheckpoint:
         self.plain = set(plain)
         self.before_group = before_group
         self._pending = None        # (group input, recorded layer calls) while a group is being collected
-        self.recording: list | None = None    # see `record`
         taken = [i for group in self.groups for i in group if "forward" in vars(layers[i])]
         if taken:
             raise RuntimeError(f"decoder layers {taken} already have their forward replaced "
@@ -51,24 +49,6 @@ class GroupCheckpoint:
                 continue
             for pos, index in enumerate(group):
                 layers[index].forward = self._deferred(g, pos, index, layers[index].forward)
-
-    @contextlib.contextmanager
-    def record(self):
-        """Within the block a forward through the layers computes nothing there: each call records its arguments
-        and passes the hidden state through. Yields a list that gets, per forward, (the first group's input, the
-        layer calls in order), which `run_group` runs later, group by group (a layer-major schedule)."""
-        self.recording = []
-        try:
-            yield self.recording
-        except _Recorded:
-            pass
-        finally:
-            self.recording = None
-
-    def run_group(self, g: int, calls: list, hidden: torch.Tensor) -> torch.Tensor:
-        """Group `g` on `hidden`, with its layers' calls as `record` captured them (weights as bound now)."""
-        start = sum(len(group) for group in self.groups[:g])
-        return _run_group(calls[start:start + len(self.groups[g])], hidden)
 
     def detach(self) -> None:
         for g, group in enumerate(self.groups):
@@ -88,13 +68,6 @@ class GroupCheckpoint:
 
         def run(*args, **kwargs):
             hidden, args, kwargs = _split_hidden(args, kwargs)
-            if self.recording is not None:      # a layer-major schedule runs the groups itself, later
-                if pos == 0 and g == 0:
-                    self.recording.append((hidden, []))
-                self.recording[-1][1].append((forward, args, kwargs))
-                if last and g == len(self.groups) - 1:
-                    raise _Recorded         # nothing above the last group is needed (its final norm runs later)
-                return hidden
             needs_grad = torch.is_grad_enabled() and hidden.requires_grad
             if pos == 0:
                 self._pending = (hidden, []) if needs_grad else None
@@ -123,10 +96,6 @@ class GroupCheckpoint:
     def _before(self, g: int, backward: bool) -> None:
         if self.before_group is not None:
             self.before_group(g, backward)
-
-
-class _Recorded(Exception):
-    """Ends a recording forward at the last recorded layer."""
 
 
 def _run_group(calls, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ class Placement:
         self.plan = plan
         self.streamers: list[stream.LayerStreamer] = []
         self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
-        self._stepping = None       # an edge-runtime graph whose layers the streamers checkpoint
-        from .schedule import Kept
+        self._stepping = None       # the graph whose layers the streamers checkpoint
+        from .kept import Kept
 
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
         self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
@@ -50,9 +50,9 @@ class Placement:
         return torch.device("cpu") if self.plan is not None else self.device
 
     @contextlib.contextmanager
-    def frozen_pass(self, node: FrozenNode, needed: int | None = None):
-        """Node `node` on the device for the block, as the plan places its frozen-pass layers (its first `needed`:
-        by default a reader's up to its read layer, a refiner's below its injection); back on the host after.
+    def frozen_pass(self, node: FrozenNode, needed: int):
+        """Node `node` on the device for the block, as the plan places its frozen-pass layers (its first `needed`,
+        up to its highest input-only part); back on the host after.
         Without a plan (the node already lives on the device) nothing moves. Yields the LayerStreamer that placed
         the layers, or None."""
         home = _exact(node.base.get_input_embeddings().weight.device)
@@ -61,8 +61,6 @@ class Placement:
         if placement is None and home == device:
             yield None
             return
-        if needed is None:
-            needed = node.read_layer + 1 if node.spec.role == "reader" else node.inject_layer
         if placement is None:
             groups, resident, slots = ([list(range(needed))] if needed else []), {0}, 1
         else:
@@ -112,9 +110,8 @@ class Placement:
         except BaseException:
             self.stop_steps()
             raise
-        if hasattr(graph, "checkpoint_layers"):     # the edge runtime: the plan's groups checkpoint, not each layer
-            graph.checkpoint_layers = False
-            self._stepping = graph
+        graph.checkpoint_layers = False     # the plan's groups checkpoint, not each layer
+        self._stepping = graph
 
     def stop_steps(self) -> None:
         """Give back what `start_steps` placed: streamers detach (their pinned slabs unregister)."""
@@ -126,7 +123,7 @@ class Placement:
                 part.to(home)
             node.device = home
         self._moved = []
-        if getattr(self, "_stepping", None) is not None:
+        if self._stepping is not None:
             self._stepping.checkpoint_layers = True
             self._stepping = None
 
