@@ -318,7 +318,8 @@ def cmd_inspect(args) -> None:
     spec = _spec_from_args(args)
     print(format_description(spec))
     if args.draw:
-        from .topology import draw, of_spec
+        from .drawing import draw
+        from .topology import of_spec
 
         print(f"drawing: {draw(of_spec(spec), args.draw, f'graph {spec.name}')}")
 

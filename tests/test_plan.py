@@ -388,3 +388,25 @@ def test_plan_command_takes_the_host_memory_of_another_machine(capsys):
     assert "vs 102,400 MiB available" in capsys.readouterr().out
     with pytest.raises(UserError, match="host memory"):
         cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "4G"]))
+
+
+@pytest.mark.parametrize("shape", ["paper", "separate", "three_layers", "coupled_lm", "coupled_choice"])
+def test_the_trainable_count_from_widths_is_the_real_modules(shape):
+    """The planner counts trainable parameters from the nodes' widths, building no graph module; the count is the
+    one `inspect` reads off the real FrozenGraph or EdgeGraph on the meta device."""
+    from pathlib import Path
+
+    from lowmem_graph.spec import load_spec
+    from lowmem_graph.summary import describe
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if shape in ("paper", "separate"):
+        spec = load_preset("paper")
+        spec.carry = "tied" if shape == "paper" else "separate"
+    else:
+        spec = load_spec(examples / ("three_layers.yaml" if shape == "three_layers" else "residual_coupling.yaml"))
+        if shape == "coupled_choice":
+            spec.train = {**spec.train, "objective": "choice"}
+    shapes, parts = describe(spec)
+    widths = {name: shape.width for name, shape in shapes.items()}
+    assert planning.trainable_count(spec, widths) == sum(parts.values())

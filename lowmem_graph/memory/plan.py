@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..spec import FORMATS
+from ..topology import Layers, of_spec
 from .report import GiB, KiB, MiB
 from .report import format_mib as _mib
 
@@ -259,8 +260,8 @@ def _param_bytes(module, quant: str) -> tuple[int, int]:
 
 
 def _profile(spec, quant: str | None = None) -> _Profile:
-    """Per node: layer sizes and shapes (meta models); trainable count (FrozenGraph on meta, as `inspect` counts)."""
-    from ..summary import describe, meta_model
+    """Per node: layer sizes and shapes (meta models); the trainable count, from the widths (`trainable_count`)."""
+    from ..summary import meta_model
 
     quant = quant or spec.quant
     if quant not in FORMATS:
@@ -269,11 +270,13 @@ def _profile(spec, quant: str | None = None) -> _Profile:
     if key in _PROFILES:
         return _PROFILES[key]
     nodes = {}
-    edges = _edge_layers(spec) if spec.by_edges else {}
+    metas = {n.name: meta_model(n.model, n.revision, n.trust_remote_code) for n in spec.nodes}
+    bases = {name: model.get_decoder() if hasattr(model, "get_decoder") else model.model
+             for name, (_, model) in metas.items()}
+    edges = _edge_layers(spec, {name: len(base.layers) for name, base in bases.items()}) if spec.by_edges else {}
     for n in spec.nodes:
-        config, model = meta_model(n.model, n.revision, n.trust_remote_code)
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        layers = len(base.layers)
+        config, model = metas[n.name]
+        layers = len(bases[n.name].layers)
         lm_vocab = 0
         if spec.by_edges:       # "refiner": runs at a step, from its lowest written layer up
             role, needed, inject, top, cuts, frozen_norm = edges[n.name]
@@ -286,33 +289,61 @@ def _profile(spec, quant: str | None = None) -> _Profile:
             inject = needed
         nodes[n.name] = dataclasses.replace(node_profile(n.name, role, config, model, n.quant or quant, needed, inject),
                                             top=top, cuts=cuts, frozen_norm=frozen_norm, lm_vocab=lm_vocab)
-    _, parts = describe(spec)
-    profile = _Profile(nodes, sum(parts.values()), spec.latent_dim,
+    profile = _Profile(nodes, trainable_count(spec, {name: node.width for name, node in nodes.items()}),
+                       spec.latent_dim,
                        [nodes[r.name].width for r in spec.readers])
     _PROFILES[key] = profile
     return profile
 
 
-def _edge_layers(spec) -> dict[str, tuple]:
+def _edge_layers(spec, n_layers: dict[str, int]) -> dict[str, tuple]:
     """Per node of a graph given by its edges: (role, frozen-pass layers, first layer run at a step, layers run at a
-    step, group cuts, whether the frozen pass reads through the final norm), from the real EdgeGraph on meta."""
-    import torch
-
-    from ..edge_graph import EdgeGraph
-    from ..summary import node_shapes
-
-    shapes = node_shapes(spec)
-    with torch.device("meta"):
-        graph = EdgeGraph(spec, shapes, spec.train.get("objective", "choice"))
-    stepped = graph.stepped_layers()
+    step, group cuts, whether the frozen pass reads through the final norm), from its topology on the nodes' layers
+    (`n_layers`: node -> decoder layers), checked as the edge runtime checks it."""
+    layers = Layers(of_spec(spec), n_layers)
+    layers.check(spec.train.get("objective", "choice"))
+    stepped = layers.stepped_layers()
     out = {}
-    for name, node in graph.nodes.items():
-        parts = graph.frozen_parts(name)
+    for name, n in n_layers.items():
+        parts = layers.frozen_parts(name)
         needed = max((layer + (kind != "prefix") for kind, layer in parts), default=0)
-        first, top = stepped.get(name, (node.n_layers, node.n_layers))
-        out[name] = ("refiner" if name in stepped else "reader", needed, first, top, graph.cuts(name),
+        first, top = stepped.get(name, (n, n))
+        out[name] = ("refiner" if name in stepped else "reader", needed, first, top, layers.cuts(name),
                      any(kind != "prefix" for kind, _ in parts))
     return out
+
+
+def output_node_params(dim: int, heads: int, max_choices: int, n_sources: int) -> int:
+    """Parameters of the output node (graph.OutputNode): queries, source embeddings, key norm, multi-head
+    attention (q, k, v and out projections with biases), the score."""
+    return max_choices * dim + n_sources * dim + 2 * dim + 4 * dim * dim + 4 * dim + dim + 1
+
+
+def trainable_count(spec, widths: dict[str, int]) -> int:
+    """The graph's trainable parameters from the nodes' widths alone (what `inspect` counts on the real module,
+    FrozenGraph or EdgeGraph; a test checks they agree): the maps on the edges, the bridges' gates, the readouts
+    and the output node."""
+    dim = spec.latent_dim
+    if not spec.by_edges:       # read_proj W_k, readout W_j, and a separate carry per refiner unless tied
+        total = sum(widths[r.name] * dim for r in spec.readers)
+        total += sum(widths[j.name] * dim for j in spec.refiners) * (2 if spec.carry == "separate" else 1)
+        return total + output_node_params(dim, spec.output.heads, spec.output.max_choices, len(spec.refiners))
+    topology = of_spec(spec)
+    latents, choice = topology.latents, spec.train.get("objective", "choice") == "choice"
+    read = topology.reads if choice else []
+    total = 0
+    for e in topology.edges:
+        if e.target in latents:                                 # projection into the latent
+            total += widths[e.source] * latents[e.target]
+        elif e.source in latents:                               # carry, unless tied to the target's readout
+            tied = spec.carry == "tied" and e.target in read and latents[e.source] == dim
+            total += 0 if tied else latents[e.source] * widths[e.target]
+        else:                                                   # a bridge and its gate
+            total += widths[e.source] * widths[e.target] + 1
+    total += sum(widths[j] * dim for j in read)
+    if choice:
+        total += output_node_params(dim, spec.output.heads, spec.output.max_choices, len(topology.reads))
+    return total
 
 
 def node_profile(name: str, role: str, config, model, quant: str, needed: int, inject: int) -> _Node:
