@@ -288,7 +288,8 @@ def cmd_figures(args) -> None:
         raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
     plan = None
     if (run_dir / "config.yaml").is_file():
-        from .memory.plan import make_plan, parse_size
+        from .memory.budget import parse_size
+        from .memory.search import make_plan
         from .train import load_run_config
 
         spec, cfg = load_run_config(run_dir)
@@ -407,7 +408,9 @@ def cmd_probe_quant(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .memory.plan import format_plan, make_plan, parse_budgets, parse_size
+    from .memory.budget import parse_budgets, parse_size
+    from .memory.report import format_plan
+    from .memory.search import make_plan
 
     spec = _spec_from_args(args)
     host = parse_size(args.host_mem) if args.host_mem else None

@@ -215,7 +215,7 @@ def _budget_from_config(gpu_mem) -> float | None:
     if not gpu_mem:
         return None
     from .errors import UserError
-    from .memory.plan import parse_size
+    from .memory.budget import parse_size
 
     try:
         return parse_size(gpu_mem) / MiB
