@@ -43,7 +43,7 @@ ROUNDS = 3
 
 def reduced_paper(folder: Path, scale: int = 8):
     """The paper's spec with each node a local folder holding its real configuration at 1/scale width."""
-    from lowmem_graph.tiny import reduced_config
+    from lowmem_graph.summary import reduced_config
 
     spec = load_preset("paper")
     for node in spec.nodes:

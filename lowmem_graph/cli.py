@@ -419,7 +419,7 @@ def cmd_plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="lowmem-graph", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

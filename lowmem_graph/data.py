@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,18 @@ def is_path_task(task: str) -> bool:
     if task.startswith("hf:") or task in TASKS:
         return False
     return task.endswith((".jsonl", ".csv")) or "/" in task or Path(task).expanduser().exists()
+
+
+def task_part(part: str) -> tuple[str, list[str], str]:
+    """`task[:split,split...][@N]` -> (task, splits, N); the task may be `hf:ORG/NAME[/CONFIG]` or a path (an
+    existing one is taken whole, ':' and '@' included)."""
+    part = part.strip()
+    if is_path_task(part) and Path(part).expanduser().exists():
+        return part, [], ""
+    part, _, sample = part.rpartition("@") if re.search(r"@[^/@]*$", part) else (part, "", "")
+    prefix, rest = ("hf:", part[3:]) if part.startswith("hf:") else ("", part)
+    task, _, splits = rest.partition(":")
+    return prefix + task, [s.strip() for s in splits.split(",") if s.strip()], sample
 
 
 _SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}

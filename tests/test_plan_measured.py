@@ -19,7 +19,7 @@ def reduced_model(arch: str):
     random bf16 weights, frozen."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_graph.tiny import reduced_config
+    from lowmem_graph.summary import reduced_config
 
     config = reduced_config(ARCHS[arch], SCALE, LAYERS)
     torch.manual_seed(0)
