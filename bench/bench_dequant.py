@@ -65,7 +65,7 @@ def layer_linears(ref: str, scale: int) -> list[tuple[str, int, int]]:
     """(name, out_features, in_features) of every linear in one decoder layer of the bundled configuration."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_graph.tiny import reduced_config
+    from lowmem_graph.summary import reduced_config
 
     config = reduced_config(ref, scale, layers=1)
     with torch.device("meta"):

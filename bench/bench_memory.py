@@ -32,13 +32,14 @@ import torch
 from lowmem_graph.edge_graph import EdgeGraph, part_key
 from lowmem_graph.frozen_pass import frozen_part, highest_part
 from lowmem_graph.graph import Batch
-from lowmem_graph.memory.plan import make_plan, parse_size, with_placement
+from lowmem_graph.memory.budget import parse_size
 from lowmem_graph.memory.placement import Placement, norm_and_rotary
 from lowmem_graph.memory.report import MiB, device_peaks, others_on_the_gpu, outside_torch_bytes, peak_rss_mib
+from lowmem_graph.memory.search import make_plan, with_placement
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
 from lowmem_graph.summary import meta_model
-from lowmem_graph.train import step_gradients
+from lowmem_graph.step import step_gradients
 
 
 

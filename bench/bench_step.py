@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_memory  # noqa: E402
 
 from lowmem_graph.memory.placement import Placement  # noqa: E402
-from lowmem_graph.memory.plan import make_plan, with_placement  # noqa: E402
 from lowmem_graph.memory.report import GiB  # noqa: E402
+from lowmem_graph.memory.search import make_plan, with_placement  # noqa: E402
 from lowmem_graph.spec import load_preset  # noqa: E402
 
 ROUNDS = 3
@@ -43,7 +43,7 @@ ROUNDS = 3
 
 def reduced_paper(folder: Path, scale: int = 8):
     """The paper's spec with each node a local folder holding its real configuration at 1/scale width."""
-    from lowmem_graph.tiny import reduced_config
+    from lowmem_graph.summary import reduced_config
 
     spec = load_preset("paper")
     for node in spec.nodes:

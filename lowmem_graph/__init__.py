@@ -4,7 +4,7 @@ import logging
 # bitsandbytes warns at import that the optional Hugging Face `kernels` package is missing; its fallback is fine.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 def __getattr__(name):

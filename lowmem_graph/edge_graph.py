@@ -29,18 +29,11 @@ from .errors import UserError
 from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, load_nodes
 from .nodes import FrozenNode, default_device, pool
 from .spec import GraphSpec
-from .topology import Edge, of_spec
+from .topology import Edge, Layers, of_spec, place
+from .topology import Site as _Site
 
 OBJECTIVES = ("choice", "lm")
 GATE_INIT = -2.0        # a bridge starts nearly closed: sigmoid(-2) = 0.12 of its update goes in
-
-
-@dataclass
-class _Site:
-    edge: Edge
-    key: str                # the edge's name among the parameters
-    read: int | None        # the source node's layer read (0-based output index)
-    write: int | None       # the target node's layer written (0-based input index)
 
 
 class EdgeGraph(TrainedParts):
@@ -53,8 +46,8 @@ class EdgeGraph(TrainedParts):
         self.reads = list(topology.reads)
         self.refiners = self.reads          # what the output node reads (Trainer's routing names)
         self.readers: list[str] = []        # no reader roles: `frozen_parts` says what each node gives the cache
-        self.sites = [self._site(i, e) for i, e in enumerate(topology.edges)]
-        self.into = {name: [s for s in self.sites if s.edge.target == name] for name in [*nodes, *topology.latents]}
+        self.layers = Layers(topology, {name: node.n_layers for name, node in nodes.items()})  # the shape's layers
+        self.sites, self.into = self.layers.sites, self.layers.into
         self._check_sites()
         self.units = self._units()
         self.project = nn.ModuleDict({s.key: nn.Linear(nodes[s.edge.source].width, topology.latents[s.edge.target],
@@ -92,22 +85,10 @@ class EdgeGraph(TrainedParts):
 
     # ---- the graph's shape --------------------------------------------------------------------------------------
     def _site(self, i: int, e: Edge) -> _Site:
-        read = write = None
-        if e.source in self.nodes:
-            n = self.nodes[e.source].n_layers
-            read = e.read - 1 if e.read > 0 else n + e.read
-            if not 0 <= read < n:
-                raise UserError(f"edge {e.source} -> {e.target}: read {e.read} is outside {e.source}'s layers 1..{n} "
-                                f"(or -1..-{n})")
-        if e.target in self.nodes:
-            n = self.nodes[e.target].n_layers
-            write = min(max(round(e.at * n), 1), n - 1) if isinstance(e.at, float) else e.at - 1
-            if not 0 <= write < n:
-                raise UserError(f"edge {e.source} -> {e.target}: at {e.at} is outside {e.target}'s layers 1..{n}")
-        return _Site(e, f"{i}-{e.source}-{e.target}", read, write)
+        return place(i, e, self.layers.n_layers)
 
     def _is_bridge(self, e: Edge) -> bool:
-        return e.source in self.nodes and e.target in self.nodes
+        return self.layers.is_bridge(e)
 
     def _tied(self, site: _Site) -> bool:
         """A latent enters an output-read node through that node's readout transposed (the paper's tied W_j), when
@@ -116,95 +97,33 @@ class EdgeGraph(TrainedParts):
                 and self.topology.latents[site.edge.source] == self.spec.latent_dim)
 
     def _check_sites(self) -> None:
-        for s in self.sites:
-            e = s.edge
-            if self._is_bridge(e) and s.write <= s.read:
-                raise UserError(f"bridge {e.source} -> {e.target}: it reads layer {s.read + 1} and writes at layer "
-                                f"{s.write + 1}; nodes in lockstep write above the layer read (at {s.read + 2} or up)")
-            if self.objective == "lm" and e.source in self.nodes and e.pooling != "token":
-                raise UserError(f"edge {e.source} -> {e.target}: pooling {e.pooling} sees the whole text, which "
-                                "next-token prediction may not: give edges out of nodes pooling: token")
-        read_from = {s.edge.source for s in self.sites if s.read is not None}
-        for name in self.nodes:
-            if name not in read_from and name not in self.reads:
-                raise UserError(f"node {name}: nothing reads it (no edge out of it, and the output node does not "
-                                "read it)")
+        self.layers.check(self.objective)
 
+    # the shape's layers (topology.Layers, which the memory planner reads without building a graph)
     def top(self, name: str) -> int:
-        """How many of a node's layers run: all for a node the output reads, else up to its highest read."""
-        if name in self.reads:
-            return self.nodes[name].n_layers
-        return 1 + max(s.read for s in self.sites if s.edge.source == name)
+        return self.layers.top(name)
 
     def start(self, name: str) -> int:
-        """The first layer stepped: below it nothing is written or read, so the recording pass runs it (no grad)."""
-        points = [s.write for s in self.into[name]] + [s.read for s in self.sites if s.edge.source == name]
-        return min([*points, self.top(name) - 1])
+        return self.layers.start(name)
 
     def entry(self, name: str) -> int | None:
-        """The first layer a step runs of the node: its lowest written layer, below which everything depends on
-        the input alone (the prefix cache keeps it); for a node the output reads and nothing writes into, its last
-        layer read; None for a node only read below any write (the cache holds all of it)."""
-        lowest = min((s.write for s in self.into[name]), default=None)
-        if lowest is None and name in self.reads:
-            return self.top(name) - 1
-        return lowest
+        return self.layers.entry(name)
 
     def stepped_layers(self) -> dict[str, tuple[int, int]]:
-        """Node -> [first, top): the layers a step from the prefix cache runs (what a memory plan places)."""
-        return {n: (self.entry(n), self.top(n)) for n in self.nodes if self.entry(n) is not None}
+        return self.layers.stepped_layers()
 
     def cuts(self, name: str) -> tuple[int, ...]:
-        """Layers where a checkpointed group must start: the stream is written there, or read just below."""
-        return tuple(sorted({s.write for s in self.into[name]}
-                            | {s.read + 1 for s in self.sites if s.edge.source == name}))
+        return self.layers.cuts(name)
 
     def frozen_parts(self, name: str) -> list[tuple[str, int]]:
-        """The node's input-only results the prefix cache keeps, as (kind, 0-based layer): the stream entering its
-        entry layer ("prefix"), and each read below it, per token ("tokens") or pooled ("mean", "last"). A node
-        nothing is written into is all reads: it never runs at a step."""
-        entry = self.entry(name)
-        parts = [("prefix", entry)] if entry else []
-        for s in self.sites:
-            if s.edge.source == name and (entry is None or s.read < entry):
-                part = ("tokens" if s.edge.pooling == "token" else s.edge.pooling, s.read)
-                if part not in parts:
-                    parts.append(part)
-        return parts
+        return self.layers.frozen_parts(name)
 
     def _units(self) -> list[list[str]]:
-        """Lockstep units (nodes joined by bridges) in the order their latents need them."""
-        unit = {n: n for n in self.nodes}
-
-        def find(n):
-            while unit[n] != n:
-                n = unit[n]
-            return n
-
-        for s in self.sites:
-            if self._is_bridge(s.edge):
-                unit[find(s.edge.source)] = find(s.edge.target)
-        members: dict[str, list[str]] = {}
-        for n in self.nodes:
-            members.setdefault(find(n), []).append(n)
-        needs = {u: {find(src.edge.source) for n in ns for s in self.into[n] if s.edge.source in self.topology.latents
-                     for src in self.into[s.edge.source]} for u, ns in members.items()}
-        order: list[str] = []
-        while len(order) < len(members):        # acyclic: topology.check_acyclic refused cycles already
-            order += [u for u in members if u not in order and needs[u] <= set(order)]
-        return [members[u] for u in order]
+        return self.layers.units()
 
     @property
     def pairs(self) -> set[tuple[str, str]]:
-        """(source, target) node pairs whose tokens are aligned: per-token edges into a latent, and bridges."""
-        out = set()
-        for s in self.sites:
-            e = s.edge
-            if self._is_bridge(e):
-                out.add((e.source, e.target))
-            elif e.target in self.topology.latents and e.pooling == "token":
-                out |= {(e.source, t.edge.target) for t in self.sites if t.edge.source == e.target}
-        return out
+        return self.layers.pairs
 
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod

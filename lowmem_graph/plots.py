@@ -60,7 +60,7 @@ def run_info(metrics_path: str | Path) -> dict:
     if not isinstance(train, dict):
         return info
     # torch and transformers come with it: only when there is a config to read
-    from .train import task_part
+    from .data import task_part
 
     task = str(train["task"]) if train.get("task") else None
     info.update({k: train.get(k) for k in ("train_split", "eval_split", "device", "gpu_mem")}, task=task)
@@ -74,7 +74,7 @@ def _selection(tasks: str | None, split: str | None) -> str:
     mmlu:validation@500': each part with the split it was read from."""
     if not tasks:
         return "?"
-    from .train import task_part
+    from .data import task_part
 
     parts = []
     for part in str(tasks).split("+"):
@@ -215,7 +215,7 @@ def _budget_from_config(gpu_mem) -> float | None:
     if not gpu_mem:
         return None
     from .errors import UserError
-    from .memory.plan import parse_size
+    from .memory.budget import parse_size
 
     try:
         return parse_size(gpu_mem) / MiB

@@ -117,7 +117,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """A folder that describes itself: config.yaml (graph and training settings), trainable.safetensors (the trained
     weights, a real file), metrics.jsonl, README.md (a model card with the run's results) and export.json (format,
     version, the weights' SHA-256, checked on load)."""
-    from . import __version__
+    from .version import __version__
     from .runstate import trainable_weights
     from .train import load_run_config
 

@@ -141,7 +141,7 @@ def read_texts(path, limit: int | None = None) -> list[str]:
     """One text per non-empty line of a UTF-8 file (a line that is not UTF-8 is one error naming it)."""
     from pathlib import Path
 
-    from .data import _lines
+    from .questions import _lines
     from .errors import UserError
 
     path = Path(path)

@@ -132,27 +132,3 @@ def _build(arch: str, path: Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def reduced_config(ref: str, scale: int = 8, layers: int | None = None, vocab: int = 256):
-    """The bundled configuration of a preset's model (e.g. "mistralai/Mistral-7B-v0.1") at 1/`scale` of its width
-    and head counts, head size kept, optionally fewer layers: the real architecture at a size a CPU runs, for the
-    planner's measured checks and the step benchmark."""
-    from .nodes import bundled_config
-
-    config = bundled_config(ref)
-    if config is None:
-        raise UserError(f"no bundled configuration for {ref!r}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    config.hidden_size //= scale
-    config.intermediate_size //= scale
-    config.num_attention_heads = max(1, config.num_attention_heads // scale)
-    config.num_key_value_heads = max(1, config.num_key_value_heads // scale)
-    config.head_dim = head_dim
-    config.vocab_size = vocab
-    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
-    if layers is not None:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:layers]
-    return config

@@ -12,12 +12,15 @@ those dependencies may not form a cycle (refused with the path named); nodes joi
 layer by layer, so a bridge must write above the layer it reads. A graph of the paper's shape (readers -> one
 latent -> refiners -> the output node) becomes the node roles that the prefix cache, the planner and streaming
 serve (`to_roles`); any other shape keeps its edges and runs on the edge runtime (edge_graph.py). Any graph can be
-drawn (`of_spec`, `draw`).
+drawn (`of_spec`, drawing.py's `draw`).
+
+What a graph does to each node's layers follows from the edges and each node's layer count alone (`Layers`:
+where each edge reads and writes, what a step runs of each node, what the prefix cache keeps): the edge runtime
+and the memory planner read it, neither builds the other's objects.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import UserError
 
@@ -233,64 +236,138 @@ def edges_of(spec) -> Topology:
     return Topology([n.name for n in spec.nodes], {"z": spec.latent_dim}, edges, [j.name for j in spec.refiners])
 
 
-def draw(topology: Topology, path: str | Path, title: str = "") -> Path:
-    """The graph as a picture: columns in the order things wait for each other, the output node last."""
-    import matplotlib
+# ---- layers: the graph placed on its nodes' decoder layers -----------------------------------------------------
+@dataclass
+class Site:
+    """An edge placed on its nodes' layers."""
+    edge: Edge
+    key: str                # the edge's name among the parameters
+    read: int | None        # the source node's layer read (0-based output index)
+    write: int | None       # the target node's layer written (0-based input index)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    column: dict[str, int] = {}
+def place(i: int, e: Edge, n_layers: dict[str, int]) -> Site:
+    """Edge number `i` on the layers of its nodes (`n_layers`: node -> its decoder layers)."""
+    read = write = None
+    if e.source in n_layers:
+        n = n_layers[e.source]
+        read = e.read - 1 if e.read > 0 else n + e.read
+        if not 0 <= read < n:
+            raise UserError(f"edge {e.source} -> {e.target}: read {e.read} is outside {e.source}'s layers 1..{n} "
+                            f"(or -1..-{n})")
+    if e.target in n_layers:
+        n = n_layers[e.target]
+        write = min(max(round(e.at * n), 1), n - 1) if isinstance(e.at, float) else e.at - 1
+        if not 0 <= write < n:
+            raise UserError(f"edge {e.source} -> {e.target}: at {e.at} is outside {e.target}'s layers 1..{n}")
+    return Site(e, f"{i}-{e.source}-{e.target}", read, write)
 
-    def depth(name: str, seen=()) -> int:
-        if name not in column:
-            ins = [e.source for e in topology.edges if e.target == name and e.source not in seen
-                   and not (e.source in topology.nodes and name in topology.nodes)]
-            column[name] = 1 + max((depth(s, (*seen, name)) for s in ins), default=-1)
-        return column[name]
 
-    for name in [*topology.nodes, *topology.latents]:
-        depth(name)
-    out_col = max(column.values()) + 1
-    rows: dict[int, list[str]] = {}
-    for name in [*topology.nodes, *topology.latents]:
-        rows.setdefault(column[name], []).append(name)
-    where = {name: (c, (len(names) - 1) / 2 - i) for c, names in rows.items() for i, name in enumerate(names)}
-    where["output"] = (out_col, 0.0)
-    height = max(len(v) for v in rows.values())
-    fig, ax = plt.subplots(figsize=(3.2 * (out_col + 1), 1.2 * height + 1.5))
-    for e in topology.edges:
-        (x0, y0), (x1, y1) = where[e.source], where[e.target]
-        bridge = e.source in topology.nodes and e.target in topology.nodes
-        if x0 == x1:        # nodes in one column (in lockstep): a vertical arrow, downwards left, upwards right
-            side = -0.12 if y0 > y1 else 0.12
-            step = 0.2 if y0 > y1 else -0.2
-            ax.annotate("", (x1 + side, y1 + step), (x0 + side, y0 - step), arrowprops={
-                "arrowstyle": "-|>", "color": "C3" if bridge else "0.3", "lw": 1.3})
-            ax.text(x0 + 2.5 * side, (y0 + y1) / 2, e.describe(), ha="right" if side < 0 else "left",
-                    va="center", fontsize=7, color="0.25")
-            continue
-        bend = 0.25 if bridge else 0.0
-        ax.annotate("", (x1 - 0.28, y1), (x0 + 0.28, y0), arrowprops={
-            "arrowstyle": "-|>", "color": "C3" if e.kind == "bridge" and bend else "0.3",
-            "connectionstyle": f"arc3,rad={bend}", "lw": 1.3})
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, e.describe(), ha="center", fontsize=7, color="0.25")
-    for name in topology.reads:
-        (x0, y0), (x1, y1) = where[name], where["output"]
-        ax.annotate("", (x1 - 0.28, y1), (x0 + 0.28, y0), arrowprops={"arrowstyle": "-|>", "color": "C0"})
-    for name, (x, y) in where.items():
-        latent = name in topology.latents
-        label = f"{name}\n(latent, {topology.latents[name]})" if latent else name
-        ax.text(x, y, label, ha="center", va="center", fontsize=9, bbox={
-            "boxstyle": "round,pad=0.4", "fc": "#fff3d6" if latent else "#dbe9f6" if name != "output" else "#e3f2dc",
-            "ec": "0.4"})
-    ax.set_xlim(-0.6, out_col + 0.6)
-    ax.set_ylim(-height / 2 - 0.5, height / 2 + 0.5)
-    ax.axis("off")
-    ax.set_title(title or "graph", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+class Layers:
+    """A topology on its nodes' layers, from each node's layer count alone (`n_layers`, in the nodes' order): where
+    each edge reads and writes (`sites`, `into`), which layers a step runs of each node, where its groups must be
+    cut, and what the prefix cache keeps of it. No model and no module is built."""
+
+    def __init__(self, topology: Topology, n_layers: dict[str, int]):
+        self.topology, self.n_layers = topology, dict(n_layers)
+        self.reads = list(topology.reads)
+        self.sites = [place(i, e, self.n_layers) for i, e in enumerate(topology.edges)]
+        self.into = {name: [s for s in self.sites if s.edge.target == name]
+                     for name in [*self.n_layers, *topology.latents]}
+
+    def is_bridge(self, e: Edge) -> bool:
+        return e.source in self.n_layers and e.target in self.n_layers
+
+    def check(self, objective: str = "choice") -> None:
+        """Refuse what the layers make impossible: a bridge writing at or below the layer it reads, a pooled read
+        under next-token prediction, a node nothing reads."""
+        for s in self.sites:
+            e = s.edge
+            if self.is_bridge(e) and s.write <= s.read:
+                raise UserError(f"bridge {e.source} -> {e.target}: it reads layer {s.read + 1} and writes at layer "
+                                f"{s.write + 1}; nodes in lockstep write above the layer read (at {s.read + 2} or up)")
+            if objective == "lm" and e.source in self.n_layers and e.pooling != "token":
+                raise UserError(f"edge {e.source} -> {e.target}: pooling {e.pooling} sees the whole text, which "
+                                "next-token prediction may not: give edges out of nodes pooling: token")
+        read_from = {s.edge.source for s in self.sites if s.read is not None}
+        for name in self.n_layers:
+            if name not in read_from and name not in self.reads:
+                raise UserError(f"node {name}: nothing reads it (no edge out of it, and the output node does not "
+                                "read it)")
+
+    def top(self, name: str) -> int:
+        """How many of a node's layers run: all for a node the output reads, else up to its highest read."""
+        if name in self.reads:
+            return self.n_layers[name]
+        return 1 + max(s.read for s in self.sites if s.edge.source == name)
+
+    def start(self, name: str) -> int:
+        """The first layer stepped: below it nothing is written or read, so the recording pass runs it (no grad)."""
+        points = [s.write for s in self.into[name]] + [s.read for s in self.sites if s.edge.source == name]
+        return min([*points, self.top(name) - 1])
+
+    def entry(self, name: str) -> int | None:
+        """The first layer a step runs of the node: its lowest written layer, below which everything depends on
+        the input alone (the prefix cache keeps it); for a node the output reads and nothing writes into, its last
+        layer read; None for a node only read below any write (the cache holds all of it)."""
+        lowest = min((s.write for s in self.into[name]), default=None)
+        if lowest is None and name in self.reads:
+            return self.top(name) - 1
+        return lowest
+
+    def stepped_layers(self) -> dict[str, tuple[int, int]]:
+        """Node -> [first, top): the layers a step from the prefix cache runs (what a memory plan places)."""
+        return {n: (self.entry(n), self.top(n)) for n in self.n_layers if self.entry(n) is not None}
+
+    def cuts(self, name: str) -> tuple[int, ...]:
+        """Layers where a checkpointed group must start: the stream is written there, or read just below."""
+        return tuple(sorted({s.write for s in self.into[name]}
+                            | {s.read + 1 for s in self.sites if s.edge.source == name}))
+
+    def frozen_parts(self, name: str) -> list[tuple[str, int]]:
+        """The node's input-only results the prefix cache keeps, as (kind, 0-based layer): the stream entering its
+        entry layer ("prefix"), and each read below it, per token ("tokens") or pooled ("mean", "last"). A node
+        nothing is written into is all reads: it never runs at a step."""
+        entry = self.entry(name)
+        parts = [("prefix", entry)] if entry else []
+        for s in self.sites:
+            if s.edge.source == name and (entry is None or s.read < entry):
+                part = ("tokens" if s.edge.pooling == "token" else s.edge.pooling, s.read)
+                if part not in parts:
+                    parts.append(part)
+        return parts
+
+    def units(self) -> list[list[str]]:
+        """Lockstep units (nodes joined by bridges) in the order their latents need them."""
+        unit = {n: n for n in self.n_layers}
+
+        def find(n):
+            while unit[n] != n:
+                n = unit[n]
+            return n
+
+        for s in self.sites:
+            if self.is_bridge(s.edge):
+                unit[find(s.edge.source)] = find(s.edge.target)
+        members: dict[str, list[str]] = {}
+        for n in self.n_layers:
+            members.setdefault(find(n), []).append(n)
+        latents = self.topology.latents
+        needs = {u: {find(src.edge.source) for n in ns for s in self.into[n] if s.edge.source in latents
+                     for src in self.into[s.edge.source]} for u, ns in members.items()}
+        order: list[str] = []
+        while len(order) < len(members):        # acyclic: check_acyclic refused cycles already
+            order += [u for u in members if u not in order and needs[u] <= set(order)]
+        return [members[u] for u in order]
+
+    @property
+    def pairs(self) -> set[tuple[str, str]]:
+        """(source, target) node pairs whose tokens are aligned: per-token edges into a latent, and bridges."""
+        out = set()
+        for s in self.sites:
+            e = s.edge
+            if self.is_bridge(e):
+                out.add((e.source, e.target))
+            elif e.target in self.topology.latents and e.pooling == "token":
+                out |= {(e.source, t.edge.target) for t in self.sites if t.edge.source == e.target}
+        return out

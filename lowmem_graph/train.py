@@ -28,7 +28,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runstate
-from .data import Question, format_prompt, is_path_task, leave_out_trained, load_task, spread
+from .data import Question, format_prompt, is_path_task, leave_out_trained, load_task, spread, task_part
 from .errors import Interrupted, UserError
 from .evaluate import evaluate, predictions_name, write_predictions
 from .files import atomic_file, remove_stale_temps
@@ -144,18 +144,6 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
                 chosen = random.Random(0).sample(chosen, int(sample))
         questions += spread(chosen, limit) if limit else chosen
     return questions
-
-
-def task_part(part: str) -> tuple[str, list[str], str]:
-    """`task[:split,split...][@N]` -> (task, splits, N); the task may be `hf:ORG/NAME[/CONFIG]` or a path (an
-    existing one is taken whole, ':' and '@' included)."""
-    part = part.strip()
-    if is_path_task(part) and Path(part).expanduser().exists():
-        return part, [], ""
-    part, _, sample = part.rpartition("@") if re.search(r"@[^/@]*$", part) else (part, "", "")
-    prefix, rest = ("hf:", part[3:]) if part.startswith("hf:") else ("", part)
-    task, _, splits = rest.partition(":")
-    return prefix + task, [s.strip() for s in splits.split(",") if s.strip()], sample
 
 
 def _schedule(total_steps: int, warmup: float):

@@ -162,7 +162,7 @@ def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tin
     """Under a small budget each node's frozen-pass layers are placed as the plan says, resident or streamed
     one layer at a time through two slots (readers keep their first layer resident, refiners stream them
     all). The entries are the same bytes."""
-    from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
+    from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 
     made = streamers_made
     graph = EdgeGraph(tiny_spec, tiny_nodes)

@@ -10,7 +10,8 @@ import pytest
 from conftest import hub_response
 
 from lowmem_graph import __version__
-from lowmem_graph.cli import _run_folder, build_parser, main, quiet_warnings
+from lowmem_graph.cli import build_parser, main, quiet_warnings
+from lowmem_graph.commands import _run_folder
 
 
 def _commands():

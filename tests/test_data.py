@@ -324,7 +324,8 @@ def test_no_network_with_datasets_installed_is_one_line(monkeypatch):
 
 def test_what_counts_as_a_path_task_and_how_parts_parse(tmp_path, monkeypatch):
     from lowmem_graph.data import is_path_task
-    from lowmem_graph.train import TrainConfig, task_part
+    from lowmem_graph.data import task_part
+    from lowmem_graph.train import TrainConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mmlu").mkdir()                        # a folder named like a task does not turn the task into it

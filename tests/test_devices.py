@@ -10,8 +10,10 @@ import torch
 from lowmem_graph.ablate import apply_changes
 from lowmem_graph.cli import main
 from lowmem_graph.errors import UserError
-from lowmem_graph.memory import plan as planning
-from lowmem_graph.memory.plan import make_plan, parse_budgets, parse_size
+from lowmem_graph.memory.budget import check_device_room, device_needs, parse_budgets, parse_size
+from lowmem_graph.memory.estimate import cached_on_device
+from lowmem_graph.memory.profile import CUDA_CONTEXT, _profile
+from lowmem_graph.memory.search import _remote_head, make_plan
 from lowmem_graph.spec import load_preset
 
 GiB = 2 ** 30
@@ -49,30 +51,30 @@ def test_a_plan_the_card_cannot_hold_for_other_programs_is_refused_with_a_budget
     free = {}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[str(device)], 24 * GiB))
     plan = make_plan(paper, 24 * GiB, 8, 512, host_budget=10 ** 12)
-    need = planning.device_needs(plan, "cuda:0")["cuda:0"]
+    need = device_needs(plan, "cuda:0")["cuda:0"]
     assert need == max(plan.peak, plan.eval_peak, plan.frozen_pass_peak)
-    free["cuda:0"] = need - planning.CUDA_CONTEXT
-    planning.check_device_room(plan, "cuda:0")
-    planning.check_device_room(plan, "cpu")                     # planned as on a GPU, run on the CPU: no check
+    free["cuda:0"] = need - CUDA_CONTEXT
+    check_device_room(plan, "cuda:0")
+    check_device_room(plan, "cpu")                     # planned as on a GPU, run on the CPU: no check
     free["cuda:0"] = 2 * GiB + 300 * 2 ** 20
     reserved = {"cuda:0": need}         # an earlier run in this process left its blocks cached: they are ours
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved[str(device)])
-    planning.check_device_room(plan, "cuda:0")
+    check_device_room(plan, "cuda:0")
     reserved["cuda:0"] = 0
     with pytest.raises(UserError, match=r"needs up to .* on cuda:0, but only 2.29 GiB of its 24.00 GiB is free") as e:
-        planning.check_device_room(plan, "cuda:0")
+        check_device_room(plan, "cuda:0")
     budget = str(e.value).split("--gpu-mem ")[1]
     assert budget == "2.8G"
-    planning.check_device_room(make_plan(paper, parse_size(budget), 8, 512, host_budget=10 ** 12), "cuda:0")
+    check_device_room(make_plan(paper, parse_size(budget), 8, 512, host_budget=10 ** 12), "cuda:0")
     # nodes on devices of their own: each device against its own free memory, its nodes' frozen passes included
     spec = apply_changes(paper, ["nodes.mistral.device=cuda:1"])
     split = make_plan(spec, {"cuda:0": 12 * GiB, "cuda:1": 8 * GiB}, 8, 512, host_budget=10 ** 12)
-    needs = planning.device_needs(split, "cuda:0")
+    needs = device_needs(split, "cuda:0")
     assert needs["cuda:1"] >= split.frozen["mistral"].peak and needs["cuda:0"] >= split.devices["cuda:0"]["peak"]
-    free.update({"cuda:0": 24 * GiB, "cuda:1": needs["cuda:1"] - planning.CUDA_CONTEXT - 1})
+    free.update({"cuda:0": 24 * GiB, "cuda:1": needs["cuda:1"] - CUDA_CONTEXT - 1})
     reserved.update({"cuda:1": 0})
     with pytest.raises(UserError, match="on cuda:1"):
-        planning.check_device_room(split, "cuda:0")
+        check_device_room(split, "cuda:0")
 
 
 def test_a_node_on_a_device_of_its_own_trains_like_the_rest(tmp_path):
@@ -114,10 +116,10 @@ def test_the_run_device_counts_the_head_of_refiners_computing_elsewhere():
     cuda:0's step must hold (it counted only the trainables and the context)."""
     spec = apply_changes(load_preset("paper"), ["nodes.mistral.device=cuda:1", "nodes.phi3.device=cuda:1"])
     plan = make_plan(spec, {"cuda:0": 2 * GiB, "cuda:1": 24 * GiB}, 8, 512, host_budget=10 ** 12)
-    profile = planning._profile(spec)
-    head = planning._remote_head([profile.nodes["phi3"], profile.nodes["mistral"]], profile.latent,
+    profile = _profile(spec)
+    head = _remote_head([profile.nodes["phi3"], profile.nodes["mistral"]], profile.latent,
                                  plan.micro_batch, plan.seq)
-    cached = planning.cached_on_device("micro-batch-major", plan.micro_batch, plan.batch)   # (and the next one's)
+    cached = cached_on_device("micro-batch-major", plan.micro_batch, plan.batch)   # (and the next one's)
     readers = cached * 4 * sum(profile.reader_widths)                                     # pooled, fp32
     assert plan.breakdown["head_activations"] == head + readers and head > 0
     assert plan.devices["cuda:0"]["peak"] == sum(plan.breakdown.values()) <= 2 * GiB

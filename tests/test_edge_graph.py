@@ -190,7 +190,7 @@ def _forced_plan(spec, resident_stepped=(2,)):
     import dataclasses
 
     from lowmem_graph.memory import plan as planning
-    from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
+    from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 
     real = planning.make_plan(spec, planning.parse_size("1G"), 8, spec.max_length)
     groups = [GroupPlan(n, i, i + 1, 0, resident=i in resident_stepped) for n in ("llama", "mistral") for i in (2, 3)]
@@ -259,7 +259,8 @@ def test_lm_heads_go_to_the_device_for_steps_only_and_come_back(coupled, monkeyp
 def test_the_planner_plans_each_node_from_its_lowest_incoming_edge():
     """The plan places the layers a step runs (from each node's lowest written layer to its highest read), with
     groups cut where an edge reads or writes, and the frozen pass of the layers below."""
-    from lowmem_graph.memory.plan import _split, make_plan, parse_size
+    from lowmem_graph.memory.budget import parse_size
+    from lowmem_graph.memory.search import _split, make_plan
 
     assert [(g.first, g.last) for g in _split("n", [1] * 8, 2, 8, 4, cuts=(3, 6))] == [(2, 3), (3, 6), (6, 8)]
     three = make_plan(load_spec(EXAMPLES / "three_layers.yaml"), parse_size("1G"), 8, 192)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lowmem_graph.ablate import apply_changes
-from lowmem_graph.memory import plan as planning
-from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
+from lowmem_graph.memory import plan as planning  # the names train.py imports (patched here)
+from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
 

@@ -6,24 +6,19 @@ import pytest
 
 from lowmem_graph.cli import cmd_plan
 from lowmem_graph.errors import UserError
-from lowmem_graph.memory import plan as planning
-from lowmem_graph.memory.plan import (
-    SEARCH_STEP,
-    GiB,
-    MiB,
-    Plan,
-    format_plan,
-    layer_bytes,
-    make_plan,
-    parse_size,
-)
+from lowmem_graph.memory import budget
+from lowmem_graph.memory.budget import parse_size
+from lowmem_graph.memory.estimate import CACHE_SHARD_BYTES, Plan, _kept_bytes, eval_breakdown, pinned_bound, traffic
+from lowmem_graph.memory.profile import _profile, layer_bytes, trainable_count
+from lowmem_graph.memory.report import GiB, MiB, format_plan
+from lowmem_graph.memory.search import SEARCH_STEP, make_plan
 from lowmem_graph.spec import load_preset
 
 
 @pytest.fixture(autouse=True)
 def roomy_host(monkeypatch):
     """Plans here are about the device; the host check has its own tests (this machine's free memory varies)."""
-    monkeypatch.setattr(planning, "host_available", lambda: 64 * GiB)
+    monkeypatch.setattr(budget, "host_available", lambda: 64 * GiB)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +185,7 @@ def test_streaming_fills_budget_with_resident_groups_first(paper_low_inject):
         _check_plan(plan)
         assert 0 < plan.streamed_bytes <= sum(g.bytes for g in plan.groups), budget
         assert plan.prefetch_depth == 2
-        assert plan.traffic_per_step == planning.traffic(plan.streamed_bytes, plan.schedule, plan.accumulation,
+        assert plan.traffic_per_step == traffic(plan.streamed_bytes, plan.schedule, plan.accumulation,
                                                          plan.activation_traffic)
         assert plan.traffic_per_step >= previous      # less memory, more PCIe traffic
         previous = plan.traffic_per_step
@@ -299,8 +294,8 @@ def test_evaluation_runs_at_the_plans_micro_batch_and_fits(paper):
     plan = make_plan(paper, parse_size("2G"))
     _check_plan(plan)
     assert plan.micro_batch == 1 and plan.eval_peak <= plan.budget
-    profile = planning._profile(paper)
-    at_batch = planning.eval_breakdown(profile, plan.breakdown, plan.batch, plan.seq)
+    profile = _profile(paper)
+    at_batch = eval_breakdown(profile, plan.breakdown, plan.batch, plan.seq)
     assert sum(at_batch.values()) > plan.budget          # the training batch would overflow this plan
     assert plan.eval_breakdown["resident_weights"] == plan.breakdown["resident_weights"]
     for budget in ("24G", "6G", "3G", "2G"):
@@ -351,7 +346,7 @@ def test_the_host_plan_bounds_what_the_pinned_allocator_holds():
     allocator holds stays within pinned_bound of the largest, per tensor alive at once."""
     import random
 
-    assert [planning.pinned_bound(n) for n in (0, 1, 4096, 4097, 3 * MiB)] == [0, 2, 8192, 16384, 8 * MiB]
+    assert [pinned_bound(n) for n in (0, 1, 4096, 4097, 3 * MiB)] == [0, 2, 8192, 16384, 8 * MiB]
     rng = random.Random(0)
     largest, alive_at_once = 3 * MiB + 5, 6
     for _ in range(20):
@@ -360,24 +355,24 @@ def test_the_host_plan_bounds_what_the_pinned_allocator_holds():
             if len(alive) == alive_at_once:
                 pool.release(alive.pop(rng.randrange(alive_at_once)))
             alive.append(pool.allocate(rng.randint(1, largest)))
-        assert pool.held <= alive_at_once * planning.pinned_bound(largest)
+        assert pool.held <= alive_at_once * pinned_bound(largest)
     # the bound is reached: the sizes grow, bucket by bucket, with every tensor alive in each one
     pool = PinnedAllocator()
     for k in range(23):
         sizes = [pool.allocate(min(1 << k, largest)) for _ in range(alive_at_once)]
         for size in sizes:
             pool.release(size)
-    assert pool.held > alive_at_once * planning.pinned_bound(largest) * 0.99
+    assert pool.held > alive_at_once * pinned_bound(largest) * 0.99
 
 
 def test_pinned_host_memory_is_planned_per_micro_batch_at_its_allocator_sizes(paper):
     small = make_plan(paper, parse_size("2G"))
-    profile = planning._profile(paper)
+    profile = _profile(paper)
     rows = [small.batch * small.seq * 2 * profile.nodes[n].width for n in ("phi3", "mistral")]
     host = small.host_breakdown
-    assert host["prefix_cache_rows"] - 2 * planning.CACHE_SHARD_BYTES >= 3 * sum(rows)   # two pinned, one padding
+    assert host["prefix_cache_rows"] - 2 * CACHE_SHARD_BYTES >= 3 * sum(rows)   # two pinned, one padding
     if small.schedule == "layer-major-host":
-        kept = sum(planning._kept_bytes(profile.nodes[n], sum(1 for g in small.groups if g.node == n),
+        kept = sum(_kept_bytes(profile.nodes[n], sum(1 for g in small.groups if g.node == n),
                                         small.batch, small.seq) for n in ("phi3", "mistral"))
         assert kept < host["kept_activations"] <= 4 * kept
 
@@ -388,3 +383,25 @@ def test_plan_command_takes_the_host_memory_of_another_machine(capsys):
     assert "vs 102,400 MiB available" in capsys.readouterr().out
     with pytest.raises(UserError, match="host memory"):
         cmd_plan(_parser().parse_args(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "4G"]))
+
+
+@pytest.mark.parametrize("shape", ["paper", "separate", "three_layers", "coupled_lm", "coupled_choice"])
+def test_the_trainable_count_from_widths_is_the_real_modules(shape):
+    """The planner counts trainable parameters from the nodes' widths, building no graph module; the count is the
+    one `inspect` reads off the real EdgeGraph on the meta device."""
+    from pathlib import Path
+
+    from lowmem_graph.spec import load_spec
+    from lowmem_graph.summary import describe
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if shape in ("paper", "separate"):
+        spec = load_preset("paper")
+        spec.carry = "tied" if shape == "paper" else "separate"
+    else:
+        spec = load_spec(examples / ("three_layers.yaml" if shape == "three_layers" else "residual_coupling.yaml"))
+        if shape == "coupled_choice":
+            spec.train = {**spec.train, "objective": "choice"}
+    shapes, parts = describe(spec)
+    widths = {name: shape.width for name, shape in shapes.items()}
+    assert trainable_count(spec, widths) == sum(parts.values())

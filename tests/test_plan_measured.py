@@ -1,10 +1,10 @@
 """The planner's per-layer constants against measurement: the five real architectures at reduced width, run on the
 CPU in bf16, their saved tensors and allocations measured (saved_tensors_hooks, `LiveBytes`), and compared with what
-`memory/plan.py` predicts for the same shapes. The prediction must cover the measurement and be within 10% of it."""
+`memory/profile.py` predicts for the same shapes. The prediction must cover the measurement and be within 10% of it."""
 import pytest
 import torch
 
-from lowmem_graph.memory import plan as planning
+from lowmem_graph.memory import profile as sizes
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
 from lowmem_graph.memory.report import LiveBytes
 
@@ -19,7 +19,7 @@ def reduced_model(arch: str):
     random bf16 weights, frozen."""
     from transformers import AutoModelForCausalLM
 
-    from lowmem_graph.tiny import reduced_config
+    from lowmem_graph.summary import reduced_config
 
     config = reduced_config(ARCHS[arch], SCALE, LAYERS)
     torch.manual_seed(0)
@@ -30,7 +30,7 @@ def reduced_model(arch: str):
 @pytest.fixture(scope="module", params=list(ARCHS))
 def arch(request):
     config, model, seq = reduced_model(request.param)
-    node = planning.node_profile(request.param, "refiner", config, model, "bf16", 0, 0)
+    node = sizes.node_profile(request.param, "refiner", config, model, "bf16", 0, 0)
     return request.param, model.model, node, seq
 
 
@@ -103,7 +103,7 @@ def _close(measured, predicted, what):
 
 def test_a_layer_saves_what_the_planner_says(arch):
     name, base, node, seq = arch
-    _close(measured_layer_saved(base, node, seq), planning.layer_saved(node, MICRO, seq), f"{name} layer saved")
+    _close(measured_layer_saved(base, node, seq), sizes.layer_saved(node, MICRO, seq), f"{name} layer saved")
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
@@ -112,17 +112,17 @@ def test_checkpointed_groups_hold_their_inputs_and_recompute_as_planned(arch, si
     groups = [list(range(lo, lo + size)) for lo in range(0, LAYERS, size)]
     held, recompute = measured_checkpointed(base, node, seq, groups)
     tokens = MICRO * seq
-    _close(held, len(groups) * tokens * node.width * planning.ACT_BYTES + planning.forward_tables(node, MICRO, seq),
+    _close(held, len(groups) * tokens * node.width * sizes.ACT_BYTES + sizes.forward_tables(node, MICRO, seq),
            f"{name} checkpoint inputs, groups of {size}")
-    _close(recompute, size * planning.layer_saved(node, MICRO, seq) + planning.layer_backward(node, MICRO, seq),
+    _close(recompute, size * sizes.layer_saved(node, MICRO, seq) + sizes.layer_backward(node, MICRO, seq),
            f"{name} recompute, groups of {size}")
 
 
 def test_a_pass_without_grad_needs_what_the_planner_says(arch):
     name, base, node, seq = arch
     tokens = MICRO * seq
-    predicted = (planning.layer_inference(node, MICRO, seq) + 2 * tokens * node.width * planning.ACT_BYTES
-                 + planning.forward_tables(node, MICRO, seq))
+    predicted = (sizes.layer_inference(node, MICRO, seq) + 2 * tokens * node.width * sizes.ACT_BYTES
+                 + sizes.forward_tables(node, MICRO, seq))
     _close(measured_inference(base, node, seq), predicted, f"{name} frozen pass")
 
 
@@ -151,7 +151,7 @@ def test_nf4_layers_add_one_dequantised_weight_to_the_recompute(name):
     """In NF4 the forward keeps nothing more (the fused 4-bit GEMM), and backward dequantises one weight at a time:
     the planner's workspace term (the largest linear in bf16) covers the difference."""
     config, model, seq = reduced_model(name)
-    node = planning.node_profile(name, "refiner", config, model, "nf4", 0, 0)
+    node = sizes.node_profile(name, "refiner", config, model, "nf4", 0, 0)
     groups = [[0, 1], [2, 3]]
     plain_saved = measured_layer_saved(model.model, node, seq)
     plain = measured_checkpointed(model.model, node, seq, groups)
@@ -160,8 +160,8 @@ def test_nf4_layers_add_one_dequantised_weight_to_the_recompute(name):
     assert measured_layer_saved(base, node, seq) == plain_saved
     held, recompute = measured_checkpointed(base, node, seq, groups)
     assert held == plain[0]
-    assert 0 < recompute - plain[1] <= max(node.layer_max_linear) * planning.ACT_BYTES
-    assert measured_inference(base, node, seq) <= plain_frozen + max(node.layer_max_linear) * planning.ACT_BYTES
+    assert 0 < recompute - plain[1] <= max(node.layer_max_linear) * sizes.ACT_BYTES
+    assert measured_inference(base, node, seq) <= plain_frozen + max(node.layer_max_linear) * sizes.ACT_BYTES
 
 
 def int8(model, frozen=True):
@@ -192,7 +192,7 @@ def test_int8_layers_checkpoint_like_plain_ones_and_their_transients_are_covered
     FrozenInt8Linear keeps nothing, so a checkpointed group holds its input alone, as in bf16. The planner's int8
     workspace covers what forward (input quantisation, int32 product) and backward (the dequantised weight) add."""
     config, model, seq = reduced_model("llama")
-    node = planning.node_profile("llama", "refiner", config, model, "int8", 0, 0)
+    node = sizes.node_profile("llama", "refiner", config, model, "int8", 0, 0)
     groups = [[0, 1], [2, 3]]
     plain = measured_checkpointed(model.model, node, seq, groups)
     plain_frozen = measured_inference(model.model, node, seq)
@@ -201,8 +201,8 @@ def test_int8_layers_checkpoint_like_plain_ones_and_their_transients_are_covered
     assert measured_layer_saved(base, node, seq) == measured_layer_saved(reduced_model("llama")[1].model, node, seq)
     held, recompute = measured_checkpointed(base, node, seq, groups)
     assert held == plain[0] < bnb_held / 4
-    assert 0 < recompute - plain[1] <= planning.quant_workspace(node, 0, LAYERS, MICRO * seq, backward=True)
-    assert measured_inference(base, node, seq) <= plain_frozen + planning.quant_workspace(node, 0, LAYERS,
+    assert 0 < recompute - plain[1] <= sizes.quant_workspace(node, 0, LAYERS, MICRO * seq, backward=True)
+    assert measured_inference(base, node, seq) <= plain_frozen + sizes.quant_workspace(node, 0, LAYERS,
                                                                                            MICRO * seq, False)
 
 

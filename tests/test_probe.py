@@ -69,7 +69,7 @@ def _layer_bytes(layer) -> int:
 
 def test_a_node_may_keep_its_own_format(tmp_path):
     from lowmem_graph.edge_graph import EdgeGraph
-    from lowmem_graph.memory.plan import layer_bytes
+    from lowmem_graph.memory.profile import layer_bytes
 
     spec = apply_changes(load_preset("tiny"), ["nodes.mistral.quant=bf16", "nodes.qwen2.quant=int8"])
     sizes, base = layer_bytes(spec), layer_bytes(load_preset("tiny"))

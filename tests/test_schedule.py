@@ -12,9 +12,11 @@ from lowmem_graph.cache import PrefixCache
 from lowmem_graph.data import format_prompt
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.frozen_pass import run_frozen_pass
-from lowmem_graph.memory import plan as planning
+from lowmem_graph.memory.budget import parse_size
+from lowmem_graph.memory.estimate import GroupPlan, cached_on_device, traffic
 from lowmem_graph.memory.placement import Placement
-from lowmem_graph.memory.plan import GroupPlan
+from lowmem_graph.memory.report import format_plan
+from lowmem_graph.memory.search import make_plan
 from lowmem_graph.spec import load_preset
 from lowmem_graph.step import step_gradients
 
@@ -30,7 +32,7 @@ def setup(tmp_path_factory):
     questions = load_task("arc-easy", "train", limit=BATCH)
     states = run_frozen_pass(graph, [(q.id, format_prompt(q)) for q in questions],
                              PrefixCache(tmp_path_factory.mktemp("cache")), BATCH, progress=False)
-    base = planning.make_plan(SPEC, planning.parse_size("1G"), BATCH, SPEC.max_length)
+    base = make_plan(SPEC, parse_size("1G"), BATCH, SPEC.max_length)
     groups = [GroupPlan(n, i, i + 1, 0, resident=False) for n in ("phi3", "mistral") for i in (1, 2, 3)]
     return graph, questions, states, dataclasses.replace(base, groups=groups, prefetch_depth=2, micro_batch=MICRO)
 
@@ -67,8 +69,8 @@ def test_layer_major_gives_the_same_gradients_with_each_group_loaded_twice(setup
     lm_loss, lm_correct, lm_routing, lm_grads, lm_loads, fetched, lm_live = _step(
         graph, questions, states, dataclasses.replace(plan, schedule=schedule))
     # the cached states the planner counts on the device: two micro-batches in the loop, the batch in layer-major
-    assert live * MICRO == planning.cached_on_device("micro-batch-major", MICRO, BATCH) == 2 * MICRO
-    assert lm_live * MICRO == planning.cached_on_device(schedule, MICRO, BATCH) == BATCH
+    assert live * MICRO == cached_on_device("micro-batch-major", MICRO, BATCH) == 2 * MICRO
+    assert lm_live * MICRO == cached_on_device(schedule, MICRO, BATCH) == BATCH
     assert lm_loss == pytest.approx(loss, rel=1e-6) and lm_correct == correct
     torch.testing.assert_close(lm_routing, routing, rtol=1e-5, atol=1e-7)
     assert grads.keys() == lm_grads.keys()
@@ -85,14 +87,14 @@ def test_layer_major_gives_the_same_gradients_with_each_group_loaded_twice(setup
 
 def test_the_planner_picks_layer_major_where_it_cuts_traffic():
     paper = load_preset("paper")
-    roomy = planning.make_plan(paper, planning.parse_size("24G"), host_budget=64 * 2 ** 30)
+    roomy = make_plan(paper, parse_size("24G"), host_budget=64 * 2 ** 30)
     assert roomy.schedule == "micro-batch-major" and roomy.traffic_per_step == 0
-    small = planning.make_plan(paper, planning.parse_size("2G"), host_budget=64 * 2 ** 30)
+    small = make_plan(paper, parse_size("2G"), host_budget=64 * 2 ** 30)
     assert small.accumulation == 8 and small.streamed_bytes > 0
     assert small.schedule.startswith("layer-major")
     assert small.traffic_per_step <= 5e9                   # the goal; the micro-batch loop: 20 GB
-    old = planning.traffic(small.streamed_bytes, "micro-batch-major", small.accumulation)
+    old = traffic(small.streamed_bytes, "micro-batch-major", small.accumulation)
     assert old > 4 * small.traffic_per_step
-    assert f"{small.schedule} schedule" in planning.format_plan(small, paper)
+    assert f"{small.schedule} schedule" in format_plan(small, paper)
     if small.schedule == "layer-major-host":
         assert small.host_breakdown["kept_activations"] > 0 and small.activation_traffic > 0

@@ -8,8 +8,8 @@ from deferred_copies import DeferredCopies
 
 from lowmem_graph.memory import stream
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
+from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 from lowmem_graph.memory.placement import Placement, norm_and_rotary
-from lowmem_graph.memory.plan import FrozenPlacement, GroupPlan
 from lowmem_graph.memory.stream import ALIGN, LayerStreamer
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec
@@ -389,7 +389,7 @@ def test_a_refused_registration_leaves_every_layer_as_it_was(tiny_nodes, monkeyp
 def test_when_a_later_refiner_fails_the_earlier_ones_let_go(tiny_graph, monkeypatch):
     """Placement.start_steps builds one streamer per refiner: the second one's registration fails, so the first is
     detached and unregistered, and no layer of either keeps a slab view or a replaced forward."""
-    from lowmem_graph.memory.plan import Plan
+    from lowmem_graph.memory.estimate import Plan
 
     fake = FakeDriver(fail_at=2)
     monkeypatch.setattr(stream, "host_register", fake.register)

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lowmem_graph.drawing import draw
 from lowmem_graph.errors import UserError
 from lowmem_graph.spec import from_dict, load_preset, load_spec
-from lowmem_graph.topology import Edge, Topology, check_acyclic, draw, edges_of, parse
+from lowmem_graph.topology import Edge, Topology, check_acyclic, edges_of, parse
 
 DATA = Path(__file__).parent / "data"
 

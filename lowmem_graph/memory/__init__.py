@@ -1,8 +1,12 @@
 """Memory: how a graph fits a device budget and how the plan is carried out.
 
-plan.py       budget -> plan: residency, streaming, micro-batches, predicted peaks (device, evaluation, host)
+profile.py    what each node weighs, layer by layer, from configs on the meta device; the trainable count
+estimate.py   the peaks of one placement: training step, evaluation, host; the Plan types
+search.py     budget -> plan: residency, streaming, micro-batches, schedule (make_plan)
+budget.py     --gpu-mem / --host-mem as bytes; whether the devices have room now
+plan.py       the planner's names re-exported for older importers (defines nothing)
 placement.py  the one owner of where every frozen tensor lives, per phase of a run, from a plan or none
 stream.py     layer-group streaming: page-locked host slabs, device slots, prefetch in both directions
 checkpoint.py checkpointed layer groups (keep the input, recompute in backward)
-report.py     measuring memory the same way everywhere: RSS, CUDA peaks, LiveBytes on any device
+report.py     measuring memory the same way everywhere (RSS, CUDA peaks, LiveBytes on any device); the plan's table
 """

@@ -1,6 +1,6 @@
 """Memory a run uses, measured the same way everywhere: host RSS (psutil) and CUDA peaks (torch), and, on any
 device, the bytes of tensors a block of code allocates (`LiveBytes`: how the planner's constants are checked on
-a CPU, where torch keeps no allocator statistics)."""
+a CPU, where torch keeps no allocator statistics); and memory as the tables print it, a plan's too (`format_plan`)."""
 from __future__ import annotations
 
 import ctypes
@@ -20,6 +20,10 @@ MB = MiB        # the metrics' "_mb" keys are MiB
 def format_mib(n: int | float) -> str:
     """Bytes as MiB the way every table here prints them: thousands separated, two decimals below 10 MiB."""
     return f"{n / MiB:,.0f} MiB" if n >= 10 * MiB or n == 0 else f"{n / MiB:.2f} MiB"
+
+
+def format_gib(n: int | float) -> str:
+    return f"{n / GiB:.2f} GiB"
 
 
 def peak_rss_mib() -> float:
@@ -158,3 +162,79 @@ class LiveBytes(TorchDispatchMode):
 
     def _freed(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+_WHY = {
+    "resident_weights": "resident layer groups + final norms",
+    "stream_slots": "device slots for streamed groups",
+    "checkpoint_inputs": "saved group inputs, masks, cached inputs (2 micro-batches; layer-major: the batch)",
+    "recompute": "one group recomputed in backward (SDPA, O(seq) attention)",
+    "head_activations": "final states, readouts, output node (+ grads)",
+    "trainable+optimizer": "fp32 params + grads + AdamW states, 16 B/param",
+    "workspace": "quantised matmuls' transients (NF4: a dequantised linear; int8: + input, product)",
+    "cuda_context": "fixed allowance: CUDA context, cuBLAS, allocator slack",
+    "eval_activations": "cached inputs, final states and readouts kept; one layer at work",
+    "frozen_nodes": "all five models, NF4 layers + bf16 embeddings, no lm_head",
+    "slab_being_built": "the largest pinned slab, while its tensors are copied in",
+    "prefix_cache_rows": "a shard being written (x2); two steps' cached rows, pinned in power-of-two blocks",
+    "runtime": "fixed allowance: Python, torch, CUDA libraries",
+    "kept_activations": "layer-major: every micro-batch's group inputs and gradients, pinned",
+}
+
+
+def format_plan(plan, spec) -> str:
+    """A memory plan (memory/search.py) as the table `lowmem-graph plan` prints."""
+    own = "".join(f"; {n.name} {n.quant}" for n in spec.nodes if n.quant not in (None, spec.quant))
+    lines = [f"plan for graph {spec.name} ({spec.quant}{own}): budget {format_gib(plan.budget)}, batch {plan.batch} "
+             f"(micro-batch {plan.micro_batch} x {plan.accumulation} accumulation), seq {plan.seq}"
+             + (f" (the spec truncates at max_length {spec.max_length})" if plan.seq > spec.max_length else ""), ""]
+    if plan.devices:
+        lines += ["nodes on several devices, each planned against its own budget (the tables below: "
+                  f"{next(d for d, v in plan.devices.items() if v['main'])}, where the trainable parts live):"]
+        lines += [f"  {d:<8} {', '.join(v['nodes']) or '(the trainable parts only)'}: training step "
+                  f"{format_mib(v['peak'])}, evaluation {format_mib(v['eval_peak'])} of {format_mib(v['budget'])} "
+                  f"({max(v['peak'], v['eval_peak']) / v['budget']:.0%})" for d, v in plan.devices.items()]
+        lines.append("")
+    header = f"{'node':<10} {'layers':>8} {'group':>5} {'bytes':>12}  placement (layers 0-based, trained)"
+    lines += [header, "-" * len(header)]
+    index: dict[str, int] = {}
+    for g in plan.groups:
+        index[g.node] = index.get(g.node, 0) + 1
+        span = f"{g.first}-{g.last - 1}" if g.last - g.first > 1 else str(g.first)
+        lines.append(f"{g.node:<10} {span:>8} {index[g.node]:>5} {format_mib(g.bytes):>12}  "
+                     f"{'resident' if g.resident else 'streamed'}, "
+                     f"{'recomputed in backward' if g.checkpointed else 'keeps its activations'}")
+    streamed = plan.streamed_bytes
+    lines += ["", f"resident {format_mib(plan.resident_bytes)}; streamed {format_mib(streamed)}"
+              + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}; {plan.schedule} schedule, "
+                 f"{plan.traffic_per_step / 1e9:.2f} GB host-to-device per step)" if streamed else ""),
+              f"trainable parameters: {plan.trainable_params:,}", "", "training step peak:"]
+    for k, v in plan.breakdown.items():
+        lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
+    verdict = "fits" if plan.peak <= plan.budget else "DOES NOT FIT"
+    lines.append(f"  {'predicted peak':<20} {format_mib(plan.peak):>12}  vs budget {format_mib(plan.budget)} "
+                 f"({plan.peak / plan.budget:.0%}, {verdict})")
+    lines += ["", f"evaluation (no grad, micro-batch {plan.micro_batch}, placed as in training):"]
+    for k, v in plan.eval_breakdown.items():
+        lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
+    lines.append(f"  {'predicted peak':<20} {format_mib(plan.eval_peak):>12}  vs budget {format_mib(plan.budget)} "
+                 f"({plan.eval_peak / plan.budget:.0%})")
+    lines += ["", "host memory (every node lives there under a plan):"]
+    for k, v in plan.host_breakdown.items():
+        lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
+    lines.append(f"  {'predicted peak':<20} {format_mib(plan.host_peak):>12}  vs {format_mib(plan.host_available)} available "
+                 f"({plan.host_peak / plan.host_available:.0%})")
+    lines += ["", f"frozen pass (once over the data, one node at a time, micro-batch {plan.frozen_micro_batch}, "
+                  "embeddings on the host):",
+              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12}"]
+    for name, placed in plan.frozen.items():
+        last = placed.groups[-1].last if placed.groups else 0
+        lines.append(f"  {name:<10} {f'0-{last - 1}' if last else '-':>8} "
+                     f"{format_mib(placed.resident_bytes):>12} {format_mib(placed.streamed_bytes):>12} "
+                     f"{placed.prefetch_depth:>5} {format_mib(placed.peak):>12}")
+    parts = ", ".join(f"{k} {format_mib(v)}" for k, v in plan.frozen[plan.frozen_node].breakdown.items())
+    lines += [f"  peak ({plan.frozen_node}): {parts} = {format_mib(plan.frozen_pass_peak)}",
+              (f"smallest budget with a plan: {format_gib(plan.minimum)} (training step alone "
+               f"{format_gib(plan.minimum_training)}, frozen pass {format_gib(plan.minimum_frozen)})")]
+    return "\n".join(lines)

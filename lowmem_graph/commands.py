@@ -1,0 +1,359 @@
+"""The `lowmem-graph` subcommands, one function each (`cmd_train`, `cmd_plan`, ...), given the parsed arguments;
+the parser and the entry point are cli.py's. Everything heavy is imported inside the command that needs it, so
+`lowmem-graph --help` stays quick."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _spec_from_args(args):
+    """The graph of --preset or --graph, with the --set changes and --quant."""
+    from .ablate import apply_changes
+    from .spec import load_preset, load_spec
+
+    spec = apply_changes(load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
+    if args.quant:
+        spec.quant = args.quant
+    return spec
+
+
+def _run_folder(args, name: str) -> Path:
+    """--run-dir, or a new `<out>/<name>-<time>` folder: a second run never lands on the first."""
+    from .distributed import current, on_main
+    from .train import claim_run_dir, create_run_dir
+
+    # under torchrun, rank 0 makes it and every rank takes that one
+    return Path(on_main(lambda: str(claim_run_dir(args.run_dir) if args.run_dir else create_run_dir(args.out, name)),
+                        current()))
+
+
+def _train_overrides(args) -> dict:
+    """Training settings given on the command line (they win over the spec's `train:` defaults)."""
+    names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
+             "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
+             "columns", "objective", "cache_dir"]
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "allow_test_training", False):
+        overrides["allow_test_training"] = True
+    return overrides
+
+
+def _spec_and_config(args):
+    """The graph (with --set changes and --quant) and its training settings (spec defaults + flags)."""
+    from .train import TrainConfig
+
+    spec = _spec_from_args(args)
+    return spec, TrainConfig.from_dict({**spec.train, **_train_overrides(args)}, f"{spec.name}: train")
+
+
+def cmd_train(args) -> None:
+    from dataclasses import asdict
+
+    from .memory.report import format_snapshot
+    from .train import TrainConfig, load_run_config, train
+
+    overrides = _train_overrides(args)
+    if args.resume:
+        if args.graph or args.preset or args.quant or args.set:
+            raise UserError("--resume takes the graph from the run folder; drop --graph/--preset/--quant/--set")
+        run_dir = Path(args.resume)
+        spec, cfg = load_run_config(run_dir)
+        changed = {k: (getattr(cfg, k), overrides[k]) for k in ("batch_size", "epochs", "lr")
+                   if k in overrides and overrides[k] != getattr(cfg, k)}
+        if changed and not args.allow_changed_settings:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UserError(f"--resume with {what}: the run's step counter and schedule were made for the old "
+                            "settings; add --allow-changed-settings to change them anyway")
+        cfg = TrainConfig.from_dict({**asdict(cfg), "max_steps": None, **overrides})   # a stop is not sticky
+    else:
+        spec, cfg = _spec_and_config(args)
+        run_dir = _run_folder(args, spec.name)
+    if cfg.objective == "lm":
+        from .lm import VARIANTS, comparison_table, train_lm
+
+        if args.resume:
+            raise UserError("--resume: a run with the lm objective does not resume yet; start it again")
+        results = train_lm(spec, cfg, run_dir, VARIANTS if args.compare else ("coupled",),
+                           progress=not args.no_progress)
+        print(comparison_table(results))
+        print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors, "
+              "lm-curves.png" + (", lm-comparison.png)" if len(results) > 1 else ")"))
+        return
+    if args.compare:
+        raise UserError("--compare runs the lm objective's baselines: add --objective lm")
+    summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    from .distributed import current
+
+    if "stopped_at_step" in summary or not current().main:
+        return
+    lo, hi = summary["eval_ci"]
+    print(f"done: {cfg.eval_split} accuracy {summary['eval_acc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) after "
+          f"{summary['steps']} steps; {format_snapshot(summary['memory'])}")
+    print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, trainable.safetensors, curves.png, memory.png, "
+          "signals.png)")
+
+
+def cmd_eval(args) -> None:
+    from dataclasses import asdict
+
+    from .evaluate import predictions_name, write_predictions
+    from .predict import TrainedGraph
+    from .train import TrainConfig, load_questions, load_run_config
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
+    run_dir = Path(args.run_dir)
+    _, cfg = load_run_config(run_dir)
+    if cfg.objective == "lm":
+        from .lm import evaluate_run
+
+        split = "validation" if args.split == "test" and not cfg.task.startswith("hf:") else args.split
+        ppl = evaluate_run(run_dir, split, args.limit, progress=not args.no_progress)
+        print(f"{cfg.task} {split}: perplexity " + ", ".join(f"{j} {v:.2f}" for j, v in ppl.items()))
+        return
+    overrides = {k: v for k, v in {"eval_task": args.eval_task or args.task, "data_dir": args.data_dir,
+                                   "columns": args.columns}.items() if v is not None}
+    cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
+    questions = load_questions(cfg.evaluated(), args.split, cfg.data_dir, args.limit, cfg.columns)
+    from .distributed import current
+
+    main_rank = current().main      # under torchrun: every rank scores its slice, rank 0 writes and prints
+    graph = TrainedGraph(run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
+                         progress=not args.no_progress and main_rank,
+                         log=print if main_rank else (lambda *_: None))       # the run's --gpu-mem plan too
+    result = graph.evaluate(questions)
+    if not main_rank:
+        return
+    out = write_predictions(result, Path(args.out) if args.out else
+                            run_dir / predictions_name(cfg.evaluated(), args.split))
+    print(f"{cfg.evaluated()} {args.split}: {result.summary()}")
+    print("routing share per refiner: " + ", ".join(f"{j} {s:.3f}" for j, s in zip(graph.refiners, result.routing)))
+    print(f"predictions: {out}")
+
+
+def cmd_predict(args) -> None:
+    from .data import load_file
+    from .predict import TrainedGraph, format_answer, write_jsonl
+
+    if (args.input is None) == (args.question is None):
+        raise UserError("give --input FILE or --question TEXT with --choices, not both or neither")
+    if args.question is not None:
+        if not args.choices or len(args.choices) < 2:
+            raise UserError("--question needs at least two --choices")
+        questions = [{"id": "question", "question": args.question, "choices": args.choices,
+                      "context": args.context or ""}]
+    else:
+        if args.choices or args.context:
+            raise UserError("--choices and --context go with --question; --input FILE holds its own")
+        questions = load_file(args.input, need_answer=False)
+    graph = TrainedGraph(args.run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
+                         progress=not args.no_progress)
+    records = graph.predict(questions)
+    stem = Path(args.input).stem if args.input else "question"
+    out = write_jsonl(records, Path(args.out) if args.out else
+                      Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    if len(records) <= 20:
+        print("\n\n".join(format_answer(r) for r in records))
+    else:
+        for r in records:
+            verdict = "" if "label" not in r else f"  (right: {r['label']})"
+            print(f"{r['id']}: {r['answer']}  p = {r['probs'][r['answer']]:.3f}{verdict}")
+    scored = [r for r in records if "label" in r]
+    if scored:
+        print(f"{sum(r['correct'] for r in scored)}/{len(scored)} right where the answer was given")
+    print(f"predictions: {out}")
+
+
+def cmd_cache(args) -> None:
+    from datetime import datetime
+
+    from .cache import CACHE_KINDS, cache_usage, clear_cache
+    from .memory.report import format_mib
+    from .tiny import cache_root
+
+    root = Path(args.cache_dir) if args.cache_dir else cache_root()
+    if args.clear:
+        entries, freed = clear_cache(root, args.clear)
+        print(f"cleared {args.clear} under {root}: {entries} entries, {format_mib(freed)} freed")
+        return
+    rows = cache_usage(root)
+    print(f"cache root: {root} (LOWMEM_GRAPH_CACHE overrides it)")
+    for kind, what in CACHE_KINDS.items():
+        mine = [r for r in rows if r[0] == kind]
+        print(f"\n{kind}/  {len(mine)} entries, {format_mib(sum(r[2] for r in mine))}  ({what})")
+        for _, name, size, mtime in mine if args.all or len(mine) <= 20 else mine[:20]:
+            print(f"  {format_mib(size):>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}  {name}")
+        if len(mine) > 20 and not args.all:
+            print(f"  ... {len(mine) - 20} more (--all lists them)")
+    print(f"\ntotal {format_mib(sum(r[2] for r in rows))}; lowmem-graph cache --clear prefix|nodes|tiny|llama2c|all "
+          "frees it (a cleared entry is rebuilt when needed)")
+
+
+def cmd_export(args) -> None:
+    from .predict import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {args.run_dir} to {out} (config.yaml, trainable.safetensors, metrics.jsonl, README.md, "
+          "export.json); load it with TrainedGraph or lowmem-graph predict")
+
+
+def cmd_matrix(args) -> None:
+    from .ablate import run_matrix
+
+    spec, cfg = _spec_and_config(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
+    out = _run_folder(args, f"matrix-{spec.name}")
+    run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
+    print(f"matrix: {out / 'matrix.md'}")
+
+
+def cmd_baselines(args) -> None:
+    from .baselines import run_baselines
+
+    spec, cfg = _spec_and_config(args)
+    run_baselines(spec, cfg, _run_folder(args, f"baselines-{spec.name}"), progress=not args.no_progress)
+
+
+def cmd_figures(args) -> None:
+    from .plots import plot_curves, plot_memory, plot_signals
+
+    run_dir = Path(args.run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+    plan = None
+    if (run_dir / "config.yaml").is_file():
+        from .memory.budget import parse_size
+        from .memory.search import make_plan
+        from .train import load_run_config
+
+        spec, cfg = load_run_config(run_dir)
+        if cfg.objective == "lm":
+            import json
+
+            from .lm import plot_comparison, plot_lm_curves
+
+            print(plot_lm_curves(metrics, run_dir / "lm-curves.png", spec.name))
+            results = run_dir / "lm-results.json"
+            if results.is_file() and len(json.loads(results.read_text())) > 1:
+                print(plot_comparison(json.loads(results.read_text()), run_dir / "lm-comparison.png", spec.name))
+            return
+        if cfg.gpu_mem:         # the run's plan, made again (it depends on the spec and settings alone)
+            try:
+                plan = make_plan(spec, parse_size(cfg.gpu_mem), cfg.batch_size, spec.max_length)
+            except UserError:   # this machine cannot host it: the plot says the peak was not given
+                plan = None
+    print(plot_curves(metrics, run_dir / "curves.png"))
+    print(plot_memory(metrics, run_dir / "memory.png", plan=plan))
+    print(plot_signals(metrics, run_dir / "signals.png"))
+
+
+def cmd_inspect(args) -> None:
+    from .summary import format_description
+
+    spec = _spec_from_args(args)
+    print(format_description(spec))
+    if args.draw:
+        from .drawing import draw
+        from .topology import of_spec
+
+        print(f"drawing: {draw(of_spec(spec), args.draw, f'graph {spec.name}')}")
+
+
+def cmd_align(args) -> None:
+    import shutil
+
+    from .ridge import align_graph, pooled_states, write_alignment
+    from .train import PlacedGraph, TrainConfig, load_questions
+
+    spec = _spec_from_args(args)
+    if args.limit is not None and args.limit < 5:
+        raise UserError(f"--limit must be >= 5 (a Ridge map needs held-out folds), got {args.limit}")
+    cfg = TrainConfig.from_dict({**spec.train, **{k: v for k, v in {"task": args.task, "data_dir": args.data_dir,
+                                                                    "device": args.device, "gpu_mem": args.gpu_mem,
+                                                                    "seed": args.seed, "columns": args.columns}.items()
+                                                     if v is not None}})
+    questions = load_questions(cfg.task, args.split, cfg.data_dir, args.limit, cfg.columns)
+    other = (load_questions(args.cross_task, args.split, cfg.data_dir, args.limit, cfg.columns) if args.cross_task
+             else None)
+    if len(questions) < 10:
+        raise UserError(f"{cfg.task} {args.split}: {len(questions)} questions; a held-out R^2 needs at least 10")
+    run_dir = _run_folder(args, f"align-{spec.name}")
+    try:
+        placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)
+        states = placed.frozen_states(*([questions] + ([other] if other else [])))
+        pooled = pooled_states(placed.graph, states[0], questions)
+        pooled_other = pooled_states(placed.graph, states[1], other) if other else None
+        rows = align_graph(pooled, pooled_other, cfg.seed, progress=not args.no_progress)
+        title = (f"{spec.name}: {cfg.task} {args.split}, {len(questions)} questions"
+                 + (f"; second task {args.cross_task}" if other else ""))
+        files = write_alignment(rows, run_dir, title)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(files[1].read_text())
+    print("written: " + ", ".join(str(f) for f in files))
+
+
+def cmd_probe_quant(args) -> None:
+    import re
+    import shutil
+
+    import torch
+
+    from .nodes import FrozenNode
+    from .probe import default_texts, probe_node, read_texts, write_probe
+    from .spec import NodeSpec
+    from .train import TrainConfig
+
+    if args.models and (args.preset or args.graph):
+        raise UserError("give model paths or ids, or --preset/--graph, not both")
+    if args.quant:
+        raise UserError("probe-quant measures every format (full, int8, int4-g128, nf4): --quant does not apply")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.models:
+        max_length = 512
+        nodes = [(NodeSpec(name=re.sub(r"[^A-Za-z0-9_-]+", "-", Path(m).stem or m).strip("-") or "model",
+                           model=m, role="reader"), ("output", -1)) for m in args.models]
+    else:
+        spec = _spec_from_args(args)
+        max_length = spec.max_length
+        nodes = [(n, ("output", None) if n.role == "reader" else ("input", None)) for n in spec.nodes]
+    texts = read_texts(args.text, args.limit) if args.text else default_texts(args.limit or 64)
+    device = TrainConfig(device=args.device or "auto").resolved_device()
+    run_dir = _run_folder(args, "probe-quant")
+    rows = []
+    try:
+        for node_spec, (kind, layer) in nodes:
+            node = FrozenNode.load(node_spec, "bf16" if device.type == "cuda" else "fp32", device, max_length,
+                                   logits=True)
+            if layer is None:
+                layer = node.read_layer if kind == "output" else node.inject_layer
+            rows += probe_node(node, texts, (kind, layer % node.n_layers), args.batch_size, not args.no_progress)
+            del node
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        files = write_probe(rows, run_dir, args.threshold)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(files[1].read_text())
+    print(f"{len(texts)} texts; written: " + ", ".join(str(f) for f in files))
+
+
+def cmd_plan(args) -> None:
+    from .memory.budget import parse_budgets, parse_size
+    from .memory.report import format_plan
+    from .memory.search import make_plan
+
+    spec = _spec_from_args(args)
+    host = parse_size(args.host_mem) if args.host_mem else None
+    plan = make_plan(spec, parse_budgets(args.gpu_mem), args.batch, args.seq, host)
+    print(format_plan(plan, spec))
