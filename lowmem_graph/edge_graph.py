@@ -4,8 +4,8 @@ Every node's decoder layers run one at a time with the calls its own model loop 
 so nodes joined by bridges advance in lockstep: at each layer index every node of a lockstep unit first takes what
 is written into it there (a latent's norm-matched blend, a bridge's gated update), then runs the layer, then
 offers what is read at its output. Units run in the order their latents need (readers, then a middle model, then a
-top model ...). A layer whose input needs grad runs under non-reentrant checkpointing, so backprop across the frozen
-models keeps one stream per layer and node. Only the maps on the edges, the bridges' gates and the output node
+top model ...). Without a memory plan every activation is kept, as in a plain forward; under one, the plan's layer
+groups are checkpointed (each keeps only its input) and streamed by the placement. Only the maps on the edges, the bridges' gates and the output node
 train; the frozen nodes are outside the state_dict.
 
 Objectives: "choice" (the output node scores the answer options, as in the paper) or "lm" (next-token prediction
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .align import align_index, gather_tokens
 from .data import Question, format_prompt
@@ -64,9 +63,6 @@ class EdgeGraph(TrainedParts):
                                     for s in self.sites if s.edge.source in topology.latents and not self._tied(s)})
         self.output = (OutputNode(dim, spec.output.heads, spec.output.max_choices, len(self.reads))
                        if objective == "choice" else None)
-        # each layer whose input needs grad runs under checkpoint; a memory plan's placement turns this off while
-        # its streamers checkpoint the plan's layer groups (memory/placement.py)
-        self.checkpoint_layers = True
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str) -> None:
         """As TrainedParts', also taking weights saved by the paper shape's former runtime, which named a reader's
@@ -245,7 +241,7 @@ class EdgeGraph(TrainedParts):
             for site in self.into[n]:
                 if site.write == i:
                     run.streams[n] = self._write(site, run.streams[n], run.batch, run.reads)
-            run.streams[n] = _run_layer(run.calls[n][i - run.starts[n]], run.streams[n], self.checkpoint_layers)
+            run.streams[n] = _run_layer(run.calls[n][i - run.starts[n]], run.streams[n])
             if any(s.edge.source == n and s.read == i for s in self.sites):
                 run.reads[(n, i)] = self.nodes[n].base.norm(run.streams[n])
 
@@ -292,14 +288,11 @@ def part_key(kind: str, node: str, layer: int) -> str:
     return f"{kind}:{node}:{layer}"
 
 
-def _run_layer(call, hidden: torch.Tensor, checkpointed: bool = True) -> torch.Tensor:
-    """One decoder layer as the model's loop calls it; checkpointed where its input needs grad (only the input is
-    kept; backward recomputes the layer)."""
+def _run_layer(call, hidden: torch.Tensor) -> torch.Tensor:
+    """One decoder layer as the model's loop calls it. Without a memory plan its activations are kept, as in any
+    forward; under one, the plan's checkpointed groups keep only their inputs (its streamers attach to the layers)."""
     layer, args, kwargs = call
-    if checkpointed and torch.is_grad_enabled() and hidden.requires_grad:
-        out = checkpoint(layer, hidden, *args, use_reentrant=False, **kwargs)
-    else:
-        out = layer(hidden, *args, **kwargs)
+    out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

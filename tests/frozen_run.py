@@ -13,7 +13,7 @@ def run_node(node, input_ids, attention_mask, inject=None, prefix=None, at=None)
         for i, call in enumerate(calls, start):
             if i == at and inject is not None:
                 h = inject(h)
-            h = _run_layer(call, h, checkpointed=False)
+            h = _run_layer(call, h)
         return node.base.norm(h)
 
 
@@ -27,4 +27,4 @@ def read_of(node, input_ids, attention_mask, layer=None):
     layer = node.read_layer if layer is None else layer
     h, calls = node.layer_calls(input_ids, attention_mask, start=layer)
     with node._autocast():
-        return node.base.norm(_run_layer(calls[0], h, checkpointed=False))
+        return node.base.norm(_run_layer(calls[0], h))

@@ -32,7 +32,6 @@ class Placement:
         self.plan = plan
         self.streamers: list[stream.LayerStreamer] = []
         self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
-        self._stepping = None       # the graph whose layers the streamers checkpoint
         from .kept import Kept
 
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
@@ -110,8 +109,6 @@ class Placement:
         except BaseException:
             self.stop_steps()
             raise
-        graph.checkpoint_layers = False     # the plan's groups checkpoint, not each layer
-        self._stepping = graph
 
     def stop_steps(self) -> None:
         """Give back what `start_steps` placed: streamers detach (their pinned slabs unregister)."""
@@ -123,9 +120,6 @@ class Placement:
                 part.to(home)
             node.device = home
         self._moved = []
-        if self._stepping is not None:
-            self._stepping.checkpoint_layers = True
-            self._stepping = None
 
 
 def norm_and_rotary(node: FrozenNode, head: bool = False) -> list[torch.nn.Module]:
