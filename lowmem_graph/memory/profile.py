@@ -147,25 +147,18 @@ def _profile(spec, quant: str | None = None) -> _Profile:
     metas = {n.name: meta_model(n.model, n.revision, n.trust_remote_code) for n in spec.nodes}
     bases = {name: model.get_decoder() if hasattr(model, "get_decoder") else model.model
              for name, (_, model) in metas.items()}
-    edges = _edge_layers(spec, {name: len(base.layers) for name, base in bases.items()}) if spec.by_edges else {}
+    topology = of_spec(spec)
+    edges = _edge_layers(spec, {name: len(base.layers) for name, base in bases.items()})
+    lm = spec.train.get("objective") == "lm"
     for n in spec.nodes:
         config, model = metas[n.name]
-        layers = len(bases[n.name].layers)
-        lm_vocab = 0
-        if spec.by_edges:       # "refiner": runs at a step, from its lowest written layer up
-            role, needed, inject, top, cuts, frozen_norm = edges[n.name]
-            if spec.train.get("objective") == "lm" and n.name in spec.output.reads:
-                lm_vocab = config.get_text_config().vocab_size
-        elif n.role == "reader":
-            role, (needed, inject), top, cuts, frozen_norm = n.role, (n.read_index(layers) + 1, layers), 0, (), False
-        else:
-            role, needed, top, cuts, frozen_norm = n.role, n.inject_index(layers), 0, (), False
-            inject = needed
+        role, needed, inject, top, cuts, frozen_norm = edges[n.name]    # "refiner": runs at a step
+        lm_vocab = config.get_text_config().vocab_size if lm and n.name in topology.reads else 0
         nodes[n.name] = dataclasses.replace(node_profile(n.name, role, config, model, n.quant or quant, needed, inject),
                                             top=top, cuts=cuts, frozen_norm=frozen_norm, lm_vocab=lm_vocab)
+    into_latents = [e.source for e in topology.edges if e.target in topology.latents]
     profile = _Profile(nodes, trainable_count(spec, {name: node.width for name, node in nodes.items()}),
-                       spec.latent_dim,
-                       [nodes[r.name].width for r in spec.readers])
+                       spec.latent_dim, [nodes[name].width for name in into_latents])
     _PROFILES[key] = profile
     return profile
 
@@ -198,10 +191,6 @@ def trainable_count(spec, widths: dict[str, int]) -> int:
     EdgeGraph; a test checks they agree): the maps on the edges, the bridges' gates, the readouts
     and the output node."""
     dim = spec.latent_dim
-    if not spec.by_edges:       # read_proj W_k, readout W_j, and a separate carry per refiner unless tied
-        total = sum(widths[r.name] * dim for r in spec.readers)
-        total += sum(widths[j.name] * dim for j in spec.refiners) * (2 if spec.carry == "separate" else 1)
-        return total + output_node_params(dim, spec.output.heads, spec.output.max_choices, len(spec.refiners))
     topology = of_spec(spec)
     latents, choice = topology.latents, spec.train.get("objective", "choice") == "choice"
     read = topology.reads if choice else []

@@ -133,10 +133,10 @@ def _candidates(spec, profile: _Profile, batch: int, seq: int):
                     groups = _with_resident(base, k, keep)
                     for depth in ((0,) if k == len(base) else (2, 1)):
                         # streamed and accumulated: each group once for all micro-batches (all checkpointed)
-                        # (the edge runtime steps its nodes in lockstep, micro-batch by micro-batch)
                         schedules = (MICRO_BATCH_MAJOR,) + ((LAYER_MAJOR, LAYER_MAJOR_HOST)
                                                             if depth and micro < batch and not keep
-                                                            and not spec.by_edges else ())
+                                                            and spec.train.get("objective", "choice") == "choice"
+                                                            else ())
                         for schedule in schedules:
                             yield groups, depth, micro, schedule, _step_breakdown(spec, profile, groups, depth,
                                                                                   micro, seq, schedule, batch)
