@@ -120,7 +120,8 @@ def test_a_users_own_hooks_still_fire_while_streamed_checkpointed_and_recorded(t
         _no_forward_replaced(node, seen, "layer forward")
         if i == 0:      # the user's hook steers the stream entering layer 0: the group input then needs grad
             h = args[0] if args else kwargs["hidden_states"]
-            return ((h + delta.to(h.dtype), *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h + delta})
+            h = h + delta.to(h.dtype)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
     handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: enter(m, a, k, i), with_kwargs=True)
                for i, layer in enumerate(node.layers)]
