@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
-from .memory.stream import page_locked
+from .memory.host import page_locked
 
 PROMPT_FORMAT = 4   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
 _SHARD = re.compile(r"^shard-\d{5}\.safetensors$")

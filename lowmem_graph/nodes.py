@@ -1,47 +1,24 @@
 """FrozenNode: one frozen causal LM, loaded in 4-bit, with its own tokenizer, run layer by layer.
 
-The model's code is never copied or patched: one forward through stand-ins records the calls its own loop makes of
-each decoder layer (`layer_calls`: masks, rotary tables, each layer's attention type), and the graph then runs the
-layers itself, writing into the stream and reading it between them.
+The model's code is never copied or patched: one forward with a stand-in hook on each decoder layer records the
+calls its own loop makes of them (`layer_calls`: masks, rotary tables, each layer's attention type), and the graph
+then runs the layers itself, writing into the stream and reading it between them. Finding and loading the model
+(and its saved quantised copy) is loading.py's.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import re
-import shutil
-import sys
-from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 
 from .errors import UserError, hub_error
-from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
+from .hooks import StandIn, add_hook
+from .loading import (_quantised_cache_dir, _quiet_transformers, _save_atomically, _verified,  # noqa: F401
+                      bundled_config, folder_digest, hub_commit, load_config, resolve_model, source_identity)
 from .spec import NodeSpec
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for a decoder layer whose output a cache already holds."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _Recorder(torch.nn.Module):
-    """Stands in for a decoder layer while `layer_calls` records how the model's loop calls it."""
-
-    def __init__(self, record):
-        super().__init__()
-        self.record = record
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.record(hidden_states, *args, **kwargs)
 
 
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -63,141 +40,6 @@ class _CastWarning(logging.Filter):
 
 
 _CAST_WARNING = _CastWarning()     # one instance: addFilter ignores a filter already added
-
-
-class _StopForward(Exception):
-    """Raised by the read hook: everything above the read layer is wasted work for a reader."""
-
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
-def _quiet_transformers():
-    """transformers' warnings and per-load bars off (noise beside the run's own progress); the hub's download bars,
-    which transformers turns off with its own, back on where someone watches: a first paper run downloads 38 GB."""
-    import transformers
-    from huggingface_hub.utils import enable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    if sys.stderr.isatty():
-        enable_progress_bars()
-
-
-def resolve_model(ref: str) -> tuple[str, bool]:
-    """(what from_pretrained takes, is_local) for a node's `model` field. Converts llama2.c files."""
-    from .tiny import cache_root, tiny_path
-
-    if ref.startswith("tiny:"):
-        return str(tiny_path(ref[len("tiny:"):])), True
-    path = Path(ref).expanduser()
-    if path.exists():
-        if path.is_file():
-            from .llama2c import convert_llama2c, is_llama2c_checkpoint
-
-            if not is_llama2c_checkpoint(path):
-                raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
-            digest = file_sha256(path)
-            out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
-            if not (out / "config.json").exists():
-                convert_llama2c(path, out)
-            return str(out), True
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {path} has no config.json: not a Hugging Face model folder")
-        return str(path), True
-    if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
-        raise UserError(f"model path not found: {ref}")
-    return ref, False
-
-
-def bundled_config(ref: str):
-    """The config of a model the presets use, shipped with the package: `inspect` and `plan` need no download."""
-    import json
-    from importlib import resources
-
-    from transformers import AutoConfig
-
-    path = resources.files("lowmem_graph.presets") / "configs" / (ref.replace("/", "__") + ".json")
-    return AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file() else None
-
-
-def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's config, with clear errors for unknown ids and models that are not causal LMs. Python shipped
-    with a model runs only with `trust_remote_code` (a node's opt-in); never after a question at a prompt."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    _quiet_transformers()
-    if prefer_bundled and (config := bundled_config(ref)) is not None:
-        return config, ref, False
-    source, is_local = resolve_model(ref)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                            **({} if is_local else {"revision": revision}))
-    except (OSError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
-                            "only if you trust that code") from None
-        if is_local:
-            raise UserError(f"cannot load config of {ref!r} (a local folder): {str(e).splitlines()[0]}") from None
-        raise hub_error(f"model {ref!r}", e) from None
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
-    return config, source, is_local
-
-
-def hub_commit(source: str, revision: str | None = None) -> str | None:
-    """The commit a hub id (at `revision`) resolves to, read off the cached config's snapshot path."""
-    from transformers.utils.hub import cached_file, extract_commit_hash
-
-    try:
-        return extract_commit_hash(cached_file(source, "config.json", revision=revision), None)
-    except OSError:
-        return None
-
-
-def source_identity(source: str, is_local: bool, commit: str | None = None) -> str:
-    """What names a model's weights: a hub id with its commit, or the SHA-256 of a local folder's weight, config and
-    tokenizer files (new weights of the same size and time are new weights)."""
-    if not is_local:
-        return f"{source}@{commit or 'unresolved'}"
-    return f"local:{folder_digest(Path(source))}"
-
-
-_HASHED = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
-
-
-def folder_digest(folder: Path) -> str:
-    """SHA-256 over the files that make a model (name and content). A file's digest is remembered under its inode,
-    size, mtime and ctime (ctime changes on every write and cannot be set back), so a folder is read once."""
-    from .tiny import cache_root
-
-    memo_path = cache_root() / "file-digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    parts, changed = [], False
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _HASHED):
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
-        if key not in memo:
-            memo[key], changed = file_sha256(path), True
-        parts.append((path.name, memo[key]))
-    if changed:
-        with contextlib.suppress(OSError):
-            with atomic_file(memo_path) as tmp:
-                tmp.write_text(json.dumps(memo))
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def _quantised_cache_dir(identity: str, source: str, quant: str, compute=torch.float32) -> Path:
-    """Where a node quantised once is saved, keyed by its source identity (a new hub commit: a new folder)."""
-    from .tiny import cache_root
-
-    key = f"{identity}|{compute}"
-    slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
-    return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def default_device() -> torch.device:
@@ -382,43 +224,42 @@ class FrozenNode:
         running the layers one at a time: nodes coupled by bridges advance together, layer by layer.
 
         One forward without grad: the layers below `start` run (input-only work; with `prefix`, the cached stream
-        entering `start`, they do not), and the others are stand-ins recording how the model's loop calls them
-        (masks, rotary tables, each layer's attention type), so every architecture keeps its own arguments.
+        entering `start`, they do not), and the others have a stand-in hook (hooks.py) recording how the model's
+        loop calls them (masks, rotary tables, each layer's attention type), so every architecture keeps its own
+        arguments. A stand-in is not a run of its layer: the layer and torch's hooks on it do not run. Above the
+        last layer the model's forward goes on to its final norm, given one position only.
         A call is (layer, args, kwargs): `layer(hidden, *args, **kwargs)` runs it."""
         calls: list = []
         entering: list = []
-        originals = list(self.layers)
+        last = len(self.layers) - 1
 
         def recorder(index):
-            def record(hidden_states, *args, **kwargs):
+            def record(layer, hidden, args, kwargs):
                 if index == start:
-                    entering.append(hidden_states)
-                calls.append((originals[index], args, kwargs))
-                if index == len(originals) - 1:
-                    raise _StopForward(None)
-                return hidden_states
+                    entering.append(hidden)
+                calls.append((layer, args, kwargs))
+                return hidden[:1, :1] if index == last else hidden
             return record
 
+        handles = []
         try:
-            for i in range(len(originals)):
+            for i, layer in enumerate(self.layers):
                 if i >= start:
-                    self.layers[i] = _Recorder(recorder(i))
+                    handles.append(add_hook(layer, StandIn(recorder(i))))
                 elif prefix is not None:
-                    self.layers[i] = _PassThrough()
+                    handles.append(add_hook(layer, StandIn(lambda layer, hidden, args, kwargs: hidden)))
             with self._autocast():
                 if prefix is None:
                     self._forward(input_ids, attention_mask)
                 else:
                     self.base(inputs_embeds=prefix.to(self.device), attention_mask=attention_mask.to(self.device),
                               use_cache=False)
-        except _StopForward:
-            pass
         finally:
-            for i, layer in enumerate(originals):
-                self.layers[i] = layer
-        if len(calls) != len(originals) - start:
+            for handle in handles:
+                handle.remove()
+        if len(calls) != len(self.layers) - start:
             raise RuntimeError(f"node {self.spec.name!r}: the model's loop called {len(calls)} of its decoder "
-                               f"layers {start}..{len(originals) - 1}")
+                               f"layers {start}..{last}")
         # the cached stream itself, not what the stand-ins carried (Gemma-2 scales what enters as embeddings)
         return (prefix.to(self.device) if prefix is not None else entering[0]), calls
 
@@ -449,33 +290,3 @@ class FrozenNode:
         yield from self.model.state_dict().items()
 
 
-def _save_atomically(model, tokenizer, path: Path) -> None:
-    """The quantised copy, with every file's SHA-256 in checksums.json (checked on each load)."""
-    remove_stale_temps(path.parent)
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-
-
-def _verified(folder: Path) -> bool:
-    """Whether a quantised copy is there and whole (every file matches its recorded SHA-256); a damaged or
-    incomplete one is deleted, so the node is quantised again."""
-    if not folder.exists():
-        return False
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        sums = json.loads((folder / "checksums.json").read_text())
-        names = sorted(sums)
-        with ThreadPoolExecutor(4) as pool:        # hashlib releases the GIL
-            whole = list(pool.map(file_sha256, [folder / n for n in names])) == [sums[n] for n in names]
-        whole = whole and "config.json" in sums and all("/" not in n and n != ".." for n in names)
-    except (OSError, ValueError, TypeError, AttributeError):
-        whole = False
-    if not whole:
-        print(f"lowmem-graph: the quantised copy {folder} is damaged or incomplete: quantising the node again",
-              file=sys.stderr)
-        shutil.rmtree(folder, ignore_errors=True)
-    return whole

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hooks import LayerHook, add_hook, split_hidden
+
 FORMATS = ("full", "int8", "int4-g128", "nf4")
 GROUP = 128
 
@@ -67,6 +69,23 @@ def _linears(model) -> list[torch.nn.Linear]:
     return [m for m in base.layers.modules() if isinstance(m, torch.nn.Linear)]
 
 
+class _Keep(LayerHook):
+    """Keeps a decoder layer's input or output hidden state (on the host, fp32) at each call."""
+
+    def __init__(self, kind: str, captured: list):
+        self.kind, self.captured = kind, captured
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.kind == "input":
+            self.captured.append(split_hidden(args, kwargs)[0].detach().float().cpu())
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.kind == "output":
+            self.captured.append((output[0] if isinstance(output, tuple) else output).detach().float().cpu())
+        return output
+
+
 def probe_node(node, texts: list[str], where: tuple[str, int], batch_size: int = 8, progress: bool = True,
                formats=FORMATS) -> list[ProbeRow]:
     """Perplexity of `texts` and the hidden state at `where` (("output", layer) or ("input", layer)) under each
@@ -78,16 +97,7 @@ def probe_node(node, texts: list[str], where: tuple[str, int], batch_size: int =
     linears = _linears(model)
     originals = [m.weight.data.clone() for m in linears]
     captured = []
-
-    def keep_output(module, args, kwargs, output):
-        captured.append((output[0] if isinstance(output, tuple) else output).detach().float().cpu())
-
-    def keep_input(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
-
-    target = node.layers[layer]
-    handle = (target.register_forward_hook(keep_output, with_kwargs=True) if kind == "output"
-              else target.register_forward_pre_hook(keep_input, with_kwargs=True))
+    handle = add_hook(node.layers[layer], _Keep(kind, captured))
     reference, rows = None, []
     try:
         for fmt in formats:

@@ -40,8 +40,8 @@ def test_the_streamer_finds_every_tensor_a_4bit_forward_reads():
 
 
 def test_decoder_layers_are_called_by_the_model_loop_with_the_hidden_state_first():
-    """GroupCheckpoint replaces each decoder layer's forward and relies on the model's own loop calling every layer
-    with the hidden state first (or as `hidden_states=`) and getting a tensor back (transformers 5)."""
+    """GroupCheckpoint's hooks and layer_calls' stand-ins (hooks.py) rely on the model's own loop calling every
+    layer with the hidden state first (or as `hidden_states=`) and getting a tensor back (transformers 5)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,

@@ -221,7 +221,7 @@ def test_hub_download_bars_stay_on_where_someone_watches(monkeypatch):
 
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    from lowmem_graph import nodes
+    from lowmem_graph import loading as nodes      # where FrozenNode.load's helpers live
 
     for tty in (True, False):
         monkeypatch.setattr(nodes, "sys", types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: tty)))

@@ -6,7 +6,7 @@ import torch
 from frozen_run import prefix_of, read_of, run_node
 from deferred_copies import DeferredCopies
 
-from lowmem_graph.memory import stream
+from lowmem_graph.memory import host, stream
 from lowmem_graph.memory.checkpoint import GroupCheckpoint
 from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 from lowmem_graph.memory.placement import Placement, norm_and_rotary
@@ -321,7 +321,7 @@ class FakeDriver:
         self.calls += 1
         if self.calls == self.fail_at:
             return self.error                           # default: cudaErrorInvalidValue, a fault
-        first, last = ptr // stream.PAGE, (ptr + nbytes - 1) // stream.PAGE
+        first, last = ptr // host.PAGE, (ptr + nbytes - 1) // host.PAGE
         if any(first <= b and a <= last for a, b in self.ranges.values()):
             return self.ALREADY
         self.ranges[ptr] = (first, last)
@@ -334,8 +334,8 @@ class FakeDriver:
 @pytest.fixture
 def driver(monkeypatch):
     fake = FakeDriver()
-    monkeypatch.setattr(stream, "host_register", fake.register)
-    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    monkeypatch.setattr(host, "host_register", fake.register)
+    monkeypatch.setattr(host, "host_unregister", fake.unregister)
     return fake
 
 
@@ -362,7 +362,7 @@ def test_streamers_alive_together_have_page_aligned_disjoint_slabs(tiny_nodes, d
         spans = []
         for s in streamers:
             start = s.slab.data_ptr()
-            assert start % stream.PAGE == 0 and s.host.mapped % stream.PAGE == 0
+            assert start % host.PAGE == 0 and s.host.mapped % host.PAGE == 0
             assert s.host.mapped >= s.slab.numel() > 0 and s.host.pinned
             spans.append((start, start + s.host.mapped))
         spans.sort()
@@ -376,8 +376,8 @@ def test_streamers_alive_together_have_page_aligned_disjoint_slabs(tiny_nodes, d
 
 def test_a_refused_registration_leaves_every_layer_as_it_was(tiny_nodes, monkeypatch):
     fake = FakeDriver(fail_at=1)
-    monkeypatch.setattr(stream, "host_register", fake.register)
-    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    monkeypatch.setattr(host, "host_register", fake.register)
+    monkeypatch.setattr(host, "host_unregister", fake.unregister)
     nodes = {n: tiny_nodes[n] for n in ("phi3", "mistral")}
     before = _snapshot(nodes)
     with pytest.raises(RuntimeError, match="cudaHostRegister failed"):
@@ -392,8 +392,8 @@ def test_when_a_later_refiner_fails_the_earlier_ones_let_go(tiny_graph, monkeypa
     from lowmem_graph.memory.estimate import Plan
 
     fake = FakeDriver(fail_at=2)
-    monkeypatch.setattr(stream, "host_register", fake.register)
-    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    monkeypatch.setattr(host, "host_register", fake.register)
+    monkeypatch.setattr(host, "host_unregister", fake.unregister)
     real = stream.LayerStreamer
     made = []
     monkeypatch.setattr(stream, "LayerStreamer", lambda *a, **k: made.append(real(*a, **k, pin=True)) or made[-1])
@@ -413,19 +413,19 @@ def test_when_a_later_refiner_fails_the_earlier_ones_let_go(tiny_graph, monkeypa
     assert not any("forward" in vars(layer) for node in nodes.values() for layer in node.layers)
 
 
-@pytest.mark.parametrize("error", sorted(stream.PAGEABLE_FALLBACK))
+@pytest.mark.parametrize("error", sorted(host.PAGEABLE_FALLBACK))
 def test_a_machine_that_will_not_lock_the_slab_streams_from_pageable_memory(tiny_nodes, monkeypatch, error):
     """WSL 2 and memlock quotas refuse large registrations: the run warns, clears CUDA's last error (torch would
     raise it at the next kernel launch) and streams the same numbers from an unlocked slab."""
     fake = FakeDriver(fail_at=1, error=error)
-    monkeypatch.setattr(stream, "host_register", fake.register)
-    monkeypatch.setattr(stream, "host_unregister", fake.unregister)
+    monkeypatch.setattr(host, "host_register", fake.register)
+    monkeypatch.setattr(host, "host_unregister", fake.unregister)
     cleared = []
-    monkeypatch.setattr(stream, "clear_cuda_error", lambda: cleared.append(True))
+    monkeypatch.setattr(host, "clear_cuda_error", lambda: cleared.append(True))
     node = tiny_nodes["phi3"]
     trainables = _trainables(node)
     plain = _step(node, *trainables)
-    with pytest.warns(RuntimeWarning, match=f"could not page-lock.*{stream.PAGEABLE_FALLBACK[error]}"):
+    with pytest.warns(RuntimeWarning, match=f"could not page-lock.*{host.PAGEABLE_FALLBACK[error]}"):
         streamer = LayerStreamer(node.layers, [[0], [1], [2], [3]], {0}, device="cpu", pin=True)
     with streamer:
         assert not streamer.host.pinned and cleared == [True]
@@ -439,7 +439,7 @@ def test_a_machine_out_of_pinned_memory_keeps_rows_and_activations_pageable(monk
     layer-major-host schedule's kept tensors go to pageable memory, with one warning, and pinning is not retried."""
     from lowmem_graph.memory.kept import Kept
 
-    monkeypatch.setattr(stream, "_pinning_refused", False)
+    monkeypatch.setattr(host, "_pinning_refused", False)
     calls = []
 
     def refuse(*args, **kwargs):
@@ -449,8 +449,8 @@ def test_a_machine_out_of_pinned_memory_keeps_rows_and_activations_pageable(monk
     monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
     t = torch.arange(6.0).view(2, 3)
     with pytest.warns(RuntimeWarning, match=r"could not page-lock more host memory \(CUDA error: out of memory\)"):
-        assert stream.page_locked(t) is t
-    assert stream.page_locked(t) is t and len(calls) == 1
+        assert host.page_locked(t) is t
+    assert host.page_locked(t) is t and len(calls) == 1
     kept = Kept("cuda", on_host=True).keep(t)       # the tensor is on the CPU here: only the host side runs
     assert torch.equal(kept, t) and kept.data_ptr() != t.data_ptr() and not kept.is_pinned()
 
@@ -461,16 +461,16 @@ def test_the_cuda_runtime_is_found_in_the_process_map():
             "7f20-7f30 r-xp 00000000 08:01 124  /venv/torch/lib/libtorch_cuda.so\n"
             "7f30-7f40 rw-p 00000000 00:00 0 \n"
             "7f40-7f50 r-xp 00000000 08:01 125  /opt/my dir/libcudart.so.12\n")
-    assert stream.cudart_libraries(maps) == ["/venv/nvidia/cu13/lib/libcudart.so.13", "/opt/my dir/libcudart.so.12"]
-    stream.clear_cuda_error()       # no runtime in this process: nothing to do, no error
+    assert host.cudart_libraries(maps) == ["/venv/nvidia/cu13/lib/libcudart.so.13", "/opt/my dir/libcudart.so.12"]
+    host.clear_cuda_error()       # no runtime in this process: nothing to do, no error
 
 
 def test_a_pinned_slab_collected_without_unpin_unpins_first(driver):
     import gc
 
-    slab = stream.HostSlab(10_000)
+    slab = host.HostSlab(10_000)
     slab.pin()
-    assert len(driver.ranges) == 1 and slab.mapped == -(-10_000 // stream.PAGE) * stream.PAGE
+    assert len(driver.ranges) == 1 and slab.mapped == -(-10_000 // host.PAGE) * host.PAGE
     del slab
     gc.collect()
     assert driver.ranges == {}
@@ -483,14 +483,14 @@ def test_on_cuda_a_refused_registration_is_cleared_before_the_next_kernel():
     clear_cuda_error torch's launch check would raise it at the next kernel."""
     import ctypes
 
-    slab = stream.HostSlab(1 << 20)
+    slab = host.HostSlab(1 << 20)
     slab.pin()
     try:
-        assert stream.host_register(slab.tensor.data_ptr(), slab.mapped) == FakeDriver.ALREADY
+        assert host.host_register(slab.tensor.data_ptr(), slab.mapped) == FakeDriver.ALREADY
         with open("/proc/self/maps") as f:
-            runtimes = [ctypes.CDLL(p) for p in stream.cudart_libraries(f.read())]
+            runtimes = [ctypes.CDLL(p) for p in host.cudart_libraries(f.read())]
         assert runtimes and any(r.cudaPeekAtLastError() == FakeDriver.ALREADY for r in runtimes)
-        stream.clear_cuda_error()
+        host.clear_cuda_error()
         assert all(r.cudaPeekAtLastError() == 0 for r in runtimes)
         assert (torch.ones(8, device="cuda") * 2).sum().item() == 16
     finally:
@@ -514,7 +514,7 @@ def test_on_cuda_two_refiners_stream_at_once():
     streamers = [LayerStreamer(node.layers, [[0], [1], [2], [3]], device="cuda") for node in hosted]
     try:
         for s in streamers:
-            assert s.slab.is_pinned() and s.slab.data_ptr() % stream.PAGE == 0
+            assert s.slab.is_pinned() and s.slab.data_ptr() % host.PAGE == 0
         a, b = sorted((s.slab.data_ptr(), s.slab.data_ptr() + s.host.mapped) for s in streamers)
         assert a[1] <= b[0]
         for _ in range(2):

@@ -6,7 +6,8 @@ search.py     budget -> plan: residency, streaming, micro-batches, schedule (mak
 budget.py     --gpu-mem / --host-mem as bytes; whether the devices have room now
 plan.py       the planner's names re-exported for older importers (defines nothing)
 placement.py  the one owner of where every frozen tensor lives, per phase of a run, from a plan or none
-stream.py     layer-group streaming: page-locked host slabs, device slots, prefetch in both directions
-checkpoint.py checkpointed layer groups (keep the input, recompute in backward)
+stream.py     layer-group streaming: host slabs, device slots, prefetch in both directions
+host.py       page-locked host memory (the slabs, cached rows, kept activations) and its CUDA runtime calls
+checkpoint.py checkpointed layer groups (keep the input, recompute in backward), as hooks on the layers' forwards
 report.py     measuring memory the same way everywhere (RSS, CUDA peaks, LiveBytes on any device); the plan's table
 """

@@ -1,14 +1,15 @@
 """Checkpointing across frozen boundaries: a group of decoder layers keeps only its input.
 
-The model's own loop still calls every layer (so per-layer arguments stay right, e.g. Gemma-2's sliding or
-full mask chosen by layer index). While the hidden state needs grad, each layer of a group gets a forward
-that only records its arguments and passes the hidden state through; the group's last layer then runs the
-whole group once under non-reentrant `torch.utils.checkpoint` (reentrant checkpointing drops gradients when
-the group's input does not require grad). Backward recomputes the group from its input with the recorded
+The model's own loop (or the graph, with the calls it recorded) still calls every layer, so per-layer arguments
+stay right (e.g. Gemma-2's sliding or full mask chosen by layer index). Each layer of a group gets a hook on its
+forward (hooks.py: inside torch's own hooks on the layer, which keep firing). While the hidden state needs grad,
+the hook only records the layer's arguments and passes the hidden state through; the group's last layer then
+runs the whole group once under non-reentrant `torch.utils.checkpoint` (reentrant checkpointing drops gradients
+when the group's input does not require grad). Backward recomputes the group from its input with the recorded
 arguments (HF loops give each layer the same masks and position embeddings whatever the layers before it
-returned), calling the layers' forwards directly.
+returned), calling what lies inside each layer's hook (hooks attached before it, then the layer's own forward).
 
-Layer-level hooks run once, in the forward, on the group's input: the stream may be rewritten only before a
+Layer-level torch hooks run once, in the forward, on the group's input: the stream may be rewritten only before a
 group's first layer (where the graph writes into a node, groups are cut). A forward hook on any layer but the
 group's last sees the group's input, not that layer's output.
 """
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from ..hooks import LayerHook, add_hook, hooks_of, remove_hook, split_hidden
 
 
 class GroupCheckpoint:
@@ -29,7 +32,8 @@ class GroupCheckpoint:
     not only before its recompute, because some ops keep weight references from the forward outside the
     saved tensors that checkpointing recomputes (bitsandbytes keeps a view of the packed weight).
     Without grad (or when the group's input needs none) layers run as usual, `before_group(g, False)` first.
-    Installed on construction; `detach()` (or leaving a `with` block) restores the layers' own forwards.
+    Installed on construction (a hook on each layer's forward, hooks.py); `detach()` (or leaving a `with` block)
+    removes those hooks, whatever else is attached to the layers.
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]],
@@ -40,22 +44,25 @@ class GroupCheckpoint:
         self.plain = set(plain)
         self.before_group = before_group
         self._pending = None        # (group input, recorded layer calls) while a group is being collected
-        taken = [i for group in self.groups for i in group if "forward" in vars(layers[i])]
+        mine = [(index, _GroupLayer(self, g, pos, index)) for g, group in enumerate(self.groups)
+                if g not in self.plain for pos, index in enumerate(group)]
+        taken = [i for i, _ in mine if any(isinstance(h, _GroupLayer) for h in hooks_of(layers[i]))]
         if taken:
-            raise RuntimeError(f"decoder layers {taken} already have their forward replaced "
+            raise RuntimeError(f"decoder layers {taken} already run in a checkpointed group "
                                "(a second GroupCheckpoint or streamer on the same layers?)")
-        for g, group in enumerate(self.groups):
-            if g in self.plain:
-                continue
-            for pos, index in enumerate(group):
-                layers[index].forward = self._deferred(g, pos, index, layers[index].forward)
+        self._hooks = []
+        try:
+            for index, hook in mine:
+                add_hook(layers[index], hook)
+                self._hooks.append((layers[index], hook))
+        except BaseException:
+            self.detach()
+            raise
 
     def detach(self) -> None:
-        for g, group in enumerate(self.groups):
-            if g in self.plain:
-                continue
-            for index in group:
-                del self.layers[index].forward      # the instance attribute: the class's forward is back
+        for layer, hook in self._hooks:
+            remove_hook(layer, hook)
+        self._hooks = []
 
     def __enter__(self):
         return self
@@ -63,35 +70,31 @@ class GroupCheckpoint:
     def __exit__(self, *exc):
         self.detach()
 
-    def _deferred(self, g: int, pos: int, index: int, forward):
-        last = pos == len(self.groups[g]) - 1
-
-        def run(*args, **kwargs):
-            hidden, args, kwargs = _split_hidden(args, kwargs)
-            needs_grad = torch.is_grad_enabled() and hidden.requires_grad
-            if pos == 0:
-                self._pending = (hidden, []) if needs_grad else None
-                if self._pending is None:
-                    self._before(g, False)
+    def _run(self, g: int, pos: int, index: int, forward, args, kwargs):
+        """Layer `index` (position `pos` of group `g`) called; `forward` runs what lies inside its hook."""
+        hidden, args, kwargs = split_hidden(args, kwargs)
+        needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+        if pos == 0:
+            self._pending = (hidden, []) if needs_grad else None
             if self._pending is None:
-                if needs_grad:
-                    raise RuntimeError(f"a tensor that needs grad enters decoder layer {index}, inside layer group "
-                                       f"{self.groups[g]}: start a group at layer {index}")
-                return forward(hidden, *args, **kwargs)
-            group_input, calls = self._pending
-            if hidden is not group_input:
-                raise RuntimeError(f"a hook changed the hidden state at decoder layer {index}, inside layer group "
+                self._before(g, False)
+        if self._pending is None:
+            if needs_grad:
+                raise RuntimeError(f"a tensor that needs grad enters decoder layer {index}, inside layer group "
                                    f"{self.groups[g]}: start a group at layer {index}")
-            calls.append((forward, args, kwargs))
-            if not last:
-                return hidden
-            self._pending = None
-            self._before(g, False)
-            out = checkpoint(_run_group, calls, group_input, use_reentrant=False)
-            out.register_hook(lambda grad: self._before(g, True))
-            return out
-
-        return run
+            return forward(hidden, *args, **kwargs)
+        group_input, calls = self._pending
+        if hidden is not group_input:
+            raise RuntimeError(f"a hook changed the hidden state at decoder layer {index}, inside layer group "
+                               f"{self.groups[g]}: start a group at layer {index}")
+        calls.append((forward, args, kwargs))
+        if pos < len(self.groups[g]) - 1:
+            return hidden
+        self._pending = None
+        self._before(g, False)
+        out = checkpoint(_run_group, calls, group_input, use_reentrant=False)
+        out.register_hook(lambda grad: self._before(g, True))
+        return out
 
     def _before(self, g: int, backward: bool) -> None:
         if self.before_group is not None:
@@ -117,9 +120,13 @@ def check_groups(groups: Sequence[Sequence[int]], n_layers: int) -> list[list[in
     return groups
 
 
-def _split_hidden(args, kwargs):
-    """(hidden state, other positional args, kwargs): HF loops pass it first, or as `hidden_states=`."""
-    if args:
-        return args[0], args[1:], kwargs
-    kwargs = dict(kwargs)
-    return kwargs.pop("hidden_states"), (), kwargs
+class _GroupLayer(LayerHook):
+    """GroupCheckpoint's hook on one layer's forward."""
+
+    exclusive = True
+
+    def __init__(self, owner: GroupCheckpoint, g: int, pos: int, index: int):
+        self.owner, self.g, self.pos, self.index = owner, g, pos, index
+
+    def new_forward(self, module, inner, *args, **kwargs):
+        return self.owner._run(self.g, self.pos, self.index, inner, args, kwargs)

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .stream import page_locked_empty
+from .host import page_locked_empty
 
 
 class Kept:

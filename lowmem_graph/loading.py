@@ -1,0 +1,180 @@
+"""Finding a node's model and its saved quantised copy: model references (a hub id, a local folder, a llama2.c
+file, `tiny:<arch>`), configs with clear errors, what names a model's weights (a hub commit, a folder's SHA-256),
+and the NF4 copy quantised once, saved with every file's SHA-256 and checked on each load. FrozenNode.load
+(nodes.py) loads through these."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, hub_error
+from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _quiet_transformers():
+    """transformers' warnings and per-load bars off (noise beside the run's own progress); the hub's download bars,
+    which transformers turns off with its own, back on where someone watches: a first paper run downloads 38 GB."""
+    import transformers
+    from huggingface_hub.utils import enable_progress_bars
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if sys.stderr.isatty():
+        enable_progress_bars()
+
+
+def resolve_model(ref: str) -> tuple[str, bool]:
+    """(what from_pretrained takes, is_local) for a node's `model` field. Converts llama2.c files."""
+    from .tiny import cache_root, tiny_path
+
+    if ref.startswith("tiny:"):
+        return str(tiny_path(ref[len("tiny:"):])), True
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_file():
+            from .llama2c import convert_llama2c, is_llama2c_checkpoint
+
+            if not is_llama2c_checkpoint(path):
+                raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
+            digest = file_sha256(path)
+            out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
+            if not (out / "config.json").exists():
+                convert_llama2c(path, out)
+            return str(out), True
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path), True
+    if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise UserError(f"model path not found: {ref}")
+    return ref, False
+
+
+def bundled_config(ref: str):
+    """The config of a model the presets use, shipped with the package: `inspect` and `plan` need no download."""
+    import json
+    from importlib import resources
+
+    from transformers import AutoConfig
+
+    path = resources.files("lowmem_graph.presets") / "configs" / (ref.replace("/", "__") + ".json")
+    return AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config, with clear errors for unknown ids and models that are not causal LMs. Python shipped
+    with a model runs only with `trust_remote_code` (a node's opt-in); never after a question at a prompt."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    _quiet_transformers()
+    if prefer_bundled and (config := bundled_config(ref)) is not None:
+        return config, ref, False
+    source, is_local = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            **({} if is_local else {"revision": revision}))
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
+                            "only if you trust that code") from None
+        if is_local:
+            raise UserError(f"cannot load config of {ref!r} (a local folder): {str(e).splitlines()[0]}") from None
+        raise hub_error(f"model {ref!r}", e) from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
+    return config, source, is_local
+
+
+def hub_commit(source: str, revision: str | None = None) -> str | None:
+    """The commit a hub id (at `revision`) resolves to, read off the cached config's snapshot path."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(source, "config.json", revision=revision), None)
+    except OSError:
+        return None
+
+
+def source_identity(source: str, is_local: bool, commit: str | None = None) -> str:
+    """What names a model's weights: a hub id with its commit, or the SHA-256 of a local folder's weight, config and
+    tokenizer files (new weights of the same size and time are new weights)."""
+    if not is_local:
+        return f"{source}@{commit or 'unresolved'}"
+    return f"local:{folder_digest(Path(source))}"
+
+
+_HASHED = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the files that make a model (name and content). A file's digest is remembered under its inode,
+    size, mtime and ctime (ctime changes on every write and cannot be set back), so a folder is read once."""
+    from .tiny import cache_root
+
+    memo_path = cache_root() / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    parts, changed = [], False
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _HASHED):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+        if key not in memo:
+            memo[key], changed = file_sha256(path), True
+        parts.append((path.name, memo[key]))
+    if changed:
+        with contextlib.suppress(OSError):
+            with atomic_file(memo_path) as tmp:
+                tmp.write_text(json.dumps(memo))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _quantised_cache_dir(identity: str, source: str, quant: str, compute=torch.float32) -> Path:
+    """Where a node quantised once is saved, keyed by its source identity (a new hub commit: a new folder)."""
+    from .tiny import cache_root
+
+    key = f"{identity}|{compute}"
+    slug = re.sub(r"[^\w.-]+", "_", source.strip("/"))[-60:]
+    return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _save_atomically(model, tokenizer, path: Path) -> None:
+    """The quantised copy, with every file's SHA-256 in checksums.json (checked on each load)."""
+    remove_stale_temps(path.parent)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+
+
+def _verified(folder: Path) -> bool:
+    """Whether a quantised copy is there and whole (every file matches its recorded SHA-256); a damaged or
+    incomplete one is deleted, so the node is quantised again."""
+    if not folder.exists():
+        return False
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        sums = json.loads((folder / "checksums.json").read_text())
+        names = sorted(sums)
+        with ThreadPoolExecutor(4) as pool:        # hashlib releases the GIL
+            whole = list(pool.map(file_sha256, [folder / n for n in names])) == [sums[n] for n in names]
+        whole = whole and "config.json" in sums and all("/" not in n and n != ".." for n in names)
+    except (OSError, ValueError, TypeError, AttributeError):
+        whole = False
+    if not whole:
+        print(f"lowmem-graph: the quantised copy {folder} is damaged or incomplete: quantising the node again",
+              file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+    return whole
