@@ -38,7 +38,7 @@ from lowmem_graph.memory.report import MiB, device_peaks, others_on_the_gpu, out
 from lowmem_graph.memory.search import make_plan, with_placement
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import load_preset
-from lowmem_graph.summary import meta_model
+from lowmem_graph.loading import meta_model
 from lowmem_graph.step import step_gradients
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .nodes import FrozenNode, load_config
+from .nodes import FrozenNode, load_config, node_device
 from .ops import fused_inject
 from .spec import GraphSpec
 
@@ -41,17 +41,6 @@ def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress
                                                 spec.max_length, compute_device=own, logits=node_spec.name in logits,
                                                 progress=progress)
     return nodes
-
-
-def node_device(node_spec, run_device) -> torch.device:
-    """Where a node computes: the device its spec names (`device: cuda:1`), else the run's. Activations cross to
-    it at the edges into the node and back to the run's device (where everything trainable lives) at its reads."""
-    if node_spec.device is None:
-        return torch.device(run_device)
-    if node_spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"node {node_spec.name!r}: device {node_spec.device} asked for, but no CUDA device is "
-                        "available")
-    return torch.device(node_spec.device)
 
 
 def autocast(device) -> AbstractContextManager:

@@ -178,3 +178,12 @@ def _verified(folder: Path) -> bool:
               file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
     return whole
+
+
+def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = False):
+    """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
+    from transformers import AutoModelForCausalLM
+
+    config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

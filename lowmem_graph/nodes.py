@@ -290,3 +290,12 @@ class FrozenNode:
         yield from self.model.state_dict().items()
 
 
+def node_device(node_spec, run_device) -> torch.device:
+    """Where a node computes: the device its spec names (`device: cuda:1`), else the run's. Activations cross to
+    it at the edges into the node and back to the run's device (where everything trainable lives) at its reads."""
+    if node_spec.device is None:
+        return torch.device(run_device)
+    if node_spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"node {node_spec.name!r}: device {node_spec.device} asked for, but no CUDA device is "
+                        "available")
+    return torch.device(node_spec.device)

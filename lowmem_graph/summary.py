@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .nodes import bundled_config, load_config
+from .loading import meta_model
+from .nodes import bundled_config
 from .spec import GraphSpec
 
 
@@ -25,15 +26,6 @@ class NodeShape:
     n_layers: int
     params: int
     site: str     # "read layer 16/16" or "inject before layer 24/32"
-
-
-def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = False):
-    """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
-    from transformers import AutoModelForCausalLM
-
-    config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def reduced_config(ref: str, scale: int = 8, layers: int | None = None, vocab: int = 256):

@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from ..nodes import FrozenNode
+from ..nodes import FrozenNode, node_device
 from . import stream
 
 
@@ -39,8 +39,6 @@ class Placement:
 
     def device_of(self, node: FrozenNode) -> torch.device:
         """Where a node computes: its spec's `device`, else the run's."""
-        from ..graph import node_device
-
         return _exact(node_device(node.spec, self.device))
 
     @property

@@ -135,7 +135,7 @@ def _param_bytes(module, quant: str) -> tuple[int, int]:
 
 def _profile(spec, quant: str | None = None) -> _Profile:
     """Per node: layer sizes and shapes (meta models); the trainable count, from the widths (`trainable_count`)."""
-    from ..summary import meta_model
+    from ..loading import meta_model
 
     quant = quant or spec.quant
     if quant not in FORMATS:
