@@ -114,3 +114,19 @@ def test_modules_stay_short():
     assert not long, f"modules over {MAX_LINES} lines (split them by idea): {long}"
     done = {name for name in OVER_THE_LIMIT_FOR_NOW if lengths.get(name, 0) <= MAX_LINES}
     assert not done, f"now at most {MAX_LINES} lines: remove from OVER_THE_LIMIT_FOR_NOW: {sorted(done)}"
+
+
+def test_the_memory_planner_reaches_nothing_above_the_nodes():
+    """memory/ (planning, placement, streaming) knows the nodes and the topology, never a runtime: nothing it
+    imports, directly or through others, builds a graph, runs a step or trains."""
+    modules = _modules(PACKAGES)
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    above = {f"lowmem_graph.{m}" for m in ("graph", "edge_graph", "step", "train", "frozen_pass", "cache", "lm",
+                                           "cli", "summary", "evaluate", "objectives", "fit", "placed")}
+    for name in (m for m in modules if m.startswith("lowmem_graph.memory")):
+        reached, todo = set(), [name]
+        while todo:
+            for w in graph[todo.pop()] - reached:
+                reached.add(w)
+                todo.append(w)
+        assert not reached & above, f"{name} reaches {sorted(reached & above)}"
