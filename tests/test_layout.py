@@ -8,7 +8,7 @@ PACKAGES = {"lowmem_graph": ROOT / "lowmem_graph", "lowmem_graph.kernels": ROOT 
 MAX_LINES = 400
 # Modules allowed over MAX_LINES for now, while they are being rewritten (the runtime refactor merging FrozenGraph
 # into EdgeGraph). This set must shrink to empty: remove a name as soon as its module is under the limit.
-OVER_THE_LIMIT_FOR_NOW = {"lowmem_graph/train.py", "lowmem_graph/nodes.py", "lowmem_graph/memory/stream.py"}
+OVER_THE_LIMIT_FOR_NOW = {"lowmem_graph/nodes.py", "lowmem_graph/memory/stream.py"}
 
 
 def _modules(packages: dict[str, Path]) -> dict[str, Path]:
