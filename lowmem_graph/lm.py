@@ -121,8 +121,9 @@ def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
     ax_loss.set(xlabel="step", ylabel="training loss (mean NLL per token)", title="training")
     ax_ppl.set(xlabel="epoch (0: untrained)", ylabel="held-out perplexity", title="held-out text")
     ax_ppl.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax_loss.legend(fontsize=7)
-    ax_ppl.legend(fontsize=7)
+    for ax in (ax_loss, ax_ppl):
+        if ax.lines:            # a run stopped before its first evaluation has no perplexity yet
+            ax.legend(fontsize=7)
     fig.suptitle(f"{name}: next-token prediction", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
