@@ -94,8 +94,9 @@ class Trainer:
         self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
         if self.placed.cached and graph_variant:
-            self.train_states, self.eval_states = self.placed.frozen_items(
-                self.objective.frozen_items(self.train_set), self.objective.frozen_items(self.eval_set))
+            sets = (self.train_set, self.eval_set)      # questions (as their prompts), or passages
+            self.train_states, self.eval_states = (self.placed.frozen_states(*sets) if self.variant is None else
+                                                   self.placed.frozen_items(*map(self.objective.frozen_items, sets)))
         if cfg.init == "ridge":
             self._ridge_init()
         self.model = self.trained       # what a step's forward runs through: the trained module, or DDP around it
