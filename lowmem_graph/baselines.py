@@ -23,8 +23,7 @@ from .data import Question, leave_out_trained
 from .errors import UserError
 from .evaluate import wilson_interval
 from .files import atomic_file
-from .graph import node_device
-from .nodes import FrozenNode
+from .nodes import FrozenNode, node_device
 from .spec import GraphSpec
 from .summary import describe
 from .train import TrainConfig, load_questions, train

@@ -38,6 +38,8 @@ def _train_overrides(args) -> dict:
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "allow_test_training", False):
         overrides["allow_test_training"] = True
+    if getattr(args, "compare", False):
+        overrides["compare"] = True
     return overrides
 
 
@@ -72,17 +74,18 @@ def cmd_train(args) -> None:
         spec, cfg = _spec_and_config(args)
         run_dir = _run_folder(args, spec.name)
     if cfg.objective == "lm":
+        from .distributed import current
         from .lm import VARIANTS, comparison_table, train_lm
 
-        if args.resume:
-            raise UserError("--resume: a run with the lm objective does not resume yet; start it again")
-        results = train_lm(spec, cfg, run_dir, VARIANTS if args.compare else ("coupled",),
-                           progress=not args.no_progress)
+        results = train_lm(spec, cfg, run_dir, VARIANTS if cfg.compare else ("coupled",),
+                           progress=not args.no_progress, resume=bool(args.resume))
+        if not current().main or len(results) < (3 if cfg.compare else 1):     # another rank, or stopped
+            return
         print(comparison_table(results))
         print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors, "
               "lm-curves.png" + (", lm-comparison.png)" if len(results) > 1 else ")"))
         return
-    if args.compare:
+    if cfg.compare:
         raise UserError("--compare runs the lm objective's baselines: add --objective lm")
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     from .distributed import current

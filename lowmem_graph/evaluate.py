@@ -41,12 +41,17 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bool = True,
-             desc: str = "eval", states=None, ranks=None) -> EvalResult:
+             desc: str = "eval", states=None, ranks=None, objective=None, model=None) -> EvalResult:
     """`batch_size` questions per forward (under a memory plan: its micro-batch). `states`: the frozen pass over
     these questions (frozen_pass.run_frozen_pass), so only the refiners' tops run. Same autocast as training.
     Under several `ranks` (distributed.Ranks) each evaluates its slice of the questions and every rank gets the
-    one result over all of them, in the questions' order."""
+    one result over all of them, in the questions' order. Another `objective` than multiple choice (objectives.py)
+    evaluates its own way, through `model` (what trained: the graph, or a baseline's module)."""
     from .distributed import Ranks, gather, shard
+
+    if objective is not None and hasattr(objective, "evaluate"):
+        return objective.evaluate(model if model is not None else graph, graph, questions, batch_size, progress,
+                                  desc, states, ranks)
 
     ranks = ranks or Ranks()
     graph.eval()

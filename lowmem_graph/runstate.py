@@ -47,6 +47,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict
     rng: dict
+    variant: str | None = None      # the lm objective's variant whose state this is (None: the one graph)
 
 
 # ---- RNG state as JSON + tensors -------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def _join_optimizer(plain: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 # ---- writing ---------------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict,
-                    scheduler: dict) -> Path:
+                    scheduler: dict, variant: str | None = None) -> Path:
     """Write the checkpoint for `step` into a folder of its own, then point `checkpoint` at it in one rename."""
     run_dir = Path(run_dir)
     store = run_dir / STORE
@@ -115,6 +116,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         save_file({**tensors, **rng_tensors}, str(tmp / "state.safetensors"))
         state = {"format": FORMAT, "step": step, "optimizer": plain_optimizer, "scheduler": scheduler, "rng": rng,
                  "sha256": {f: file_sha256(tmp / f) for f in (TRAINABLE, "state.safetensors")}}
+        if variant is not None:
+            state["variant"] = variant
         (tmp / "state.json").write_text(json.dumps({**state, "digest": _digest(state)}))
     _point(run_dir / LINK, f"{STORE}/{name}")
     if not (run_dir / TRAINABLE).is_symlink():
@@ -174,7 +177,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         raise UserError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
     return Checkpoint(state["step"], trainable, _join_optimizer(state["optimizer"], tensors), state["scheduler"],
-                      {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}})
+                      {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
+                      state.get("variant"))
 
 
 def _load_legacy(path: Path) -> Checkpoint:
@@ -231,15 +235,16 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def keep_metrics_until(path: Path, step: int) -> int:
-    """Drop the records after `step` (a resumed run replays them) and any partial line; returns how many went."""
+def keep_metrics_until(path: Path, step: int, variant: str | None = None) -> int:
+    """Drop the records after `step` (a resumed run replays them) and any partial line; returns how many went. With
+    `variant` (the lm objective's --compare), only that variant's records: the others' steps are theirs."""
     from .files import atomic_file
 
     path = Path(path)
     if not path.is_file():
         return 0
     records = read_metrics(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
+    kept = [r for r in records if r.get("step", 0) <= step or r.get("variant") != variant]
     dropped = len(path.read_text(errors="replace").splitlines()) - len(kept)
     if dropped:
         with atomic_file(path) as tmp:

@@ -11,7 +11,9 @@ prefix cache, the frozen pass's parts for it. Two loop orders over the same forw
   per step, whatever the accumulation. What stays between the forward and the backward (each group's input, each
   micro-batch's head) is on the device, or in host memory under layer-major-host (memory/kept.py).
 
-The sums are the same in another order: the gradients agree within floating-point tolerance.
+The sums are the same in another order: the gradients agree within floating-point tolerance. What a micro-batch's
+output costs is the objective's (objectives.py: multiple choice, or next-token prediction): its `share` of the step's
+loss (divided by the step's `norm`) goes to backward, its figures are summed over the step as tensors, unread.
 """
 from __future__ import annotations
 
@@ -25,15 +27,22 @@ from .graph import autocast
 LAYER_MAJOR = ("layer-major", "layer-major-host")
 
 
-def step_gradients(graph, parts, total: int, device, placement=None):
-    """The gradients of one optimizer step over `parts`, summed as for one batch of `total` examples. Returns the
-    summed loss (fp64), the number correct and the summed routing share per read node, as tensors: the caller
-    reads them once."""
+def step_gradients(graph, parts, total, device, placement=None, objective=None, target=None):
+    """The gradients of one optimizer step over `parts`, each micro-batch's loss divided by `total` (the
+    objective's `norm` of the whole step: the number of examples for multiple choice). Returns the objective's
+    figures summed over the micro-batches (for multiple choice: the summed loss in fp64, the number correct and the
+    summed routing share per read node), as tensors: the caller reads them once. `objective`: objectives.Choice
+    when not given; `target`: the graph whose nodes the objective scores through, when `graph` is another module
+    (a baseline's) or DDP's."""
+    from .objectives import Choice
+
+    objective = objective or Choice()
     schedule = placement.plan.schedule if placement is not None and placement.plan is not None else None
+    module = getattr(graph, "module", graph)        # DDP's
+    target = target if target is not None else module
     if schedule not in LAYER_MAJOR:
-        return accumulate(graph, parts, total, device)
-    module = getattr(graph, "module", graph)        # DDP's: this schedule runs the graph's forward itself ...
-    sums = layer_major(module, parts, total, device, placement)
+        return accumulate(graph, parts, total, device, objective, target)
+    sums = layer_major(module, parts, total, device, placement, objective)   # runs the graph's forward itself ...
     if module is not graph:                         # ... so the ranks' gradients are averaged here
         ranks = distributed.current()
         for p in module.parameters():
@@ -42,9 +51,9 @@ def step_gradients(graph, parts, total: int, device, placement=None):
     return sums
 
 
-def accumulate(graph, parts, total: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def accumulate(graph, parts, total, device, objective, target) -> tuple:
     """Forward and backward of every micro-batch in `parts` in turn (the micro-batch-major schedule)."""
-    sums = (0, 0, 0)
+    sums = None
     parts = iter(parts)
     following = next(parts, None)
     while following is not None:
@@ -55,13 +64,13 @@ def accumulate(graph, parts, total: int, device) -> tuple[torch.Tensor, torch.Te
         with sync:
             with autocast(device):
                 out = graph(batch, *frozen)
-            loss, correct, routing = choice_loss(out, batch)
-            (loss / total).backward()
-        sums = _added(sums, (loss, correct, routing))
+            share, figures = objective.share(target, out, batch, total)
+            share.backward()
+        sums = _added(sums, figures)
     return sums
 
 
-def layer_major(graph, parts, total: int, device, placement):
+def layer_major(graph, parts, total, device, placement, objective):
     """Every micro-batch through each loaded layer group, then one backward (see the module's docstring)."""
     parts = [(batch, frozen[0] if frozen else None) for batch, frozen in parts]
     streamers = dict(zip(graph.stepped_layers(), placement.streamers))
@@ -72,22 +81,15 @@ def layer_major(graph, parts, total: int, device, placement):
                                       for t in (*node.model.parameters(), *node.model.buffers()))]
     with placement.kept.saved_for_backward(weights), autocast(device):
         outs = graph.forward_many(parts, groups)
-    sums, losses = (0, 0, 0), []
+    sums, losses = None, []
     for out, (batch, _) in zip(outs, parts):
-        loss, correct, routing = choice_loss(out, batch)
-        losses.append(loss / total)
-        sums = _added(sums, (loss, correct, routing))
+        share, figures = objective.share(graph, out, batch, total)
+        losses.append(share)
+        sums = _added(sums, figures)
     torch.stack(losses).sum().backward()
     return sums
 
 
-def choice_loss(out, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over the answer slots, number correct, summed routing share per read node)."""
-    labels = batch.labels.to(out.logits.device)
-    loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum")
-    return loss, (out.logits.argmax(-1) == labels).sum(), out.routing.detach().float().sum(0)
-
-
 def _added(sums, new):
-    loss, correct, routing = new
-    return sums[0] + loss.detach().double(), sums[1] + correct, sums[2] + routing
+    """The figures summed element by element, each in its own dtype (the first micro-batch's as they are)."""
+    return tuple(new) if sums is None else tuple(a + b for a, b in zip(sums, new))

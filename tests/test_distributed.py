@@ -1,7 +1,7 @@
 """More than one process, through PyTorch's own engine: torchrun starts two ranks on the CPU (gloo). A run split
 across them trains like one process with the same global batch, writes its folder once, resumes, builds the same
 prefix cache, evaluates (sharded) to the same predictions; bad input fails every rank in one line, and no rank
-hangs. Each launch costs seconds of start-up, so the tests launch four."""
+hangs; an lm run too. Each launch costs seconds of start-up, so the tests launch five."""
 import json
 import os
 import shutil
@@ -77,6 +77,28 @@ def test_two_ranks_train_resume_cache_and_evaluate_like_one_process(tmp_path):
             assert [s["file"] for s in e2.shards] == ["shard-00000.safetensors", "shard-01000.safetensors"]
         for i in range(len(e1)):
             assert torch.equal(e2.row(i), e1.row(i)), (key, i)
+
+
+def test_an_lm_run_on_two_ranks_gives_the_one_process_figures(tmp_path):
+    """The lm objective (the residual-coupling example) through the same trainer: two ranks, each half of every
+    step's passages and the per-token mean over the whole step (tokens counted over both halves), write the run
+    once and give one process's losses, perplexities and weights."""
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml")
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = ["train", "--graph", example, *QUICK]
+    done = torchrun([*args, "--run-dir", str(two), "--cache-dir", str(tmp_path / "c2")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--run-dir", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)]
+    steps = [[r for r in rs if r["kind"] == "step"] for rs in records]
+    assert [r["step"] for r in steps[0]] == [1, 2, 3] and all(r["variant"] == "coupled" for r in steps[0])
+    torch.testing.assert_close([r["loss"] for r in steps[0]], [r["loss"] for r in steps[1]], rtol=1e-5, atol=1e-6)
+    assert [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
+    (a,), (b,) = ([r["perplexity"] for r in rs if r["kind"] == "epoch"] for rs in records)
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4) for k in a)
+    w2, w1 = (load_file(run / "weights-coupled.safetensors") for run in (two, one))
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
 def test_bad_input_fails_every_rank_in_one_line_and_none_hangs(tmp_path):

@@ -183,7 +183,7 @@ def read_lm_metrics(run_dir: Path) -> dict:
     out = {}
     for r in records:
         v = out.setdefault(r["variant"], {"steps": [], "epochs": []})
-        if "step" in r:
+        if "loss" in r:       # a step (an epoch's record has train_loss; since one trainer, a step too)
             v["steps"].append({"step": r["step"], "loss": r["loss"]})
         else:
             v["epochs"].append({k: r[k] for k in ("epoch", "perplexity", "train_loss") if k in r})

@@ -1,0 +1,180 @@
+"""A run's settings and its folder: TrainConfig (every training setting, typed and checked), the questions a
+selection names, and the run folder's making (unique, atomic) and its config.yaml, written first."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .data import Question, is_path_task, load_task, spread, task_part
+from .errors import UserError
+from .files import atomic_file
+from .spec import GraphSpec, check_name, from_dict, typed_fields
+
+
+@dataclass
+class TrainConfig:
+    task: str = "arc-easy"            # training data: task[:split,...] parts joined by "+" (see load_questions)
+    eval_task: str | None = None      # evaluated each epoch (default: the same tasks as `task`)
+    data_dir: str | None = None       # official local files; None: the hub (bundled files for ARC-Easy)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05              # share of steps with linear warm-up, then cosine decay
+    clip: float = 1.0                 # gradient-norm clip
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    gpu_mem: str | None = None        # device budget ("6G"): plan residency, streaming, micro-batch (needs the cache)
+    prefix_cache: bool = True         # run frozen input-only work once (model-major) and train from its cache
+    cache_dir: str | None = None      # where the prefix cache lives (default: <cache root>/prefix)
+    checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
+    max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
+    init: str = "random"              # random | ridge: projections start as Ridge maps into an anchor's latent
+    init_anchor: str | None = None    # the node whose principal directions span the latent (default: 1st refiner)
+    columns: str | None = None        # hf:ORG/NAME tasks: question=...,choices=...,answer=... (data.parse_columns)
+    allow_test_training: bool = False  # train on a test split (refused otherwise: it contaminates the results)
+    objective: str = "choice"         # choice: score answer options | lm: next-token prediction on text (lm.py)
+    compare: bool = False             # lm: also each model alone and a learned router, under the same protocol
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
+        """Settings checked for type and range, each bad one named in one line."""
+        cfg = cls(**typed_fields(cls, raw, where, "setting"))
+        checks = [("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                  ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+                  ("warmup", 0 <= cfg.warmup < 1, "in [0, 1)"), ("clip", cfg.clip > 0, "> 0"),
+                  ("limit_train", cfg.limit_train is None or cfg.limit_train >= 1, ">= 1 (or left out: no limit)"),
+                  ("limit_eval", cfg.limit_eval is None or cfg.limit_eval >= 1, ">= 1 (or left out: no limit)"),
+                  ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0 (0: at each epoch's end only)"),
+                  ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)"),
+                  ("init", cfg.init in ("random", "ridge"), "random or ridge"),
+                  ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
+        return cfg
+
+    def evaluated(self) -> str:
+        """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
+        return self.eval_task or "+".join(task_part(part)[0] for part in self.task.split("+"))
+
+    def check_splits(self) -> None:
+        """Refuse what contaminates a reproduction (training on a test split, or on a file named like one) and a
+        file task without an evaluation task (a file has no splits to evaluate on)."""
+        for part in self.task.split("+"):
+            task, splits, _ = task_part(part)
+            is_file = is_path_task(task) and not Path(task).expanduser().is_dir()
+            for split in splits or [self.train_split]:
+                test = split == "test" or (is_file and re.search(r"(^|[^a-z])test([^a-z]|$)", Path(task).stem.lower()))
+                if test and not self.allow_test_training:
+                    where = task if is_path_task(task) else f"{task}:{split}"
+                    raise UserError(f"training on a test split ({where}) would contaminate every result measured "
+                                    "on it; add --allow-test-training if that is what you want")
+            if is_file and self.eval_task is None:
+                raise UserError(f"{task} is one file, with no splits: give the questions to evaluate on with "
+                                "--eval-task FILE, or a folder with train and validation files as the task")
+
+    def resolved_device(self) -> torch.device:
+        """The device asked for; under several ranks on CUDA, each rank's own GPU (LOCAL_RANK)."""
+        from .distributed import current
+
+        if self.device == "auto":
+            return current().device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {self.device!r} asked for, but no CUDA device is available")
+        return current().device(device)
+
+
+def load_questions(selection: str, split: str, data_dir: str | None = None, limit: int | None = None,
+                   columns: str | None = None) -> list[Question]:
+    """Questions of `task[:split,split...]` parts joined by `+`; a part without splits takes `split`.
+
+    A part may end in `@N`: N questions drawn from it with a fixed seed. The paper's training data without
+    MMLU's test split is `arc-challenge:train+openbookqa:train+mmlu:auxiliary_train,dev,validation@14042`.
+    `limit` keeps at most that many questions of each part, so every task is seen (and every subject: see
+    data.spread). `columns` maps an hf:ORG/NAME part's columns.
+    """
+    questions = []
+    for part in selection.split("+"):
+        task, splits, sample = task_part(part)
+        chosen = []
+        for one in splits or [split]:
+            chosen += load_task(task, one, data_dir, columns=columns if task.startswith("hf:") else None)
+        if sample:
+            if not sample.isdigit() or int(sample) < 1:
+                raise UserError(f"{part.strip()}: expected a number of questions (>= 1) after @")
+            if int(sample) < len(chosen):
+                chosen = random.Random(0).sample(chosen, int(sample))
+        questions += spread(chosen, limit) if limit else chosen
+    return questions
+
+
+def save_config(run_dir: Path, spec: GraphSpec, cfg: TrainConfig) -> None:
+    with atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"graph": spec.to_dict(), "train": dataclasses.asdict(cfg)}, sort_keys=False))
+
+
+def load_run_config(run_dir: Path) -> tuple[GraphSpec, TrainConfig]:
+    from .spec import read_yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("graph"), dict) or not isinstance(raw.get("train"), dict):
+        raise UserError(f"{path}: not a run's config (expected the mappings 'graph' and 'train')")
+    graph = dict(raw["graph"])
+    graph.pop("train", None)
+    return from_dict(graph, str(path)), TrainConfig.from_dict(raw["train"], f"{path}: train")
+
+
+def create_run_dir(root: str | Path, name: str) -> Path:
+    """A new, unique run folder `<root>/<name>-<time>[-n]`, made atomically (two runs started in the same second
+    get two folders)."""
+    check_name(name, "run name")
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the runs folder {root}: {e.strerror}") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = root / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot make the run folder {path}: {e.strerror}") from None
+    raise UserError(f"no free run folder name under {root} for {name}-{stamp}")
+
+
+def claim_run_dir(path: str | Path) -> Path:
+    """An exact run folder (--run-dir): made now, or taken if it exists and is empty."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir() or any(path.iterdir()):
+            raise UserError(f"run folder {path} exists and is not empty (use --resume {path} to continue it)") \
+                from None
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {path}: {e.strerror}") from None
+    return path
+

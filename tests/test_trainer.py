@@ -1,0 +1,147 @@
+"""The one trainer, for either objective: an lm run (next-token, the residual-coupling example) resumes bit for bit
+after max_steps or a signal, and a step reads the device once (loss, accuracy, grad norms and the stop flag
+together)."""
+import collections
+import os
+import signal
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+
+from lowmem_graph import runstate
+from lowmem_graph.errors import Interrupted
+from lowmem_graph.lm import train_lm
+from lowmem_graph.spec import load_preset, load_spec
+from lowmem_graph.train import TrainConfig, Trainer
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml"
+QUIET = dict(progress=False, log=lambda *_: None)
+LM = dict(limit_train=24, limit_eval=8, epochs=2, batch_size=8)
+
+
+def _lm_cfg(tmp_path, **kw):
+    spec = load_spec(EXAMPLE)
+    return spec, TrainConfig.from_dict({**spec.train, **LM, "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+def _lm_steps(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in runstate.read_metrics(run / "metrics.jsonl") if r.get("kind") == "step"]
+
+
+@pytest.fixture(scope="module")
+def straight_lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    spec, cfg = _lm_cfg(tmp)
+    train_lm(spec, cfg, tmp / "run", **QUIET)
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("how", ["max_steps", "signal"])
+def test_an_lm_run_stopped_and_resumed_ends_with_the_straight_runs_weights(tmp_path, monkeypatch, straight_lm, how):
+    run = tmp_path / "run"
+    if how == "max_steps":
+        spec, cfg = _lm_cfg(tmp_path, max_steps=2)
+        train_lm(spec, cfg, run, **QUIET)
+    else:
+        spec, cfg = _lm_cfg(tmp_path)
+        real = Trainer.train_step
+
+        def step_then_signal(self, items, inputs=None):
+            out = real(self, items, inputs)
+            if self.step + 1 == 4:          # during step 4 (the first of epoch 2)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+        with pytest.raises(Interrupted) as info:
+            train_lm(spec, cfg, run, **QUIET)
+        assert info.value.code == 143
+        monkeypatch.undo()
+    stopped = runstate.load_checkpoint(run)
+    assert stopped.variant == "coupled" and stopped.step == (2 if how == "max_steps" else 4)
+    assert not (run / "weights-coupled.safetensors").exists()
+    spec, cfg = _lm_cfg(tmp_path)
+    results = train_lm(spec, cfg, run, resume=True, **QUIET)
+    assert results["coupled"]["steps"] == 6
+    assert _lm_steps(run) == _lm_steps(straight_lm)          # every step once, the same losses
+    a, b = load_file(run / "weights-coupled.safetensors"), load_file(straight_lm / "weights-coupled.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__"}
+# Host reads that are not device reads: AdamW keeps its step counters on the host (not capturable, not fused),
+# and reads them each step.
+HOST_SIDE = ("torch/optim/",)
+# Found and left to nodes.py (another module's): transformers' sdpa mask check reads the attention mask each time a
+# node's layer calls are recorded for a micro-batch (masking_utils._ignore_causal_mask_sdpa); the GPU test below
+# says whether that mask is on the device there.
+ELSEWHERE = ("transformers/masking_utils.py",)
+
+
+class HostReads(TorchFunctionMode):
+    """Every Python-level read of a tensor's value into the host (item, tolist, cpu, bool(), float() ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READS:
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "torch/overrides" not in f.filename
+                           and "torch/_tensor" not in f.filename), None)
+            where = f"{caller.filename}:{caller.lineno}" if caller else "?"
+            if not any(part in where for part in HOST_SIDE + ELSEWHERE):
+                self.reads.append(f"{name} at {where}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["choice", "lm"])
+def test_a_train_step_reads_the_device_once(tmp_path, objective):
+    if objective == "lm":
+        spec, cfg = _lm_cfg(tmp_path, limit_train=16, epochs=1)
+    else:
+        spec = load_preset("tiny")
+        cfg = TrainConfig.from_dict({**spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 1,
+                                     "cache_dir": str(tmp_path / "cache")})
+    trainer = Trainer(spec, cfg, tmp_path / "run", variant="coupled" if objective == "lm" else None, **QUIET)
+    try:
+        items = trainer.train_set[:8]
+        trainer.train_step(items, trainer.step_inputs(items))       # a first step (lazy inits)
+        inputs = trainer.step_inputs(items)     # made ahead, on another thread, by fit
+        with HostReads() as mode:
+            metrics = trainer.train_step(items, inputs)
+    finally:
+        trainer.close()
+    assert len(mode.reads) <= 1, collections.Counter(mode.reads)
+    assert len(mode.reads) == 1 and "train.py" in mode.reads[0]
+    assert metrics["grad_norm"] > 0 and metrics["grad_norms"] and metrics["loss"] > 0
+
+
+@pytest.mark.gpu
+def test_train_steps_sync_only_at_their_one_read_on_cuda(tmp_path):
+    """On a GPU, steps under torch.cuda.set_sync_debug_mode("error"): any synchronising call but the step's one
+    read (train.the_one_read) raises."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = load_preset("tiny")
+    cfg = TrainConfig.from_dict({**spec.train, "limit_train": 24, "limit_eval": 8, "epochs": 1, "device": "cuda",
+                                 "cache_dir": str(tmp_path / "cache")})
+    trainer = Trainer(spec, cfg, tmp_path / "run", **QUIET)
+    try:
+        steps = [trainer.train_set[i:i + 8] for i in (0, 8, 16)]
+        trainer.train_step(steps[0], trainer.step_inputs(steps[0]))
+        inputs = [trainer.step_inputs(items) for items in steps[1:]]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for items, made in zip(steps[1:], inputs):
+                trainer.train_step(items, made)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        trainer.close()
