@@ -47,7 +47,9 @@ class PlacedGraph:
                             "or data parallel over whole copies)")
         if cfg.gpu_mem:
             from .memory.placement import _exact as _exact_device
-            from .memory.plan import check_device_room, format_plan, make_plan, parse_budgets
+            from .memory.budget import check_device_room, parse_budgets
+            from .memory.report import format_plan
+            from .memory.search import make_plan
 
             if not cfg.prefix_cache:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")

@@ -7,6 +7,7 @@ import torch
 from lowmem_graph.align import align_index, gather_tokens
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.errors import UserError
+from lowmem_graph.memory.budget import parse_size
 from lowmem_graph.spec import from_dict, load_spec
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
@@ -189,10 +190,10 @@ def _forced_plan(spec, resident_stepped=(2,)):
     in the frozen pass layer 0 resident and layer 1 streamed; micro-batches of 4."""
     import dataclasses
 
-    from lowmem_graph.memory import plan as planning
+    from lowmem_graph.memory import search as planning
     from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 
-    real = planning.make_plan(spec, planning.parse_size("1G"), 8, spec.max_length)
+    real = planning.make_plan(spec, parse_size("1G"), 8, spec.max_length)
     groups = [GroupPlan(n, i, i + 1, 0, resident=i in resident_stepped) for n in ("llama", "mistral") for i in (2, 3)]
     frozen = {name: FrozenPlacement([GroupPlan(name, i, i + 1, 0, resident=i == 0) for i in (0, 1)], 2,
                                     placed.breakdown) for name, placed in real.frozen.items()}
@@ -207,11 +208,11 @@ def test_a_coupled_pair_streams_in_lockstep_and_learns_what_it_learns_whole(tmp_
     import json
 
     from lowmem_graph.lm import train_lm
-    from lowmem_graph.memory import plan as planning
+    from lowmem_graph.memory import search as planning
     from lowmem_graph.train import TrainConfig
 
     spec = load_spec(EXAMPLES / "residual_coupling.yaml")
-    assert planning.make_plan(spec, planning.parse_size("1G"), 8, 128).groups[0].first == 2   # the plan starts at 2
+    assert planning.make_plan(spec, parse_size("1G"), 8, 128).groups[0].first == 2   # the plan starts at 2
     forced = _forced_plan(spec)
     monkeypatch.setattr(planning, "make_plan", lambda *a, **k: forced)
     made = streamers_made
@@ -259,7 +260,6 @@ def test_lm_heads_go_to_the_device_for_steps_only_and_come_back(coupled, monkeyp
 def test_the_planner_plans_each_node_from_its_lowest_incoming_edge():
     """The plan places the layers a step runs (from each node's lowest written layer to its highest read), with
     groups cut where an edge reads or writes, and the frozen pass of the layers below."""
-    from lowmem_graph.memory.budget import parse_size
     from lowmem_graph.memory.search import _split, make_plan
 
     assert [(g.first, g.last) for g in _split("n", [1] * 8, 2, 8, 4, cuts=(3, 6))] == [(2, 3), (3, 6), (6, 8)]

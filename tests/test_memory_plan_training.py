@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
+from lowmem_graph.memory.budget import parse_size
+
 from lowmem_graph.ablate import apply_changes
-from lowmem_graph.memory import plan as planning  # the names train.py imports (patched here)
+from lowmem_graph.memory import search as planning  # make_plan, as a run imports it when it plans (patched here)
 from lowmem_graph.memory.estimate import FrozenPlacement, GroupPlan
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
@@ -20,7 +22,7 @@ def _forced_plan(schedule="micro-batch-major"):
     groups of one, layer 1 resident (keeping its activations, but under a layer-major schedule), 2 and 3 streamed;
     in the frozen pass every reader streams its layers after the first (the refiners, injecting at layer 1, have
     one frozen layer)."""
-    real = planning.make_plan(SPEC, planning.parse_size("1G"), 8, SPEC.max_length)
+    real = planning.make_plan(SPEC, parse_size("1G"), 8, SPEC.max_length)
     keep = schedule == "micro-batch-major"
     groups = [GroupPlan(node, i, i + 1, 0, resident=(i == 1), checkpointed=not (keep and i == 1))
               for node in ("phi3", "mistral") for i in (1, 2, 3)]

@@ -25,7 +25,7 @@ from . import stream
 
 
 class Placement:
-    """One run's placement: `plan` (a memory.plan.Plan) or None for everything on `device`."""
+    """One run's placement: `plan` (a memory.estimate.Plan) or None for everything on `device`."""
 
     def __init__(self, device: torch.device | str, plan=None):
         self.device = _exact(torch.device(device))

@@ -64,12 +64,12 @@ def setup_env() -> None:
 
 @contextlib.contextmanager
 def forced_schedule(schedule: str | None):
-    """While open, every plan a run makes (`memory.plan.make_plan`, which the run imports when it plans) has
+    """While open, every plan a run makes (`memory.search.make_plan`, which the run imports when it plans) has
     `schedule`: the planner's own plan, its groups, residency, slots and micro-batch kept, the schedule replaced and
     the predictions recomputed (`with_placement`). The layer-major schedules run every group from a kept input, so
     there every group is made checkpointed (recomputed in backward). Yields the list of plans made: (the planner's,
     the one used)."""
-    from lowmem_graph.memory import plan as planning
+    from lowmem_graph.memory import search as planning
 
     original = planning.make_plan
     made = []
@@ -79,7 +79,7 @@ def forced_schedule(schedule: str | None):
         used = plan
         if schedule is not None and plan.schedule != schedule:
             groups = plan.groups
-            if schedule != planning.MICRO_BATCH_MAJOR:
+            if schedule != "micro-batch-major":
                 groups = [dataclasses.replace(g, checkpointed=True) for g in groups]
             used = planning.with_placement(spec, plan, groups, plan.prefetch_depth, plan.micro_batch, schedule)
         made.append((plan, used))
@@ -170,7 +170,8 @@ def run_tiny(variant: str, work: str | Path) -> dict:
 
 def planner_pick() -> dict:
     """The plan the planner makes itself for the tiny runs at the budget (batch 8, seq = the spec's max_length)."""
-    from lowmem_graph.memory.plan import make_plan, parse_budgets
+    from lowmem_graph.memory.budget import parse_budgets
+    from lowmem_graph.memory.search import make_plan
     from lowmem_graph.spec import load_preset
 
     spec = load_preset("tiny")
