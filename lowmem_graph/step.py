@@ -77,8 +77,10 @@ def layer_major(graph, parts, total, device, placement, objective):
     if any(s.checkpoint.plain for s in streamers.values()):
         raise ValueError("the layer-major schedule runs every group from its kept input: all must be checkpointed")
     groups = {name: [(g[0], g[-1] + 1) for g in s.checkpoint.groups] for name, s in streamers.items()}
-    weights = [*graph.parameters(), *(t for node in graph.nodes.values()
-                                      for t in (*node.model.parameters(), *node.model.buffers()))]
+    def weights():
+        return [*graph.parameters(), *(t for node in graph.nodes.values()
+                                       for t in (*node.model.parameters(), *node.model.buffers()))]
+
     with placement.kept.saved_for_backward(weights), autocast(device):
         outs = graph.forward_many(parts, groups)
     sums, losses = None, []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -37,14 +38,14 @@ class Kept:
         return t.to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
-    def saved_for_backward(self, weights):
+    def saved_for_backward(self, weights: Callable[[], list[torch.Tensor]]):
         """Within the block, what autograd saves for backward on the device is kept (`keep`) and fetched back when
-        backward needs it; tensors sharing storage with `weights` (modules' parameters and buffers) stay. A tensor
+        backward needs it; tensors sharing storage with `weights()` (modules' parameters and buffers) stay. A tensor
         saved several times (a layer group's masks) is copied once while it lives."""
         if not self.on_host:
             yield
             return
-        stay = {w.untyped_storage().data_ptr() for w in weights}
+        stay = {w.untyped_storage().data_ptr() for w in weights()}
         copies: dict[int, tuple] = {}
 
         def pack(t):
