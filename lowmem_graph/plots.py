@@ -293,6 +293,17 @@ def node_colours(refiners, others=()) -> dict[str, str]:
     return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
+def _node_of(part: str) -> str:
+    """The node a trainable part is drawn in the colour of: `readout.<node>`; an edge's map `<kind>.<i>-<from>-<to>`
+    (edge_graph names them so): a projection's or a bridge's source, a carry's target."""
+    kind, _, key = part.partition(".")
+    index, dash, rest = key.partition("-")
+    if not (index.isdigit() and dash):
+        return key
+    source, _, target = rest.rpartition("-")
+    return target if kind == "carry" else source
+
+
 def signals_figure(metrics_path: str | Path):
     """The paper's figures from a run: gradient norm per projection, the share of the projections' gradient
     that reaches the readers (paper: about 13%), and the output node's attention share per refiner. Each node
@@ -304,11 +315,11 @@ def signals_figure(metrics_path: str | Path):
     ends = epoch_ends(steps, epochs)
     refiners = list(dict.fromkeys([name for r in steps[:1] + epochs[:1] for name in r.get("routing", {})]))
     projections = list(steps[0].get("grad_norms", {})) if steps else []
-    colours = node_colours(refiners, [p.partition(".")[2] for p in projections if "." in p])
+    colours = node_colours(refiners, [_node_of(p) for p in projections if "." in p])
     fig, (ax_norms, ax_share, ax_route) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
     x = [s["step"] for s in steps]
     for name in projections:
-        kind, _, node = name.partition(".")
+        kind, node = name.partition(".")[0], _node_of(name)
         ax_norms.plot(*_finite(x, [s.get("grad_norms", {}).get(name) for s in steps]), lw=1, label=name,
                       color=colours.get(node, "k"), ls="--" if kind == "carry" else "-")
     _mark_epochs(ax_norms, ends)

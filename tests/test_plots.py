@@ -216,3 +216,37 @@ def test_node_colours_are_fixed_by_order():
     a = plots.node_colours(["phi3", "mistral"], ["llama"])
     assert a == plots.node_colours(["phi3", "mistral"], ["llama", "phi3"])
     assert len(set(a.values())) == 3
+
+
+@pytest.mark.parametrize("graph", ["paper-separate", "coupled"])
+def test_every_trained_part_is_drawn_in_its_nodes_colour(graph):
+    """The signals figure colours each part's gradient norm by its node: an edge's map by its source (a carry by
+    its target), a readout by its node; every part a graph trains maps to one of its nodes."""
+    import contextlib
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from lowmem_graph.edge_graph import EdgeGraph
+    from lowmem_graph.plots import _node_of
+    from lowmem_graph.spec import load_preset, load_spec
+    from lowmem_graph.summary import node_shapes
+
+    spec = (replace(load_preset("paper"), carry="separate") if graph == "paper-separate"
+            else load_spec(Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml"))
+    objective = spec.train.get("objective", "choice")
+    with torch.device("meta") if graph.startswith("paper") else contextlib.nullcontext():   # the tiny ones: real
+        built = EdgeGraph(spec, node_shapes(spec), objective)
+    parts = {f"{kind}.{key}": key for kind in ("project", "carry", "bridge", "gate", "readout")
+             for key in getattr(built, kind)}
+    assert parts
+    expected = {}
+    for site in built.sites:
+        e = site.edge
+        for kind in ("project", "bridge", "gate"):
+            expected[f"{kind}.{site.key}"] = e.source
+        expected[f"carry.{site.key}"] = e.target
+    expected.update({f"readout.{j}": j for j in built.readout})
+    assert {p: _node_of(p) for p in parts} == {p: expected[p] for p in parts}
+    assert {_node_of(p) for p in parts} <= set(built.nodes)
