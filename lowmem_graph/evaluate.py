@@ -64,18 +64,22 @@ def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bo
         batch = graph.collate(chunk)
         with autocast(device):
             out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
-        labels = batch.labels.to(out.logits.device)
-        known = labels >= 0                      # a question asked of a trained graph has no label (-1)
-        if known.any():
-            total_loss += torch.nn.functional.cross_entropy(out.logits.float()[known], labels[known],
-                                                            reduction="sum").item()
-        probs = out.logits.float().softmax(-1).cpu()
-        routing.append(out.routing.float().cpu())
-        for q, p in zip(chunk, probs):
-            pred = int(p[: len(q.choices)].argmax())
+        labels = batch.labels.to(out.logits.device)      # a question asked of a trained graph has no label (-1)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-1, reduction="sum")
+        # the batch's one read of the device (its sync point): every choice's probability, the routing shares and
+        # the summed loss, as Python floats
+        read = torch.cat([out.logits.float().softmax(-1).reshape(-1), out.routing.float().reshape(-1),
+                          loss.reshape(1)]).tolist()
+        slots, sources = out.logits.shape[1], out.routing.shape[1]
+        total_loss += read[-1]
+        shares = read[len(chunk) * slots:-1]
+        routing += [shares[b * sources:(b + 1) * sources] for b in range(len(chunk))]
+        for b, q in enumerate(chunk):
+            p = read[b * slots: b * slots + len(q.choices)]
+            pred = max(range(len(p)), key=p.__getitem__)       # the first of equal maxima, as argmax
             predictions.append({"id": q.id, "label": q.label, "prediction": pred,
                                 "correct": pred == q.label if q.label >= 0 else None,
-                                "probs": [round(float(x), 5) for x in p[: len(q.choices)]]})
+                                "probs": [round(x, 5) for x in p]})
     graph.train()
     if ranks.active:        # every rank's slice, in rank order: the questions' order
         parts = gather((predictions, total_loss, routing), ranks)
@@ -84,7 +88,7 @@ def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bo
         routing = [r for part in parts for r in part[2]]
     n = sum(p["correct"] is not None for p in predictions)
     correct = sum(bool(p["correct"]) for p in predictions)
-    mean_routing = torch.cat(routing).mean(0).tolist() if routing else []
+    mean_routing = [sum(column) / len(column) for column in zip(*routing)]     # per read node, over the questions
     return EvalResult(correct / max(n, 1), wilson_interval(correct, n), total_loss / max(n, 1), n, mean_routing,
                       predictions)
 

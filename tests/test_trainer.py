@@ -122,6 +122,24 @@ def test_a_train_step_reads_the_device_once(tmp_path, objective):
     assert metrics["grad_norm"] > 0 and metrics["grad_norms"] and metrics["loss"] > 0
 
 
+def test_a_multiple_choice_evaluation_reads_the_device_once_per_batch(tiny_graph, questions):
+    """Evaluation reads each batch's probabilities, routing shares and summed loss in one read; questions without
+    an answer (asked of a trained graph) count in no loss, without a read to find them."""
+    import dataclasses
+
+    from lowmem_graph.evaluate import evaluate
+
+    asked = [dataclasses.replace(q, label=-1) if i % 3 == 0 else q for i, q in enumerate(questions[:12])]
+    evaluate(tiny_graph, asked[:4], batch_size=4, progress=False)       # a first pass (lazy inits)
+    with HostReads() as mode:
+        result = evaluate(tiny_graph, asked, batch_size=4, progress=False)
+    assert len(mode.reads) == 3 and all("evaluate.py" in r for r in mode.reads), collections.Counter(mode.reads)
+    assert result.n == sum(q.label >= 0 for q in asked) and len(result.predictions) == 12
+    known = [q for q in asked if q.label >= 0]
+    alone = evaluate(tiny_graph, known, batch_size=4, progress=False)
+    assert result.loss == pytest.approx(alone.loss, rel=1e-6) and result.accuracy == alone.accuracy
+
+
 @pytest.mark.gpu
 def test_train_steps_sync_only_at_their_one_read_on_cuda(tmp_path):
     """On a GPU, steps under torch.cuda.set_sync_debug_mode("error"): any synchronising call but the step's one
