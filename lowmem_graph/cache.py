@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
-from .memory.host import page_locked
 
 PROMPT_FORMAT = 4   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
 _SHARD = re.compile(r"^shard-\d{5}\.safetensors$")
@@ -88,32 +87,20 @@ class EdgeStates:
     entries: dict[str, "CacheEntry"]     # part key ("prefix:gemma2:2") -> entry
 
     def for_batch(self, graph, batch) -> tuple[dict]:
-        return self.placed(graph, self.gather(graph, batch))
+        """This batch's states where the graph uses them (transfer.py), as the one-tuple `EdgeGraph.forward`'s
+        `*cached` takes."""
+        from .transfer import arrive, pack
+        return (arrive(pack(graph, batch, self.gather(batch)))[1],)
 
-    @staticmethod
-    def placed(graph, states: tuple[dict]) -> tuple[dict]:
-        """Prefixes on the device their node computes on; every read where the trainable maps are."""
-        (parts,) = states
-        return (_to({k: graph.nodes[k.split(":")[1]].device if k.startswith("prefix:") else _graph_device(graph)
-                     for k in parts}, parts),)
-
-    def gather(self, graph, batch, pin: bool = False) -> tuple[dict]:
+    def gather(self, batch) -> dict:
+        """The batch's rows of every part, on the host (pooled (B, d) in fp32; per token (B, T, d) padded)."""
         rows = [self.rows[i] for i in batch.ids]
         out = {}
         for key, entry in self.entries.items():
             kind, name, _ = key.split(":")
             out[key] = (torch.cat([entry.row(r) for r in rows]).float() if kind in ("mean", "last")
                         else _padded(entry, rows, batch.tokens[name][1], name))
-        return ({k: page_locked(v) for k, v in out.items()} if pin else out,)
-
-
-def _graph_device(graph) -> torch.device:
-    return next(graph.parameters()).device
-
-
-def _to(devices: dict, tensors: dict) -> dict:
-    """Each tensor onto its device without blocking the host (from page-locked memory the copy is asynchronous)."""
-    return {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
+        return out
 
 
 class CacheEntry:

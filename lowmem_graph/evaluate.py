@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import transfer
 from .data import Question
 from .files import atomic_file
 from .graph import autocast
@@ -58,14 +59,18 @@ def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bo
     device = next(graph.parameters()).device
     predictions, total_loss, routing = [], 0.0, []
     mine = shard(questions, ranks)
-    starts = range(0, len(mine), batch_size)
-    for start in bar(starts, len(starts), f"{desc} batch", progress):
-        chunk = mine[start:start + batch_size]
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+    def packed(chunk):          # on another thread, while the batch before computes
         batch = graph.collate(chunk)
+        return chunk, transfer.pack(graph, batch, states.gather(batch) if states is not None else None)
+
+    for chunk, made in bar(transfer.ahead(packed, chunks), len(chunks), f"{desc} batch", progress):
+        batch, cached = transfer.arrive(made)
         with autocast(device):
-            out = graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
-        labels = batch.labels.to(out.logits.device)      # a question asked of a trained graph has no label (-1)
-        loss = torch.nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-1, reduction="sum")
+            out = graph(batch, cached) if cached is not None else graph(batch)
+        # a question asked of a trained graph has no label (-1)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), batch.labels, ignore_index=-1, reduction="sum")
         # the batch's one read of the device (its sync point): every choice's probability, the routing shares and
         # the summed loss, as Python floats
         read = torch.cat([out.logits.float().softmax(-1).reshape(-1), out.routing.float().reshape(-1),

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from . import transfer
 from .align import gather_tokens
 from .edge_graph import EdgeGraph, lm_loss, target_mask
 from .errors import UserError
@@ -146,11 +147,16 @@ class NextToken:
         mine = shard_batches(list(items), batch_size, ranks)
         device = next(graph.parameters()).device
         totals = torch.zeros(2 * len(graph.reads), dtype=torch.float64, device=device)
-        starts = range(0, len(mine), batch_size)
-        for start in bar(starts, len(starts), f"{desc} {self.variant} batch", progress):
-            batch = self.collate(graph, mine[start:start + batch_size])
+        chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+        def packed(chunk):      # on another thread, while the batch before computes
+            batch = self.collate(graph, chunk)
+            return transfer.pack(graph, batch, states.gather(batch) if states is not None else None)
+
+        for made in bar(transfer.ahead(packed, chunks), len(chunks), f"{desc} {self.variant} batch", progress):
+            batch, cached = transfer.arrive(made)
             with autocast(device):
-                finals = model(batch, *states.for_batch(graph, batch)) if states is not None else model(batch)
+                finals = model(batch, cached) if cached is not None else model(batch)
                 _, figures = self.share(graph, finals, batch, {j: 1.0 for j in graph.reads})
             totals += self.readout(figures, 0).to(device)
         values = all_sum(totals, ranks).tolist()
@@ -222,12 +228,9 @@ class Baseline(nn.Module):
                 from None
 
 
-def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = None,
-                 states=None) -> dict[str, torch.Tensor]:
-    """Each read node's final states under a variant: coupled (the graph; from the prefix cache's `states` when
-    given), alone (each model by itself) or router (every model by itself, mixed by the router)."""
-    if variant == "coupled":
-        return graph(batch, *states.for_batch(graph, batch)) if states is not None else graph(batch)
+def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = None) -> dict[str, torch.Tensor]:
+    """Each read node's final states under a baseline's variant: alone (each model by itself) or router (every
+    model by itself, mixed by the router). The coupled variant is the graph's own forward."""
     with torch.no_grad():
         needed = graph.nodes if variant == "router" else graph.reads
         finals = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import distributed, runstate
+from . import distributed, runstate, transfer
 from .errors import Interrupted, UserError
 from .evaluate import evaluate
 from .files import remove_stale_temps
@@ -163,8 +163,8 @@ class Trainer:
     # ---- the step -----------------------------------------------------------------------------------------
     def step_inputs(self, items: list) -> tuple:
         """What a step over `items` (the whole step, every rank's share) needs from the host, made ahead on another
-        thread by `fit`: this rank's micro-batches, each (batch, its cached states in host memory, pinned on CUDA,
-        or nothing when the nodes run here), and the objective's norm of the whole step, per rank (DDP averages the
+        thread by `fit`: this rank's micro-batches, each packed for its one copy to the device (transfer.py) with
+        its cached states when it trains from the prefix cache, and the objective's norm of the whole step, per rank (DDP averages the
         ranks' gradients). A rank with no examples (fewer than ranks at an epoch's end) steps with zero weight."""
         mine = distributed.shard(items, self.ranks)
         idle = not mine
@@ -176,17 +176,16 @@ class Trainer:
         mine = mine or items[:1]
         batches = [self.objective.collate(self.graph, mine[start:start + self.micro_batch], cached)
                    for start in range(0, len(mine), self.micro_batch)]
-        pin = self.device.type == "cuda"
-        return ([(batch, self.train_states.gather(self.graph, batch, pin) if cached else None) for batch in batches],
-                norm, idle)
+        return ([transfer.pack(self.graph, batch, self.train_states.gather(batch) if cached else None)
+                 for batch in batches], norm, idle)
 
     def train_step(self, items: list, inputs: tuple | None = None) -> dict:
         """One optimizer step over `items`, in micro-batches when the plan asks for them (same gradient). `inputs`:
         what `step_inputs` made for them, ahead of time. Reads the device once (see below)."""
         self.optimizer.zero_grad(set_to_none=True)
         host, norm, idle = inputs if inputs is not None else self.step_inputs(items)
-        parts = ((batch, self.train_states.placed(self.graph, states) if states is not None else ())
-                 for batch, states in host)
+        parts = ((batch, () if states is None else (states,))
+                 for batch, states in map(transfer.arrive, host))     # one at a time: two on the device at most
         sums = step_gradients(self.model, parts, norm, self.device, self.placed.placement, self.objective, self.graph)
         if idle:
             sums = tuple(torch.zeros_like(x) for x in sums)
