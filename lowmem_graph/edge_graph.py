@@ -154,6 +154,8 @@ class EdgeGraph(TrainedParts):
         """Plain text for the lm objective: every node tokenizes it; alignment is causal."""
         batch = self._encode(texts, causal=True)
         batch.ids = ids
+        # where each read node predicts, found here on the host: a boolean index in the step would read the device
+        batch.picks = {j: target_mask(self.nodes[j], batch, j).flatten().nonzero().squeeze(1) for j in self.reads}
         return batch
 
     def _encode(self, texts: list[str], causal: bool) -> Batch:
@@ -312,8 +314,9 @@ def target_mask(node: FrozenNode, batch: Batch, name: str) -> torch.Tensor:
 
 def lm_loss(node: FrozenNode, final: torch.Tensor, batch: Batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token NLL, number of predicted tokens) of a node over the text, through its frozen LM head."""
+    picks = batch.picks[name].to(final.device)
     ids = batch.tokens[name][0].to(final.device)
-    targets = target_mask(node, batch, name).to(final.device)
-    logits = node.logits(final[:, :-1][targets])
-    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][targets], reduction="sum")
-    return nll, targets.sum()
+    logits = node.logits(final[:, :-1].flatten(0, 1).index_select(0, picks))
+    nll = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:].flatten().index_select(0, picks),
+                                            reduction="sum")
+    return nll, (picks >= 0).sum()

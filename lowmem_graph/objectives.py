@@ -22,7 +22,7 @@ from torch import nn
 
 from . import transfer
 from .align import gather_tokens
-from .edge_graph import EdgeGraph, lm_loss, target_mask
+from .edge_graph import EdgeGraph, lm_loss
 from .errors import UserError
 from .graph import autocast
 from .progress import progress as bar
@@ -115,7 +115,7 @@ class NextToken:
     def norm(self, graph, items) -> dict[str, float]:
         """Each read node's number of predicted tokens over the step's passages (at least 1)."""
         batch = self.collate(graph, items)
-        return {j: float(max(int(target_mask(graph.nodes[j], batch, j).sum()), 1)) for j in graph.reads}
+        return {j: float(max(batch.picks[j].numel(), 1)) for j in graph.reads}
 
     def share(self, graph, finals, batch, norm: dict):
         """(this micro-batch's part of the step's loss: each node's NLL over the step's tokens of that node,

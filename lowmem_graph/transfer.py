@@ -7,10 +7,10 @@ non-blocking copy and takes its tensors as views of it (`arrive`). So nothing in
 a device (on CUDA such a copy holds the host until it lands), the copy overlaps the previous micro-batch's compute,
 and one copy replaces a dozen small ones. Where every tensor stays where it is (a CPU run) nothing is packed.
 
-Where each tensor goes (`destinations`): a node's tokens, masks and offsets to the device that node computes on;
-an index into a source node's states to the source's device (the gather runs where the states are); the labels,
-the choice counts and every cached state but a prefix to the device of the trained parts; a cached prefix to its
-node's device.
+Where each tensor goes (`destinations`): a node's tokens, masks, offsets and predicted positions to the device
+that node computes on; an index into a source node's states to the source's device (the gather runs where the
+states are); the labels, the choice counts and every cached state but a prefix to the device of the trained parts;
+a cached prefix to its node's device.
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def destinations(graph, batch, states: dict | None = None) -> dict[tuple, tuple[
     for name, offsets in (batch.offsets or {}).items():
         if offsets is not None:
             out["offsets", name] = offsets, node(name)
+    for name, picks in (batch.picks or {}).items():
+        out["picks", name] = picks, node(name)
     for key, tensor in (states or {}).items():
         out["states", key] = tensor, node(key.split(":")[1]) if key.startswith("prefix:") else main
     return out
@@ -95,8 +97,10 @@ def rebuilt(batch, states: dict | None, placed: dict[tuple, torch.Tensor]) -> tu
     align = None if batch.align is None else {pair: get(("align", pair), i) for pair, i in batch.align.items()}
     offsets = None if batch.offsets is None else {name: None if o is None else get(("offsets", name), o)
                                                   for name, o in batch.offsets.items()}
+    picks = None if batch.picks is None else {name: get(("picks", name), p) for name, p in batch.picks.items()}
     moved = dataclasses.replace(batch, tokens=tokens, labels=get("labels", batch.labels),
-                                n_choices=get("n_choices", batch.n_choices), align=align, offsets=offsets)
+                                n_choices=get("n_choices", batch.n_choices), align=align, offsets=offsets,
+                                picks=picks)
     return moved, None if states is None else {key: get(("states", key), t) for key, t in states.items()}
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_graph import runstate
 from lowmem_graph.errors import Interrupted
@@ -82,6 +83,14 @@ HOST_SIDE = ("torch/optim/",)
 ELSEWHERE = ("transformers/masking_utils.py",)
 
 
+def _caller() -> str:
+    """The innermost frame outside torch's own dispatch code."""
+    frame = next((f for f in reversed(traceback.extract_stack()[:-2]) if "torch/overrides" not in f.filename
+                  and "torch/_tensor" not in f.filename and "torch/utils/_python_dispatch" not in f.filename
+                  and "test_trainer.py" not in f.filename), None)
+    return f"{frame.filename}:{frame.lineno}" if frame else "?"
+
+
 class HostReads(TorchFunctionMode):
     """Every Python-level read of a tensor's value into the host (item, tolist, cpu, bool(), float() ...)."""
 
@@ -100,6 +109,27 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# Operators whose output's size depends on the values (a boolean index, nonzero, masked_select, unique ...): on a
+# GPU each waits for the device to know how much to allocate, a read no Python-level hook sees.
+DATA_DEPENDENT = ("nonzero", "masked_select", "unique", "_unique", "_local_scalar_dense", "repeat_interleave")
+
+
+class DataDependentOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        stack = traceback.extract_stack()
+        if (name.startswith(DATA_DEPENDENT) or bool_index) and not any(
+                part in f.filename for f in stack for part in HOST_SIDE + ELSEWHERE):
+            self.ops.append(f"{func} at {_caller()}")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("objective", ["choice", "lm"])
 def test_a_train_step_reads_the_device_once(tmp_path, objective):
     if objective == "lm":
@@ -113,10 +143,11 @@ def test_a_train_step_reads_the_device_once(tmp_path, objective):
         items = trainer.train_set[:8]
         trainer.train_step(items, trainer.step_inputs(items))       # a first step (lazy inits)
         inputs = trainer.step_inputs(items)     # made ahead, on another thread, by fit
-        with HostReads() as mode:
+        with HostReads() as mode, DataDependentOps() as ops:
             metrics = trainer.train_step(items, inputs)
     finally:
         trainer.close()
+    assert ops.ops == [], collections.Counter(ops.ops)
     assert len(mode.reads) <= 1, collections.Counter(mode.reads)
     assert len(mode.reads) == 1 and "train.py" in mode.reads[0]
     assert metrics["grad_norm"] > 0 and metrics["grad_norms"] and metrics["loss"] > 0
