@@ -45,6 +45,8 @@ class Edge:
             parts.append(f"read {self.read}" + (f" {self.pooling}" if self.pooling != "mean" else ""))
         if self.at is not None:
             parts.append(f"at {self.at}" + (f" a={self.blend}" if self.kind == "blend" else " gated"))
+        if not self.train:
+            parts.append("frozen")
         return ", ".join(parts)
 
 

@@ -76,11 +76,12 @@ def test_closed_gates_give_each_model_alone(coupled):
         assert torch.allclose(finals[name][mask], alone[mask], atol=1e-5)
 
 
-def test_coupled_models_and_the_router_stay_causal(coupled):
-    """Next-token prediction, the bridges open and a router mixing: texts cut at every character, each cut
-    continued in several ways (inside a word, after a space, punctuation, a digit, non-ASCII: test_align's
-    CONTINUATIONS, fewer of them than the tokenizers' test takes). Every state and logit of every token that ends by the cut, and whose own tokens are those of the
-    cut text, is unchanged, in both models, though they tokenize differently and read each other per token."""
+def test_per_token_edges_stay_causal(coupled):
+    """Next-token prediction through the bridges (open), a router mixing and a per-token latent: texts cut at every
+    character, each cut continued in several ways (inside a word, after a space, punctuation, a digit, non-ASCII:
+    fewer than test_align's CONTINUATIONS). Every state and logit of every token that ends by the cut, and whose own
+    tokens are those of the cut text, is unchanged, in both models, though they tokenize differently and read each
+    other per token."""
     from test_align import agreeing, cut_texts
 
     from lowmem_graph.align import prompt_spans
@@ -98,9 +99,12 @@ def test_coupled_models_and_the_router_stay_causal(coupled):
                                   ["", "ubstance", " stones", "; x", "7", "\u0301水"])
     batch = graph.collate_text(texts, [str(i) for i in range(len(texts))])
     cuts = torch.tensor(cuts)
+    latent = EdgeGraph(from_dict({**_coupled_raw(), "latents": [{"name": "z", "dim": 16}], "edges": [
+        {"from": "llama", "read": 2, "pooling": "token", "to": "z"}, {"from": "z", "to": "mistral", "at": 3,
+                                                                      "blend": 0.5}]}, "latent.yaml"), graph.nodes, "lm")
     with torch.no_grad():
         alone = {n: node.final(*batch.tokens[n]) for n, node in graph.nodes.items()}
-        runs = {"coupled": graph(batch), "router": router(alone, batch)}
+        runs = {"coupled": graph(batch), "router": router(alone, batch), "per-token latent": latent(batch)}
     for name, node in graph.nodes.items():
         (ids, mask), offsets = batch.tokens[name], batch.offsets[name]
         _, end = prompt_spans(offsets, mask, len(node.spec.prefix))
@@ -109,7 +113,8 @@ def test_coupled_models_and_the_router_stay_causal(coupled):
         assert kept.sum() > 3_000
         for variant, finals in runs.items():
             got, want = finals[name][kept], finals[name][refs][kept]
-            assert (got - alone[name][kept]).abs().max() > 0.1         # the other model reaches these tokens
+            if variant != "per-token latent" or name == "mistral":     # the other model reaches these tokens
+                assert (got - alone[name][kept]).abs().max() > 0.1, (variant, name)
             assert torch.allclose(got, want, atol=1e-5), (variant, name)
             assert torch.allclose(node.logits(got), node.logits(want), atol=1e-4), (variant, name)
 
