@@ -83,7 +83,7 @@ def test_removing_a_node_drops_its_edges_and_keeps_the_others(grown):
     assert all(p.requires_grad for p in graph.parameters())
 
 
-def test_an_edge_marked_train_false_stays_as_it_starts():
+def test_an_edge_marked_train_false_stays_as_it_starts(tmp_path):
     raw = yaml.safe_load(PAIR.read_text())
     raw["edges"][1]["train"] = False
     graph = EdgeGraph.build(from_dict(copy.deepcopy(raw), "pair.yaml"), "cpu", seed=0, objective="lm")
@@ -95,3 +95,5 @@ def test_an_edge_marked_train_false_stays_as_it_starts():
         from_dict(raw, "pair.yaml")
     with pytest.raises(UserError, match="--train-only new-edges needs --init-from"):
         start_from(graph, None, "new-edges")
+    with pytest.raises(UserError, match="not a run folder"):
+        start_from(graph, tmp_path)
