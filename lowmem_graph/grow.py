@@ -67,9 +67,6 @@ def start_from(graph, run_dir: str | Path, train_only: str | None = None) -> tup
         graph.load_state_dict(renamed, strict=False)
         if train_only == "new-edges":
             frozen |= set(shared)
-    elif train_only:
-        raise UserError("--train-only new-edges needs --init-from RUN (the edges new to this graph are those the "
-                        "run did not have)")
     for part in _PARTS:
         for key, module in getattr(graph, part).items():
             if key in frozen:

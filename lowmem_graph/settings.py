@@ -62,6 +62,8 @@ class TrainConfig:
                   ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)"),
                   ("init", cfg.init in ("random", "ridge"), "random or ridge"),
                   ("train_only", cfg.train_only in (None, "new-edges"), "new-edges (or left out: every edge)"),
+                  ("train_only", cfg.train_only is None or cfg.init_from, "left out without init_from (--init-from "
+                                                                          "RUN: new edges are those RUN lacks)"),
                   ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
         for name, ok, rule in checks:
             if not ok:

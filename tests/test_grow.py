@@ -12,6 +12,7 @@ from lowmem_graph.cli import main
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.errors import UserError
 from lowmem_graph.grow import start_from
+from lowmem_graph.settings import TrainConfig
 from lowmem_graph.spec import from_dict, load_spec
 
 PAIR = Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml"
@@ -93,7 +94,7 @@ def test_an_edge_marked_train_false_stays_as_it_starts(tmp_path):
     raw["edges"][1]["train"] = "no"
     with pytest.raises(UserError, match="train must be true or false"):
         from_dict(raw, "pair.yaml")
-    with pytest.raises(UserError, match="--train-only new-edges needs --init-from"):
-        start_from(graph, None, "new-edges")
+    with pytest.raises(UserError, match="train_only must be left out without init_from"):
+        TrainConfig.from_dict({"train_only": "new-edges"})
     with pytest.raises(UserError, match="not a run folder"):
         start_from(graph, tmp_path)
