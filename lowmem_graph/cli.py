@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["random", "ridge"],
                    help="ridge: start the projections as Ridge maps into an anchor node's principal directions")
     p.add_argument("--init-anchor", metavar="NODE", help="the anchor for --init ridge (default: the first refiner)")
+    p.add_argument("--init-from", metavar="RUN", help="a finished run: the edges this graph shares with it start from "
+                                                      "its trained weights (add or remove nodes without retraining)")
+    p.add_argument("--train-only", choices=["new-edges"],
+                   help="with --init-from: train only the edges the run did not have; the shared ones stay frozen")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps")
     p.add_argument("--objective", choices=["choice", "lm"],
                    help="choice: score answer options (default) | lm: next-token prediction on text, perplexity "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .align import align_index, gather_tokens
+from .align import align_index, check_settled, gather_tokens, settled_chars
 from .data import Question, format_prompt
 from .errors import UserError
 from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, load_nodes
@@ -151,7 +151,8 @@ class EdgeGraph(TrainedParts):
         return batch
 
     def collate_text(self, texts: list[str], ids: list[str]) -> Batch:
-        """Plain text for the lm objective: every node tokenizes it; alignment is causal."""
+        """Plain text for the lm objective: every node tokenizes it (over max_length, its start is kept); alignment
+        is causal (align.py: a token reads only source tokens of the words closed before it ends)."""
         batch = self._encode(texts, causal=True)
         batch.ids = ids
         # where each read node predicts, found here on the host: a boolean index in the step would read the device
@@ -165,11 +166,17 @@ class EdgeGraph(TrainedParts):
         offsets_needed = {n for pair in pairs for n in pair} | (set(self.reads) if causal else set())
         tokens, offsets = {}, {}
         for name, node in self.nodes.items():
-            enc = node.encode(texts, offsets=name in offsets_needed)
+            enc = node.encode(texts, offsets=name in offsets_needed, keep_start=causal)
             tokens[name] = (enc["input_ids"], enc["attention_mask"])
             offsets[name] = enc.get("offset_mapping")
+        settled = settled_chars(texts) if causal else None
+        for s in {s for s, _ in pairs} if causal else ():
+            row = check_settled(offsets[s], tokens[s][1], len(self.nodes[s].spec.prefix), settled)
+            if row is not None:
+                raise UserError(f"node {s!r}: its tokenizer makes a token across a space after a word in "
+                                f"{texts[row][:60]!r}..., so what it reads per token could not be kept causal")
         align = {(s, t): align_index(offsets[s], tokens[s][1], len(self.nodes[s].spec.prefix),
-                                     offsets[t], tokens[t][1], len(self.nodes[t].spec.prefix), causal=causal)
+                                     offsets[t], tokens[t][1], len(self.nodes[t].spec.prefix), settled)
                  for s, t in pairs}
         return Batch(tokens, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [], align, offsets)
 

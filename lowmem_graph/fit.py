@@ -138,7 +138,7 @@ def _summary(t, perplexity: dict) -> dict:
     """An lm variant's result: what trained, its perplexities per epoch (from the metrics), the last, the steps."""
     records = [r for r in runstate.read_metrics(t.run_dir / "metrics.jsonl")
                if r.get("variant") == t.variant and r.get("kind") == "epoch"] if t.ranks.main else []
-    result = {"variant": t.variant, "trainable": sum(p.numel() for p in t.trained.parameters()),
+    result = {"variant": t.variant, "trainable": sum(p.numel() for p in t.trained.parameters() if p.requires_grad),
               "epochs": [{"epoch": r["epoch"], "train_loss": r["train_loss"], "perplexity": r["perplexity"]}
                          for r in records if r["epoch"] > 0],
               "perplexity": perplexity, "steps": t.step}

@@ -37,7 +37,7 @@ def run_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, bat
             needed = highest_part(graph, name)
             label = node.spec.name if len(graph.frozen_parts(name)) == 1 else f"{node.spec.name} {kind} {layer + 1}"
             rows = _rows(node, kind, layer, [texts[i] for i in shard_batches(order, batch_size, ranks)], batch_size,
-                         progress and label)
+                         progress and label, keep_start=graph.objective == "lm")
             with placement.frozen_pass(node, needed) if placement else contextlib.nullcontext():
                 entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": (kind, layer)},
                                    _entry_bytes(node, kind, lengths), ranks)
@@ -80,14 +80,15 @@ def check_cache_room(graph, item_sets: list[list[tuple[str, str]]], cache: Prefi
                         "larger disk")
 
 
-def _rows(node, kind: str, layer: int, texts: list[str], batch_size: int, progress):
+def _rows(node, kind: str, layer: int, texts: list[str], batch_size: int, progress, keep_start: bool = False):
     """One node over all texts, yielding per text its part: the stream entering `layer` ("prefix"), or the
     states read at `layer`'s output through the final norm, per token in the node's dtype or pooled in fp32.
-    `progress`: the label of its progress bar (the node, and the part where it has several), or False."""
+    `progress`: the label of its progress bar (the node, and the part where it has several), or False;
+    `keep_start`: texts cut as the lm objective's collate cuts them (FrozenNode.encode)."""
     pooled = kind in ("mean", "last")
     starts = range(0, len(texts), batch_size)
     for start in bar(starts, len(starts), f"caching {progress} batch", bool(progress)):
-        enc = node.encode(texts[start:start + batch_size])
+        enc = node.encode(texts[start:start + batch_size], keep_start=keep_start)
         out = frozen_part(node, kind, layer, enc["input_ids"], enc["attention_mask"])
         yield from (o[None].cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, enc["attention_mask"]))
 

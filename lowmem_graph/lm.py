@@ -60,7 +60,7 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
         if "stopped_at_step" in summary:    # max_steps: stopped with a checkpoint; --resume continues it
             break
         if main:
-            if summary["trainable"]:
+            if summary["trainable"] or variant == "coupled":     # coupled: even with every edge frozen
                 save_file(trainer.trained.trainable_state(), str(run_dir / f"weights-{variant}.safetensors"))
             results[variant] = {k: summary[k] for k in ("variant", "trainable", "epochs", "perplexity", "steps",
                                                         "gates") if k in summary}

@@ -169,14 +169,17 @@ class FrozenNode:
         return cls(spec, model, tokenizer, max_length, f"{identity}|{quant}|{compute}", device)
 
     # ---- running -------------------------------------------------------------------------------------------
-    def encode(self, texts: list[str], offsets: bool = False) -> dict[str, torch.Tensor]:
+    def encode(self, texts: list[str], offsets: bool = False, keep_start: bool = False) -> dict[str, torch.Tensor]:
         """Tokenize `prefix + text` with this node's own tokenizer, right-padded: input_ids, attention_mask and,
         with `offsets`, offset_mapping. A sequence over max_length keeps its framing prefix (and BOS) and the end
-        of the text, where the question and answer options sit; the middle goes, never the framing."""
+        of the text, where the question and answer options sit; the middle goes, never the framing. `keep_start`
+        (next-token prediction): it keeps its first max_length tokens instead, so that which tokens a model sees
+        never depends on how long the text goes on."""
         fast = self.tokenizer.is_fast
         enc = self.tokenizer([self.spec.prefix + t for t in texts], return_offsets_mapping=fast)
         spans = enc["offset_mapping"] if fast else [[(0, 0)] * len(ids) for ids in enc["input_ids"]]
-        rows = [self._fit(list(ids), list(row)) for ids, row in zip(enc["input_ids"], spans)]
+        rows = [(list(ids)[:self.max_length], list(row)[:self.max_length]) if keep_start
+                else self._fit(list(ids), list(row)) for ids, row in zip(enc["input_ids"], spans)]
         width = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
         out = {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),

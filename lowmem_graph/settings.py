@@ -42,6 +42,8 @@ class TrainConfig:
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in all
     init: str = "random"              # random | ridge: projections start as Ridge maps into an anchor's latent
     init_anchor: str | None = None    # the node whose principal directions span the latent (default: 1st refiner)
+    init_from: str | None = None      # a finished run: the edges shared with it start from its trained weights
+    train_only: str | None = None     # new-edges: only the edges the init_from run lacks train (grow.py)
     columns: str | None = None        # hf:ORG/NAME tasks: question=...,choices=...,answer=... (data.parse_columns)
     allow_test_training: bool = False  # train on a test split (refused otherwise: it contaminates the results)
     objective: str = "choice"         # choice: score answer options | lm: next-token prediction on text (lm.py)
@@ -59,6 +61,9 @@ class TrainConfig:
                   ("checkpoint_every", cfg.checkpoint_every >= 0, ">= 0 (0: at each epoch's end only)"),
                   ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 (or left out)"),
                   ("init", cfg.init in ("random", "ridge"), "random or ridge"),
+                  ("train_only", cfg.train_only in (None, "new-edges"), "new-edges (or left out: every edge)"),
+                  ("train_only", cfg.train_only is None or cfg.init_from, "left out without init_from (--init-from "
+                                                                          "RUN: new edges are those RUN lacks)"),
                   ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
         for name, ok, rule in checks:
             if not ok:

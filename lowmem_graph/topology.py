@@ -37,6 +37,7 @@ class Edge:
     at: float | int | None = None   # target node: where it is written (a depth in (0, 1), or a 1-based layer)
     kind: str = "blend"             # into a node: blend | bridge
     blend: float = 0.25             # blend: a in h <- (1 - a) h + a * z_hat * ||h||
+    train: bool = True              # false: its weights stay as they start (from --init-from, or at random)
 
     def describe(self) -> str:
         parts = []
@@ -44,6 +45,8 @@ class Edge:
             parts.append(f"read {self.read}" + (f" {self.pooling}" if self.pooling != "mean" else ""))
         if self.at is not None:
             parts.append(f"at {self.at}" + (f" a={self.blend}" if self.kind == "blend" else " gated"))
+        if not self.train:
+            parts.append("frozen")
         return ", ".join(parts)
 
 
@@ -56,7 +59,7 @@ class Topology:
 
 
 _EDGE_KEYS = {"from": "source", "to": "target", "read": "read", "pooling": "pooling", "at": "at", "kind": "kind",
-              "blend": "blend"}
+              "blend": "blend", "train": "train"}
 
 
 def parse(raw: dict, source: str) -> Topology:
@@ -108,6 +111,8 @@ def _edge(raw, where: str, nodes: list[str], latents: dict[str, int]) -> Edge:
         raise UserError(f"{where}: a latent feeds nodes, not another latent ({edge.source} -> {edge.target})")
     if edge.source == edge.target:
         raise UserError(f"{where}: {edge.source} -> {edge.source} is a loop")
+    if not isinstance(edge.train, bool):
+        raise UserError(f"{where}: train must be true or false, got {edge.train!r}")
     if edge.source in nodes:
         if not isinstance(edge.read, int) or isinstance(edge.read, bool) or edge.read == 0:
             raise UserError(f"{where}: reading {edge.source} needs 'read', a non-zero layer (1-based, negative from "

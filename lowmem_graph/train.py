@@ -85,7 +85,13 @@ class Trainer:
         if not graph_variant:
             transformers.set_seed(cfg.seed)
         self.trained = self.graph if graph_variant else Baseline(self.graph, self.variant)   # what trains
-        params = list(self.trained.parameters())
+        if graph_variant and (cfg.init_from or cfg.train_only or not all(e.train for e in self.graph.topology.edges)):
+            from .grow import start_from
+
+            shared, frozen = start_from(self.graph, cfg.init_from, cfg.train_only)
+            log(f"edges from {cfg.init_from or 'nowhere'}: {len(shared)} start trained; frozen: "
+                f"{', '.join(frozen) or 'none'}")
+        params = [p for p in self.trained.parameters() if p.requires_grad]
         self.optimizer = self.scheduler = None
         if params:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,9 +1,10 @@
 """Per-token injection across different tokenizers: alignment by character offsets."""
 from dataclasses import replace
 
+import pytest
 import torch
 
-from lowmem_graph.align import align_index, prompt_spans
+from lowmem_graph.align import align_index, check_settled, prompt_spans, settled_chars, word_ends
 from lowmem_graph.data import format_prompt
 from lowmem_graph.edge_graph import EdgeGraph
 
@@ -57,3 +58,82 @@ def test_zero_length_tokens_inside_the_prompt_do_not_shift_the_alignment():
     dst = torch.tensor([[[0, 4]]])
     index = align_index(src, torch.ones(1, 4, dtype=torch.long), 0, dst, torch.ones(1, 1, dtype=torch.long), 0)
     assert index.tolist() == [[3]]
+
+
+# ---- causal alignment (next-token prediction) -----------------------------------------------------------------
+# Texts cut at every character, each cut followed by continuations of every kind: inside a word, after a space,
+# punctuation, a digit, non-ASCII (a precomposed letter, a combining accent that changes the letter before it, CJK).
+CAUSAL_BASES = ["An example of a chemical change is acid breaking down substances.",
+                "It's 27.5 C; the moon  orbits Earth, naïve café-goers say.\nOk"]
+CONTINUATIONS = ["", "stones", "ubstance", "s.", " and more", ", then", "7 days", "\u00e9t\u00e9", "\u0301 x", "水"]
+
+
+def cut_texts(bases=CAUSAL_BASES, continuations=CONTINUATIONS) -> tuple[list[str], list[int], list[int]]:
+    """(texts, the cut of each, the row of its reference: the same cut with nothing after it)."""
+    texts, cuts, refs = [], [], []
+    for base in bases:
+        for c in range(1, len(base) + 1):
+            ref = len(texts)
+            for cont in continuations:
+                texts.append(base[:c] + cont)
+                cuts.append(c)
+                refs.append(ref)
+    return texts, cuts, refs
+
+
+def agreeing(enc: dict, refs: list[int]) -> torch.Tensor:
+    """(B,): how many leading tokens of each row equal (ids and offsets) its reference row's."""
+    ids, offsets, mask = enc["input_ids"], enc["offset_mapping"], enc["attention_mask"].bool()
+    same = (ids == ids[refs]) & (offsets == offsets[refs]).all(-1) & mask & mask[refs]
+    return same.long().cumprod(-1).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def stories_node():
+    from lowmem_graph.nodes import FrozenNode
+    from lowmem_graph.spec import NodeSpec
+
+    from conftest import shared_data
+
+    path = shared_data() / "models/stories260K/stories260K.bin"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return FrozenNode.load(NodeSpec(name="stories", model=str(path), prefix="Once upon a time. "), "fp32", "cpu", 256)
+
+
+def test_causal_alignment_reads_only_what_the_characters_so_far_decide(tiny_nodes, stories_node):
+    """For every pair of tokenizers (byte-level BPE, Metaspace BPE and Unigram, WordPiece, llama2.c's), every cut
+    and continuation: a destination token ending by the cut, whose own tokens are those of the cut text (else it is
+    a different token: its own tokenizer's business, as in any LM), reads the same source token, and every source
+    token up to the one it reads (what that token's state depends on) is the same as in the cut text."""
+    nodes = {**tiny_nodes, "stories": stories_node}
+    texts, cuts, refs = cut_texts()
+    settled = settled_chars(texts)
+    enc = {n: node.encode(texts, offsets=True, keep_start=True) for n, node in nodes.items()}
+    agree = {n: agreeing(e, refs) for n, e in enc.items()}
+    cuts = torch.tensor(cuts)
+    checked = 0
+    for s, t in [(s, t) for s in nodes for t in nodes if s != t]:
+        prefix = {n: len(nodes[n].spec.prefix) for n in (s, t)}
+        index = align_index(enc[s]["offset_mapping"], enc[s]["attention_mask"], prefix[s],
+                            enc[t]["offset_mapping"], enc[t]["attention_mask"], prefix[t], settled)
+        _, d_end = prompt_spans(enc[t]["offset_mapping"], enc[t]["attention_mask"], prefix[t])
+        positions = torch.arange(index.shape[1])
+        compared = (d_end > 0) & (d_end <= cuts[:, None]) & (positions < agree[t][:, None])
+        assert (index[compared] == index[refs][compared]).all(), (s, t)
+        assert (index[compared] < agree[s][:, None].expand_as(index)[compared]).all(), (s, t)
+        assert (index[compared] >= 0).any()
+        checked += int(compared.sum())
+        assert check_settled(enc[s]["offset_mapping"], enc[s]["attention_mask"], prefix[s], settled) is None
+    assert checked > 100_000
+
+
+def test_settled_characters_are_those_of_closed_words():
+    assert word_ends("ab cd  ef\n gh") == [2, 5]
+    assert settled_chars(["ab cd  ef\n gh", "x"]).tolist() == [
+        [0, 0, 0, 2, 2, 2, 5, 5, 5, 5, 5, 5, 5, 5], [0] * 14]
+    # a token across a closed word ("b c") makes the rule unsound: refused
+    offsets = torch.tensor([[[0, 1], [1, 4], [4, 5]]])
+    settled = settled_chars(["ab cd"])
+    assert check_settled(offsets, torch.ones(1, 3, dtype=torch.long), 0, settled) == 0
+    assert check_settled(torch.tensor([[[0, 2], [2, 5]]]), torch.ones(1, 2, dtype=torch.long), 0, settled) is None

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from lowmem_graph.align import align_index, gather_tokens
+from lowmem_graph.align import align_index, gather_tokens, settled_chars
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.errors import UserError
 from lowmem_graph.memory.budget import parse_size
@@ -76,35 +76,72 @@ def test_closed_gates_give_each_model_alone(coupled):
         assert torch.allclose(finals[name][mask], alone[mask], atol=1e-5)
 
 
-def test_coupled_models_stay_causal(coupled):
-    """Next-token prediction: a model's states at a token never depend on text after it, though the two models
-    tokenize differently and exchange states both ways (the bridges' alignment is causal)."""
+def test_per_token_edges_stay_causal(coupled):
+    """Next-token prediction through the bridges (open), a router mixing and a per-token latent: texts cut at every
+    character, each cut continued in several ways (inside a word, after a space, punctuation, a digit, non-ASCII:
+    fewer than test_align's CONTINUATIONS). Every state and logit of every token that ends by the cut, and whose own
+    tokens are those of the cut text, is unchanged, in both models, though they tokenize differently and read each
+    other per token."""
+    from test_align import agreeing, cut_texts
+
+    from lowmem_graph.align import prompt_spans
+    from lowmem_graph.objectives import Router
+
     graph = copy.deepcopy(coupled)
+    torch.manual_seed(0)
+    router = Router(graph)
     with torch.no_grad():
         for gate in graph.gate.values():
             gate.fill_(3.0)             # open: the bridges carry a lot
-    head = "The moon orbits the earth"
-    batch = graph.collate_text([head + " once a month.", head + " because of gravity, slowly."], ["a", "b"])
-    finals = graph(batch)
-    for name in graph.nodes:
-        ends = batch.offsets[name][..., 1]
-        same = (ends[0] <= len(head)) & (ends[0] > 0) & batch.tokens[name][1][0].bool()
-        assert same.sum() >= 3
-        assert torch.allclose(finals[name][0][same], finals[name][1][same], atol=1e-5)
-        assert not torch.allclose(finals[name][0], finals[name][1][: finals[name].shape[1]], atol=1e-3)
+        for gate in router.gates.values():
+            torch.nn.init.normal_(gate.weight)      # the router's mix depends on every token
+    texts, cuts, refs = cut_texts(["Acid breaking down substances: it's 27.5 C, naïve  café."],
+                                  ["", "ubstance", " stones", "; x", "7", "\u0301水"])
+    batch = graph.collate_text(texts, [str(i) for i in range(len(texts))])
+    cuts = torch.tensor(cuts)
+    latent = EdgeGraph(from_dict({**_coupled_raw(), "latents": [{"name": "z", "dim": 16}], "edges": [
+        {"from": "llama", "read": 2, "pooling": "token", "to": "z"}, {"from": "z", "to": "mistral", "at": 3,
+                                                                      "blend": 0.5}]}, "latent.yaml"), graph.nodes, "lm")
+    with torch.no_grad():
+        alone = {n: node.final(*batch.tokens[n]) for n, node in graph.nodes.items()}
+        runs = {"coupled": graph(batch), "router": router(alone, batch), "per-token latent": latent(batch)}
+    for name, node in graph.nodes.items():
+        (ids, mask), offsets = batch.tokens[name], batch.offsets[name]
+        _, end = prompt_spans(offsets, mask, len(node.spec.prefix))
+        own = agreeing({"input_ids": ids, "attention_mask": mask, "offset_mapping": offsets}, refs)
+        kept = (end > 0) & (end <= cuts[:, None]) & (torch.arange(end.shape[1]) < own[:, None])
+        assert kept.sum() > 3_000
+        for variant, finals in runs.items():
+            got, want = finals[name][kept], finals[name][refs][kept]
+            if variant != "per-token latent" or name == "mistral":     # the other model reaches these tokens
+                assert (got - alone[name][kept]).abs().max() > 0.1, (variant, name)
+            assert torch.allclose(got, want, atol=1e-5), (variant, name)
+            assert torch.allclose(node.logits(got), node.logits(want), atol=1e-4), (variant, name)
+
+
+def test_text_over_max_length_keeps_its_start_under_the_lm_objective(coupled):
+    """A passage longer than max_length loses its end, not its middle: which tokens a model sees never depends on
+    how the text goes on (a prompt for multiple choice keeps its end, where the options sit)."""
+    text = " ".join(["Plants need sunlight and water to grow tall."] * 8)
+    batch = coupled.collate_text([text, text + " And so on."], ["a", "b"])
+    for name, node in coupled.nodes.items():
+        ids, mask = batch.tokens[name]
+        assert mask.sum(-1).tolist() == [node.max_length] * 2
+        assert ids[0].tolist() == ids[1].tolist() == node.tokenizer(text)["input_ids"][:node.max_length]
 
 
 def test_causal_alignment_never_reads_ahead():
-    # source tokens "The|mo|on" against destination tokens "Th|e|moon": each destination token reads the last
-    # source token that ends where it ends or before; "Th" has none (-1, zeros)
+    # source tokens "The|mo|on" against destination tokens "Th|e|moon" in "The moon": a destination token reads the
+    # last source token of the words closed by a space it has read. "moon" may not read "on": had the text gone on
+    # "moons", the source could have split the word otherwise. "Th" and "e" read nothing (-1, zeros).
     src = torch.tensor([[[0, 3], [4, 6], [6, 8]]])
     dst = torch.tensor([[[0, 2], [2, 3], [4, 8]]])
     ones = torch.ones(1, 3, dtype=torch.long)
-    index = align_index(src, ones, 0, dst, ones, 0, causal=True)
-    assert index.tolist() == [[-1, 0, 2]]
+    index = align_index(src, ones, 0, dst, ones, 0, settled_chars(["The moon"]))
+    assert index.tolist() == [[-1, -1, 0]]
     states = torch.arange(6.0).view(1, 3, 2) + 1
-    assert gather_tokens(states, index).tolist() == [[[0, 0], [1, 2], [5, 6]]]
-    assert align_index(src, ones, 0, dst, ones, 0).tolist() == [[0, 0, 2]]     # not causal: the old rule
+    assert gather_tokens(states, index).tolist() == [[[0, 0], [0, 0], [1, 2]]]
+    assert align_index(src, ones, 0, dst, ones, 0).tolist() == [[0, 0, 2]]     # not causal: the pooled rule
 
 
 def test_bridges_and_objectives_are_checked():
