@@ -110,6 +110,16 @@ def cmd_eval(args) -> None:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
     run_dir = Path(args.run_dir)
     _, cfg = load_run_config(run_dir)
+    if cfg.objective == "lm" and (args.task or args.eval_task):      # multiple choice by log-likelihood
+        from .lm_choices import evaluate_choices, format_table
+
+        task = args.eval_task or args.task
+        results, out = evaluate_choices(run_dir, task, args.split, args.data_dir, args.limit, args.columns,
+                                        args.batch_size, progress=not args.no_progress)
+        print(f"{task} {args.split}, scored as lm-evaluation-harness does (log-likelihood of \" \" + each choice):")
+        print(format_table(results))
+        print(f"log-likelihoods: {out}")
+        return
     if cfg.objective == "lm":
         from .lm import evaluate_run
 
