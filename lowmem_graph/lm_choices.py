@@ -182,7 +182,6 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
     """{variant: {node: [[log-likelihood per choice] per item]}}; `models` maps each variant to its router (None
     but for "router"). One read of the device per batch."""
     from .graph import autocast
-    from .objectives import final_states
     from .progress import progress as bar
 
     pairs = [(k, *split_pair(it.context, DELIMITER + c)) for k, it in enumerate(items) for c in it.choices]
@@ -203,8 +202,10 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
                                 f"{j}'s max_length after its context (or gives no token)")
         parts = []
         with autocast(device):
+            needed = graph.nodes if "router" in models else graph.reads if "alone" in models else ()
+            alone = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}     # once, for alone and the router
             for variant, router in models.items():
-                finals = final_states(graph, variant, batch, router)
+                finals = graph(batch) if variant == "coupled" else router(alone, batch) if router else alone
                 parts += [continuation_logliks(graph.nodes[j], finals[j], *batch.tokens[j], counts[j]).to(device)
                           for j in graph.reads]
         read = torch.stack(parts).tolist()          # the batch's one read of the device

@@ -92,3 +92,16 @@ def short_run(tmp_path_factory):
     assert main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
                  "--no-progress"]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory):
+    """One short lm run of examples/residual_coupling.yaml with --compare (alone, router, coupled; 16 passages, one
+    step), trained once for the tests that read an lm run folder (and do not change it)."""
+    from lowmem_graph.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "lm"
+    example = Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml"
+    assert main(["train", "--graph", str(example), "--compare", "--run-dir", str(run), "--epochs", "1",
+                 "--limit-train", "16", "--limit-eval", "8", "--no-progress"]) == 0
+    return run
