@@ -8,7 +8,7 @@ per the harness's task.py and TruthfulQA utils:
 
 * acc: the choice of highest log-likelihood is the answer (the first of equal ones, as np.argmax);
 * acc_norm: the same with each log-likelihood divided by the choice's length in characters (`len(choice)`, no
-  delimiter);
+  delimiter), acc_bytes by its length in UTF-8 bytes (as `lowmem-graph baselines` reports them);
 * TruthfulQA (the HF `truthful_qa` `multiple_choice` rows: question, mc1_targets and mc2_targets, each {choices,
   labels}): MC1 is acc over mc1_targets, MC2 the probability mass of the true answers among mc2_targets'
   (exp of each log-likelihood, normalised over the choices).
@@ -220,22 +220,17 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
     return out
 
 
-def argmax(values: list[float]) -> int:
-    """The first of equal maxima, as np.argmax."""
-    return max(range(len(values)), key=values.__getitem__)
-
-
 def item_metrics(item: Item, lls: list[float]) -> dict[str, float]:
-    """The harness's figures for one item from its choices' log-likelihoods."""
+    """The harness's figures for one item from its choices' log-likelihoods (baselines.harness_predictions picks
+    as the harness's process_results does)."""
+    from .baselines import harness_predictions
+
     if item.kind == "mc2":
         top = max(lls)          # shifted: the same ratio as the harness's exp, without underflow to 0/0
         probs = [math.exp(ll - top) for ll in lls]
         return {"mc2": sum(probs[k] for k in item.true) / sum(probs)}
-    hit = float(argmax(lls) in item.true)
-    if item.kind == "mc1":
-        return {"mc1": hit}
-    norm = [ll / len(c) if c else -math.inf for ll, c in zip(lls, item.choices)]
-    return {"acc": hit, "acc_norm": float(argmax(norm) in item.true)}
+    picks = [float(k in item.true) for k in harness_predictions(lls, item.choices)]
+    return {"mc1": picks[0]} if item.kind == "mc1" else dict(zip(("acc", "acc_norm", "acc_bytes"), picks))
 
 
 def metrics(items: list[Item], lls: list[list[float]]) -> dict[str, float]:

@@ -131,7 +131,10 @@ def test_eval_gives_the_harness_acc_and_acc_norm_for_every_variant_where_they_di
     for (v, j), lls in want.items():
         acc = np.mean([np.argmax(ll) == g for ll, g in zip(per_question(lls), gold)])
         acc_norm = np.mean([np.argmax(ll / n) == g for ll, n, g in zip(per_question(lls), lengths, gold)])
-        assert table[v, j] == {"acc": round(acc, 3), "acc_norm": round(acc_norm, 3), "n": len(QUESTIONS)}
+        acc_bytes = np.mean([np.argmax(ll / [len(c.encode()) for c in q["choices"]]) == g
+                             for ll, q, g in zip(per_question(lls), QUESTIONS, gold)])
+        assert table[v, j] == {"acc": round(acc, 3), "acc_norm": round(acc_norm, 3),
+                               "acc_bytes": round(acc_bytes, 3), "n": len(QUESTIONS)}
     assert table["coupled", "llama"]["acc_norm"] == 1.0 and table["coupled", "llama"]["acc"] < 1.0
     where = out.split("log-likelihoods: ")[1].strip()
     assert where.startswith(str(lm_run))
