@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
+    p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval (an lm run: "
+                                    "perplexity, or with --task multiple choice by log-likelihood, lm-evaluation-"
+                                    "harness's acc/acc_norm, TruthfulQA MC1/MC2)")
     p.add_argument("run_dir")
     _add_data_args(p)
     p.add_argument("--split", default="test", help="split evaluated (default: test)")
