@@ -180,6 +180,30 @@ def cmd_predict(args) -> None:
     print(f"predictions: {out}")
 
 
+def cmd_generate(args) -> None:
+    import sys
+
+    from .generate import generate
+    from .lm import load_lm_run
+
+    placed, routers = load_lm_run(Path(args.run_dir), log=lambda *_: None, progress=False)
+    if args.variant not in routers:
+        raise UserError(f"{args.run_dir} has no variant {args.variant!r} (it has {', '.join(routers)})")
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    print(args.prompt, end="", flush=True)
+    placed.start_steps()
+    try:
+        generate(placed.graph, args.prompt, args.node, args.variant, routers[args.variant], args.max_new_tokens,
+                 args.temperature, args.top_k, args.top_p, tuple(args.stop), args.seed, on_text=show)
+    finally:
+        placed.stop_steps()
+    print()
+
+
 def cmd_cache(args) -> None:
     from datetime import datetime
 

@@ -247,32 +247,12 @@ def evaluate_choices(run_dir, task: str, split: str, data_dir=None, limit: int |
                      batch_size: int | None = None, progress: bool = True, log=print) -> tuple[dict, Path]:
     """An lm run's variants (those it trained) on a multiple-choice task: ({variant: {node: metrics}}, the
     per-item log-likelihoods file written in the run folder)."""
-    from safetensors.torch import load_file
-
     from .evaluate import predictions_name
-    from .objectives import VARIANTS, Baseline
-    from .placed import PlacedGraph
-    from .settings import load_run_config
+    from .lm import load_lm_run
 
-    run_dir = Path(run_dir)
-    spec, cfg = load_run_config(run_dir)
-    done = run_dir / "lm-results.json"
-    trained = json.loads(done.read_text()) if done.is_file() else {}
-    if "coupled" not in trained or not (run_dir / "weights-coupled.safetensors").is_file():
-        raise UserError(f"{run_dir} has no finished coupled variant (lm-results.json, weights-coupled.safetensors)")
     items = load_items(task, split, data_dir, limit, columns)
-    placed = PlacedGraph(spec, cfg, log, progress)
-    graph = placed.graph
-    weights = run_dir / "weights-coupled.safetensors"
-    graph.load_trainable(load_file(str(weights)), str(weights))
-    routers = {v: None for v in VARIANTS if v in trained}
-    if "router" in routers:
-        weights, baseline = run_dir / "weights-router.safetensors", Baseline(graph, "router")
-        if not weights.is_file():
-            raise UserError(f"{run_dir}: the router ran but {weights.name} is missing")
-        baseline.load_trainable(load_file(str(weights)), str(weights))
-        routers["router"] = baseline.router
-    graph.eval()
+    placed, routers = load_lm_run(run_dir, log, progress)
+    graph, run_dir = placed.graph, Path(run_dir)
     try:
         placed.start_steps()
         lls = score(graph, routers, items, batch_size or placed.micro_batch, progress)

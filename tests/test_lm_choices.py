@@ -30,23 +30,6 @@ TRUTHFUL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def graph_and_routers(lm_run):
-    """The run's coupled graph with its trained weights, and each variant's router."""
-    from safetensors.torch import load_file
-
-    from lowmem_graph.edge_graph import EdgeGraph
-    from lowmem_graph.objectives import Baseline
-    from lowmem_graph.settings import load_run_config
-
-    spec, cfg = load_run_config(lm_run)
-    graph = EdgeGraph.build(spec, "cpu", seed=cfg.seed, objective="lm")
-    graph.load_trainable(load_file(str(lm_run / "weights-coupled.safetensors")), "coupled")
-    baseline = Baseline(graph, "router")
-    baseline.load_trainable(load_file(str(lm_run / "weights-router.safetensors")), "router")
-    return graph.eval(), {"alone": None, "router": baseline.router, "coupled": None}
-
-
 @functools.lru_cache(maxsize=None)
 def reference_logliks(graph, router, context, continuation):
     """The harness's HF loglikelihood for each variant and read node, restated: trailing spaces of the context move
@@ -83,10 +66,10 @@ def test_split_pair_moves_a_contexts_trailing_spaces_to_its_continuation():
     assert split_pair("The sky is  ", " blue") == ("The sky is", "   blue")
 
 
-def test_each_choice_scores_its_continuation_as_a_forward_of_that_pair_alone(graph_and_routers):
+def test_each_choice_scores_its_continuation_as_a_forward_of_that_pair_alone(lm_graph):
     """Batched (3 texts of different lengths, right-padded) and in every variant, each choice's log-likelihood is the
     one a forward of its own text gives; a context ending in spaces is scored as the harness moves them."""
-    graph, routers = graph_and_routers
+    graph, routers = lm_graph
     items = [Item(f"q{i}", "acc", f"Question: {q['question']}\nAnswer:", tuple(q["choices"]), (0,))
              for i, q in enumerate(QUESTIONS)] + [Item("space", "acc", "The sky is ", ("blue", "green"), (0,))]
     got = score(graph, routers, items, 3, progress=False)
@@ -106,12 +89,12 @@ def _table(out: str) -> dict:
 
 
 def test_eval_gives_the_harness_acc_and_acc_norm_for_every_variant_where_they_disagree(
-        lm_run, graph_and_routers, tmp_path, capsys):
+        lm_run, lm_graph, tmp_path, capsys):
     """ARC's prompt, " " + each choice; the answers are set so that for the coupled llama the per-character
     normalisation picks them and the plain sum does not always: acc and acc_norm disagree."""
     from lowmem_graph.cli import main
 
-    graph, routers = graph_and_routers
+    graph, routers = lm_graph
     pairs = [(f"Question: {q['question']}\nAnswer:", c) for q in QUESTIONS for c in q["choices"]]
     want = references(graph, routers, pairs)
 
@@ -143,12 +126,12 @@ def test_eval_gives_the_harness_acc_and_acc_norm_for_every_variant_where_they_di
         want["coupled", "llama"], abs=1e-4)
 
 
-def test_truthfulqa_mc1_and_mc2_from_a_local_copy(lm_run, graph_and_routers, tmp_path, capsys):
+def test_truthfulqa_mc1_and_mc2_from_a_local_copy(lm_run, lm_graph, tmp_path, capsys):
     """MC1: acc over mc1_targets (6 choices: more than a question may have); MC2: the normalised probability of the
     true answers of mc2_targets (the harness splits at the first 0 label), under the harness's six-shot prompt."""
     from lowmem_graph.cli import main
 
-    graph, routers = graph_and_routers
+    graph, routers = lm_graph
     path = tmp_path / "truthful.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in TRUTHFUL))
     capsys.readouterr()
