@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the sampling seed (default: 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeat for several)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("cache", help="list the prefix and node caches with their sizes, or clear them")

@@ -115,7 +115,7 @@ def cmd_eval(args) -> None:
 
         task = args.eval_task or args.task
         results, out = evaluate_choices(run_dir, task, args.split, args.data_dir, args.limit, args.columns,
-                                        args.batch_size, progress=not args.no_progress)
+                                        args.batch_size, progress=not args.no_progress, device=args.device)
         print(f"{task} {args.split}, scored as lm-evaluation-harness does (log-likelihood of \" \" + each choice):")
         print(format_table(results))
         print(f"log-likelihoods: {out}")
@@ -186,7 +186,7 @@ def cmd_generate(args) -> None:
     from .generate import generate
     from .lm import load_lm_run
 
-    placed, routers = load_lm_run(Path(args.run_dir), log=lambda *_: None, progress=False)
+    placed, routers = load_lm_run(Path(args.run_dir), log=lambda *_: None, progress=False, device=args.device)
     if args.variant not in routers:
         raise UserError(f"{args.run_dir} has no variant {args.variant!r} (it has {', '.join(routers)})")
 

@@ -129,9 +129,11 @@ def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
     return _save(fig, path)
 
 
-def load_lm_run(run_dir: Path, log=print, progress: bool = True):
-    """A finished lm run, placed: (PlacedGraph with the coupled graph's trained weights, {variant: its router or
-    None} for each variant the run trained, in VARIANTS' order)."""
+def load_lm_run(run_dir: Path, log=print, progress: bool = True, device: str | None = None):
+    """A finished lm run, placed (on `device`, default the run's): (PlacedGraph with the coupled graph's trained
+    weights, {variant: its router or None} for each variant the run trained, in VARIANTS' order)."""
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from .objectives import Baseline
@@ -140,6 +142,7 @@ def load_lm_run(run_dir: Path, log=print, progress: bool = True):
 
     run_dir = Path(run_dir)
     spec, cfg = load_run_config(run_dir)
+    cfg = dataclasses.replace(cfg, device=device) if device else cfg
     weights = run_dir / "weights-coupled.safetensors"
     if not weights.is_file():
         raise UserError(f"{run_dir} has no weights-coupled.safetensors (did its coupled variant finish?)")

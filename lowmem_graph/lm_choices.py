@@ -244,14 +244,15 @@ def metrics(items: list[Item], lls: list[list[float]]) -> dict[str, float]:
 
 # ---- a run ---------------------------------------------------------------------------------------------------------
 def evaluate_choices(run_dir, task: str, split: str, data_dir=None, limit: int | None = None, columns=None,
-                     batch_size: int | None = None, progress: bool = True, log=print) -> tuple[dict, Path]:
+                     batch_size: int | None = None, progress: bool = True, log=print,
+                     device: str | None = None) -> tuple[dict, Path]:
     """An lm run's variants (those it trained) on a multiple-choice task: ({variant: {node: metrics}}, the
     per-item log-likelihoods file written in the run folder)."""
     from .evaluate import predictions_name
     from .lm import load_lm_run
 
     items = load_items(task, split, data_dir, limit, columns)
-    placed, routers = load_lm_run(run_dir, log, progress)
+    placed, routers = load_lm_run(run_dir, log, progress, device)
     graph, run_dir = placed.graph, Path(run_dir)
     try:
         placed.start_steps()

@@ -76,7 +76,7 @@ def test_the_command_streams_the_prompt_and_the_text(lm_run, lm_graph, capsys):
     graph, _ = lm_graph
     want = generate(graph, PROMPT, "llama", max_new_tokens=3)
     capsys.readouterr()
-    assert main(["generate", str(lm_run), "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(lm_run), "--prompt", PROMPT, "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == PROMPT + want + "\n"
     assert main(["generate", str(lm_run), "--prompt", PROMPT, "--variant", "sideways"]) == 2
     assert "no variant 'sideways'" in capsys.readouterr().err

@@ -107,7 +107,8 @@ def test_eval_gives_the_harness_acc_and_acc_norm_for_every_variant_where_they_di
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps({**q, "answer": g}) + "\n" for q, g in zip(QUESTIONS, gold)))
     capsys.readouterr()
-    assert main(["eval", str(lm_run), "--task", str(path), "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["eval", str(lm_run), "--task", str(path), "--batch-size", "4", "--device", "cpu",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     table = _table(out)
     assert set(table) == {(v, j) for v in VARIANTS for j in graph.reads}
@@ -135,7 +136,7 @@ def test_truthfulqa_mc1_and_mc2_from_a_local_copy(lm_run, lm_graph, tmp_path, ca
     path = tmp_path / "truthful.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in TRUTHFUL))
     capsys.readouterr()
-    assert main(["eval", str(lm_run), "--task", str(path), "--no-progress"]) == 0
+    assert main(["eval", str(lm_run), "--task", str(path), "--device", "cpu", "--no-progress"]) == 0
     table = _table(capsys.readouterr().out)
     context = [f"{TRUTHFULQA_PROMPT}\n\nQ: {row['question']}\nA:" for row in TRUTHFUL]
     assert context[0].startswith("Q: What is human life expectancy") and context[0].endswith("seeds?\nA:")
