@@ -154,13 +154,13 @@ def truthfulqa_items(rows: list, source: str) -> list[Item]:
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
-def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> list[int]:
-    """How many of each whole text's tokens are the continuation's, by the node's own tokenizer (the harness's
-    count: the whole text's tokens less the context's)."""
+def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> list[list[int]]:
+    """Each continuation's tokens by the node's own tokenizer, as the harness counts them: those of the whole text
+    after the context's own tokens."""
     tok, prefix = node.tokenizer, node.spec.prefix
     whole = tok([prefix + c + x for c, x in zip(contexts, continuations)])["input_ids"]
     alone = tok([prefix + c for c in contexts])["input_ids"]
-    return [len(w) - len(a) for w, a in zip(whole, alone)]
+    return [w[len(a):] for w, a in zip(whole, alone)]
 
 
 def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -195,11 +195,15 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
                                    [f"{items[k].id}:{n}" for n, (k, _, _) in enumerate(chunk, start)])
         counts = {}
         for j in graph.reads:
-            counts[j] = torch.tensor(continuation_tokens(graph.nodes[j], contexts, continuations))
-            if (counts[j] >= batch.tokens[j][1].sum(1)).any() or (counts[j] < 1).any():
-                bad = int(((counts[j] >= batch.tokens[j][1].sum(1)) | (counts[j] < 1)).nonzero()[0, 0])
-                raise UserError(f"{items[chunk[bad][0]].id}: the choice {continuations[bad]!r} does not fit node "
-                                f"{j}'s max_length after its context (or gives no token)")
+            ids, mask = batch.tokens[j]
+            tokens = continuation_tokens(graph.nodes[j], contexts, continuations)
+            for b, want in enumerate(tokens):       # a text over max_length keeps its end: the whole continuation?
+                n = int(mask[b].sum())
+                if not 0 < len(want) < n or ids[b, n - len(want):n].tolist() != want:
+                    raise UserError(f"{items[chunk[b][0]].id}: the choice {continuations[b].strip()[:60]!r} does "
+                                    f"not fit node {j}'s max_length ({graph.nodes[j].max_length} tokens) after its "
+                                    "context's framing, or gives no token")
+            counts[j] = torch.tensor([len(t) for t in tokens])
         parts = []
         with autocast(device):
             needed = graph.nodes if "router" in models else graph.reads if "alone" in models else ()

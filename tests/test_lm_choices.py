@@ -199,3 +199,10 @@ def test_openbookqa_is_scored_on_its_question_stem_as_the_harness_does():
     first = load_items("openbookqa", "test", data_dir=shared_data() / "openbookqa", limit=1)[0]
     stem = json.loads((shared_data() / "openbookqa" / "test.jsonl").read_text().splitlines()[0])["question"]["stem"]
     assert first.context == stem and first.kind == "acc"
+
+
+def test_a_choice_longer_than_max_length_is_one_line(lm_graph):
+    graph, routers = lm_graph
+    item = Item("long", "acc", "Question: why?\nAnswer:", ("because " * 80, "no"), (1,))
+    with pytest.raises(UserError, match="long: the choice 'because .*' does not fit node llama's max_length"):
+        score(graph, routers, [item], 2, progress=False)
