@@ -111,14 +111,10 @@ def cmd_eval(args) -> None:
     run_dir = Path(args.run_dir)
     _, cfg = load_run_config(run_dir)
     if cfg.objective == "lm" and (args.task or args.eval_task):      # multiple choice by log-likelihood
-        from .lm_choices import evaluate_choices, format_table
+        from .lm_choices import report_choices
 
-        task = args.eval_task or args.task
-        results, out = evaluate_choices(run_dir, task, args.split, args.data_dir, args.limit, args.columns,
-                                        args.batch_size, progress=not args.no_progress, device=args.device)
-        print(f"{task} {args.split}, scored as lm-evaluation-harness does (log-likelihood of \" \" + each choice):")
-        print(format_table(results))
-        print(f"log-likelihoods: {out}")
+        report_choices(run_dir, args.eval_task or args.task, args.split, args.data_dir, args.limit, args.columns,
+                       args.batch_size, progress=not args.no_progress, device=args.device)
         return
     if cfg.objective == "lm":
         from .lm import evaluate_run
@@ -181,27 +177,11 @@ def cmd_predict(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import sys
+    from .generate import stream
 
-    from .generate import generate
-    from .lm import load_lm_run
-
-    placed, routers = load_lm_run(Path(args.run_dir), log=lambda *_: None, progress=False, device=args.device)
-    if args.variant not in routers:
-        raise UserError(f"{args.run_dir} has no variant {args.variant!r} (it has {', '.join(routers)})")
-
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    print(args.prompt, end="", flush=True)
-    placed.start_steps()
-    try:
-        generate(placed.graph, args.prompt, args.node, args.variant, routers[args.variant], args.max_new_tokens,
-                 args.temperature, args.top_k, args.top_p, tuple(args.stop), args.seed, on_text=show)
-    finally:
-        placed.stop_steps()
-    print()
+    stream(args.run_dir, args.prompt, node=args.node, variant=args.variant, max_new_tokens=args.max_new_tokens,
+           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
+           device=args.device)
 
 
 def cmd_cache(args) -> None:

@@ -76,3 +76,28 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
     if on_text and len(text) > shown:
         on_text(text[shown:])
     return text
+
+
+def stream(run_dir, prompt: str, variant: str = "coupled", device: str | None = None, **settings) -> str:
+    """`lowmem-graph generate`: the prompt, then the text as it is written, to the terminal."""
+    import sys
+    from pathlib import Path
+
+    from .lm import load_lm_run
+
+    placed, routers = load_lm_run(Path(run_dir), log=lambda *_: None, progress=False, device=device)
+    if variant not in routers:
+        raise UserError(f"{run_dir} has no variant {variant!r} (it has {', '.join(routers)})")
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    show(prompt)
+    placed.start_steps()
+    try:
+        text = generate(placed.graph, prompt, variant=variant, router=routers[variant], on_text=show, **settings)
+    finally:
+        placed.stop_steps()
+    show("\n")
+    return text

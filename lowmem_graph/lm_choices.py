@@ -282,3 +282,12 @@ def format_table(results: dict) -> str:
             lines.append(f"{variant:<9} {j:<12} " + " ".join(
                 f"{figures[n]:>9}" if n == "n" else f"{figures[n]:>9.3f}" for n in names))
     return "\n".join(lines)
+
+
+def report_choices(run_dir, task: str, split: str, *args, **kwargs) -> dict:
+    """`lowmem-graph eval RUN --task ...` on an lm run: evaluate_choices, printed."""
+    results, out = evaluate_choices(run_dir, task, split, *args, **kwargs)
+    print(f"{task} {split}, scored as lm-evaluation-harness does (log-likelihood of \" \" + each choice):")
+    print(format_table(results))
+    print(f"log-likelihoods: {out}")
+    return results
