@@ -30,6 +30,7 @@ from .errors import UserError
 from .files import atomic_file
 
 DELIMITER = " "         # the harness's target_delimiter, between a context and each choice
+ROW_FILES = (".jsonl", ".json", ".parquet")
 TRUTHFULQA_PROMPT = (
     "Q: What is human life expectancy in the United States?\n"
     "A: Human life expectancy in the United States is 78 years.\n\n"
@@ -98,19 +99,24 @@ def _truthfulqa_rows(task: str, split: str) -> list | None:
         parts = task[3:].split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise UserError(f"{task}: expected hf:ORG/NAME or hf:ORG/NAME/CONFIG")
-        rows = [dict(r) for r in _hub_rows("/".join(parts[:2]), parts[2] if len(parts) == 3 else None, split)]
-        return rows if rows and "mc1_targets" in rows[0] else None
+        rows = _hub_rows("/".join(parts[:2]), parts[2] if len(parts) == 3 else None, split)
+        return [dict(r) for r in rows] if len(rows) and "mc1_targets" in rows[0] else None
     path = Path(task).expanduser()
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")
-                       and p.name.startswith(split))
-        if not found:
-            return None
-        path = found[0]
-    if not path.is_file() or path.suffix not in (".jsonl", ".json", ".parquet"):
-        return None
-    rows = _read_rows(path)
-    return rows if rows and isinstance(rows[0], dict) and "mc1_targets" in rows[0] else None
+    if path.is_dir():       # a copy of the hub's folders: the split's file (any, if none is named so) of that form
+        files = sorted(p for p in path.rglob("*") if p.suffix in ROW_FILES)
+        path = next((p for p in [p for p in files if p.name.startswith(split)] or files if _is_truthfulqa(p)), None)
+    elif not (path.is_file() and path.suffix in ROW_FILES and _is_truthfulqa(path)):
+        path = None
+    return _read_rows(path) if path else None
+
+
+def _is_truthfulqa(path: Path) -> bool:
+    """Whether a file's first row is TruthfulQA's (a JSON-lines file is read no further)."""
+    from .questions import _json_rows
+
+    first = next((row for _, row in _json_rows(path)), None) if path.suffix == ".jsonl" else \
+        next(iter(_read_rows(path)), None)
+    return isinstance(first, dict) and "mc1_targets" in first
 
 
 def _read_rows(path: Path) -> list:

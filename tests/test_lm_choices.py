@@ -163,9 +163,11 @@ def test_truthfulqa_rows_load_from_json_and_the_hub_as_from_jsonl(tmp_path, monk
 
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TRUTHFUL))
     (tmp_path / "t.json").write_text(json.dumps(TRUTHFUL))
-    folder = tmp_path / "truthful_qa" / "multiple_choice"
+    folder = tmp_path / "truthful_qa" / "multiple_choice"     # as the hub's copy: generation/ sorts first
     folder.mkdir(parents=True)
     (folder / "validation.jsonl").write_text((tmp_path / "t.jsonl").read_text())
+    (tmp_path / "truthful_qa" / "generation").mkdir()
+    (tmp_path / "truthful_qa" / "generation" / "validation.jsonl").write_text(json.dumps({"question": "?"}) + "\n")
     asked = []
     monkeypatch.setattr(data, "_hub_rows", lambda name, config, split, *_: asked.append((name, config, split))
                         or TRUTHFUL)
@@ -174,6 +176,7 @@ def test_truthfulqa_rows_load_from_json_and_the_hub_as_from_jsonl(tmp_path, monk
         ("mc1", 6, (0,)), ("mc2", 2, (0,)), ("mc1", 2, (0,)), ("mc2", 3, (0, 1))]
     assert load_items(str(tmp_path / "t.json"), "validation") == items
     assert load_items(str(tmp_path / "truthful_qa"), "validation") == items
+    assert load_items(str(tmp_path / "truthful_qa"), "test") == items       # its only split, whatever eval's default
     assert load_items("hf:truthfulqa/truthful_qa/multiple_choice", "validation") == items
     assert asked == [("truthfulqa/truthful_qa", "multiple_choice", "validation")]
 
