@@ -47,6 +47,8 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
         raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k and --max-new-tokens >= 1")
     if not prompt:
         raise UserError("--prompt is empty: give the text to continue")
+    if "" in stop:
+        raise UserError("--stop is empty: an empty stop string would end the text before it starts")
     writer = graph.nodes[node]
     generator = torch.Generator().manual_seed(seed)
     device = next(graph.parameters()).device

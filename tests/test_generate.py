@@ -68,6 +68,8 @@ def test_sampling_follows_its_seed(lm_graph):
                     top_k=1, seed=5) == greedy
     with pytest.raises(UserError, match="does not write"):
         generate(graph, PROMPT, "nobody")
+    with pytest.raises(UserError, match="--stop is empty"):
+        generate(graph, PROMPT, stop=("",))
 
 
 def test_the_command_streams_the_prompt_and_the_text(lm_run, lm_graph, capsys):
