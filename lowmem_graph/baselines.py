@@ -126,8 +126,10 @@ def harness_predictions(lls: list[float], choices) -> tuple[int, int, int]:
     def best(values):
         return max(range(len(values)), key=values.__getitem__)
 
-    return (best(lls), best([ll / len(c) for ll, c in zip(lls, choices)]),
-            best([ll / len(c.encode("utf-8")) for ll, c in zip(lls, choices)]))
+    def per(size):      # an empty choice is never picked (numpy's ll / 0 is -inf)
+        return best([ll / size(c) if c else -float("inf") for ll, c in zip(lls, choices)])
+
+    return best(lls), per(len), per(lambda c: len(c.encode("utf-8")))
 
 
 def score_zero_shot(node: FrozenNode, questions: list[Question], batch_size: int = 16,

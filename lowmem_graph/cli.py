@@ -15,6 +15,7 @@ from .commands import (
     cmd_eval,
     cmd_export,
     cmd_figures,
+    cmd_generate,
     cmd_inspect,
     cmd_matrix,
     cmd_plan,
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
+    p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval (an lm run: "
+                                    "perplexity, or with --task multiple choice by log-likelihood, lm-evaluation-"
+                                    "harness's acc/acc_norm, TruthfulQA MC1/MC2)")
     p.add_argument("run_dir")
     _add_data_args(p)
     p.add_argument("--split", default="test", help="split evaluated (default: test)")
@@ -139,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="questions per forward (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="an lm run writes after a prompt, through its coupled graph, streamed")
+    p.add_argument("run_dir", help="a run folder trained with --objective lm")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--node", help="the node that writes (default: the first the output reads)")
+    p.add_argument("--variant", default="coupled", help="coupled (default), or alone/router if the run has them")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most N tokens (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding this mass")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (default: 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeat for several)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("cache", help="list the prefix and node caches with their sizes, or clear them")
     p.add_argument("--clear", choices=["prefix", "nodes", "tiny", "llama2c", "all"], help="remove every entry of one kind")

@@ -110,6 +110,12 @@ def cmd_eval(args) -> None:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
     run_dir = Path(args.run_dir)
     _, cfg = load_run_config(run_dir)
+    if cfg.objective == "lm" and (args.task or args.eval_task):      # multiple choice by log-likelihood
+        from .lm_choices import report_choices
+
+        report_choices(run_dir, args.eval_task or args.task, args.split, args.data_dir, args.limit, args.columns,
+                       args.batch_size, progress=not args.no_progress, device=args.device)
+        return
     if cfg.objective == "lm":
         from .lm import evaluate_run
 
@@ -168,6 +174,14 @@ def cmd_predict(args) -> None:
     if scored:
         print(f"{sum(r['correct'] for r in scored)}/{len(scored)} right where the answer was given")
     print(f"predictions: {out}")
+
+
+def cmd_generate(args) -> None:
+    from .generate import stream
+
+    stream(args.run_dir, args.prompt, node=args.node, variant=args.variant, max_new_tokens=args.max_new_tokens,
+           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
+           device=args.device)
 
 
 def cmd_cache(args) -> None:

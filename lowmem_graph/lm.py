@@ -129,22 +129,47 @@ def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
     return _save(fig, path)
 
 
-def evaluate_run(run_dir: Path, split: str, limit: int | None = None, progress: bool = True, log=print) -> dict:
-    """A finished lm run's coupled graph, its trained weights loaded, over a split of its text: perplexity per
-    read node."""
+def load_lm_run(run_dir: Path, log=print, progress: bool = True, device: str | None = None):
+    """A finished lm run, placed (on `device`, default the run's): (PlacedGraph with the coupled graph's trained
+    weights, {variant: its router or None} for each variant the run trained, in VARIANTS' order)."""
+    import dataclasses
+
     from safetensors.torch import load_file
 
-    from .objectives import NextToken
+    from .objectives import Baseline
     from .placed import PlacedGraph
     from .settings import load_run_config
 
-    weights = Path(run_dir) / "weights-coupled.safetensors"
+    run_dir = Path(run_dir)
+    spec, cfg = load_run_config(run_dir)
+    cfg = dataclasses.replace(cfg, device=device) if device else cfg
+    weights = run_dir / "weights-coupled.safetensors"
     if not weights.is_file():
         raise UserError(f"{run_dir} has no weights-coupled.safetensors (did its coupled variant finish?)")
-    spec, cfg = load_run_config(Path(run_dir))
-    texts = load_text(cfg.eval_task or cfg.task, split, limit, cfg.columns)
+    done = run_dir / "lm-results.json"
+    trained = json.loads(done.read_text()) if done.is_file() else {"coupled": {}}
     placed = PlacedGraph(spec, cfg, log, progress)
     placed.graph.load_trainable(load_file(str(weights)), str(weights))
+    routers = {v: None for v in VARIANTS if v in trained or v == "coupled"}
+    if "router" in routers:
+        weights, baseline = run_dir / "weights-router.safetensors", Baseline(placed.graph, "router")
+        if not weights.is_file():
+            raise UserError(f"{run_dir}: its router ran but {weights.name} is missing")
+        baseline.load_trainable(load_file(str(weights)), str(weights))
+        routers["router"] = baseline.router
+    placed.graph.eval()
+    return placed, routers
+
+
+def evaluate_run(run_dir: Path, split: str, limit: int | None = None, progress: bool = True, log=print) -> dict:
+    """A finished lm run's coupled graph, its trained weights loaded, over a split of its text: perplexity per
+    read node."""
+    from .objectives import NextToken
+    from .settings import load_run_config
+
+    _, cfg = load_run_config(Path(run_dir))
+    texts = load_text(cfg.eval_task or cfg.task, split, limit, cfg.columns)
+    placed, _ = load_lm_run(run_dir, log, progress)
     try:
         placed.start_steps()
         return NextToken("coupled").evaluate(placed.graph, placed.graph, texts, placed.micro_batch, progress)

@@ -92,3 +92,34 @@ def short_run(tmp_path_factory):
     assert main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
                  "--no-progress"]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory):
+    """One short lm run of examples/residual_coupling.yaml with --compare (alone, router, coupled; 16 passages, one
+    step), trained once for the tests that read an lm run folder (and do not change it)."""
+    from lowmem_graph.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "lm"
+    example = Path(__file__).resolve().parents[1] / "examples" / "residual_coupling.yaml"
+    assert main(["train", "--graph", str(example), "--compare", "--run-dir", str(run), "--epochs", "1",
+                 "--limit-train", "16", "--limit-eval", "8", "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def lm_graph(lm_run):
+    """The lm run's coupled graph on the CPU with its trained weights, and each variant's router (None but for the
+    router), for tests that read it (and leave it as they found it)."""
+    from safetensors.torch import load_file
+
+    from lowmem_graph.edge_graph import EdgeGraph
+    from lowmem_graph.objectives import Baseline
+    from lowmem_graph.settings import load_run_config
+
+    spec, cfg = load_run_config(lm_run)
+    graph = EdgeGraph.build(spec, "cpu", seed=cfg.seed, objective="lm")
+    graph.load_trainable(load_file(str(lm_run / "weights-coupled.safetensors")), "coupled")
+    baseline = Baseline(graph, "router")
+    baseline.load_trainable(load_file(str(lm_run / "weights-router.safetensors")), "router")
+    return graph.eval(), {"alone": None, "router": baseline.router, "coupled": None}

@@ -50,6 +50,7 @@ def test_the_three_rules_pick_as_the_harness_does():
     choices = ("a café", "a quilt", "zoo")
     assert harness_predictions([-6.0, -6.5, -4.0], choices) == (2, 1, 0)
     assert harness_predictions([-7.0, -7.0, -20.0], ("ab", "cd", "efgh")) == (0, 0, 0)   # ties: the first, as argmax
+    assert harness_predictions([-3.0, -9.0], ("", "abc")) == (0, 1, 1)    # an empty choice: -inf per character
 
 
 def test_zero_shot_matches_the_harness_and_reports_acc_norm_per_character_and_acc_bytes_per_byte(stories):
