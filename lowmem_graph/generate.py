@@ -57,7 +57,7 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
     base = writer.tokenizer(prompt, add_special_tokens=False)["input_ids"]     # decoded with the prompt, so that a
     head = writer.tokenizer.decode(base, skip_special_tokens=True)             # first word keeps its space
     for _ in range(max_new_tokens):
-        batch = graph.collate_text([prompt + text], ["prompt"])
+        batch = graph.collate_text([prompt + text], ["prompt"], keep_start=False)    # over max_length: the latest
         with autocast(device):
             final = final_states(graph, variant, batch, router)[node]
             last = int(batch.tokens[node][1][0].sum()) - 1

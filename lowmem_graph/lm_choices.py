@@ -198,7 +198,7 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
         chunk = pairs[start:start + batch_size]
         contexts, continuations = [c for _, c, _ in chunk], [x for _, _, x in chunk]
         batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
-                                   [f"{items[k].id}:{n}" for n, (k, _, _) in enumerate(chunk, start)])
+                                   [f"{items[k].id}:{n}" for n, (k, _, _) in enumerate(chunk, start)], keep_start=False)
         counts = {}
         for j in graph.reads:
             ids, mask = batch.tokens[j]

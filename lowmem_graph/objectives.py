@@ -229,8 +229,10 @@ class Baseline(nn.Module):
 
 
 def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = None) -> dict[str, torch.Tensor]:
-    """Each read node's final states under a baseline's variant: alone (each model by itself) or router (every
-    model by itself, mixed by the router). The coupled variant is the graph's own forward."""
+    """Each read node's final states under a variant: coupled (the graph's own forward), alone (each model by
+    itself) or router (every model by itself, mixed by the router)."""
+    if variant == "coupled":
+        return graph(batch)
     with torch.no_grad():
         needed = graph.nodes if variant == "router" else graph.reads
         finals = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}

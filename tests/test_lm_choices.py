@@ -38,7 +38,7 @@ def reference_logliks(graph, router, context, continuation):
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    batch = graph.collate_text([context + continuation], ["one"])
+    batch = graph.collate_text([context + continuation], ["one"], keep_start=False)
     with torch.no_grad():
         alone = {n: node.final(*batch.tokens[n]) for n, node in graph.nodes.items()}
         finals = {"alone": alone, "router": router(alone, batch), "coupled": graph(batch)}
