@@ -82,16 +82,31 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             **({} if is_local else {"revision": revision}))
+    except _invalid_config() as e:      # the config's own checks (heads that do not divide the width, ...)
+        raise UserError(f"the config of {ref!r} is invalid: {_first_line(e.__cause__ or e)}") from None
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
                             "only if you trust that code") from None
         if is_local:
-            raise UserError(f"cannot load config of {ref!r} (a local folder): {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load config of {ref!r} (a local folder): {_first_line(e)}") from None
         raise hub_error(f"model {ref!r}", e) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
     return config, source, is_local
+
+
+def _invalid_config() -> tuple[type, ...]:
+    """The error huggingface_hub's strict dataclasses raise when a config fails its own validation."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:         # an older huggingface_hub: configs then check themselves with ValueError
+        return ()
+    return (StrictDataclassError,)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def hub_commit(source: str, revision: str | None = None) -> str | None:
@@ -185,5 +200,8 @@ def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, *_invalid_config()) as e:     # a config whose shapes no model can have
+        raise UserError(f"the config of {ref!r} is invalid: {_first_line(e.__cause__ or e)}") from None

@@ -11,8 +11,7 @@ import json
 import textwrap
 from pathlib import Path
 
-import yaml
-
+from .errors import UserError
 from .files import atomic_file
 
 MiB = 2 ** 20
@@ -20,13 +19,41 @@ ASSUMED_CHOICES = 4      # ARC, OpenBookQA and MMLU questions mostly have four: 
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records); a partial last line (a killed write) is skipped (runstate.read_metrics)."""
-    from .runstate import read_metrics as records
-
+    """(step records, epoch records), each checked (see `checked_records`)."""
     steps, epochs = [], []
-    for record in records(path):
+    for record in checked_records(path):
         (steps if record.get("kind") == "step" else epochs).append(record)
     return steps, epochs
+
+
+_TEXT_KEYS = ("kind", "variant")
+
+
+def checked_records(path: str | Path) -> list[dict]:
+    """A metrics log's records; a partial last line (a killed write) is skipped (runstate.read_metrics). A record
+    whose figures are not numbers (an edited or foreign file) is one line naming it, not a traceback mid-plot."""
+    from .runstate import read_metrics as records
+
+    def numbers(value) -> bool:
+        if isinstance(value, dict):
+            return all(numbers(v) for v in value.values())
+        if isinstance(value, list):
+            return all(numbers(v) for v in value)
+        return value is None or isinstance(value, (int, float))
+
+    out = records(path)
+    for n, record in enumerate(out, 1):
+        for key, value in record.items():
+            if key in _TEXT_KEYS and value is not None and not isinstance(value, str):
+                raise UserError(f"{path}: record {n}: {key} must be text, got {value!r}"[:300])
+            if key not in _TEXT_KEYS and not numbers(value):
+                raise UserError(f"{path}: record {n}: {key} must be a number (or numbers), got {value!r}"[:300])
+        for key in ("step", "epoch"):
+            if key in record and (not isinstance(record[key], int) or isinstance(record[key], bool)):
+                raise UserError(f"{path}: record {n}: {key} must be a whole number, got {record[key]!r}"[:300])
+        if "step" not in record or (record.get("kind") == "step" and record.get("loss") is None):
+            raise UserError(f"{path}: record {n}: no step or no loss (not a metrics log of lowmem-graph?)")
+    return out
 
 
 def _pyplot():
@@ -52,9 +79,11 @@ def run_info(metrics_path: str | Path) -> dict:
     run_dir = Path(metrics_path).resolve().parent
     info = {"run": run_dir.name, "task": None, "train_split": None, "evaluated": None, "eval_split": None,
             "device": None, "gpu_mem": None}
+    from .spec import read_yaml
+
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text(errors="replace"))
-    except (OSError, yaml.YAMLError):          # no config (or an unreadable one): the title says less
+        raw = read_yaml(run_dir / "config.yaml")
+    except (OSError, UserError):          # no config (or an unreadable one): the title says less
         raw = None
     train = raw.get("train") if isinstance(raw, dict) else None
     if not isinstance(train, dict):
@@ -214,7 +243,6 @@ def device_label(device) -> str:
 def _budget_from_config(gpu_mem) -> float | None:
     if not gpu_mem:
         return None
-    from .errors import UserError
     from .memory.budget import parse_size
 
     try:
