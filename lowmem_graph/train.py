@@ -92,6 +92,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
+        self.epoch_figures = {"losses": [], "accs": []}     # this epoch's steps so far (the checkpoint keeps them)
         self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
         if self.placed.cached and graph_variant:
@@ -112,7 +113,7 @@ class Trainer:
         if not self.ranks.main or self.optimizer is None:
             return
         runstate.save_checkpoint(self.run_dir, self.step, self.trained.trainable_state(), self.optimizer.state_dict(),
-                                 self.scheduler.state_dict(), self.variant)
+                                 self.scheduler.state_dict(), self.variant, self.epoch_figures)
 
     def load_checkpoint(self) -> int:
         """Continue from the run's last checkpoint (or from step 0 if it was stopped before the first one, or if the
@@ -124,6 +125,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state.optimizer)
                 self.scheduler.load_state_dict(state.scheduler)
                 runstate.set_rng_state(state.rng["json"], state.rng["tensors"])
+                if state.epoch is not None:         # an older checkpoint has none: the epoch averages what follows
+                    self.epoch_figures = {k: [float(x) for x in state.epoch[k]] for k in ("losses", "accs")}
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise UserError(f"{self.run_dir}: the checkpoint does not fit this run ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]})") from None
