@@ -3,7 +3,6 @@ the parser and the entry point are cli.py's. Everything heavy is imported inside
 `lowmem-graph --help` stays quick."""
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -19,21 +18,6 @@ def _spec_from_args(args):
     if args.quant:
         spec.quant = args.quant
     return spec
-
-
-@contextlib.contextmanager
-def _kept_if_started(run_dir: Path):
-    """A command that fails before its run had anything to keep leaves no folder, and says so
-    (settings.discard_unstarted)."""
-    from .settings import discard_unstarted
-
-    try:
-        yield
-    except Exception as e:
-        said = discard_unstarted(run_dir, e)
-        if said is e:
-            raise
-        raise said from None
 
 
 def _run_folder(args, name: str) -> Path:
@@ -78,7 +62,7 @@ def _config(spec, overrides: dict):
 def cmd_train(args) -> None:
     from dataclasses import asdict
 
-    from .train import TrainConfig, load_run_config
+    from .settings import TrainConfig, kept_if_started, load_run_config
 
     overrides = _train_overrides(args)
     if args.resume:
@@ -99,7 +83,7 @@ def cmd_train(args) -> None:
     spec, cfg = _spec_and_config(args)
     _check_before_folder(spec, cfg)
     run_dir = _run_folder(args, spec.name)
-    with _kept_if_started(run_dir):
+    with kept_if_started(run_dir):
         _train_in(args, spec, cfg, run_dir)
 
 
@@ -247,27 +231,28 @@ def cmd_export(args) -> None:
 
 def cmd_matrix(args) -> None:
     from .ablate import run_matrix
+    from .settings import kept_if_started
 
     spec, cfg = _spec_and_config(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
-    bad = [s for s in seeds if not 0 <= s < 2 ** 32]
-    if bad:
-        raise UserError(f"--seeds: {bad[0]} is outside [0, 2**32) (NumPy's seed range)")
+        seeds = [-1]
+    if not all(0 <= s < 2 ** 32 for s in seeds):
+        raise UserError(f"--seeds {args.seeds!r}: expected integers in [0, 2**32) separated by commas")
     out = _run_folder(args, f"matrix-{spec.name}")
-    with _kept_if_started(out):
+    with kept_if_started(out):
         run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
     print(f"matrix: {out / 'matrix.md'}")
 
 
 def cmd_baselines(args) -> None:
     from .baselines import run_baselines
+    from .settings import kept_if_started
 
     spec, cfg = _spec_and_config(args)
     out = _run_folder(args, f"baselines-{spec.name}")
-    with _kept_if_started(out):
+    with kept_if_started(out):
         run_baselines(spec, cfg, out, progress=not args.no_progress)
 
 

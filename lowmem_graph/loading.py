@@ -17,7 +17,7 @@ import torch
 from .errors import UserError, hub_error
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")   # gpt2, openai-community/gpt2
 
 
 def _quiet_transformers():
@@ -79,6 +79,8 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
     if prefer_bundled and (config := bundled_config(ref)) is not None:
         return config, ref, False
     source, is_local = resolve_model(ref)
+    if not is_local:
+        _reach_hub(ref, source, revision)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             **({} if is_local else {"revision": revision}))
@@ -94,6 +96,19 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
     return config, source, is_local
+
+
+def _reach_hub(ref: str, source: str, revision: str | None) -> None:
+    """A hub id not in the local cache: one request to the hub now, without huggingface_hub's retries (offline they
+    take 30 s and a dozen lines before the same failure): no network, a gated or unknown id is one line at once."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        return          # offline mode fails at once by itself; a cached model loads without the hub
+    try:
+        get_hf_file_metadata(hf_hub_url(source, "config.json", revision=revision), timeout=10)
+    except Exception as e:          # httpx's and the hub's errors share no base class
+        raise hub_error(f"model {ref!r}", e) from None
 
 
 def _invalid_config() -> tuple[type, ...]:

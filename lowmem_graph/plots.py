@@ -20,13 +20,14 @@ ASSUMED_CHOICES = 4      # ARC, OpenBookQA and MMLU questions mostly have four: 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(step records, epoch records), each checked (see `checked_records`)."""
-    steps, epochs = [], []
-    for record in checked_records(path):
-        (steps if record.get("kind") == "step" else epochs).append(record)
-    return steps, epochs
+    records = checked_records(path)
+    return [r for r in records if r.get("kind") == "step"], [r for r in records if r.get("kind") != "step"]
 
 
-_TEXT_KEYS = ("kind", "variant")
+def _numbers(value) -> bool:
+    if isinstance(value, (dict, list)):
+        return all(map(_numbers, value.values() if isinstance(value, dict) else value))
+    return value is None or isinstance(value, (int, float))
 
 
 def checked_records(path: str | Path) -> list[dict]:
@@ -34,25 +35,15 @@ def checked_records(path: str | Path) -> list[dict]:
     whose figures are not numbers (an edited or foreign file) is one line naming it, not a traceback mid-plot."""
     from .runstate import read_metrics as records
 
-    def numbers(value) -> bool:
-        if isinstance(value, dict):
-            return all(numbers(v) for v in value.values())
-        if isinstance(value, list):
-            return all(numbers(v) for v in value)
-        return value is None or isinstance(value, (int, float))
-
     out = records(path)
-    for n, record in enumerate(out, 1):
-        for key, value in record.items():
-            if key in _TEXT_KEYS and value is not None and not isinstance(value, str):
-                raise UserError(f"{path}: record {n}: {key} must be text, got {value!r}"[:300])
-            if key not in _TEXT_KEYS and not numbers(value):
-                raise UserError(f"{path}: record {n}: {key} must be a number (or numbers), got {value!r}"[:300])
-        for key in ("step", "epoch"):
-            if key in record and (not isinstance(record[key], int) or isinstance(record[key], bool)):
-                raise UserError(f"{path}: record {n}: {key} must be a whole number, got {record[key]!r}"[:300])
-        if "step" not in record or (record.get("kind") == "step" and record.get("loss") is None):
-            raise UserError(f"{path}: record {n}: no step or no loss (not a metrics log of lowmem-graph?)")
+    for n, r in enumerate(out, 1):
+        rule = {k: "text" if k in ("kind", "variant") else "a whole number" if k in ("step", "epoch") else
+                "a number (or numbers)" for k in r}
+        bad = next((k for k, v in r.items() if not (isinstance(v, str) if rule[k] == "text" else _numbers(v))
+                    or rule[k] == "a whole number" and (not isinstance(v, int) or isinstance(v, bool))), None)
+        if bad is not None or "step" not in r or (r.get("kind") == "step" and r.get("loss") is None):
+            raise UserError(f"{path}: record {n}: " + (f"{bad} must be {rule[bad]}, got {r[bad]!r}"[:200] if bad
+                            else "no step or no loss (not a metrics log of lowmem-graph?)"))
     return out
 
 

@@ -2,6 +2,7 @@
 selection names, and the run folder's making (unique, atomic) and its config.yaml, written first."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import re
@@ -211,6 +212,18 @@ def discard_unstarted(run_dir: Path, error: BaseException) -> BaseException:
     said = UserError(f"{plain} (its run folder {run_dir} is removed: nothing had run)")
     said.plain = plain
     return said
+
+
+@contextlib.contextmanager
+def kept_if_started(run_dir: Path):
+    """Around a command's work in its new folder: a failure before anything to keep leaves no folder, and says so."""
+    try:
+        yield
+    except Exception as e:
+        said = discard_unstarted(run_dir, e)
+        if said is e:
+            raise
+        raise said from None
 
 
 def claim_run_dir(path: str | Path) -> Path:

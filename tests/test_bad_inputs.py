@@ -227,6 +227,9 @@ CASES = [
      ["blend must be in [0, 1]", "is removed: nothing had run"]),
     ("baselines: no such task file", lambda t: ["baselines", "--task", str(t / "no.jsonl"), "--eval-task",
                                                 str(t / "no.jsonl"), *QUICK], ["no file at", "is removed"]),
+    # --- models (27.9) ------------------------------------------------------------------------------------------
+    ("a local model whose weights are a pickle", lambda t: ["probe-quant", _pickled_model(t), "--limit", "1"],
+     ["weights are a pickle that does not load safely", "posix.system"]),
 ]
 
 DEEP = "[" * 3000 + "]" * 3000
@@ -248,6 +251,24 @@ def _bad_model(tmp):
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 12,
                                                     "num_hidden_layers": 2, "intermediate_size": 64,
                                                     "vocab_size": 100}))
+    return str(folder)
+
+
+def _pickled_model(tmp):
+    """The tiny llama's config and tokenizer beside weights that are a pickle calling os.system."""
+    import os
+    import shutil
+
+    import torch
+
+    from lowmem_graph.tiny import tiny_path
+
+    folder = tmp / "pickled"
+    folder.mkdir()
+    for f in tiny_path("llama").iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, folder)
+    torch.save({"model.embed_tokens.weight": os.system}, folder / "pytorch_model.bin")
     return str(folder)
 
 
@@ -285,6 +306,7 @@ def _a_file(tmp):
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, what, make, words):
     monkeypatch.chdir(tmp_path)         # the default runs/ folder lands here, and is checked with the rest
     argv = make(tmp_path)
+    capsys.readouterr()                 # what making the case said (a tiny model built) is not the command's
     before = set(tmp_path.rglob("*"))
     code = main(argv)
     err = capsys.readouterr().err
@@ -296,6 +318,43 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, what, make, words)
         assert word in lines[0], (word, lines[0])
     left = set(tmp_path.rglob("*")) - before        # nothing half-made stays (an empty runs/ root may)
     assert [p for p in left if p != tmp_path / "runs" or any(p.iterdir())] == [], sorted(left)
+
+
+def test_plain_hub_ids_are_hub_ids_unless_a_local_path_has_the_name(tmp_path, monkeypatch):
+    from lowmem_graph.loading import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("gpt2") == ("gpt2", False)
+    assert resolve_model("openai-community/gpt2") == ("openai-community/gpt2", False)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    assert resolve_model("gpt2") == ("gpt2", True)
+
+
+@pytest.mark.parametrize("offline_mode", [False, True])
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path, capsys, monkeypatch, offline_mode):
+    """No network: one request, no retries (huggingface_hub's take 30 s and a dozen lines); offline mode: none."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    class ConnectError(Exception):      # httpx's (huggingface_hub 1.x) or httpx2's (2.x): told apart by name
+        pass
+
+    asked = []
+
+    def unreachable(url, **kwargs):
+        asked.append(url)
+        raise ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    code = main(["inspect", "--set", "nodes.llama.model=gpt2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err[-2000:]
+    assert "cannot reach the Hugging Face hub for model 'gpt2'" in err
+    assert len(asked) == (0 if offline_mode else 1)
 
 
 def test_a_full_disk_is_said_so(tmp_path, capsys, monkeypatch):
