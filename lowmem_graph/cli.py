@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -243,6 +244,9 @@ def quiet_warnings() -> None:
     say something about this run (a slab streamed from pageable memory, a damaged cache rebuilt)."""
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"lowmem_graph(\.|$)")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")     # read when huggingface_hub loads (it sets its level)
+    for name in ("huggingface_hub", "kernels"):    # "Retrying in 8s", "offline mode": our one line says it
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:

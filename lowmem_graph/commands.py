@@ -45,17 +45,24 @@ def _train_overrides(args) -> dict:
 
 def _spec_and_config(args):
     """The graph (with --set changes and --quant) and its training settings (spec defaults + flags)."""
+    spec = _spec_from_args(args)
+    return spec, _config(spec, _train_overrides(args))
+
+
+def _config(spec, overrides: dict):
+    """The spec's `train:` defaults, checked on their own (a bad one is a mistake even where a flag overrides
+    it), with `overrides` over them."""
     from .train import TrainConfig
 
-    spec = _spec_from_args(args)
-    return spec, TrainConfig.from_dict({**spec.train, **_train_overrides(args)}, f"{spec.name}: train")
+    where = f"{spec.name}: train"
+    TrainConfig.from_dict(spec.train, where, whole=False)
+    return TrainConfig.from_dict({**spec.train, **overrides}, where)
 
 
 def cmd_train(args) -> None:
     from dataclasses import asdict
 
-    from .memory.report import format_snapshot
-    from .train import TrainConfig, load_run_config, train
+    from .settings import TrainConfig, kept_if_started, load_run_config
 
     overrides = _train_overrides(args)
     if args.resume:
@@ -70,9 +77,30 @@ def cmd_train(args) -> None:
             raise UserError(f"--resume with {what}: the run's step counter and schedule were made for the old "
                             "settings; add --allow-changed-settings to change them anyway")
         cfg = TrainConfig.from_dict({**asdict(cfg), "max_steps": None, **overrides})   # a stop is not sticky
-    else:
-        spec, cfg = _spec_and_config(args)
-        run_dir = _run_folder(args, spec.name)
+        _check_before_folder(spec, cfg)
+        _train_in(args, spec, cfg, run_dir)
+        return
+    spec, cfg = _spec_and_config(args)
+    _check_before_folder(spec, cfg)
+    run_dir = _run_folder(args, spec.name)
+    with kept_if_started(run_dir):
+        _train_in(args, spec, cfg, run_dir)
+
+
+def _check_before_folder(spec, cfg) -> None:
+    """What refuses a training run without loading anything, before its folder is made."""
+    cfg.check_graph(spec)
+    if cfg.objective == "lm":
+        from .lm import VARIANTS, check_lm
+
+        check_lm(spec, cfg, VARIANTS if cfg.compare else ("coupled",))
+
+
+def _train_in(args, spec, cfg, run_dir: Path) -> None:
+    """Train (or resume) in `run_dir` and say how it went."""
+    from .memory.report import format_snapshot
+    from .train import train
+
     if cfg.objective == "lm":
         from .distributed import current
         from .lm import VARIANTS, comparison_table, train_lm
@@ -85,8 +113,6 @@ def cmd_train(args) -> None:
         print(f"run folder: {run_dir}  (config.yaml, metrics.jsonl, lm-results.json, weights-*.safetensors, "
               "lm-curves.png" + (", lm-comparison.png)" if len(results) > 1 else ")"))
         return
-    if cfg.compare:
-        raise UserError("--compare runs the lm objective's baselines: add --objective lm")
     summary = train(spec, cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     from .distributed import current
 
@@ -219,22 +245,29 @@ def cmd_export(args) -> None:
 
 def cmd_matrix(args) -> None:
     from .ablate import run_matrix
+    from .settings import kept_if_started
 
     spec, cfg = _spec_and_config(args)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
+        seeds = [-1]
+    if not all(0 <= s < 2 ** 32 for s in seeds):
+        raise UserError(f"--seeds {args.seeds!r}: expected integers in [0, 2**32) separated by commas")
     out = _run_folder(args, f"matrix-{spec.name}")
-    run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
+    with kept_if_started(out):
+        run_matrix(spec, cfg, args.vary or [], seeds, out, progress=not args.no_progress)
     print(f"matrix: {out / 'matrix.md'}")
 
 
 def cmd_baselines(args) -> None:
     from .baselines import run_baselines
+    from .settings import kept_if_started
 
     spec, cfg = _spec_and_config(args)
-    run_baselines(spec, cfg, _run_folder(args, f"baselines-{spec.name}"), progress=not args.no_progress)
+    out = _run_folder(args, f"baselines-{spec.name}")
+    with kept_if_started(out):
+        run_baselines(spec, cfg, out, progress=not args.no_progress)
 
 
 def cmd_figures(args) -> None:
@@ -287,15 +320,14 @@ def cmd_align(args) -> None:
     import shutil
 
     from .ridge import align_graph, pooled_states, write_alignment
-    from .train import PlacedGraph, TrainConfig, load_questions
+    from .train import PlacedGraph, load_questions
 
     spec = _spec_from_args(args)
     if args.limit is not None and args.limit < 5:
         raise UserError(f"--limit must be >= 5 (a Ridge map needs held-out folds), got {args.limit}")
-    cfg = TrainConfig.from_dict({**spec.train, **{k: v for k, v in {"task": args.task, "data_dir": args.data_dir,
-                                                                    "device": args.device, "gpu_mem": args.gpu_mem,
-                                                                    "seed": args.seed, "columns": args.columns}.items()
-                                                     if v is not None}})
+    cfg = _config(spec, {k: v for k, v in {"task": args.task, "data_dir": args.data_dir, "device": args.device,
+                                           "gpu_mem": args.gpu_mem, "seed": args.seed, "columns": args.columns}.items()
+                         if v is not None})
     questions = load_questions(cfg.task, args.split, cfg.data_dir, args.limit, cfg.columns)
     other = (load_questions(args.cross_task, args.split, cfg.data_dir, args.limit, cfg.columns) if args.cross_task
              else None)
@@ -319,6 +351,7 @@ def cmd_align(args) -> None:
 
 
 def cmd_probe_quant(args) -> None:
+    import math
     import re
     import shutil
 
@@ -335,6 +368,10 @@ def cmd_probe_quant(args) -> None:
         raise UserError("probe-quant measures every format (full, int8, int4-g128, nf4): --quant does not apply")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.threshold) or args.threshold < 0:
+        raise UserError(f"--threshold must be a finite percentage >= 0, got {args.threshold}")
     if args.models:
         max_length = 512
         nodes = [(NodeSpec(name=re.sub(r"[^A-Za-z0-9_-]+", "-", Path(m).stem or m).strip("-") or "model",

@@ -30,7 +30,9 @@ def hub_error(what: str, error: Exception, local: str = "give a local path") -> 
         return gated
     if kind in ("RepositoryNotFoundError", "DatasetNotFoundError", "EntryNotFoundError", "RevisionNotFoundError"):
         return gated if "gated dataset" in text.lower() else missing
-    if (isinstance(error, (ConnectionError, TimeoutError)) or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+    network = kind.startswith("Connect") or kind.endswith("Timeout") or kind in ("NetworkError", "ProxyError")   # httpx
+    if (isinstance(error, (ConnectionError, TimeoutError)) or network
+            or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
             or "couldn't connect" in text or "offline" in text.lower() or "Name or service not known" in text):
         return offline
     if "gated repo" in text.lower() or "is a gated" in text.lower():

@@ -34,7 +34,9 @@ def fit(trainer, stop: StopSignals | None = None) -> dict:
     while t.step < t.total_steps:
         epoch, first = divmod(t.step, t.steps_per_epoch)
         order = torch.randperm(len(t.train_set), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch))
-        losses, accs, started = [], [], time.time()
+        if first == 0:          # a new epoch; a resumed one continues the figures its checkpoint kept
+            t.epoch_figures = {"losses": [], "accs": []}
+        losses, accs, started = t.epoch_figures["losses"], t.epoch_figures["accs"], time.time()
         name = f"{t.variant} epoch" if t.variant else "epoch"
         bar = tqdm(range(first, t.steps_per_epoch), desc=f"{name} {epoch + 1}/{cfg.epochs}",
                    disable=None if t.progress else True, leave=False)

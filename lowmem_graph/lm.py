@@ -37,17 +37,9 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
     from .distributed import current
     from .train import train
 
-    if not spec.by_edges:
-        raise UserError(f"the lm objective runs on graphs given by their edges; {spec.name} has the paper's shape "
-                        "(see examples/residual_coupling.yaml)")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise UserError(f"unknown variant {bad[0]!r} (choose from {', '.join(VARIANTS)})")
+    check_lm(spec, cfg, variants)
     if cfg.objective != "lm":
         cfg = dataclasses.replace(cfg, objective="lm")
-    if cfg.gpu_mem and set(variants) - {"coupled"}:
-        raise UserError("--compare with --gpu-mem: the baselines run every model whole on the device; compare "
-                        "without a memory plan, or train the coupled graph alone under it")
     run_dir, main = Path(run_dir), current().main
     done = run_dir / "lm-results.json"
     results = json.loads(done.read_text()) if resume and done.is_file() else {}
@@ -71,6 +63,22 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
         if len(results) > 1:
             plot_comparison(results, run_dir / "lm-comparison.png", spec.name)
     return results
+
+
+def check_lm(spec, cfg, variants=("coupled",)) -> None:
+    """What refuses an lm run, checked before its folder is made: the graph's shape, its edges, the variants."""
+    from .topology import check_causal, of_spec
+
+    if not spec.by_edges:
+        raise UserError(f"the lm objective runs on graphs given by their edges; {spec.name} has the paper's shape "
+                        "(see examples/residual_coupling.yaml)")
+    check_causal(of_spec(spec))
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise UserError(f"unknown variant {bad[0]!r} (choose from {', '.join(VARIANTS)})")
+    if cfg.gpu_mem and set(variants) - {"coupled"}:
+        raise UserError("--compare with --gpu-mem: the baselines run every model whole on the device; compare "
+                        "without a memory plan, or train the coupled graph alone under it")
 
 
 def comparison_table(results: dict) -> str:
@@ -105,14 +113,14 @@ def plot_comparison(results: dict, path: Path, name: str) -> Path:
 
 def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
     """Each variant's training loss per step and held-out perplexity per epoch, from a run's metrics.jsonl."""
-    from .plots import _pyplot, _save
+    from .plots import _pyplot, _save, checked_records
 
-    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    records = checked_records(metrics)
     plt = _pyplot()
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for k, variant in enumerate(dict.fromkeys(r["variant"] for r in records)):
-        steps = [r for r in records if r["variant"] == variant and "loss" in r]
-        epochs = [r for r in records if r["variant"] == variant and "perplexity" in r]
+    for k, variant in enumerate(dict.fromkeys(r.get("variant") for r in records)):
+        steps = [r for r in records if r.get("variant") == variant and "loss" in r]
+        epochs = [r for r in records if r.get("variant") == variant and "perplexity" in r]
         if steps:
             ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=f"C{k}", label=variant)
         for n, node in enumerate(epochs[0]["perplexity"] if epochs else []):

@@ -17,7 +17,7 @@ import torch
 from .errors import UserError, hub_error
 from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")   # gpt2, openai-community/gpt2
 
 
 def _quiet_transformers():
@@ -79,19 +79,49 @@ def load_config(ref: str, prefer_bundled: bool = False, revision: str | None = N
     if prefer_bundled and (config := bundled_config(ref)) is not None:
         return config, ref, False
     source, is_local = resolve_model(ref)
+    if not is_local:
+        _reach_hub(ref, source, revision)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             **({} if is_local else {"revision": revision}))
+    except _invalid_config() as e:      # the config's own checks (heads that do not divide the width, ...)
+        raise UserError(f"the config of {ref!r} is invalid: {_first_line(e.__cause__ or e)}") from None
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{ref!r} needs Python code of its own to load; set trust_remote_code: true on its node "
                             "only if you trust that code") from None
         if is_local:
-            raise UserError(f"cannot load config of {ref!r} (a local folder): {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load config of {ref!r} (a local folder): {_first_line(e)}") from None
         raise hub_error(f"model {ref!r}", e) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{ref!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
     return config, source, is_local
+
+
+def _reach_hub(ref: str, source: str, revision: str | None) -> None:
+    """A hub id not in the local cache: one request to the hub now, without huggingface_hub's retries (offline they
+    take 30 s and a dozen lines before the same failure): no network, a gated or unknown id is one line at once."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        return          # offline mode fails at once by itself; a cached model loads without the hub
+    try:
+        get_hf_file_metadata(hf_hub_url(source, "config.json", revision=revision), timeout=10)
+    except Exception as e:          # httpx's and the hub's errors share no base class
+        raise hub_error(f"model {ref!r}", e) from None
+
+
+def _invalid_config() -> tuple[type, ...]:
+    """The error huggingface_hub's strict dataclasses raise when a config fails its own validation."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:         # an older huggingface_hub: configs then check themselves with ValueError
+        return ()
+    return (StrictDataclassError,)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def hub_commit(source: str, revision: str | None = None) -> str | None:
@@ -185,5 +215,8 @@ def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, *_invalid_config()) as e:     # a config whose shapes no model can have
+        raise UserError(f"the config of {ref!r} is invalid: {_first_line(e.__cause__ or e)}") from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
+import re
 
 import bitsandbytes as bnb
 import torch
@@ -153,6 +155,11 @@ class FrozenNode:
             model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **from_hub, **trust)
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **trust,
                                                       **({} if spec.tokenizer else from_hub))
+        except pickle.UnpicklingError as e:     # torch.load(weights_only=True) refused what the pickle would run
+            named = re.search(r"GLOBAL (\S+)", str(e))
+            raise UserError(f"cannot load model {spec.model!r}: its weights are a pickle that does not load safely "
+                            f"(it calls {named[1] if named else 'code'}, which weights_only loading refuses to run); "
+                            "give it safetensors weights") from None
         except (OSError, ValueError, SafetensorError) as e:
             if is_local or load_from != source:
                 raise UserError(f"cannot load model {spec.model!r}: {type(e).__name__}: "

@@ -11,8 +11,7 @@ import json
 import textwrap
 from pathlib import Path
 
-import yaml
-
+from .errors import UserError
 from .files import atomic_file
 
 MiB = 2 ** 20
@@ -20,13 +19,32 @@ ASSUMED_CHOICES = 4      # ARC, OpenBookQA and MMLU questions mostly have four: 
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records); a partial last line (a killed write) is skipped (runstate.read_metrics)."""
+    """(step records, epoch records), each checked (see `checked_records`)."""
+    records = checked_records(path)
+    return [r for r in records if r.get("kind") == "step"], [r for r in records if r.get("kind") != "step"]
+
+
+def _numbers(value) -> bool:
+    if isinstance(value, (dict, list)):
+        return all(map(_numbers, value.values() if isinstance(value, dict) else value))
+    return value is None or isinstance(value, (int, float))
+
+
+def checked_records(path: str | Path) -> list[dict]:
+    """A metrics log's records; a partial last line (a killed write) is skipped (runstate.read_metrics). A record
+    whose figures are not numbers (an edited or foreign file) is one line naming it, not a traceback mid-plot."""
     from .runstate import read_metrics as records
 
-    steps, epochs = [], []
-    for record in records(path):
-        (steps if record.get("kind") == "step" else epochs).append(record)
-    return steps, epochs
+    out = records(path)
+    for n, r in enumerate(out, 1):
+        rule = {k: "text" if k in ("kind", "variant") else "a whole number" if k in ("step", "epoch") else
+                "a number (or numbers)" for k in r}
+        bad = next((k for k, v in r.items() if not (isinstance(v, str) if rule[k] == "text" else _numbers(v))
+                    or rule[k] == "a whole number" and (not isinstance(v, int) or isinstance(v, bool))), None)
+        if bad is not None or "step" not in r or (r.get("kind") == "step" and r.get("loss") is None):
+            raise UserError(f"{path}: record {n}: " + (f"{bad} must be {rule[bad]}, got {r[bad]!r}"[:200] if bad
+                            else "no step or no loss (not a metrics log of lowmem-graph?)"))
+    return out
 
 
 def _pyplot():
@@ -52,9 +70,11 @@ def run_info(metrics_path: str | Path) -> dict:
     run_dir = Path(metrics_path).resolve().parent
     info = {"run": run_dir.name, "task": None, "train_split": None, "evaluated": None, "eval_split": None,
             "device": None, "gpu_mem": None}
+    from .spec import read_yaml
+
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text(errors="replace"))
-    except (OSError, yaml.YAMLError):          # no config (or an unreadable one): the title says less
+        raw = read_yaml(run_dir / "config.yaml")
+    except (OSError, UserError):          # no config (or an unreadable one): the title says less
         raw = None
     train = raw.get("train") if isinstance(raw, dict) else None
     if not isinstance(train, dict):
@@ -214,7 +234,6 @@ def device_label(device) -> str:
 def _budget_from_config(gpu_mem) -> float | None:
     if not gpu_mem:
         return None
-    from .errors import UserError
     from .memory.budget import parse_size
 
     try:

@@ -43,13 +43,16 @@ def load_file(path: str | Path, need_answer: bool = True) -> list[Question]:
     if not path.is_file():
         raise UserError(f"no file at {path}")
     if path.suffix == ".csv":
-        return _load_generic_csv(path, need_answer)
-    questions = []
-    for where, row in _json_rows(path):
-        if isinstance(row, dict) and isinstance(row.get("question"), dict):
-            questions.append(_arc_row(row, where, need_answer))
-        else:
-            questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
+        questions = _load_generic_csv(path, need_answer)
+    else:
+        questions = []
+        for where, row in _json_rows(path):
+            if isinstance(row, dict) and isinstance(row.get("question"), dict):
+                questions.append(_arc_row(row, where, need_answer))
+            else:
+                questions.append(generic_question(row, where, f"{path.stem}-{len(questions)}", need_answer))
+    if not questions:       # an empty file is a mistake, never "nothing to do"
+        raise UserError(f"{path}: no questions in it (the file is empty)")
     return questions
 
 

@@ -48,6 +48,7 @@ class Checkpoint:
     scheduler: dict
     rng: dict
     variant: str | None = None      # the lm objective's variant whose state this is (None: the one graph)
+    epoch: dict | None = None       # the unfinished epoch's per-step figures its summary averages (fit.py)
 
 
 # ---- RNG state as JSON + tensors -------------------------------------------------------------------------------
@@ -100,8 +101,9 @@ def _join_optimizer(plain: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 # ---- writing ---------------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict,
-                    scheduler: dict, variant: str | None = None) -> Path:
-    """Write the checkpoint for `step` into a folder of its own, then point `checkpoint` at it in one rename."""
+                    scheduler: dict, variant: str | None = None, epoch: dict | None = None) -> Path:
+    """Write the checkpoint for `step` into a folder of its own, then point `checkpoint` at it in one rename.
+    `epoch`: JSON values the training loop needs back to finish its epoch's figures as if never stopped."""
     run_dir = Path(run_dir)
     store = run_dir / STORE
     name = f"step-{step:07d}"
@@ -118,6 +120,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
                  "sha256": {f: file_sha256(tmp / f) for f in (TRAINABLE, "state.safetensors")}}
         if variant is not None:
             state["variant"] = variant
+        if epoch is not None:
+            state["epoch"] = epoch
         (tmp / "state.json").write_text(json.dumps({**state, "digest": _digest(state)}))
     _point(run_dir / LINK, f"{STORE}/{name}")
     if not (run_dir / TRAINABLE).is_symlink():
@@ -178,7 +182,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
             from None
     return Checkpoint(state["step"], trainable, _join_optimizer(state["optimizer"], tensors), state["scheduler"],
                       {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
-                      state.get("variant"))
+                      state.get("variant"), state.get("epoch"))
 
 
 def _load_legacy(path: Path) -> Checkpoint:

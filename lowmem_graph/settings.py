@@ -2,9 +2,11 @@
 selection names, and the run folder's making (unique, atomic) and its config.yaml, written first."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +52,9 @@ class TrainConfig:
     compare: bool = False             # lm: also each model alone and a learned router, under the same protocol
 
     @classmethod
-    def from_dict(cls, raw: dict, where: str = "train") -> "TrainConfig":
-        """Settings checked for type and range, each bad one named in one line."""
+    def from_dict(cls, raw: dict, where: str = "train", whole: bool = True) -> "TrainConfig":
+        """Settings checked for type and range, each bad one named in one line; `whole`: also how they go together
+        (not for a spec's defaults alone, which flags complete)."""
         cfg = cls(**typed_fields(cls, raw, where, "setting"))
         checks = [("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
                   ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
@@ -64,11 +67,24 @@ class TrainConfig:
                   ("train_only", cfg.train_only in (None, "new-edges"), "new-edges (or left out: every edge)"),
                   ("train_only", cfg.train_only is None or cfg.init_from, "left out without init_from (--init-from "
                                                                           "RUN: new edges are those RUN lacks)"),
+                  ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32) (NumPy's seed range)"),
                   ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")
+        hub = [p for p in f"{cfg.task}+{cfg.eval_task or ''}".split("+") if p.strip().startswith("hf:")]
+        if whole and cfg.columns is not None and not hub:
+            raise UserError(f"{where}: columns {cfg.columns!r} map a hub data set's columns, and no task is one "
+                            "(hf:ORG/NAME): drop --columns, or give the task as hf:ORG/NAME")
         return cfg
+
+    def check_graph(self, spec: GraphSpec) -> None:
+        """Settings that do not fit the graph or each other, refused before anything loads."""
+        if self.compare and self.objective != "lm":
+            raise UserError("--compare runs the lm objective's baselines: add --objective lm")
+        if self.init == "ridge" and spec.by_edges:
+            raise UserError("init: ridge fits the maps of the paper's shape (readers into one latent); a graph given "
+                            "by its edges starts from random maps (drop --init ridge)")
 
     def evaluated(self) -> str:
         """The tasks evaluated: eval_task, or the training tasks without their explicit splits."""
@@ -76,7 +92,13 @@ class TrainConfig:
 
     def check_splits(self) -> None:
         """Refuse what contaminates a reproduction (training on a test split, or on a file named like one) and a
-        file task without an evaluation task (a file has no splits to evaluate on)."""
+        file task without an evaluation task (a file has no splits to evaluate on), or named with a split (it
+        would be ignored)."""
+        for part in f"{self.task}+{self.eval_task or ''}".split("+"):
+            task, splits, _ = task_part(part)
+            if splits and is_path_task(task) and not Path(task).expanduser().is_dir():
+                raise UserError(f"{part.strip()}: {task} is one file, with no splits, so ':{','.join(splits)}' "
+                                "would be ignored; drop it (a folder of split files takes a split)")
         for part in self.task.split("+"):
             task, splits, _ = task_part(part)
             is_file = is_path_task(task) and not Path(task).expanduser().is_dir()
@@ -168,6 +190,45 @@ def create_run_dir(root: str | Path, name: str) -> Path:
         except OSError as e:
             raise UserError(f"cannot make the run folder {path}: {e.strerror}") from None
     raise UserError(f"no free run folder name under {root} for {name}-{stamp}")
+
+
+_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "metrics.jsonl", ".checkpoints"}
+
+
+def discard_unstarted(run_dir: Path, error: BaseException) -> BaseException:
+    """A new run folder whose run failed before it had anything to resume (no checkpoint; nothing in it but what a
+    run writes before its first) is removed by rank 0. Returns the error to raise: a mistake's message then says
+    the folder went (the run named it when it began)."""
+    from .distributed import current
+    from .runstate import has_checkpoint
+
+    run_dir = Path(run_dir)
+    try:
+        unstarted = (current().main and run_dir.is_dir() and not has_checkpoint(run_dir)
+                     and {p.name for p in run_dir.iterdir()} <= _BEFORE_FIRST_CHECKPOINT)
+    except OSError:
+        return error
+    if not unstarted:
+        return error
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if not isinstance(error, UserError):
+        return error
+    plain = getattr(error, "plain", str(error))       # a folder inside this one said so already: name this one
+    said = UserError(f"{plain} (its run folder {run_dir} is removed: nothing had run)")
+    said.plain = plain
+    return said
+
+
+@contextlib.contextmanager
+def kept_if_started(run_dir: Path):
+    """Around a command's work in its new folder: a failure before anything to keep leaves no folder, and says so."""
+    try:
+        yield
+    except Exception as e:
+        said = discard_unstarted(run_dir, e)
+        if said is e:
+            raise
+        raise said from None
 
 
 def claim_run_dir(path: str | Path) -> Path:

@@ -33,9 +33,18 @@ def check_name(name, what: str) -> str:
     return name
 
 
+MAX_YAML_BYTES = 1 << 20      # a spec, a protocol or a run's config is a few KiB; more is a mistake or an attack
+_MAX_NODES = 100_000          # values after alias expansion ("billion laughs" expands 9 aliases to 10^9 values)
+_MAX_DEPTH = 64               # nesting levels (deeper ends in a RecursionError somewhere downstream)
+
+
 def read_yaml(path: Path):
-    """A YAML file's content; not UTF-8 (a byte-order mark is fine) or not YAML is one line naming the place."""
-    data = Path(path).read_bytes()
+    """A YAML file's content; too big, not UTF-8 (a byte-order mark is fine) or not YAML is one line naming the
+    place."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise UserError(f"{path}: over {MAX_YAML_BYTES >> 20} MiB, too big for a YAML spec or config")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -44,14 +53,51 @@ def read_yaml(path: Path):
     return parse_yaml(text, str(path))
 
 
+class _TooBig(Exception):
+    pass
+
+
+def _expanded_size(node, depth: int = 0, memo: dict | None = None) -> int:
+    """How many values `node` stands for once its aliases are expanded (each shared node counted once per use,
+    computed once): what json or a deep copy of the parsed value would build."""
+    memo = {} if memo is None else memo
+    if depth > _MAX_DEPTH:
+        raise _TooBig(f"nested more than {_MAX_DEPTH} levels deep")
+    if id(node) not in memo:
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_size(c, depth + 1, memo) for c in children)
+        if memo[id(node)] > _MAX_NODES:
+            raise _TooBig(f"over {_MAX_NODES:,} values once its aliases are expanded")
+    return memo[id(node)]
+
+
 def parse_yaml(text: str, where: str):
+    """YAML text as Python values, with PyYAML's safe loader (no Python objects), refusing in one line what would
+    hang or crash what reads it: nesting deeper than 64 levels (measured on the event stream, before the recursive
+    composer sees it), aliases that expand past 100,000 values."""
     try:
-        return yaml.safe_load(text)
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > _MAX_DEPTH:
+                raise _TooBig(f"nested more than {_MAX_DEPTH} levels deep")
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         raise UserError(f"{where}:{at} invalid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") \
             from None
+    except _TooBig as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def typed_fields(cls, raw, where: str, what: str = "field") -> dict:

@@ -4,11 +4,11 @@ A file or the bundled facts give every tenth passage to `validation` and the res
 its own splits."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .data import bundled_dir, parse_columns
 from .errors import UserError
+from .questions import _json_rows, _lines
 
 BUNDLED = {"openbook-facts": "openbook.txt"}
 PASSAGE_CHARS = 256          # lines are packed into passages of about this many characters
@@ -25,15 +25,14 @@ def load_text(task: str, split: str, limit: int | None = None, columns: str | No
         if not path.is_file():
             raise UserError(f"text task {task!r}: no such file (give a .txt or .jsonl file, hf:ORG/NAME, or "
                             f"{', '.join(BUNDLED)})")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("text"), str)),
-                   None)
-        if bad is not None:
-            raise UserError(f"{path}: line {bad + 1}: expected an object with a \"text\" string")
-        lines = [r["text"] for r in rows]
+    if path.suffix == ".jsonl":     # read as the questions' files are: a bad line (not UTF-8, not JSON) named
+        lines = []
+        for where, row in _json_rows(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{where}: expected an object with a \"text\" string")
+            lines.append(row["text"])
     else:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = [line for _, line in _lines(path)]
     passages = pack(lines)
     if not passages:
         raise UserError(f"{path}: no text")

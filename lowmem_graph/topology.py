@@ -225,6 +225,14 @@ def to_roles(raw: dict, source: str) -> dict | None:
     return {**roles, "nodes": nodes, "output": output, "latent_dim": dim, "injection": injection}
 
 
+def check_causal(topology: Topology) -> None:
+    """Next-token prediction may not see the text ahead: every edge out of a node reads per token (no pooling)."""
+    for e in topology.edges:
+        if e.source in topology.nodes and e.pooling != "token":
+            raise UserError(f"edge {e.source} -> {e.target}: pooling {e.pooling} sees the whole text, which "
+                            "next-token prediction may not: give edges out of nodes pooling: token")
+
+
 def of_spec(spec) -> Topology:
     """Any GraphSpec as nodes, latents and edges: its own edges, or the paper's shape written as edges."""
     if spec.edges:
@@ -286,14 +294,13 @@ class Layers:
     def check(self, objective: str = "choice") -> None:
         """Refuse what the layers make impossible: a bridge writing at or below the layer it reads, a pooled read
         under next-token prediction, a node nothing reads."""
+        if objective == "lm":
+            check_causal(self.topology)
         for s in self.sites:
             e = s.edge
             if self.is_bridge(e) and s.write <= s.read:
                 raise UserError(f"bridge {e.source} -> {e.target}: it reads layer {s.read + 1} and writes at layer "
                                 f"{s.write + 1}; nodes in lockstep write above the layer read (at {s.read + 2} or up)")
-            if objective == "lm" and e.source in self.n_layers and e.pooling != "token":
-                raise UserError(f"edge {e.source} -> {e.target}: pooling {e.pooling} sees the whole text, which "
-                                "next-token prediction may not: give edges out of nodes pooling: token")
         read_from = {s.edge.source for s in self.sites if s.read is not None}
         for name in self.n_layers:
             if name not in read_from and name not in self.reads:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from .graph import node_device
 from .memory.report import memory_snapshot, out_of_memory_message
 from .objectives import Baseline, objective_for
 from .placed import PlacedGraph, describe_device
-from .settings import TrainConfig, claim_run_dir, create_run_dir, load_questions, load_run_config, save_config
+from .settings import (TrainConfig, claim_run_dir, create_run_dir, discard_unstarted, load_questions,
+                       load_run_config, save_config)
 from .signals import StopSignals
 from .spec import GraphSpec
 from .step import step_gradients
@@ -60,6 +60,7 @@ class Trainer:
     def __init__(self, spec: GraphSpec, cfg: TrainConfig, run_dir: Path, progress: bool = True, log=print,
                  variant: str | None = None, placed: PlacedGraph | None = None):
         self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
+        cfg.check_graph(spec)
         self.objective = objective_for(cfg, variant)
         self.variant = getattr(self.objective, "variant", None)         # None: the choice objective
         self.train_set, self.eval_set, said = self.objective.load(cfg)
@@ -97,6 +98,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg.warmup))
         self.step = 0
+        self.epoch_figures = {"losses": [], "accs": []}     # this epoch's steps so far (the checkpoint keeps them)
         self.micro_batch = self.placed.micro_batch
         self.train_states = self.eval_states = None
         if self.placed.cached and graph_variant:
@@ -117,7 +119,7 @@ class Trainer:
         if not self.ranks.main or self.optimizer is None:
             return
         runstate.save_checkpoint(self.run_dir, self.step, self.trained.trainable_state(), self.optimizer.state_dict(),
-                                 self.scheduler.state_dict(), self.variant)
+                                 self.scheduler.state_dict(), self.variant, self.epoch_figures)
 
     def load_checkpoint(self) -> int:
         """Continue from the run's last checkpoint (or from step 0 if it was stopped before the first one, or if the
@@ -129,6 +131,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state.optimizer)
                 self.scheduler.load_state_dict(state.scheduler)
                 runstate.set_rng_state(state.rng["json"], state.rng["tensors"])
+                if state.epoch is not None:         # an older checkpoint has none: the epoch averages what follows
+                    self.epoch_figures = {k: [float(x) for x in state.epoch[k]] for k in ("losses", "accs")}
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise UserError(f"{self.run_dir}: the checkpoint does not fit this run ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]})") from None
@@ -142,9 +146,6 @@ class Trainer:
         """Start the projections aligned (ridge.ridge_init), from the training questions' cached states."""
         from .ridge import pooled_states, ridge_init
 
-        if self.spec.by_edges:
-            raise UserError("init: ridge fits the maps of the paper's shape (readers into one latent); a graph given "
-                            "by its edges starts from random maps (drop --init ridge)")
         if self.train_states is None:
             raise UserError("init: ridge fits its maps on the prefix cache's states: drop prefix_cache: false")
         states = pooled_states(self.graph, self.train_states, self.train_set)
@@ -339,18 +340,19 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             raise Interrupted(f"interrupted ({signal.Signals(stop.signum).name}) {at}; {kept}: "
                               f"lowmem-graph train --resume {run_dir}", 128 + stop.signum) from None
         except torch.cuda.OutOfMemoryError as e:
-            _discard_unstarted(run_dir, resume)
-            raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
+            raise _unstarted(run_dir, resume, UserError(out_of_memory_message(e, getattr(trainer, "plan", None)))) \
+                from e
         except MemoryError:
-            _discard_unstarted(run_dir, resume)
             plan = getattr(trainer, "plan", None)
             need = (f"the plan's host figure is {plan.host_peak / 2 ** 30:.2f} GiB" if plan is not None
                     else "without --gpu-mem every node loads whole")
-            raise UserError(f"out of host memory ({need}); close other programs, use fewer or smaller nodes, or "
-                            "a smaller --batch-size") from None
-        except BaseException:
-            _discard_unstarted(run_dir, resume)
-            raise
+            raise _unstarted(run_dir, resume, UserError(f"out of host memory ({need}); close other programs, use "
+                                                        "fewer or smaller nodes, or a smaller --batch-size")) from None
+        except Exception as e:
+            said = _unstarted(run_dir, resume, e)
+            if said is e:
+                raise
+            raise said from None
         finally:
             if trainer is not None:
                 trainer.close()
@@ -362,7 +364,6 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     return summary
 
 
-def _discard_unstarted(run_dir: Path, resume: bool) -> None:
-    """A new run that failed before its first checkpoint leaves nothing behind (rank 0 clears it)."""
-    if not resume and distributed.current().main and not runstate.has_checkpoint(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _unstarted(run_dir: Path, resume: bool, error: BaseException) -> BaseException:
+    """A new run that failed before its first checkpoint leaves nothing behind (settings.discard_unstarted)."""
+    return error if resume else discard_unstarted(run_dir, error)

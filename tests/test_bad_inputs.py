@@ -181,7 +181,107 @@ CASES = [
     ("--out is a file", lambda t: ["train", "--out", _a_file(t), *QUICK], ["cannot make the runs folder"]),
     ("reproduce: protocol broken", lambda t: ["reproduce", "--protocol", spec_file(t, text="train: {epochs: [\n")],
      ["g.yaml", "invalid YAML"]),
+    # --- what still ended in a traceback (issue 27.3) -------------------------------------------------------
+    ("spec: a model whose config is invalid", lambda t: ["inspect", "--graph", spec_file(
+        t, _set(["nodes", 0, "model"], _bad_model(t)))], ["is invalid", "not a multiple of the number of attention"]),
+    ("spec: nested 3,000 deep", lambda t: ["inspect", "--graph", spec_file(t, text=DEEP)],
+     ["g.yaml", "nested more than 64 levels"]),
+    ("eval: config.yaml nested 3,000 deep", lambda t: ["eval", run_folder(t, config="graph: " + DEEP)],
+     ["config.yaml", "nested more than 64 levels"]),
+    ("--seed -1", lambda t: ["train", "--seed", "-1", *QUICK], ["seed must be in [0, 2**32)", "-1"]),
+    ("--seed 2**40", lambda t: ["train", "--seed", str(2 ** 40), *QUICK], ["seed must be in [0, 2**32)"]),
+    ("matrix --seeds 2**40", lambda t: ["matrix", "--seeds", f"0,{2 ** 40}", *QUICK], ["--seeds", "[0, 2**32)"]),
+    ("probe-quant --batch-size 0", lambda t: ["probe-quant", "tiny:llama", "--batch-size", "0"],
+     ["--batch-size must be >= 1"]),
+    ("lm text not UTF-8", lambda t: _lm(t, "text.txt", b"a line\ncaf\xe9\n"), ["text.txt:2", "not UTF-8"]),
+    ("lm JSONL not JSON", lambda t: _lm(t, "text.jsonl", b'{"text": "a"}\n{"text": \n'),
+     ["text.jsonl:2", "bad JSON"]),
+    ("figures: metrics.jsonl with a loss as text", lambda t: ["figures", _with_metrics(
+        t, {"kind": "step", "step": 1, "epoch": 1, "loss": "low"})], ["metrics.jsonl: record 1", "loss", "'low'"]),
+    ("figures: metrics.jsonl with a step as text", lambda t: ["figures", _with_metrics(
+        t, {"kind": "epoch", "step": 2.5, "epoch": 1})], ["metrics.jsonl: record 1", "step", "whole number"]),
+    # --- what was accepted silently (27.4) ------------------------------------------------------------------
+    ("spec: epochs 0 under --epochs", lambda t: ["train", "--graph", spec_file(t, _set(["train", "epochs"], 0)),
+                                                 *QUICK], ["train: epochs must be >= 1, got 0"]),
+    ("--columns without a hub task", lambda t: ["train", "--columns", "question=q", *QUICK],
+     ["columns 'question=q'", "no task is one (hf:ORG/NAME)"]),
+    ("probe-quant --threshold nan", lambda t: ["probe-quant", "tiny:llama", "--threshold", "nan"],
+     ["--threshold must be a finite"]),
+    ("predict --input an empty file", lambda t: ["predict", run_folder(t), "--input", _file(t, "empty.jsonl", b"")],
+     ["empty.jsonl", "no questions"]),
+    ("a task file named with a split", lambda t: ["train", "--task", _file(t, "mine.jsonl", b"") + ":validation",
+                                                  "--eval-task", str(t / "mine.jsonl"), *QUICK],
+     ["mine.jsonl is one file, with no splits", "':validation' would be ignored"]),
+    # --- YAML bombs (27.5): refused at once --------------------------------------------------------------------
+    ("spec: billion laughs", lambda t: ["inspect", "--graph", spec_file(t, text=BOMB)],
+     ["g.yaml", "once its aliases are expanded"]),
+    ("spec: an alias of itself", lambda t: ["inspect", "--graph", spec_file(t, text="nodes: &n [*n]\n")],
+     ["g.yaml", "nested more than 64 levels"]),
+    ("spec: over 1 MiB", lambda t: ["inspect", "--graph", spec_file(t, raw=b"#" * (1 << 20) + b"\nname: x\n")],
+     ["g.yaml", "over 1 MiB"]),
+    ("--set an alias bomb", lambda t: ["inspect", "--set", "latent_dim=" + BOMB_FLOW], ["--set", "aliases"]),
+    # --- failures before the first step leave no folder (27.6; the test checks nothing is left) -----------------
+    ("matrix: unknown task", lambda t: ["matrix", "--task", "arc-hard", *QUICK],
+     ["unknown task 'arc-hard'", "is removed: nothing had run"]),
+    ("matrix: a value out of range", lambda t: ["matrix", "--vary", "nodes.phi3.blend=2", *QUICK],
+     ["blend must be in [0, 1]", "is removed: nothing had run"]),
+    ("baselines: no such task file", lambda t: ["baselines", "--task", str(t / "no.jsonl"), "--eval-task",
+                                                str(t / "no.jsonl"), *QUICK], ["no file at", "is removed"]),
+    # --- models (27.9) ------------------------------------------------------------------------------------------
+    ("a local model whose weights are a pickle", lambda t: ["probe-quant", _pickled_model(t), "--limit", "1"],
+     ["weights are a pickle that does not load safely", "posix.system"]),
 ]
+
+DEEP = "[" * 3000 + "]" * 3000
+BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+    f"{c}: &{c} [{', '.join(['*' + b] * 9)}]\n" for b, c in zip("abcdefgh", "bcdefghi")) + "nodes: [*i]\n"
+BOMB_FLOW = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
+            "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]]"
+
+
+def _file(tmp, name, body: bytes):
+    (tmp / name).write_bytes(body)
+    return str(tmp / name)
+
+
+def _bad_model(tmp):
+    """A local model folder whose config no model can have: 32 wide, 12 heads."""
+    folder = tmp / "bad-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 12,
+                                                    "num_hidden_layers": 2, "intermediate_size": 64,
+                                                    "vocab_size": 100}))
+    return str(folder)
+
+
+def _pickled_model(tmp):
+    """The tiny llama's config and tokenizer beside weights that are a pickle calling os.system."""
+    import os
+    import shutil
+
+    import torch
+
+    from lowmem_graph.tiny import tiny_path
+
+    folder = tmp / "pickled"
+    folder.mkdir()
+    for f in tiny_path("llama").iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, folder)
+    torch.save({"model.embed_tokens.weight": os.system}, folder / "pytorch_model.bin")
+    return str(folder)
+
+
+def _lm(tmp, name, body: bytes):
+    return ["train", "--objective", "lm", "--graph", str(Path(__file__).parents[1] / "examples" /
+                                                         "residual_coupling.yaml"),
+            "--task", _file(tmp, name, body), "--run-dir", str(tmp / "r"), *QUICK]
+
+
+def _with_metrics(tmp, record: dict):
+    run = run_folder(tmp)
+    (Path(run) / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    return run
 
 
 def _latin1_config(tmp):
@@ -203,8 +303,11 @@ def _a_file(tmp):
 
 
 @pytest.mark.parametrize("what, make, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(tmp_path, capsys, what, make, words):
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, what, make, words):
+    monkeypatch.chdir(tmp_path)         # the default runs/ folder lands here, and is checked with the rest
     argv = make(tmp_path)
+    capsys.readouterr()                 # what making the case said (a tiny model built) is not the command's
+    before = set(tmp_path.rglob("*"))
     code = main(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -213,6 +316,45 @@ def test_bad_input_is_one_line(tmp_path, capsys, what, make, words):
     assert "Traceback" not in err
     for word in words:
         assert word in lines[0], (word, lines[0])
+    left = set(tmp_path.rglob("*")) - before        # nothing half-made stays (an empty runs/ root may)
+    assert [p for p in left if p != tmp_path / "runs" or any(p.iterdir())] == [], sorted(left)
+
+
+def test_plain_hub_ids_are_hub_ids_unless_a_local_path_has_the_name(tmp_path, monkeypatch):
+    from lowmem_graph.loading import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("gpt2") == ("gpt2", False)
+    assert resolve_model("openai-community/gpt2") == ("openai-community/gpt2", False)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    assert resolve_model("gpt2") == ("gpt2", True)
+
+
+@pytest.mark.parametrize("offline_mode", [False, True])
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path, capsys, monkeypatch, offline_mode):
+    """No network: one request, no retries (huggingface_hub's take 30 s and a dozen lines); offline mode: none."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    class ConnectError(Exception):      # httpx's (huggingface_hub 1.x) or httpx2's (2.x): told apart by name
+        pass
+
+    asked = []
+
+    def unreachable(url, **kwargs):
+        asked.append(url)
+        raise ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_mode)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    code = main(["inspect", "--set", "nodes.llama.model=gpt2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err[-2000:]
+    assert "cannot reach the Hugging Face hub for model 'gpt2'" in err
+    assert len(asked) == (0 if offline_mode else 1)
 
 
 def test_a_full_disk_is_said_so(tmp_path, capsys, monkeypatch):

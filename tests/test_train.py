@@ -29,6 +29,12 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == list(range(1, 7))
+    # stopped mid-epoch 2 (3 steps an epoch): its summary still averages all of its steps, as the straight run's
+    figures = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "eval_ci", "eval_n", "routing")
+    epochs = {run: [{k: r[k] for k in figures} for r in map(json.loads, (tmp_path / run / "metrics.jsonl")
+                                                           .read_text().splitlines()) if r["kind"] == "epoch"]
+              for run in ("straight", "resumed")}
+    assert len(epochs["resumed"]) == 2 and epochs["resumed"] == epochs["straight"]
 
 
 def test_run_folder_has_everything(tmp_path):
