@@ -154,8 +154,8 @@ def _point(link: Path, target: str) -> None:
 # ---- reading ---------------------------------------------------------------------------------------------------
 def has_checkpoint(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
-    return (run_dir / LINK / "state.json").is_file() or (run_dir / LEGACY).is_file() or \
-        any((run_dir / STORE).glob("step-*/state.json"))
+    return ((run_dir / LINK / "state.json").is_file() or (run_dir / LEGACY).is_file()
+            or any((run_dir / STORE).glob("step-*/state.json")))
 
 
 def _current(run_dir: Path) -> Path | None:
@@ -217,13 +217,13 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     state = _verified_state(folder, where)
     try:
         tensors = load_file(str(folder / "state.safetensors"))
-        trainable = load_file(str(folder / TRAINABLE))
-    except (OSError, SafetensorError) as e:
+        return Checkpoint(state["step"], load_file(str(folder / TRAINABLE)),
+                          _join_optimizer(state["optimizer"], tensors), state["scheduler"],
+                          {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
+                          state.get("variant"))
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
-    return Checkpoint(state["step"], trainable, _join_optimizer(state["optimizer"], tensors), state["scheduler"],
-                      {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
-                      state.get("variant"))
 
 
 def check_optimizer_state(optimizer: dict, params: list, where: str) -> None:

@@ -220,13 +220,13 @@ def test_a_checkpoint_whose_step_is_not_a_count_is_refused(short_run, tmp_path, 
 
 
 def test_a_checkpoint_with_a_misshapen_optimizer_state_is_refused(short_run, tmp_path, capsys):
-    from lowmem_graph.files import save_file
+    from safetensors.torch import save_file
 
     def misshape(state, folder):
         tensors = load_file(str(folder / "state.safetensors"))
         key = next(k for k in tensors if k.endswith(".exp_avg") and tensors[k].dim() == 2)
         tensors[key] = tensors[key][:, :-1].contiguous()
-        save_file(tensors, folder / "state.safetensors")
+        save_file(tensors, str(folder / "state.safetensors"))
 
     run = _copy(short_run, tmp_path)
     _rewrite_state(run, misshape)
