@@ -12,8 +12,9 @@ questions by length to waste no compute on padding). The folder appears under it
 key hashes everything the states depend on: the node's exact weights and quantisation, the layer, pooling,
 framing prefix, tokenizer, prompt format, maximum length and the questions. An entry whose shards do not match
 their checksums (truncated, corrupted, missing), or whose manifest is not the one written (its own digest binds
-the order of the rows and the shards; a shard name must be a plain shard file of the entry), is deleted and
-rebuilt, never used.
+its key, the order of the rows and the shards; a shard name must be a plain shard file of the entry), or that
+was stored under another key (folders swapped), is deleted and rebuilt, never used. An entry is never a link, nor
+holds one: such an entry is refused in one line, nothing deleted or read through it.
 """
 from __future__ import annotations
 
@@ -32,10 +33,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import UserError
-from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
+from .files import atomic_dir, atomic_file, file_sha256, no_links, remove_stale_temps, save_file
 
 PROMPT_FORMAT = 5   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
 _SHARD = re.compile(r"^shard-\d{5}\.safetensors$")
@@ -138,11 +138,12 @@ class PrefixCache:
     def load(self, key: str) -> CacheEntry | None:
         """The entry if present and intact; a damaged one is removed (and reported) so it gets rebuilt."""
         folder = self.root / key
-        if not folder.exists():
+        if not folder.exists() and not folder.is_symlink():
             return None
+        no_links(folder, "the prefix cache entry")
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
-            intact = _manifest_ok(manifest)
+            intact = _manifest_ok(manifest) and manifest["key"] == key     # not another entry's folder
             if intact:
                 paths = [folder / s["file"] for s in manifest["shards"]]
                 with ThreadPoolExecutor(4) as pool:       # hashlib releases the GIL: shards hash in parallel
@@ -151,7 +152,7 @@ class PrefixCache:
         except Exception:   # no manifest, unreadable, a shard missing: the same verdict
             intact = False
         if not intact:
-            self.log(f"prefix cache entry {folder.name} is damaged or incomplete: rebuilding it")
+            self.log(f"prefix cache entry {folder.name} is damaged, incomplete or another entry's: rebuilding it")
             shutil.rmtree(folder, ignore_errors=True)
             return None
         return CacheEntry(folder, manifest)
@@ -174,7 +175,7 @@ class PrefixCache:
                             "free some space or set cache_dir to a larger disk")
         with atomic_dir(self.root / key) as tmp:
             shards = self._write_shards(tmp, rows, 0)
-            manifest = _manifest(order, shards, info)
+            manifest = _manifest(key, order, shards, info)
             with atomic_file(tmp / "manifest.json") as path:
                 path.write_text(json.dumps(manifest, default=str))
         return CacheEntry(self.root / key, manifest)
@@ -212,7 +213,7 @@ class PrefixCache:
             parts.mkdir()
         barrier(ranks)
         shards = [s for mine in gather(self._write_shards(parts, rows, 1000 * ranks.rank), ranks) for s in mine]
-        manifest = _manifest(order, shards, info)
+        manifest = _manifest(key, order, shards, info)
         if ranks.main:
             with atomic_file(parts / "manifest.json") as path:
                 path.write_text(json.dumps(manifest, default=str))
@@ -236,19 +237,21 @@ class PrefixCache:
         return entry if ranks.main else self.load(key)
 
 
-def _manifest(order: list[int], shards: list[dict], info: dict) -> dict:
+def _manifest(key: str, order: list[int], shards: list[dict], info: dict) -> dict:
+    """An entry's manifest: the key it is stored under (a hash of everything its states depend on), its rows'
+    order and its shards, bound together by its digest."""
     if sum(s["rows"] for s in shards) != len(order):
         raise RuntimeError(f"the frozen pass gave {sum(s['rows'] for s in shards)} rows for {len(order)} questions")
-    return {"format": PROMPT_FORMAT, "info": info, "order": list(order), "shards": shards,
-            "digest": _manifest_digest(list(order), shards)}
+    return {"format": PROMPT_FORMAT, "key": key, "info": info, "order": list(order), "shards": shards,
+            "digest": _manifest_digest(key, list(order), shards)}
 
 
-def _manifest_digest(order: list[int], shards: list[dict]) -> str:
-    return fingerprint(order, shards)
+def _manifest_digest(key: str, order: list[int], shards: list[dict]) -> str:
+    return fingerprint(key, order, shards)
 
 
 def _manifest_ok(manifest: dict) -> bool:
-    """The manifest as written: this format, shard names that stay inside the entry, the row order a permutation
+    """The manifest as written: this format, its key, shard names that stay inside the entry, the row order a permutation
     of its rows, and its own digest over order and shards."""
     shards, order = manifest.get("shards"), manifest.get("order")
     if manifest.get("format") != PROMPT_FORMAT or not isinstance(shards, list) or not isinstance(order, list):
@@ -258,7 +261,7 @@ def _manifest_ok(manifest: dict) -> bool:
         return False
     if sorted(order) != list(range(sum(s["rows"] for s in shards))):
         return False
-    return manifest.get("digest") == _manifest_digest(order, shards)
+    return manifest.get("digest") == _manifest_digest(manifest.get("key"), order, shards)
 
 
 # ---- the cache folder as a user sees it (lowmem-graph cache) ---------------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -255,9 +256,12 @@ def main(argv=None) -> int:
     if not args.debug:
         quiet_warnings()
     from .distributed import finish
+    from .signals import StopSignals
 
+    stop = StopSignals()
     try:
-        args.func(args)
+        with stop:          # Ctrl-C and SIGTERM end every command through its clean-ups: no temporary, no half folder
+            args.func(args)
         finish()            # under torchrun: the process group ends cleanly
     except UserError as e:
         if args.debug:
@@ -283,8 +287,8 @@ def main(argv=None) -> int:
         print("lowmem-graph: error: out of host memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowmem-graph: interrupted", file=sys.stderr)
-        return 130
+        print(f"lowmem-graph: interrupted ({signal.Signals(stop.signum).name})", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

@@ -273,7 +273,10 @@ def cmd_baselines(args) -> None:
 def cmd_figures(args) -> None:
     from .plots import plot_curves, plot_memory, plot_signals
 
+    from .files import check_links
+
     run_dir = Path(args.run_dir)
+    check_links(run_dir)        # the figures are read from, and written into, this folder alone
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{run_dir} is not a run folder (no metrics.jsonl)")

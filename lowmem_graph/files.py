@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
@@ -101,3 +104,75 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_file(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are: one line at the CLI."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as save
+
+    try:
+        save(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
+# ---- links: nothing read or written under a folder resolves outside it --------------------------------------------
+def check_links(folder: str | Path) -> None:
+    """Every symbolic link under `folder` must lead inside it: a crafted link would let a read, a write or a delete
+    reach another folder. One line naming the first that does not; nothing is followed before."""
+    root = Path(folder).resolve()
+    for where, folders, files in os.walk(folder):        # links to folders are listed, not followed
+        for name in folders + files:
+            path = Path(where) / name
+            if not path.is_symlink():
+                continue
+            try:
+                target = path.resolve(strict=False)
+            except (OSError, RuntimeError):             # a loop of links
+                target = None
+            if target is None or not target.is_relative_to(root):
+                raise UserError(f"{path} is a link to {os.readlink(path)}, outside {folder}: refused (nothing is "
+                                "read, written or deleted through it); remove the link")
+
+
+def no_links(folder: Path, what: str) -> None:
+    """A cache entry holds no links at all (we never write one): one line, and nothing deleted or followed."""
+    links = [folder] if folder.is_symlink() else [p for p in folder.rglob("*") if p.is_symlink()]
+    if links:
+        raise UserError(f"{what} {links[0]} is a link to {os.readlink(links[0])}: refused (a cache entry is never "
+                        "a link, and nothing is deleted or written through one); remove the link")
+
+
+# ---- sealed folders: a cache entry that knows what it is ---------------------------------------------------------
+SEAL = "checksums.json"
+
+
+def seal(folder: Path, key: dict) -> None:
+    """Write checksums.json into `folder`: the key it is stored under and every file's SHA-256."""
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != SEAL}
+    (folder / SEAL).write_text(json.dumps({"key": key, "sha256": sums}, indent=1, sort_keys=True))
+
+
+def sealed(folder: Path, key: dict, what: str) -> bool:
+    """Whether `folder` is what `seal` wrote for this `key`: every file there and matching its SHA-256, nothing
+    else, and stored under this key (a folder swapped with another entry's is not). A link is refused."""
+    if not folder.exists() and not folder.is_symlink():
+        return False
+    no_links(folder, what)
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        record = json.loads((folder / SEAL).read_text())
+        sums = record["sha256"]
+        names = sorted(sums)
+        there = sorted(p.name for p in folder.iterdir() if p.name != SEAL)
+        if record["key"] != json.loads(json.dumps(key)) or names != there:
+            return False
+        with ThreadPoolExecutor(4) as pool:                  # hashlib releases the GIL
+            return list(pool.map(file_sha256, [folder / n for n in names])) == [sums[n] for n in names]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False

@@ -32,9 +32,8 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
     checkpoint."""
     import dataclasses
 
-    from safetensors.torch import save_file
-
     from .distributed import current
+    from .files import save_file
     from .train import train
 
     check_lm(spec, cfg, variants)

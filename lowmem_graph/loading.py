@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, hub_error
-from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps
+from .files import atomic_dir, atomic_file, file_sha256, remove_stale_temps, seal, sealed
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")   # gpt2, openai-community/gpt2
 
@@ -47,8 +47,14 @@ def resolve_model(ref: str) -> tuple[str, bool]:
                 raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
             digest = file_sha256(path)
             out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
-            if not (out / "config.json").exists():
+            key = {"cache": "llama2c", "sha256": digest}
+            if not sealed(out, key, "the converted llama2.c model"):
+                if out.exists():
+                    print(f"lowmem-graph: the converted llama2.c model {out} is damaged, incomplete or not {path}'s: "
+                          "converting it again", file=sys.stderr)
+                    shutil.rmtree(out, ignore_errors=True)
                 convert_llama2c(path, out)
+                seal(out, key)          # after the folder is whole: a kill before leaves it unsealed, rebuilt
             return str(out), True
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json: not a Hugging Face model folder")
@@ -178,34 +184,30 @@ def _quantised_cache_dir(identity: str, source: str, quant: str, compute=torch.f
     return cache_root() / "nodes" / f"{slug}-{quant}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _save_atomically(model, tokenizer, path: Path) -> None:
-    """The quantised copy, with every file's SHA-256 in checksums.json (checked on each load)."""
+def node_key(identity: str, quant: str, compute=torch.float32) -> dict:
+    """What a quantised copy is a copy of (recorded in it, checked on each load): the exact weights (a hub commit or
+    a folder's SHA-256), the format and the compute dtype."""
+    return {"cache": "nodes", "identity": identity, "quant": quant, "compute": str(compute)}
+
+
+def _save_atomically(model, tokenizer, path: Path, key: dict) -> None:
+    """The quantised copy, sealed: its key and every file's SHA-256 in checksums.json (checked on each load)."""
     remove_stale_temps(path.parent)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+        seal(tmp, key)
 
 
-def _verified(folder: Path) -> bool:
-    """Whether a quantised copy is there and whole (every file matches its recorded SHA-256); a damaged or
-    incomplete one is deleted, so the node is quantised again."""
-    if not folder.exists():
+def _verified(folder: Path, key: dict) -> bool:
+    """Whether a quantised copy of `key` is there and whole; a damaged, incomplete or swapped one is deleted, so
+    the node is quantised again. A link is refused in one line."""
+    if not folder.exists() and not folder.is_symlink():
         return False
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        sums = json.loads((folder / "checksums.json").read_text())
-        names = sorted(sums)
-        with ThreadPoolExecutor(4) as pool:        # hashlib releases the GIL
-            whole = list(pool.map(file_sha256, [folder / n for n in names])) == [sums[n] for n in names]
-        whole = whole and "config.json" in sums and all("/" not in n and n != ".." for n in names)
-    except (OSError, ValueError, TypeError, AttributeError):
-        whole = False
+    whole = sealed(folder, key, "the quantised copy")
     if not whole:
-        print(f"lowmem-graph: the quantised copy {folder} is damaged or incomplete: quantising the node again",
-              file=sys.stderr)
+        print(f"lowmem-graph: the quantised copy {folder} is damaged, incomplete or not this node's: quantising "
+              "the node again", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
     return whole
 

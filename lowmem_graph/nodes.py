@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from .errors import UserError, hub_error
 from .hooks import StandIn, add_hook
-from .loading import (_quantised_cache_dir, _quiet_transformers, _save_atomically, _verified,  # noqa: F401
+from .loading import (_quantised_cache_dir, _quiet_transformers, _save_atomically, _verified, node_key,  # noqa: F401
                       bundled_config, folder_digest, hub_commit, load_config, resolve_model, source_identity)
 from .spec import NodeSpec
 
@@ -137,7 +137,7 @@ class FrozenNode:
             logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_WARNING)
         elif quant == "nf4":
             cached = _quantised_cache_dir(identity, source, quant, compute)   # the compute dtype is saved too
-            if _verified(cached):
+            if _verified(cached, node_key(identity, quant, compute)):
                 load_from = str(cached)
             else:
                 save_to = cached
@@ -166,7 +166,7 @@ class FrozenNode:
                                 f"{(str(e).splitlines() or [''])[0][:200]}") from None
             raise hub_error(f"model {spec.model!r}", e) from None
         if save_to is not None:
-            _save_atomically(model, tokenizer, save_to)
+            _save_atomically(model, tokenizer, save_to, node_key(identity, quant, compute))
         if not logits and model.get_output_embeddings() is not None:
             model.set_output_embeddings(None)      # a tied head shares the embedding table, which stays
         model.eval().requires_grad_(False)

@@ -15,11 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from .data import LETTERS, Question, format_prompt, generic_question
 from .errors import UserError
-from .files import atomic_dir, atomic_file, file_sha256
+from .files import atomic_dir, atomic_file, file_sha256, save_file
 
 EXPORT_FORMAT = "lowmem-graph-export/1"
 
@@ -37,8 +35,8 @@ class TrainedGraph:
         from .train import PlacedGraph, TrainConfig, load_run_config
 
         self.run_dir = Path(run_dir)
-        _check_export(self.run_dir)
         self.spec, cfg = load_run_config(self.run_dir)
+        _check_export(self.run_dir)
         if cfg.objective == "lm":
             raise UserError(f"{self.run_dir} was trained on next-token prediction: it scores text, not answer "
                             f"options (lowmem-graph eval {self.run_dir} gives its perplexity)")
@@ -125,7 +123,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists():
         raise UserError(f"{out} exists: export into a new folder")
     spec, cfg = load_run_config(run_dir)
-    weights = trainable_weights(run_dir)                 # readable, or one line saying why not
+    _check_export(run_dir)
+    weights = trainable_weights(run_dir)                 # checked against their SHA-256, or one line saying why not
     with atomic_dir(out) as tmp:
         shutil.copyfile(run_dir / "config.yaml", tmp / "config.yaml")
         save_file(weights, str(tmp / "trainable.safetensors"))      # a real file, from a legacy run too

@@ -14,6 +14,11 @@ one rename: a kill at any moment leaves the previous checkpoint or the new one, 
 (a link through `checkpoint`) always holds the weights of that same checkpoint. Folders of older versions, with a
 pickled `checkpoint.pt`, are read with `torch.load(weights_only=True)` (NumPy's RNG arrays allowed), or refused in
 one line.
+
+A run folder cannot lie: every read of its weights (resume, eval, predict, export) checks them against the SHA-256
+that state.json recorded when they were written, and state.json against its own digest; no link in the folder may
+lead outside it (a crafted `.checkpoints` or `metrics.jsonl` would let a resume delete or write elsewhere). A lost
+`checkpoint` link is not a lost run: the newest whole checkpoint in .checkpoints is taken, and said.
 """
 from __future__ import annotations
 
@@ -21,18 +26,19 @@ import importlib
 import json
 import os
 import random
-import warnings
 import shutil
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import UserError
-from .files import atomic_dir, file_sha256, fsync
+from .files import atomic_dir, check_links, file_sha256, fsync, save_file
 
 FORMAT = 2
 LINK, TRAINABLE = "checkpoint", "trainable.safetensors"
@@ -105,6 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     """Write the checkpoint for `step` into a folder of its own, then point `checkpoint` at it in one rename.
     `epoch`: JSON values the training loop needs back to finish its epoch's figures as if never stopped."""
     run_dir = Path(run_dir)
+    check_links(run_dir)                    # nothing below is written or deleted through a link leading out
     store = run_dir / STORE
     name = f"step-{step:07d}"
     plain_optimizer, tensors = _split_optimizer(optimizer)
@@ -151,38 +158,88 @@ def _point(link: Path, target: str) -> None:
 # ---- reading ---------------------------------------------------------------------------------------------------
 def has_checkpoint(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
-    return (run_dir / LINK / "state.json").is_file() or (run_dir / LEGACY).is_file()
+    return ((run_dir / LINK / "state.json").is_file() or (run_dir / LEGACY).is_file()
+            or any((run_dir / STORE).glob("step-*/state.json")))
+
+
+def _current(run_dir: Path) -> Path | None:
+    """The folder of the run's last checkpoint: where `checkpoint` points or, that link lost (or leading nowhere),
+    the newest whole checkpoint in .checkpoints, said on stderr; None before the first checkpoint."""
+    link = run_dir / LINK
+    if link.exists():
+        return link
+    steps = sorted((run_dir / STORE).glob("step-*"), reverse=True) if (run_dir / STORE).is_dir() else []
+    for folder in steps:
+        try:
+            _verified_state(folder, str(folder))
+        except UserError:
+            continue
+        print(f"lowmem-graph: {run_dir} has {'a broken' if link.is_symlink() else 'no'} {LINK} link: using "
+              f"{STORE}/{folder.name}, its newest whole checkpoint", file=sys.stderr)
+        return folder
+    if link.is_symlink() or steps:
+        raise UserError(f"{run_dir}: the {LINK} link leads nowhere and no whole checkpoint is left in {STORE}: "
+                        "resume from another copy of the run, or start it again")
+    return None
+
+
+def _verified_state(folder: Path, where: str) -> dict:
+    """A checkpoint's state.json, checked: its digest, its format, its step, and every file's SHA-256."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if not isinstance(state, dict) or state.pop("digest", None) != _digest(state):
+            raise UserError(f"{where}/state.json is damaged (its digest does not match its content): resume from "
+                            "another copy of the run, or start it again")
+        if state.get("format") != FORMAT:
+            raise UserError(f"{where}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")
+        step = state.get("step")
+        if type(step) is not int or step < 0:
+            raise UserError(f"{where}/state.json: step {step!r} is not a count of steps (an integer >= 0)")
+        for f, digest in state["sha256"].items():
+            if f not in (TRAINABLE, "state.safetensors") or file_sha256(folder / f) != digest:
+                raise UserError(f"{where}/{f} is damaged (its SHA-256 does not match the one recorded): resume "
+                                "from another copy of the run, or start it again")
+        if set(state["sha256"]) != {TRAINABLE, "state.safetensors"}:
+            raise UserError(f"{where}/state.json records no SHA-256 for some of its files: not a whole checkpoint")
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+            from None
+    return state
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The run's last checkpoint, verified (None if it has none yet); a damaged one is one line, never a
     traceback, and never unpickled."""
     run_dir = Path(run_dir)
-    folder = run_dir / LINK
-    if not folder.exists():
+    check_links(run_dir)
+    folder = _current(run_dir)
+    if folder is None:
         return _load_legacy(run_dir / LEGACY) if (run_dir / LEGACY).is_file() else None
-    where = f"{run_dir}/{LINK}"
+    where = f"{run_dir}/{folder.relative_to(run_dir)}"
+    state = _verified_state(folder, where)
     try:
-        state = json.loads((folder / "state.json").read_text())
-        if state.pop("digest", None) != _digest(state):
-            raise UserError(f"{where}/state.json is damaged (its digest does not match its content): resume from "
-                            "another copy of the run, or start it again")
-        if state.get("format") != FORMAT:
-            raise UserError(f"{where}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")
-        for f, digest in state["sha256"].items():
-            if file_sha256(folder / f) != digest:
-                raise UserError(f"{where}/{f} is damaged (its SHA-256 does not match the one recorded): resume "
-                                "from another copy of the run, or start it again")
         tensors = load_file(str(folder / "state.safetensors"))
-        trainable = load_file(str(folder / TRAINABLE))
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        return Checkpoint(state["step"], load_file(str(folder / TRAINABLE)),
+                          _join_optimizer(state["optimizer"], tensors), state["scheduler"],
+                          {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
+                          state.get("variant"), state.get("epoch"))
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{where}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
-    return Checkpoint(state["step"], trainable, _join_optimizer(state["optimizer"], tensors), state["scheduler"],
-                      {"json": state["rng"], "tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}},
-                      state.get("variant"), state.get("epoch"))
+
+
+def check_optimizer_state(optimizer: dict, params: list, where: str) -> None:
+    """A checkpoint's optimizer state must fit the parameters it will update: each tensor of a parameter's state
+    (AdamW's moments) of that parameter's shape, no state for a parameter that is not there."""
+    for index, values in optimizer["state"].items():
+        if not 0 <= index < len(params):
+            raise UserError(f"{where}: the optimizer state names parameter {index}, this run has {len(params)}")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                raise UserError(f"{where}: the optimizer's {name} of parameter {index} has shape "
+                                f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
 
 
 def _load_legacy(path: Path) -> Checkpoint:
@@ -210,10 +267,17 @@ def _load_legacy(path: Path) -> Checkpoint:
 
 
 def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The run's trained weights (`trainable.safetensors`), or one line saying why they cannot be read."""
-    path = Path(run_dir) / TRAINABLE
-    if not path.exists():
-        if (Path(run_dir) / LEGACY).is_file():
+    """The run's trained weights (`trainable.safetensors`, checked against the SHA-256 its checkpoint recorded), or
+    one line saying why they cannot be read."""
+    run_dir = Path(run_dir)
+    check_links(run_dir)
+    path = run_dir / TRAINABLE
+    folder = _current(run_dir)
+    if folder is not None:                  # the checkpoint's own weights, checked as written
+        _verified_state(folder, f"{run_dir}/{folder.relative_to(run_dir)}")
+        path = folder / TRAINABLE
+    elif not path.exists():
+        if (run_dir / LEGACY).is_file():
             return load_checkpoint(run_dir).trainable
         raise UserError(f"{run_dir} has no {TRAINABLE} yet (has a step finished?)")
     try:

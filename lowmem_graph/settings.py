@@ -16,7 +16,7 @@ import yaml
 
 from .data import Question, is_path_task, load_task, spread, task_part
 from .errors import UserError
-from .files import atomic_file
+from .files import atomic_file, check_links
 from .spec import GraphSpec, check_name, from_dict, typed_fields
 
 
@@ -162,6 +162,7 @@ def load_run_config(run_dir: Path) -> tuple[GraphSpec, TrainConfig]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    check_links(run_dir)        # nothing read from a run folder comes from outside it
     raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("graph"), dict) or not isinstance(raw.get("train"), dict):
         raise UserError(f"{path}: not a run's config (expected the mappings 'graph' and 'train')")

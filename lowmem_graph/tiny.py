@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .files import atomic_dir
+from .files import atomic_dir, remove_stale_temps, seal, sealed
 
 ARCHS = ("llama", "qwen2", "gemma2", "phi3", "mistral")
-_VERSION = 2  # bump when the recipe below changes, so stale caches are rebuilt
+_VERSION = 3  # bump when the recipe below changes, so stale caches are rebuilt
 
 # (config class name, width, layers, heads, kv heads, tokenizer kind, vocab size)
 _RECIPES = {
@@ -37,13 +39,22 @@ def cache_root() -> Path:
 
 
 def tiny_path(arch: str) -> Path:
-    """Path of the tiny model for `arch`, building it first if it is not cached yet."""
+    """Path of the tiny model for `arch`, building it first if it is not cached yet. A cache like the others: a
+    folder damaged, incomplete or not this model's (its key and checksums in checksums.json) is built again."""
     if arch not in _RECIPES:
         raise UserError(f"unknown tiny model 'tiny:{arch}' (choose from {', '.join('tiny:' + a for a in ARCHS)})")
     path = cache_root() / "tiny" / f"{arch}-v{_VERSION}"
-    if not (path / "config.json").exists():
+    if not sealed(path, _key(arch), "the tiny model"):
+        if path.exists():
+            print(f"lowmem-graph: the tiny model {path} is damaged, incomplete or not tiny:{arch}: building it "
+                  "again", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
         _build(arch, path)
     return path
+
+
+def _key(arch: str) -> dict:
+    return {"cache": "tiny", "arch": arch, "version": _VERSION, "recipe": list(_RECIPES[arch])}
 
 
 def _corpus() -> list[str]:
@@ -129,6 +140,8 @@ def _build(arch: str, path: Path) -> None:
     with torch.random.fork_rng():       # deterministic weights without disturbing the caller's RNG
         torch.manual_seed(ARCHS.index(arch))
         model = AutoModelForCausalLM.from_config(config)
+    remove_stale_temps(path.parent)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        seal(tmp, _key(arch))

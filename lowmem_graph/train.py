@@ -24,7 +24,7 @@ import transformers
 from . import distributed, runstate, transfer
 from .errors import Interrupted, UserError
 from .evaluate import evaluate
-from .files import remove_stale_temps
+from .files import check_links, remove_stale_temps
 from .graph import node_device
 from .memory.report import memory_snapshot, out_of_memory_message
 from .objectives import Baseline, objective_for
@@ -128,6 +128,8 @@ class Trainer:
         if state is not None and state.variant == self.variant and self.optimizer is not None:
             try:
                 self.trained.load_trainable(state.trainable, f"{self.run_dir}/checkpoint")
+                runstate.check_optimizer_state(state.optimizer, [p for g in self.optimizer.param_groups
+                                                                 for p in g["params"]], f"{self.run_dir}/checkpoint")
                 self.optimizer.load_state_dict(state.optimizer)
                 self.scheduler.load_state_dict(state.scheduler)
                 runstate.set_rng_state(state.rng["json"], state.rng["tensors"])
@@ -321,11 +323,16 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     if not ranks.main:      # rank 0 logs and writes the run folder; the others compute
         log, progress = (lambda *_: None), False
     if ranks.main and resume:
+        check_links(run_dir)                    # nothing deleted or written through a link leading out
         for folder in (run_dir, run_dir / runstate.STORE):
             remove_stale_temps(folder)          # what killed writes left
     elif ranks.main:
         claim_run_dir(run_dir)
-        save_config(run_dir, spec, cfg)
+        try:
+            save_config(run_dir, spec, cfg)
+        except BaseException:               # a full disk: no folder left without its config
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     distributed.barrier(ranks)
     trainer = None
     with StopSignals() as stop:

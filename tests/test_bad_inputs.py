@@ -230,6 +230,27 @@ CASES = [
     # --- models (27.9) ------------------------------------------------------------------------------------------
     ("a local model whose weights are a pickle", lambda t: ["probe-quant", _pickled_model(t), "--limit", "1"],
      ["weights are a pickle that does not load safely", "posix.system"]),
+    # --- run folders that reach outside themselves, or lie ---------------------------------------------------------
+    ("eval: checkpoint link to ..", lambda t: ["eval", _linked(t, "checkpoint", "..")], ["checkpoint", "outside"]),
+    ("eval: checkpoint link to an absolute path outside", lambda t: ["eval", _linked(t, "checkpoint", t / "other")],
+     ["checkpoint", "outside"]),
+    ("eval: config.yaml a link outside", lambda t: ["eval", _linked(t, "config.yaml", t / "elsewhere.yaml")],
+     ["config.yaml", "outside"]),
+    ("resume: .checkpoints a link outside", lambda t: ["train", "--resume", _linked(t, ".checkpoints", t / "other")],
+     [".checkpoints", "outside"]),
+    ("resume: metrics.jsonl a link outside",
+     lambda t: ["train", "--resume", _linked(t, "metrics.jsonl", t / "other" / "log.txt")], ["metrics.jsonl", "outside"]),
+    ("figures: curves.png a link outside", lambda t: ["figures", _linked(t, "curves.png", t / "other" / "x.png")],
+     ["curves.png", "outside"]),
+    ("eval: checkpoint weights with a flipped bit", lambda t: ["eval", _damaged_checkpoint(t)],
+     ["trainable.safetensors is damaged"]),
+    ("predict: checkpoint weights with a flipped bit",
+     lambda t: ["predict", _damaged_checkpoint(t), "--question", "Q?", "--choices", "a", "b"],
+     ["trainable.safetensors is damaged"]),
+    ("export: checkpoint weights with a flipped bit", lambda t: ["export", _damaged_checkpoint(t), str(t / "out")],
+     ["trainable.safetensors is damaged"]),
+    ("eval: checkpoint link leads nowhere", lambda t: ["eval", _linked(t, "checkpoint", ".checkpoints/step-0000009")],
+     ["checkpoint link leads nowhere"]),
 ]
 
 DEEP = "[" * 3000 + "]" * 3000
@@ -288,6 +309,33 @@ def _latin1_config(tmp):
     run = tmp / "run"
     run.mkdir()
     (run / "config.yaml").write_bytes(b"graph: {name: caf\xe9}\n")
+    return str(run)
+
+
+def _linked(tmp, name, target):
+    """A run folder in which `name` is a symbolic link to `target` (made, as a file or folder, if outside)."""
+    run = Path(run_folder(tmp))
+    (tmp / "other").mkdir(exist_ok=True)
+    (tmp / "elsewhere.yaml").write_text((run / "config.yaml").read_text())
+    (tmp / "other" / "log.txt").write_text("someone else's file\n")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(target)
+    return str(run)
+
+
+def _damaged_checkpoint(tmp):
+    """A run folder whose checkpoint's weights had a bit flipped inside their data (the header intact)."""
+    import torch
+
+    from lowmem_graph.runstate import save_checkpoint
+
+    run = Path(run_folder(tmp))
+    (run / "trainable.safetensors").unlink()
+    save_checkpoint(run, 1, {"w": torch.ones(64)}, {"state": {}, "param_groups": []}, {})
+    weights = (run / "trainable.safetensors").resolve()
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x04
+    weights.write_bytes(bytes(data))
     return str(run)
 
 
