@@ -90,10 +90,10 @@ def test_the_planner_picks_layer_major_where_it_cuts_traffic():
     roomy = make_plan(paper, parse_size("24G"), host_budget=64 * 2 ** 30)
     assert roomy.schedule == "micro-batch-major" and roomy.traffic_per_step == 0
     small = make_plan(paper, parse_size("2G"), host_budget=64 * 2 ** 30)
-    assert small.accumulation == 8 and small.streamed_bytes > 0
+    assert small.accumulation > 1 and small.streamed_bytes > 0
     assert small.schedule.startswith("layer-major")
     assert small.traffic_per_step <= 5e9                   # the goal; the micro-batch loop: 20 GB
-    old = traffic(small.streamed_bytes, "micro-batch-major", small.accumulation)
+    old = traffic(small.groups, small.prefetch_depth, "micro-batch-major", small.accumulation)
     assert old > 4 * small.traffic_per_step
     assert f"{small.schedule} schedule" in format_plan(small, paper)
     if small.schedule == "layer-major-host":
