@@ -6,7 +6,8 @@ weights x tokens plus attention's 4 x tokens x seq x q_dim; a frozen layer's bac
 only, as many matmul FLOPs again and attention twice), the dequantisation of its quantised weights (every run
 dequantises every weight once), and a fixed launch cost (twice in backward). A checkpointed group runs its
 forward again before its backward (recompute). The head (readouts, output node: 6 FLOPs per trainable parameter
-and token, with weight gradients) and AdamW (OPTIMIZER_BYTES per parameter at the memory bandwidth) close a step.
+and token, with weight gradients) and AdamW (OPTIMIZER_BYTES per parameter at the memory bandwidth) close a step,
+with their fixed costs (MICRO_BATCH_LAUNCHES, STEP_LAUNCHES).
 
 Copies: the group copies the streamers make (estimate.group_loads: 2(n - s) per pass, not 2n) at the pinned
 host-to-device rate, and a layer-major-host step's kept activations. With two slots on a device whose copies run
@@ -24,6 +25,12 @@ from .profile import _Node, _Profile
 
 OPTIMIZER_BYTES = 28       # AdamW reads param, grad, exp_avg, exp_avg_sq (fp32) and writes three of them back.
 HEAD_FLOPS = 6             # per trainable parameter and token: forward 2, backward 4 (input and weight gradients).
+# Fixed costs outside the decoder layers, in launch units (DeviceProfile.launch) per node of the graph: its cached
+# states, injection, readout and the output node's share, per micro-batch; AdamW's per-tensor work, zeroing the
+# gradients and the step's bookkeeping, per step. Fitted on the tiny graph on the CPU, where they are all there is
+# (bench/bench_plan_time.py, 2026-12-05), and checked on the reduced paper graph there.
+MICRO_BATCH_LAUNCHES = 4
+STEP_LAUNCHES = 10
 QUANTISED = ("nf4", "int8")     # formats a run dequantises (int8 is charged as NF4's dequantisation)
 
 
@@ -112,7 +119,8 @@ def step_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan],
         _add(parts, layer_run(device, node, tokens, seq, backward=True), layers * accumulation)
         parts["recompute"] += forward["gemm"] * layers * accumulation * (runs - 1)
     head = HEAD_FLOPS * profile.trainable * batch * seq / (device.gemm.get(device.compute_dtype) or device.gemm["fp32"])
-    parts["head+optimizer"] = head + OPTIMIZER_BYTES * profile.trainable / device.memory
+    fixed = device.launch * len(profile.nodes) * (MICRO_BATCH_LAUNCHES * accumulation + STEP_LAUNCHES)
+    parts["head+optimizer"] = head + OPTIMIZER_BYTES * profile.trainable / device.memory + fixed
     forward_loads, backward_loads = group_loads(groups, depth)
     copied = (sum(forward_loads) + sum(backward_loads)) * (accumulation if schedule == "micro-batch-major" else 1)
     copied += activation_traffic if schedule == LAYER_MAJOR_HOST else 0

@@ -170,11 +170,13 @@ def _timing(device, profile, groups, depth, micro, schedule, batch, seq):
 
 
 def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512, host_budget: int | None = None,
-              main: str = "cuda:0", device: devices.DeviceProfile | str | None = None) -> Plan:
+              main: str = "cuda:0", device: devices.DeviceProfile | str | None = None,
+              schedules: tuple[str, ...] | None = None) -> Plan:
     """The plan for a device with `budget` bytes; UserError naming the smallest budget when none fits, or saying
     the host memory when the run would not fit `host_budget` (default: what this machine has available now).
     `device`: the device profile the times are predicted for (a DeviceProfile, a built-in name or a file; default:
-    the measured profile of `main`, else a built-in one, devices.resolve).
+    the measured profile of `main`, else a built-in one, devices.resolve). `schedules`: only these (benchmarks
+    compare the best plan of each).
 
     Search: every group size, micro-batch (divisors of `batch`), number of resident groups and prefetch depth is
     estimated (a few hundred sums); the fastest that fits wins (see `_preference`). A choice fits when its training
@@ -197,6 +199,8 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
     frozen_min = max(_frozen_placement(n, 1, seq, profile.trainable, None).peak for n in profile.nodes.values())
     fits, train_min = [], None
     for groups, depth, micro, schedule, breakdown in _candidates(spec, profile, batch, seq):
+        if schedules is not None and schedule not in schedules:
+            continue
         peak = sum(breakdown.values())
         evaluation = eval_breakdown(profile, breakdown, micro, seq)
         worst = max(peak, sum(evaluation.values()))
@@ -205,6 +209,8 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
             timing = _timing(device, profile, groups, depth, micro, schedule, batch, seq)
             fits.append((_preference(timing, groups, micro, schedule, peak), groups, depth, micro, schedule,
                          breakdown, peak, evaluation, timing))
+    if train_min is None:
+        raise UserError(f"no placement of graph {spec.name!r} runs the schedules {', '.join(schedules)}")
     minimum = max(train_min, frozen_min)
     if not fits or frozen_min > budget:
         need = math.ceil(minimum / GiB * 100) / 100
