@@ -22,6 +22,7 @@ do (bench/bench_plan_time.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -129,12 +130,14 @@ def disk_rate(folder: Path, nbytes: int) -> float:
     return nbytes / statistics.median(times)
 
 
-def measure(device: str = "cpu", small: bool | None = None) -> devices.DeviceProfile:
-    """This machine's profile for `device` (small shapes on a CPU)."""
+def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False) -> devices.DeviceProfile:
+    """This machine's profile for `device` (small shapes on a CPU; `smoke`: tiny ones, a check of the script)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     small = not cuda if small is None else small
     width, tokens, nbytes = (1024, 512, 256 << 20) if small else (4096, 8192, 1 << 30)
+    if smoke:
+        width, tokens, nbytes = 256, 64, 16 << 20
     pinned, pageable = copy_rates(device, nbytes)
     gemm = {name: gemm_rate(device, dtype, tokens, width)
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -143,7 +146,7 @@ def measure(device: str = "cpu", small: bool | None = None) -> devices.DevicePro
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return devices.DeviceProfile(
         name, pinned, pageable, gemm, dequant_rate(device, width), launch_cost(device),
-        disk_rate(devices.profiles_dir(), 256 << 20), memory_rate(device, nbytes),
+        disk_rate(devices.profiles_dir(), nbytes), memory_rate(device, nbytes),
         compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda,
         source=f"measured by bench/calibrate.py on {time.strftime('%Y-%m-%d')}: {name}"
                + ("" if cuda else f" ({cpu})") + f", {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -161,11 +164,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", help="also write the profile here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    profile = measure(args.device)
+    profile = measure(args.device, smoke=args.smoke)
     print(describe(profile))
+    print(json.dumps(profile.to_dict(), indent=1))
     written = [devices.save(profile, devices.profiles_dir() / f"{devices.slug(profile.name)}.json")]
     if args.out:
         written.append(devices.save(profile, args.out))

@@ -30,7 +30,7 @@ def test_a_step_worked_by_hand():
     # gemm: 4 layers x 2 micro-batches x (2 * 640 + 704) us = 15,872 us, of it recompute 4 x 2 x 640 = 5,120 us
     # dequant: 4 x 2 x 3 runs x 0.1 s = 2.4 s; launch: 4 x 2 x (2 forwards + backward's 2) x 10 ms = 0.32 s
     # head: 6 FLOPs x 10 params x 4 tokens = 240 us; AdamW 28 B x 10 / 10 kB/s = 28 ms; fixed costs: 1 node x 10 ms
-    # x (4 per micro-batch x 2 + 10 per step) = 180 ms
+    # x (8 per micro-batch x 2 + 2 per step) = 180 ms
     # copies, one slot: forward loads group 2 (group 1 stayed from the backward), backward group 1 (group 2 stayed):
     # 500 B per micro-batch, 1000 B per step = 1 s, not overlapped on this device
     t = cost.step_time(DEVICE, PROFILE, GROUPS, 1, 1, 2, "micro-batch-major", 2)

@@ -29,8 +29,8 @@ HEAD_FLOPS = 6             # per trainable parameter and token: forward 2, backw
 # states, injection, readout and the output node's share, per micro-batch; AdamW's per-tensor work, zeroing the
 # gradients and the step's bookkeeping, per step. Fitted on the tiny graph on the CPU, where they are all there is
 # (bench/bench_plan_time.py, 2026-12-05), and checked on the reduced paper graph there.
-MICRO_BATCH_LAUNCHES = 4
-STEP_LAUNCHES = 10
+MICRO_BATCH_LAUNCHES = 8
+STEP_LAUNCHES = 2
 QUANTISED = ("nf4", "int8")     # formats a run dequantises (int8 is charged as NF4's dequantisation)
 
 

@@ -197,7 +197,7 @@ def format_timing(plan) -> list[str]:
         return []
     p = t.parts
     copies = (f"copies {_ms(p['copies'])} ({t.copied_bytes / 1e9:.2f} GB, "
-              f"{'hidden behind compute' if t.overlapped else 'not overlapped'})")
+              f"{'hidden behind compute' if t.overlapped else 'not overlapped'})" if t.copied_bytes else "no copies")
     epoch = t.epoch(EPOCH_EXAMPLES, plan.batch, EPOCH_EXAMPLES)
     lines = [f"predicted time on {device.name} ({device.source or 'measured'}); predictions, not measurements:",
              f"  {'training step':<20} {_ms(t.step):>12}  matmuls {_ms(p['gemm'])} (recompute {_ms(p['recompute'])}"
