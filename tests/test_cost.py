@@ -97,3 +97,17 @@ def test_plan_prints_times_bottleneck_and_runners_up(capsys):
     plan = make_plan(load_preset("paper"), 6 * 2 ** 30, host_budget=2 ** 36, device="h100")
     assert plan.runners_up and all(r["timing"].step >= plan.timing.step for r in plan.runners_up)
     assert all(r["timing"].why_slower(plan.timing) in out for r in plan.runners_up)
+
+
+def test_paper_70b_plans_offline_on_a_24g_card_with_predicted_times(capsys):
+    """The paper graph with a Llama-3.1-70B-class refiner (its configuration shipped): planned from the meta
+    device, no download, with predicted step and epoch times."""
+    spec = load_preset("paper-70b")
+    plan = make_plan(spec, 24 * 2 ** 30, host_budget=2 ** 37, device="rtx4090")
+    big = [g for g in plan.groups if g.node == "llama70b"]
+    assert big[0].first == 60 and big[-1].last == 80 and max(plan.peak, plan.eval_peak) <= plan.budget
+    paper = make_plan(load_preset("paper"), 24 * 2 ** 30, host_budget=2 ** 37, device="rtx4090")
+    assert plan.timing.step > 3 * paper.timing.step           # 20 layers of width 8192 against Mistral's 8 of 4096
+    assert cli.main(["plan", "--preset", "paper-70b", "--gpu-mem", "24G", "--host-mem", "128G",
+                     "--profile", "rtx4090"]) == 0
+    assert "predicted time on rtx4090" in capsys.readouterr().out
