@@ -111,3 +111,13 @@ def test_paper_70b_plans_offline_on_a_24g_card_with_predicted_times(capsys):
     assert cli.main(["plan", "--preset", "paper-70b", "--gpu-mem", "24G", "--host-mem", "128G",
                      "--profile", "rtx4090"]) == 0
     assert "predicted time on rtx4090" in capsys.readouterr().out
+
+
+def test_at_2g_batch_16_the_planner_avoids_the_traffic_cliff():
+    """The issue's case: at 2G and batch 16 the fixed preferences ranked two slots above traffic and took the
+    micro-batch loop at 43.8 GB per step; by predicted time the layer-major schedule wins, moving a tenth of that."""
+    paper = load_preset("paper")
+    plan = make_plan(paper, 2 * 2 ** 30, 16, host_budget=2 ** 36, device="rtx4090")
+    assert plan.schedule.startswith("layer-major") and plan.traffic_per_step < 5e9
+    loop = make_plan(paper, 2 * 2 ** 30, 16, host_budget=2 ** 36, device="rtx4090", schedules=("micro-batch-major",))
+    assert loop.traffic_per_step > 4 * plan.traffic_per_step and loop.timing.step > plan.timing.step
