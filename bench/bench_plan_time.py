@@ -147,8 +147,8 @@ def write(rows: list[dict], out_dir: Path, profile) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# Predicted against measured step and epoch times, {time.strftime('%Y-%m-%d')}", "",
-             f"`python bench/bench_plan_time.py` on {profile.source}. Calibrated profile: "
-             f"{calibrate.describe(profile)}.", "",
+             f"`python bench/bench_plan_time.py` (one thread, process CPU time, {ROUNDS} interleaved rounds). Profile "
+             f"{profile.source}: {calibrate.describe(profile)}.", "",
              "| graph | budget | schedule | placement | predicted step ms | measured step ms | error | predicted epoch "
              "ms | measured epoch ms | error | copies/step predicted, measured | chosen |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]

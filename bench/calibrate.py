@@ -149,7 +149,7 @@ def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False)
         disk_rate(devices.profiles_dir(), nbytes), memory_rate(device, nbytes),
         compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda,
         source=f"measured by bench/calibrate.py on {time.strftime('%Y-%m-%d')}: {name}"
-               + ("" if cuda else f" ({cpu})") + f", {torch.get_num_threads()} threads, torch {torch.__version__}")
+               + ("" if cuda else f" ({cpu})") + f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, torch {torch.__version__}")
 
 
 def describe(profile: devices.DeviceProfile) -> str:
@@ -164,17 +164,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", help="also write the profile here")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing "
+                                                             "(and writes no profile into the cache root)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = measure(args.device, smoke=args.smoke)
     print(describe(profile))
     print(json.dumps(profile.to_dict(), indent=1))
-    written = [devices.save(profile, devices.profiles_dir() / f"{devices.slug(profile.name)}.json")]
+    # a smoke run's figures are no measurement: plans must not find them
+    home = devices.profiles_dir() / f"{devices.slug(profile.name)}.json"
+    written = [] if args.smoke else [devices.save(profile, home)]
     if args.out:
         written.append(devices.save(profile, args.out))
-    print("written: " + ", ".join(map(str, written)))
+    print("written: " + (", ".join(map(str, written)) or "nothing (a smoke run)"))
     return 0
 
 
