@@ -17,7 +17,7 @@ on a side stream (CUDA) they overlap compute, so a phase takes the larger of the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .devices import DeviceProfile
 from .estimate import LAYER_MAJOR_HOST, GroupPlan, group_loads
@@ -43,7 +43,6 @@ class Timing:
     eval_batch: float = 0.0
     frozen_batch: float = 0.0
     copied_bytes: int = 0             # host-to-device bytes per step
-    notes: dict = field(default_factory=dict)
 
     @property
     def bottleneck(self) -> str:
