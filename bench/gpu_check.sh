@@ -63,8 +63,9 @@ launch part memory 190 python3 bench/bench_memory.py --budgets $budgets --steps 
 launch part kernels 120 python3 bench/bench_kernels.py --quick --out "$out" $smoke
 launch part step 70 python3 bench/bench_step.py --graphs $graphs --repeats $steps --out "$out"
 launch part dequant 40 python3 bench/bench_dequant.py $dequant --out "$out"
+launch part calibrate 60 python3 bench/calibrate.py $smoke     # the device profile: in the cache root and the log
 wait
-for name in gpu-tests memory kernels step dequant; do      # the logs and the parts' lines, in this order
+for name in gpu-tests memory kernels step dequant calibrate; do      # the logs and the parts' lines, in this order
     cat "$out/log-$name.txt" >> "$out/logs.txt" 2>/dev/null
     cat "$out/part-$name.txt" >> "$out/parts.txt" 2>/dev/null
     rm -f "$out/log-$name.txt" "$out/part-$name.txt"

@@ -204,7 +204,8 @@ def summarise(out_dir: Path, smoke: bool) -> Path:
                 "step": "python3 bench/bench_step.py --graphs " + ("tiny --repeats 1" if smoke else
                                                                     "tiny,reduced --repeats 3"),
                 "dequant": "python3 bench/bench_dequant.py " + ("--scale 16 --tokens 64 --repeats 1" if smoke
-                                                                else "--tokens 512,2048,4096 --repeats 10")}
+                                                                else "--tokens 512,2048,4096 --repeats 10"),
+                "calibrate": "python3 bench/calibrate.py" + (" --smoke" * smoke)}
     for name, rc, seconds in (p[:3] for p in parts if len(p) >= 3):
         status = {"0": "0", "124": "124 (timed out)", "137": "137 (killed)"}.get(rc, rc)
         lines.append(f"| {name} | `{commands.get(name, '')}` | {status} | {seconds} |")

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per optimizer step (default 8)")
     p.add_argument("--seq-len", "--seq", dest="seq", type=int, default=512, help="tokens per example (default 512)")
     p.add_argument("--host-mem", help="host memory to plan for (default: what this machine has available now)")
+    p.add_argument("--profile", help="device profile the times are predicted for: a built-in card (rtx3090, rtx4090, "
+                                     "rtx5090, a100-40gb, a100-80gb, l4, h100, h200) or a file bench/calibrate.py "
+                                     "wrote (default: this machine's measured profile, else rtx4090)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("align", help="how well the nodes' spaces line up: Ridge maps between every pair, held-out R^2 "

@@ -412,5 +412,5 @@ def cmd_plan(args) -> None:
 
     spec = _spec_from_args(args)
     host = parse_size(args.host_mem) if args.host_mem else None
-    plan = make_plan(spec, parse_budgets(args.gpu_mem), args.batch, args.seq, host)
+    plan = make_plan(spec, parse_budgets(args.gpu_mem), args.batch, args.seq, host, device=args.profile)
     print(format_plan(plan, spec))

@@ -22,13 +22,13 @@ def test_gpu_check_smoke_run_writes_every_file(tmp_path):
     assert names == sorted(["kernels-cpu-smoke.csv", "kernels-cpu-smoke.png", "memory-cpu-smoke.csv",
                             "memory-cpu-smoke.png", "summary.md", *step]) and len(step) == 3   # the device tool takes 8
     summary = (out / "summary.md").read_text()
-    for part in ("gpu-tests", "memory", "kernels", "step", "dequant"):   # each part's exit code, in the summary
+    for part in ("gpu-tests", "memory", "kernels", "step", "dequant", "calibrate"):   # each part's exit code
         exit_code = re.search(rf"\| {part} \| `[^`]*` \| (\S+) \|", summary)
         assert exit_code and exit_code[1] == "0", (part, summary[-3000:])
     for words in ("CPU smoke run", "bitsandbytes 0.50", "## Memory: measured peak", "frozen pass mistral",
                   "every group streamed", "accelerate cpu_offload", "## Fused injection kernel", "per_token",
                   "x cublas", "## The training step", "layer-major", "## Dequantisation", "| mistral | 64 |",
-                  "## Every part's output", "== dequant (limit 120s)"):
+                  "## Every part's output", "== dequant (limit 120s)", '"nf4_dequant":'):
         assert words in summary, words
     assert (out / "memory-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
 

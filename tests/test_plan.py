@@ -104,8 +104,11 @@ def test_paper_at_24g_everything_resident(paper):
     # room to spare: nothing is recomputed (every group keeps its activations), the plain step
     assert not any(g.checkpointed for g in plan.groups) and plan.breakdown["recompute"] < plan.breakdown[
         "checkpoint_inputs"]
+    # at 6G micro-batch 8 fits only recomputing 14 of 16 layers; micro-batch 2 fits recomputing none, and the cost
+    # model predicts it faster (the case: fewer matmul FLOPs beat fewer launches and dequantisations)
     tighter = make_plan(paper, parse_size("6G"))
-    assert 0 < sum(g.checkpointed for g in tighter.groups) and tighter.micro_batch == 8
+    assert not any(g.checkpointed for g in tighter.groups) and tighter.micro_batch < 8
+    assert all("recomputed" in r["kind"] and r["timing"].step > tighter.timing.step for r in tighter.runners_up)
     assert all(g.resident for g in plan.groups)
     # the trained groups are exactly each refiner's upper quarter, layers 24..31, in 2-4 layer groups
     for node in ("phi3", "mistral"):
@@ -185,10 +188,11 @@ def test_streaming_fills_budget_with_resident_groups_first(paper_low_inject):
         _check_plan(plan)
         assert 0 < plan.streamed_bytes <= sum(g.bytes for g in plan.groups), budget
         assert plan.prefetch_depth == 2
-        assert plan.traffic_per_step == traffic(plan.streamed_bytes, plan.schedule, plan.accumulation,
-                                                         plan.activation_traffic)
-        assert plan.traffic_per_step >= previous      # less memory, more PCIe traffic
-        previous = plan.traffic_per_step
+        assert plan.traffic_per_step == traffic(plan.groups, plan.prefetch_depth, plan.schedule, plan.accumulation,
+                                                plan.activation_traffic)
+        # less memory, never faster: what fits a smaller budget fits a larger one, and the planner takes the fastest
+        assert plan.timing.step >= previous
+        previous = plan.timing.step
     # the smallest budget streams nearly everything
     tight = make_plan(spec, roomy.minimum)
     _check_plan(tight)
@@ -293,10 +297,10 @@ def test_plan_through_the_cli(capsys):
 def test_evaluation_runs_at_the_plans_micro_batch_and_fits(paper):
     plan = make_plan(paper, parse_size("2G"))
     _check_plan(plan)
-    assert plan.micro_batch == 1 and plan.eval_peak <= plan.budget
+    assert plan.micro_batch < plan.batch and plan.eval_peak <= plan.budget
     profile = _profile(paper)
     at_batch = eval_breakdown(profile, plan.breakdown, plan.batch, plan.seq)
-    assert sum(at_batch.values()) > plan.budget          # the training batch would overflow this plan
+    assert sum(at_batch.values()) > plan.eval_peak       # the whole batch at once would hold more
     assert plan.eval_breakdown["resident_weights"] == plan.breakdown["resident_weights"]
     for budget in ("24G", "6G", "3G", "2G"):
         p = make_plan(paper, parse_size(budget))

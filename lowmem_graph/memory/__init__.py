@@ -2,7 +2,9 @@
 
 profile.py    what each node weighs, layer by layer, from configs on the meta device; the trainable count
 estimate.py   the peaks of one placement: training step, evaluation, host; the Plan types
-search.py     budget -> plan: residency, streaming, micro-batches, schedule (make_plan)
+search.py     budget -> plan: residency, streaming, micro-batches, schedule (make_plan), the fastest that fits
+cost.py       a placement's predicted times on a device: step, evaluation, frozen pass, epoch; the bottleneck
+devices.py    device profiles: built-in cards from their spec sheets, measured ones (bench/calibrate.py) found
 budget.py     --gpu-mem / --host-mem as bytes; whether the devices have room now
 plan.py       the planner's names re-exported for older importers (defines nothing)
 placement.py  the one owner of where every frozen tensor lives, per phase of a run, from a plan or none

@@ -90,6 +90,9 @@ class Plan(_Placed):
     host_breakdown: dict[str, int] = field(default_factory=dict)   # host memory the run needs
     host_available: int = 0                 # what the machine had available when planned (or was told)
     devices: dict[str, dict] = field(default_factory=dict)   # nodes on several devices: each one's budget and peaks
+    timing: object = None                   # predicted seconds (cost.Timing) on `device`
+    device: object = None                   # the devices.DeviceProfile the times are predicted for
+    runners_up: list = field(default_factory=list)   # the best other kinds of placement that fit, and their times
 
     @property
     def eval_peak(self) -> int:
@@ -106,7 +109,7 @@ class Plan(_Placed):
     @property
     def traffic_per_step(self) -> int:
         """Host-to-device bytes per optimizer step (see `traffic`)."""
-        return traffic(self.streamed_bytes, self.schedule, self.accumulation, self.activation_traffic)
+        return traffic(self.groups, self.prefetch_depth, self.schedule, self.accumulation, self.activation_traffic)
 
 
 def _kept_tensors(n_groups: int) -> int:
@@ -244,10 +247,27 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     }
 
 
-def traffic(streamed: int, schedule: str, accumulation: int, activations: int = 0) -> int:
-    """Host-to-device bytes per optimizer step: each streamed group twice (forward, then recompute and backward),
-    per micro-batch, or once for all of them under a layer-major schedule; plus, when a layer-major step keeps
-    its activations on the host, fetching them back (`activations`)."""
+def group_loads(groups: list[GroupPlan], depth: int) -> tuple[list[int], list[int]]:
+    """The group copies of one forward and its backward, in the steady state (a step after a step), as the
+    streamers make them (stream.py): per refiner, of its n streamed groups through s slots, the forward finds the
+    first s still in their slots from the last backward and loads the rest; the backward finds the last s still
+    there from the forward and loads the others, down to the first: 2(n - s) copies, not 2n. (bytes of the forward's
+    copies, bytes of the backward's), one entry per copy."""
+    forward, backward = [], []
+    for node in dict.fromkeys(g.node for g in groups):
+        sizes = [g.bytes for g in groups if g.node == node and not g.resident]
+        slots = min(max(depth, 1), len(sizes))
+        forward += sizes[slots:]
+        backward += sizes[:len(sizes) - slots]
+    return forward, backward
+
+
+def traffic(groups: list[GroupPlan], depth: int, schedule: str, accumulation: int, activations: int = 0) -> int:
+    """Host-to-device bytes per optimizer step: the group copies of a forward and backward (`group_loads`), per
+    micro-batch, or once for all of them under a layer-major schedule; plus, when a layer-major step keeps its
+    activations on the host, fetching them back (`activations`)."""
+    forward, backward = group_loads(groups, depth)
+    once = sum(forward) + sum(backward)
     if schedule == MICRO_BATCH_MAJOR:
-        return 2 * streamed * accumulation
-    return 2 * streamed + (activations if schedule == LAYER_MAJOR_HOST else 0)
+        return once * accumulation
+    return once + (activations if schedule == LAYER_MAJOR_HOST else 0)

@@ -183,6 +183,39 @@ _WHY = {
 }
 
 
+EPOCH_EXAMPLES = 1000      # the epoch `plan` prices: per this many training examples (and as many evaluated)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def format_timing(plan) -> list[str]:
+    """The plan's predicted times (memory/cost.py) on its device profile, the bottleneck, and the runners-up."""
+    t, device = plan.timing, plan.device
+    if t is None:
+        return []
+    p = t.parts
+    copies = (f"copies {_ms(p['copies'])} ({t.copied_bytes / 1e9:.2f} GB, "
+              f"{'hidden behind compute' if t.overlapped else 'not overlapped'})" if t.copied_bytes else "no copies")
+    epoch = t.epoch(EPOCH_EXAMPLES, plan.batch, EPOCH_EXAMPLES)
+    lines = [f"predicted time on {device.name} ({device.source or 'measured'}); predictions, not measurements:",
+             f"  {'training step':<20} {_ms(t.step):>12}  matmuls {_ms(p['gemm'])} (recompute {_ms(p['recompute'])}"
+             f" of them), dequantisation {_ms(p['dequant'])}, launches {_ms(p['launch'])}, head and optimizer "
+             f"{_ms(p['head+optimizer'])}; {copies}",
+             f"  {'bottleneck':<20} {t.bottleneck:>12}",
+             f"  {'evaluation batch':<20} {_ms(t.eval_batch):>12}  {plan.batch} examples at micro-batch "
+             f"{plan.micro_batch}",
+             f"  {'frozen pass':<20} {_ms(t.frozen_batch):>12}  per {plan.batch} examples (once, then cached)",
+             f"  {'epoch':<20} {_ms(epoch):>12}  {EPOCH_EXAMPLES:,} examples trained and {EPOCH_EXAMPLES:,} "
+             f"evaluated (first epoch: + {_ms(t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch))} "
+             "frozen pass)"]
+    if plan.runners_up:
+        lines.append("  runners-up (the fastest of each other kind that fits), and why each lost:")
+        lines += [f"    {r['kind']}: {_ms(r['timing'].step)} ({r['timing'].why_slower(t)})" for r in plan.runners_up]
+    return lines
+
+
 def format_plan(plan, spec) -> str:
     """A memory plan (memory/search.py) as the table `lowmem-graph plan` prints."""
     own = "".join(f"; {n.name} {n.quant}" for n in spec.nodes if n.quant not in (None, spec.quant))
@@ -209,7 +242,8 @@ def format_plan(plan, spec) -> str:
     lines += ["", f"resident {format_mib(plan.resident_bytes)}; streamed {format_mib(streamed)}"
               + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}; {plan.schedule} schedule, "
                  f"{plan.traffic_per_step / 1e9:.2f} GB host-to-device per step)" if streamed else ""),
-              f"trainable parameters: {plan.trainable_params:,}", "", "training step peak:"]
+              f"trainable parameters: {plan.trainable_params:,}", ""]
+    lines += format_timing(plan) + ["", "training step peak:"]
     for k, v in plan.breakdown.items():
         lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
     verdict = "fits" if plan.peak <= plan.budget else "DOES NOT FIT"

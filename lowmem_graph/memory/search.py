@@ -42,7 +42,6 @@ from .estimate import (
     cached_on_device,
     eval_breakdown,
     host_breakdown,
-    traffic,
 )
 from .profile import (
     ACT_BYTES,
@@ -57,6 +56,7 @@ from .profile import (
     layer_inference,
     quant_workspace,
 )
+from . import cost, devices
 from .report import GiB, MiB
 from .report import format_gib as _gib
 
@@ -149,37 +149,46 @@ def with_placement(spec, plan: Plan, groups: list[GroupPlan], prefetch_depth: in
     profile = _profile(spec)
     breakdown = _step_breakdown(spec, profile, groups, prefetch_depth, micro_batch, plan.seq, schedule, plan.batch)
     activations = _activation_traffic(profile, groups, plan.batch, plan.seq) if schedule == LAYER_MAJOR_HOST else 0
-    return dataclasses.replace(plan, groups=groups, prefetch_depth=prefetch_depth, micro_batch=micro_batch,
-                               schedule=schedule, activation_traffic=activations, breakdown=breakdown,
-                               peak=sum(breakdown.values()),
-                               eval_breakdown=eval_breakdown(profile, breakdown, micro_batch, plan.seq))
+    placed = dataclasses.replace(plan, groups=groups, prefetch_depth=prefetch_depth, micro_batch=micro_batch,
+                                 schedule=schedule, activation_traffic=activations, breakdown=breakdown,
+                                 peak=sum(breakdown.values()),
+                                 eval_breakdown=eval_breakdown(profile, breakdown, micro_batch, plan.seq))
+    return _timed(placed, profile, plan.device or devices.resolve(None))
 
 
-def _preference(profile, groups, depth, micro, schedule, batch, seq, peak):
-    """Lower is better: stream nothing if possible; else double buffered; least PCIe traffic; big micro-batch;
-    least recompute (a group that keeps its activations is not run twice); the plainer schedule on a tie."""
-    streamed = sum(g.bytes for g in groups if not g.resident)
-    moved = traffic(streamed, schedule, batch // micro, _activation_traffic(profile, groups, batch, seq)
-                    if schedule == LAYER_MAJOR_HOST else 0)
+def _preference(timing, groups, micro, schedule, peak):
+    """Lower is better: the fastest step (memory/cost.py); on a tie the least host-to-device traffic, the larger
+    micro-batch, the least recompute, the plainer schedule, the smaller peak."""
     recomputed = sum(g.last - g.first for g in groups if g.checkpointed)
-    return (depth == 1, moved, -micro, recomputed, (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST).index(schedule),
-            peak)
+    return (timing.step, timing.copied_bytes, -micro, recomputed,
+            (MICRO_BATCH_MAJOR, LAYER_MAJOR, LAYER_MAJOR_HOST).index(schedule), peak)
+
+
+def _timing(device, profile, groups, depth, micro, schedule, batch, seq):
+    activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
+    return cost.step_time(device, profile, groups, depth, micro, seq, schedule, batch, activations)
 
 
 def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512, host_budget: int | None = None,
-              main: str = "cuda:0") -> Plan:
+              main: str = "cuda:0", device: devices.DeviceProfile | str | None = None,
+              schedules: tuple[str, ...] | None = None) -> Plan:
     """The plan for a device with `budget` bytes; UserError naming the smallest budget when none fits, or saying
     the host memory when the run would not fit `host_budget` (default: what this machine has available now).
+    `device`: the device profile the times are predicted for (a DeviceProfile, a built-in name or a file; default:
+    the measured profile of `main`, else a built-in one, devices.resolve). `schedules`: only these (benchmarks
+    compare the best plan of each).
 
     Search: every group size, micro-batch (divisors of `batch`), number of resident groups and prefetch depth is
-    estimated (a few hundred sums); the best that fits wins (see `_preference`). A choice fits when its training
+    estimated (a few hundred sums); the fastest that fits wins (see `_preference`). A choice fits when its training
     step and its evaluation (no grad, at the same micro-batch) both do. A choice's peak does not depend on the
     budget, so the smallest budget with a plan is exact: the least such peak over all choices, or the frozen pass
     at micro-batch 1, whichever is larger.
     """
-    devices = node_devices(spec, main)
-    if isinstance(budget, dict) or len(set(devices.values())) > 1:
-        return _plan_per_device(spec, budget, devices, _device_name(main), batch, seq, host_budget)
+    if not isinstance(device, devices.DeviceProfile):
+        device = devices.resolve(device, main)
+    placed = node_devices(spec, main)
+    if isinstance(budget, dict) or len(set(placed.values())) > 1:
+        return _plan_per_device(spec, budget, placed, _device_name(main), batch, seq, host_budget, device)
     if not isinstance(budget, int) or budget <= 0:
         raise UserError(f"the memory budget must be a positive number of bytes, got {budget!r}")
     if batch < 1 or seq < 1:
@@ -188,24 +197,29 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
     quant = spec.quant
 
     frozen_min = max(_frozen_placement(n, 1, seq, profile.trainable, None).peak for n in profile.nodes.values())
-    best, best_key, train_min = None, None, None
+    fits, train_min = [], None
     for groups, depth, micro, schedule, breakdown in _candidates(spec, profile, batch, seq):
+        if schedules is not None and schedule not in schedules:
+            continue
         peak = sum(breakdown.values())
         evaluation = eval_breakdown(profile, breakdown, micro, seq)
         worst = max(peak, sum(evaluation.values()))
         train_min = worst if train_min is None else min(train_min, worst)
         if worst <= budget:
-            key = _preference(profile, groups, depth, micro, schedule, batch, seq, peak)
-            if best_key is None or key < best_key:
-                best, best_key = (groups, depth, micro, schedule, breakdown, peak, evaluation), key
+            timing = _timing(device, profile, groups, depth, micro, schedule, batch, seq)
+            fits.append((_preference(timing, groups, micro, schedule, peak), groups, depth, micro, schedule,
+                         breakdown, peak, evaluation, timing))
+    if train_min is None:
+        raise UserError(f"no placement of graph {spec.name!r} runs the schedules {', '.join(schedules)}")
     minimum = max(train_min, frozen_min)
-    if best is None or frozen_min > budget:
+    if not fits or frozen_min > budget:
         need = math.ceil(minimum / GiB * 100) / 100
         raise UserError(
             f"graph {spec.name!r} (batch {batch}, seq {seq}, {quant}) needs at least {need:.2f} GiB of device "
             f"memory ({minimum:,} bytes: training step {_gib(train_min)}, frozen pass {_gib(frozen_min)}); "
             f"the budget is {_gib(budget)}")
-    groups, depth, micro, schedule, breakdown, peak, evaluation = best
+    fits.sort(key=lambda c: c[0])
+    _, groups, depth, micro, schedule, breakdown, peak, evaluation, timing = fits[0]
 
     for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
         frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable, budget)
@@ -222,34 +236,66 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
             f"graph {spec.name!r} under a {_gib(budget)} plan needs {_gib(sum(host.values()))} of host memory "
             f"({parts}), but {_gib(available)} is available: close other programs, use a machine with more "
             "memory, or a smaller graph")
-    return Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
+    plan = Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
                 frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, schedule, activations,
                 evaluation, host, available)
+    return _timed(plan, profile, device, [c[1:] for c in fits[1:]])
 
 
-def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: int, seq: int,
-                     host_budget: int | None) -> Plan:
+def _timed(plan: Plan, profile: _Profile, device, others=()) -> Plan:
+    """`plan` with its predicted times on `device` (memory/cost.py) and the best of each other kind of placement
+    that fits (`others`: the rest of the candidates, fastest first), as runners-up."""
+    timing = cost.step_time(device, profile, plan.groups, plan.prefetch_depth, plan.micro_batch, plan.seq,
+                            plan.schedule, plan.batch, plan.activation_traffic)
+    timing.eval_batch = cost.eval_time(device, profile, plan.groups, plan.prefetch_depth, plan.micro_batch,
+                                       plan.seq, plan.batch)
+    timing.frozen_batch = cost.frozen_time(device, profile, plan.frozen, plan.frozen_micro_batch, plan.seq,
+                                           plan.batch)
+    kinds = {_kind(plan.groups, plan.prefetch_depth, plan.micro_batch, plan.schedule)}
+    runners = []
+    for groups, depth, micro, schedule, _, peak, _, other in others:
+        kind = _kind(groups, depth, micro, schedule)
+        if kind not in kinds and len(runners) < RUNNERS_UP:
+            kinds.add(kind)
+            runners.append({"kind": kind, "timing": other, "peak": peak})
+    return dataclasses.replace(plan, timing=timing, device=device, runners_up=runners)
+
+
+RUNNERS_UP = 3      # other kinds of placement `plan` shows
+
+
+def _kind(groups, depth, micro, schedule) -> str:
+    """A placement in words, coarse enough that runners-up differ in what matters for time."""
+    recomputed = sum(g.last - g.first for g in groups if g.checkpointed)
+    layers = sum(g.last - g.first for g in groups)
+    where = f"streamed through {depth} slot{'s' * (depth > 1)}" if depth else "all resident"
+    return f"micro-batch {micro}, {where}, {recomputed}/{layers} layers recomputed, {schedule}"
+
+
+def _plan_per_device(spec, budget, placed: dict[str, str], main: str, batch: int, seq: int,
+                     host_budget: int | None, device) -> Plan:
     """Nodes on several devices (a node's `device:`), each device planned against its own budget: its nodes'
     stepped layers, their activations and (on the run's device, `main`) the trainable parts and the output node;
     one micro-batch for all, the largest every device fits. The step runs micro-batch by micro-batch."""
-    budgets = budget if isinstance(budget, dict) else {d: budget for d in set(devices.values())}
-    for device in sorted(set(devices.values())):
-        if device not in budgets:
-            names = ", ".join(n for n, d in devices.items() if d == device)
-            raise UserError(f"--gpu-mem names no budget for {device}, where {names} compute{'s' * (',' not in names)}"
-                            f" (give {device}=SIZE, or one size for every device)")
+    budgets = budget if isinstance(budget, dict) else {d: budget for d in set(placed.values())}
+    for where in sorted(set(placed.values())):
+        if where not in budgets:
+            names = ", ".join(n for n, d in placed.items() if d == where)
+            raise UserError(f"--gpu-mem names no budget for {where}, where {names} compute{'s' * (',' not in names)}"
+                            f" (give {where}=SIZE, or one size for every device)")
     if any(not isinstance(b, int) or b <= 0 for b in budgets.values()):
         raise UserError(f"every memory budget must be a positive number of bytes, got {budgets!r}")
     profile = _profile(spec)
-    on = {d: [n for n in devices if devices[n] == d] for d in sorted(set(devices.values()))}
+    on = {d: [n for n in placed if placed[n] == d] for d in sorted(set(placed.values()))}
     if main not in on:
         on[main] = []
     parts = {d: dataclasses.replace(profile, nodes={n: profile.nodes[n] for n in names},
                                     trainable=profile.trainable if d == main else 0) for d, names in on.items()}
-    remote = [n for name, n in profile.nodes.items() if n.role == "refiner" and devices[name] != main]
+    remote = [n for name, n in profile.nodes.items() if n.role == "refiner" and placed[name] != main]
     chosen, smallest = {}, {}
     for micro in _divisors(batch):
-        chosen = {d: _best_on_device(spec, part, batch, seq, micro, budgets.get(d, 0), smallest.setdefault(d, []),
+        chosen = {d: _best_on_device(spec, part, device, batch, seq, micro, budgets.get(d, 0),
+                                     smallest.setdefault(d, []),
                                      _remote_head(remote, profile.latent, micro, seq) if d == main else 0)
                   for d, part in parts.items()}
         if all(chosen.values()):
@@ -258,16 +304,16 @@ def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: in
         short = ", ".join(f"{d} needs {_gib(min(smallest[d]))} (budget {_gib(budgets.get(d, 0))})"
                           for d in parts if not chosen[d])
         raise UserError(f"graph {spec.name!r} (batch {batch}, seq {seq}) does not fit: {short}")
-    groups = [g for name in devices for d in [devices[name]] for g in chosen[d][0] if g.node == name]
+    groups = [g for name in placed for d in [placed[name]] for g in chosen[d][0] if g.node == name]
     frozen = {}
     for frozen_micro in _divisors(batch):
-        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable if devices[n.name] == main else 0,
-                                            budgets[devices[n.name]]) for n in profile.nodes.values()}
+        frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable if placed[n.name] == main else 0,
+                                            budgets[placed[n.name]]) for n in profile.nodes.values()}
         if all(frozen.values()):
             break
     if not all(frozen.values()):
         bad = next(n for n, p in frozen.items() if p is None)
-        raise UserError(f"the frozen pass of {bad} does not fit {devices[bad]}'s budget {_gib(budgets[devices[bad]])}")
+        raise UserError(f"the frozen pass of {bad} does not fit {placed[bad]}'s budget {_gib(budgets[placed[bad]])}")
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
     _, depth, micro, breakdown, evaluation = chosen[main]
     host = host_breakdown(profile, groups, frozen, batch, micro, seq, spec.injection)
@@ -279,9 +325,10 @@ def _plan_per_device(spec, budget, devices: dict[str, str], main: str, batch: in
                       "nodes": on[d], "main": d == main} for d, c in chosen.items()}
     peak = sum(breakdown.values())
     minimum = max(min(v) for v in smallest.values() if v)
-    return Plan(budgets[main], batch, seq, micro, max(c[1] for c in chosen.values()), groups, breakdown, peak,
+    plan = Plan(budgets[main], batch, seq, micro, max(c[1] for c in chosen.values()), groups, breakdown, peak,
                 frozen[frozen_node].peak, minimum, frozen_micro, frozen_node, frozen, profile.trainable, minimum,
                 minimum, MICRO_BATCH_MAJOR, 0, evaluation, host, available, per_device)
+    return _timed(plan, profile, device)
 
 
 def _remote_head(refiners: list[_Node], latent: int, micro: int, seq: int) -> int:
@@ -291,7 +338,7 @@ def _remote_head(refiners: list[_Node], latent: int, micro: int, seq: int) -> in
     return sum(micro * seq * (2 * 4 * n.width + HEAD_PER_TOKEN[1] * latent) for n in refiners)
 
 
-def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budget: int, peaks: list,
+def _best_on_device(spec, part: _Profile, device, batch: int, seq: int, micro: int, budget: int, peaks: list,
                     remote_head: int = 0):
     """(groups, prefetch depth, micro, step breakdown, eval breakdown) of the best choice for one device's nodes
     at `micro`, or None; every choice's worst peak is added to `peaks`. `remote_head`: the run's device's share of
@@ -313,7 +360,8 @@ def _best_on_device(spec, part: _Profile, batch: int, seq: int, micro: int, budg
         evaluation = eval_breakdown(part, breakdown, micro, seq)
         peaks.append(max(peak, sum(evaluation.values())))
         if peaks[-1] <= budget:
-            key = _preference(part, groups, depth, micro, schedule, batch, seq, peak)
+            key = _preference(_timing(device, part, groups, depth, micro, schedule, batch, seq), groups, micro,
+                              schedule, peak)
             if best_key is None or key < best_key:
                 best, best_key = (groups, depth, micro, breakdown, evaluation), key
     return best
