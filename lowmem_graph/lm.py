@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_file
-from .objectives import VARIANTS, Router, batch_loss, final_states   # noqa: F401 (their former home)
-from .text import BUNDLED, PASSAGE_CHARS, load_text, pack            # noqa: F401
+from .objectives import VARIANTS
+from .text import load_text
 
 
 def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bool = True, log=print,
