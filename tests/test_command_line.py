@@ -41,6 +41,19 @@ def test_version_and_debug_after_the_subcommand(capsys):
         main(["plan", "--gpu-mem", "lots", "--debug"])
 
 
+def test_help_and_version_import_no_torch():
+    """`--help` and `--version` stay quick: building the parser and printing either imports neither torch, nor
+    transformers, nor bitsandbytes (bitsandbytes alone costs seconds: it compiles at import)."""
+    heavy = ("torch", "transformers", "bitsandbytes")
+    code = ("import sys\nfrom lowmem_graph.cli import build_parser\nparser = build_parser()\n"
+            "for argv in ([sys.argv[1]], [sys.argv[1], 'train', '--help'], [sys.argv[1], 'reproduce', '--help']):\n"
+            "    try:\n        parser.parse_args(argv[1:])\n    except SystemExit:\n        pass\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    for flag in ("--help", "--version"):
+        out = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]
+
+
 def test_the_command_hides_the_libraries_warnings_but_not_ours():
     import warnings
 
