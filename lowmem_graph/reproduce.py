@@ -80,8 +80,9 @@ def write_results(rows: list[dict], spec, cfg: TrainConfig, run_dir: Path) -> Pa
     from .files import atomic_file
 
     lines = [f"# Results: graph `{spec.name}` ({spec.quant}), trained on `{cfg.task}`", "",
-             f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}. Accuracy on each test "
-             "split with its 95% Wilson interval; the paper's numbers beside them (single runs, fp16 models).", "",
+             f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}. "
+             "Accuracy on each test split with its 95% Wilson interval; the paper's numbers beside them (single runs, "
+             "fp16 models).", "",
              "| benchmark | ours | 95% CI | n | paper: graph | paper: best single model | paper: learned head |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

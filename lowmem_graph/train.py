@@ -67,7 +67,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         for line in said[:-1]:
             log(line)
-        log(f"{said[-1]}; {self.steps_per_epoch} steps per epoch of {cfg.batch_size}, {cfg.epochs} epochs")
+        log(f"{said[-1]}; {self.steps_per_epoch} steps per epoch of {cfg.batch_size}, {cfg.epochs} "
+            f"epoch{'s' * (cfg.epochs != 1)}")
         graph_variant = self.variant in (None, "coupled")     # the graph's own step (else a baseline's)
         if cfg.prefix_cache and graph_variant:
             from .tiny import cache_root
@@ -82,6 +83,9 @@ class Trainer:
         if self.ranks.active and cfg.batch_size % self.ranks.world:
             raise UserError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks: give a "
                             f"multiple of {self.ranks.world} (the global batch is split across ranks)")
+        if self.ranks.active:
+            log(f"ranks: {self.ranks.world} processes, each takes {cfg.batch_size // self.ranks.world} questions of "
+                f"every batch of {cfg.batch_size}")
         if not graph_variant:
             transformers.set_seed(cfg.seed)
         self.trained = self.graph if graph_variant else Baseline(self.graph, self.variant)   # what trains
@@ -334,17 +338,17 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             raise Interrupted(f"interrupted ({signal.Signals(stop.signum).name}) {at}; {kept}: "
                               f"lowmem-graph train --resume {run_dir}", 128 + stop.signum) from None
         except torch.cuda.OutOfMemoryError as e:
-            _discard_unstarted(run_dir, resume)
+            _discard_unstarted(run_dir, resume, log)
             raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
         except MemoryError:
-            _discard_unstarted(run_dir, resume)
+            _discard_unstarted(run_dir, resume, log)
             plan = getattr(trainer, "plan", None)
             need = (f"the plan's host figure is {plan.host_peak / 2 ** 30:.2f} GiB" if plan is not None
                     else "without --gpu-mem every node loads whole")
             raise UserError(f"out of host memory ({need}); close other programs, use fewer or smaller nodes, or "
                             "a smaller --batch-size") from None
         except BaseException:
-            _discard_unstarted(run_dir, resume)
+            _discard_unstarted(run_dir, resume, log)
             raise
         finally:
             if trainer is not None:
@@ -357,7 +361,9 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     return summary
 
 
-def _discard_unstarted(run_dir: Path, resume: bool) -> None:
-    """A new run that failed before its first checkpoint leaves nothing behind (rank 0 clears it)."""
+def _discard_unstarted(run_dir: Path, resume: bool, log) -> None:
+    """A new run that failed before its first checkpoint leaves nothing behind (rank 0 clears it), and says so:
+    its folder was named at the start."""
     if not resume and distributed.current().main and not runstate.has_checkpoint(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
+        log(f"run folder {run_dir} removed: the run failed before its first checkpoint")

@@ -134,11 +134,12 @@ def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train_step", oom)
-    code, _, err = run_cli(capsys, "train", "--limit-train", "8", "--limit-eval", "8", "--run-dir",
-                           str(tmp_path / "run"), "--no-progress")
+    code, out, err = run_cli(capsys, "train", "--limit-train", "8", "--limit-eval", "8", "--run-dir",
+                             str(tmp_path / "run"), "--no-progress")
     assert_clean_error(code, err, "CUDA out of memory")
     assert "--gpu-mem" in err and "--batch-size" in err
     assert not (tmp_path / "run").exists()
+    assert f"run folder {tmp_path / 'run'} removed: the run failed before its first checkpoint" in out
 
 
 def test_resume_after_max_steps_runs_to_the_end(tmp_path, capsys):

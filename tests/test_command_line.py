@@ -125,7 +125,8 @@ def test_a_run_says_what_it_does_and_logs_lines_without_a_terminal(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "device: cpu (no GPU found, running on CPU; --gpu-mem 1G is planned as on a GPU)" in out
-    assert "data: 20 training questions (arc-easy, train), 4 evaluated" in out and "10 steps per epoch" in out
+    assert "data: 20 training questions (arc-easy, train), 4 evaluated" in out
+    assert "10 steps per epoch of 2, 1 epoch\n" in out
     assert f"run folder: {tmp_path / 'run'}" in out and "prefix cache: " in out
     steps = [line for line in out.splitlines() if line.startswith("epoch 1/1 step ")]
     assert [line.split()[3] for line in steps] == [f"{i}/10" for i in range(1, 11)], steps
