@@ -33,7 +33,9 @@ _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 def _add_graph_args(p):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", help="a shipped graph (default: tiny)")
-    which.add_argument("--graph", help="a graph spec in YAML")
+    which.add_argument("--graph", "--config", dest="graph", metavar="FILE",
+                       help="a graph in YAML, with its training settings under train: (every TrainConfig field: "
+                            "task, epochs, lr, warmup, clip, weight_decay, ...; flags win); a run's config.yaml is one")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, nodes.gemma.quant=int8, "
                         "drop=gemma (repeatable)")

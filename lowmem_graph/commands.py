@@ -12,9 +12,10 @@ from .errors import UserError
 def _spec_from_args(args):
     """The graph of --preset or --graph, with the --set changes and --quant."""
     from .ablate import apply_changes
-    from .spec import load_preset, load_spec
+    from .settings import load_config
+    from .spec import load_preset
 
-    spec = apply_changes(load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
+    spec = apply_changes(load_config(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
     if args.quant:
         spec.quant = args.quant
     return spec
