@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (runs/<graph>-<time>, as train printed it) or an exported one")
     _add_data_args(p)
     p.add_argument("--split", default="test", help="split evaluated (default: test)")
     p.add_argument("--limit", type=int, help="at most N questions per task part")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run folder to export (runs/<graph>-<time>)")
     p.add_argument("out", help="the new folder")
     p.set_defaults(func=cmd_export)
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run folder whose metrics.jsonl is drawn (runs/<graph>-<time>)")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")

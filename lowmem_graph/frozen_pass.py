@@ -53,8 +53,8 @@ def run_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, bat
 
 class Estimate:
     """How long the whole frozen pass will take, said once batches 2 to 4 are timed (the first pays for warm-up):
-    each node's work counted as tokens x layers run x width^2 (a large model's cost; a tiny one's is mostly
-    overhead, so its figure errs long), at their median seconds per unit. The longest prompts run first."""
+    each node's work counted as tokens x layers run x width^2 (see `_unit`), at their median seconds per unit. The
+    longest prompts run first, so it errs long."""
 
     def __init__(self, graph, missing: list, n_texts: int):
         self.graph, self.n_texts = graph, n_texts
@@ -64,7 +64,9 @@ class Estimate:
         self.said = False
 
     def _unit(self, name: str, node) -> int:
-        return highest_part(self.graph, name) * node.width ** 2
+        """A layer's cost per token: its width squared, or (narrower than 1024) a constant, for so small a layer
+        costs its calls' overhead more than its arithmetic."""
+        return highest_part(self.graph, name) * max(node.width, 1024) ** 2
 
     def timer(self, name: str, lengths: list[int], batch_size: int):
         """The callback `_rows` calls with a batch's seconds; `lengths`: the tokens of the texts of batches 2 to 4

@@ -22,8 +22,8 @@ def _commands():
 def test_every_flag_of_every_command_has_help_and_names_are_alike():
     for name, parser in _commands().items():
         for action in parser._actions:
-            if action.option_strings:
-                assert action.help, (name, action.option_strings)
+            if not isinstance(action, argparse._SubParsersAction):       # flags and positionals (run_dir) alike
+                assert action.help, (name, action.option_strings or action.dest)
         flags = {s for a in parser._actions for s in a.option_strings}
         assert not flags & {"--batch", "--seq"} or {"--batch-size", "--seq-len"} <= flags, name   # aliases only
         assert "--limit_train" not in flags and "--rundir" not in flags
