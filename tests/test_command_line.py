@@ -54,6 +54,19 @@ def test_help_and_version_import_no_torch():
         assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]
 
 
+def test_the_command_has_openmp_threads_sleep_while_they_wait(tmp_path):
+    """Set before torch loads (spinning threads made scoring 50x slower on a busy machine); a user's choice stays."""
+    code = ("import os, sys\nfrom lowmem_graph.cli import main\nmain(['cache', '--cache-dir', sys.argv[1]])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                             check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
+
+
 def test_the_command_hides_the_libraries_warnings_but_not_ours():
     import warnings
 
