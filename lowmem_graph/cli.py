@@ -36,7 +36,9 @@ _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 def _add_graph_args(p):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", help="a shipped graph (default: tiny)")
-    which.add_argument("--graph", help="a graph spec in YAML")
+    which.add_argument("--graph", "--config", dest="graph", metavar="FILE",
+                       help="a graph in YAML, with its training settings under train: (every TrainConfig field: "
+                            "task, epochs, lr, warmup, clip, weight_decay, ...; flags win); a run's config.yaml is one")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, nodes.gemma.quant=int8, "
                         "drop=gemma (repeatable)")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's trained weights: accuracy with a 95%% interval (an lm run: "
                                     "perplexity, or with --task multiple choice by log-likelihood, lm-evaluation-"
                                     "harness's acc/acc_norm, TruthfulQA MC1/MC2)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (runs/<graph>-<time>, as train printed it) or an exported one")
     _add_data_args(p)
     p.add_argument("--split", default="test", help="split evaluated (default: test)")
     p.add_argument("--limit", type=int, help="at most N questions per task part")
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run folder to export (runs/<graph>-<time>)")
     p.add_argument("out", help="the new folder")
     p.set_defaults(func=cmd_export)
 
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("figures", help="redraw a run's plots: curves, memory, gradient share and routing")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run folder whose metrics.jsonl is drawn (runs/<graph>-<time>)")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("inspect", help="nodes, widths, injection sites and parameter counts (no download)")
@@ -256,6 +258,10 @@ def quiet_warnings() -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that wait by sleeping, not spinning, set before torch loads (the parser imports none of it). On
+    # a busy machine a spinning thread burns the core its partner needs: on 2 cores beside 4 busy processes the
+    # frozen pass over 160 questions took 56 s spinning, 6.8 s sleeping (bench/bench_wait_policy.py, README).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not args.debug:
         quiet_warnings()
     from .distributed import finish

@@ -12,9 +12,10 @@ from .errors import UserError
 def _spec_from_args(args):
     """The graph of --preset or --graph, with the --set changes and --quant."""
     from .ablate import apply_changes
-    from .spec import load_preset, load_spec
+    from .settings import load_config
+    from .spec import load_preset
 
-    spec = apply_changes(load_spec(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
+    spec = apply_changes(load_config(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
     if args.quant:
         spec.quant = args.quant
     return spec
@@ -170,6 +171,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    import contextlib
+    import tempfile
+
     from .data import load_file
     from .predict import TrainedGraph, format_answer, write_jsonl
 
@@ -184,9 +188,12 @@ def cmd_predict(args) -> None:
         if args.choices or args.context:
             raise UserError("--choices and --context go with --question; --input FILE holds its own")
         questions = load_file(args.input, need_answer=False)
-    graph = TrainedGraph(args.run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
-                         progress=not args.no_progress)
-    records = graph.predict(questions)
+    # A question asked on the command line is asked once: its frozen states go to a prefix cache that goes with it.
+    with tempfile.TemporaryDirectory(prefix="lowmem-graph-question-") if args.question is not None else \
+            contextlib.nullcontext() as one_off:
+        graph = TrainedGraph(args.run_dir, gpu_mem=args.gpu_mem, device=args.device, batch_size=args.batch_size,
+                             progress=not args.no_progress, cache_dir=one_off)
+        records = graph.predict(questions)
     stem = Path(args.input).stem if args.input else "question"
     out = write_jsonl(records, Path(args.out) if args.out else
                       Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -267,7 +274,8 @@ def cmd_baselines(args) -> None:
     spec, cfg = _spec_and_config(args)
     out = _run_folder(args, f"baselines-{spec.name}")
     with kept_if_started(out):
-        run_baselines(spec, cfg, out, progress=not args.no_progress)
+        table = run_baselines(spec, cfg, out, progress=not args.no_progress)
+    print(f"written: {table}, {table.with_suffix('.json')} (zero-shot-<node>.jsonl and head-<node>/ beside them)")
 
 
 def cmd_figures(args) -> None:
@@ -388,7 +396,9 @@ def cmd_probe_quant(args) -> None:
     run_dir = _run_folder(args, "probe-quant")
     rows = []
     try:
-        for node_spec, (kind, layer) in nodes:
+        for i, (node_spec, (kind, layer)) in enumerate(nodes, 1):
+            print(f"probing {i}/{len(nodes)} {node_spec.name} ({node_spec.model}): {len(texts)} texts in full "
+                  "precision, int8, int4-g128 and nf4", flush=True)
             node = FrozenNode.load(node_spec, "bf16" if device.type == "cuda" else "fp32", device, max_length,
                                    logits=True)
             if layer is None:

@@ -99,8 +99,9 @@ def evaluate(graph, questions: list[Question], batch_size: int = 8, progress: bo
 
 
 def predictions_name(tasks: str, split: str) -> str:
-    """The predictions file of an evaluation, one flat name whatever the tasks are called (paths, hf:ORG/NAME)."""
-    return f"predictions-{re.sub(r'[^A-Za-z0-9._-]+', '_', tasks)}-{split}.jsonl"
+    """The predictions file of an evaluation, one flat name whatever the tasks are called (paths, hf:ORG/NAME): the
+    characters a file name cannot hold become '_', none at either end (`folder/` gives `predictions-folder-...`)."""
+    return f"predictions-{re.sub(r'[^A-Za-z0-9._-]+', '_', tasks).strip('._-') or 'task'}-{split}.jsonl"
 
 
 def write_predictions(result: EvalResult, path: str | Path) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
+import time
 
 import torch
 
@@ -28,21 +30,62 @@ def run_frozen_pass(graph, items: list[tuple[str, str]], cache: PrefixCache, bat
     and writes its shards; rank 0 the manifests."""
     ranks = current()
     ids, texts = [i for i, _ in items], [t for _, t in items]
-    entries = {}
+    entries, missing = {}, []
     for name, node, kind, layer, key in _entries(graph, items):
-        entry = cache.load_shared(key, ranks)
-        if entry is None:
-            lengths = node.token_lengths(texts)
-            order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
-            needed = highest_part(graph, name)
-            label = node.spec.name if len(graph.frozen_parts(name)) == 1 else f"{node.spec.name} {kind} {layer + 1}"
-            rows = _rows(node, kind, layer, [texts[i] for i in shard_batches(order, batch_size, ranks)], batch_size,
-                         progress and label, keep_start=graph.objective == "lm")
-            with placement.frozen_pass(node, needed) if placement else contextlib.nullcontext():
-                entry = cache.save(key, rows, order, {"node": name, "model": node.spec.model, "what": (kind, layer)},
-                                   _entry_bytes(node, kind, lengths), ranks)
-        entries[part_key(kind, name, layer)] = entry
+        entries[part_key(kind, name, layer)] = cache.load_shared(key, ranks)
+        if entries[part_key(kind, name, layer)] is None:
+            missing.append((name, node, kind, layer, key, node.token_lengths(texts)))
+    estimate = Estimate(graph, missing, len(texts)) if progress and missing else None
+    for name, node, kind, layer, key, lengths in missing:
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])      # longest first: little padding
+        needed = highest_part(graph, name)
+        label = node.spec.name if len(graph.frozen_parts(name)) == 1 else f"{node.spec.name} {kind} {layer + 1}"
+        mine = shard_batches(order, batch_size, ranks)
+        rows = _rows(node, kind, layer, [texts[i] for i in mine], batch_size, progress and label,
+                     estimate and estimate.timer(name, [lengths[i] for i in mine[batch_size:4 * batch_size]],
+                                                 batch_size), keep_start=graph.objective == "lm")
+        with placement.frozen_pass(node, needed) if placement else contextlib.nullcontext():
+            entries[part_key(kind, name, layer)] = cache.save(
+                key, rows, order, {"node": name, "model": node.spec.model, "what": (kind, layer)},
+                _entry_bytes(node, kind, lengths), ranks)
     return EdgeStates({i: r for r, i in enumerate(ids)}, entries)
+
+
+class Estimate:
+    """How long the whole frozen pass will take, said once batches 2 to 4 are timed (the first pays for warm-up):
+    each node's work counted as tokens x layers run x width^2 (see `_unit`), at their median seconds per unit. The
+    longest prompts run first, so it errs long."""
+
+    def __init__(self, graph, missing: list, n_texts: int):
+        self.graph, self.n_texts = graph, n_texts
+        self.units = {name: self._unit(name, node) for name, node, *_ in missing}
+        self.total = sum(self._unit(name, node) * sum(lengths) for name, node, *_, lengths in missing)
+        self.nodes = len({name for name, *_ in missing})
+        self.said = False
+
+    def _unit(self, name: str, node) -> int:
+        """A layer's cost per token: its width squared, or (narrower than 1024) a constant, for so small a layer
+        costs its calls' overhead more than its arithmetic."""
+        return highest_part(self.graph, name) * max(node.width, 1024) ** 2
+
+    def timer(self, name: str, lengths: list[int], batch_size: int):
+        """The callback `_rows` calls with a batch's seconds; `lengths`: the tokens of the texts of batches 2 to 4
+        (None once the estimate was given)."""
+        if self.said or not lengths:
+            return None
+        tokens = sum(lengths) / -(-len(lengths) // batch_size)          # per timed batch, on average
+
+        def timed(seconds: float) -> None:
+            self.said = True
+            total = seconds * self.total / (self.units[name] * tokens)
+            when = f"about {total:.0f} s" if total < 90 else f"about {total / 60:.0f} min"
+            _say(f"frozen pass: {self.n_texts:,} texts through {self.nodes} node{'s' * (self.nodes != 1)}, "
+                 f"{when} (timed on its first batches; cached for later runs)")
+        return timed
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _entries(graph, items: list[tuple[str, str]]):
@@ -80,16 +123,26 @@ def check_cache_room(graph, item_sets: list[list[tuple[str, str]]], cache: Prefi
                         "larger disk")
 
 
-def _rows(node, kind: str, layer: int, texts: list[str], batch_size: int, progress, keep_start: bool = False):
+def _rows(node, kind: str, layer: int, texts: list[str], batch_size: int, progress, timed=None,
+          keep_start: bool = False):
     """One node over all texts, yielding per text its part: the stream entering `layer` ("prefix"), or the
     states read at `layer`'s output through the final norm, per token in the node's dtype or pooled in fp32.
-    `progress`: the label of its progress bar (the node, and the part where it has several), or False;
-    `keep_start`: texts cut as the lm objective's collate cuts them (FrozenNode.encode)."""
+    `progress`: the label of its progress bar (the node, and the part where it has several), or False. `timed`:
+    called with the median seconds of batches 2 to 4 (see Estimate). `keep_start`: texts cut as the lm
+    objective's collate cuts them (FrozenNode.encode)."""
     pooled = kind in ("mean", "last")
-    starts = range(0, len(texts), batch_size)
+    starts, seconds = range(0, len(texts), batch_size), []
     for start in bar(starts, len(starts), f"caching {progress} batch", bool(progress)):
+        began = time.perf_counter()
         enc = node.encode(texts[start:start + batch_size], keep_start=keep_start)
         out = frozen_part(node, kind, layer, enc["input_ids"], enc["attention_mask"])
+        if timed is not None and start:         # batches 2 to 4 (the first pays for warm-up): their median
+            if out.device.type == "cuda":
+                torch.cuda.synchronize(out.device)      # a sync point, three times per pass: the estimate's clock
+            seconds.append(time.perf_counter() - began)
+            if len(seconds) == 3 or start + batch_size >= len(texts):
+                timed(sorted(seconds)[len(seconds) // 2])
+                timed = None
         yield from (o[None].cpu() if pooled else o[: int(m.sum())].cpu() for o, m in zip(out, enc["attention_mask"]))
 
 

@@ -122,9 +122,9 @@ def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
         epochs = [r for r in records if r.get("variant") == variant and "perplexity" in r]
         if steps:
             ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], color=f"C{k}", label=variant)
-        for n, node in enumerate(epochs[0]["perplexity"] if epochs else []):
-            ax_ppl.plot([r["epoch"] for r in epochs], [r["perplexity"][node] for r in epochs], marker="o",
-                        color=f"C{k}", ls=("-", "--", ":")[n % 3], label=f"{variant}: {node}")
+        for n, node in enumerate(epochs[0]["perplexity"] if epochs else []):      # a marker per node: after one
+            ax_ppl.plot([r["epoch"] for r in epochs], [r["perplexity"][node] for r in epochs],    # epoch, no line
+                        marker="osD^v"[n % 5], color=f"C{k}", ls=("-", "--", ":")[n % 3], label=f"{variant}: {node}")
     ax_loss.set(xlabel="step", ylabel="training loss (mean NLL per token)", title="training")
     ax_ppl.set(xlabel="epoch (0: untrained)", ylabel="held-out perplexity", title="held-out text")
     ax_ppl.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

@@ -44,6 +44,27 @@ class _CastWarning(logging.Filter):
 _CAST_WARNING = _CastWarning()     # one instance: addFilter ignores a filter already added
 
 
+def _quantising_time(config, device) -> str:
+    """This model's size and, on a CPU, how long NF4 takes it: about a minute per billion parameters on two cores
+    (so a 7B model warns of minutes, a tiny one of nothing to wait for). The size comes from the config: no weights
+    are read for a message."""
+    text = config.get_text_config()
+    width, layers = text.hidden_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or width // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    ff = getattr(text, "intermediate_size", None) or 4 * width
+    embeddings = text.vocab_size * width * (1 if getattr(text, "tie_word_embeddings", True) else 2)
+    params = layers * (width * head_dim * 2 * (heads + kv_heads) + 3 * width * ff) + embeddings
+    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    if device.type != "cpu":
+        return f"{size} parameters"
+    seconds = params / 1e9 * 60
+    wait = "under a second" if seconds < 1 else f"about {seconds:.0f} s" if seconds < 90 else \
+        f"about {seconds / 60:.0f} min"
+    return f"{size} parameters, {wait} on two cores"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -143,7 +164,7 @@ class FrozenNode:
                 save_to = cached
                 if progress:
                     progress(f"{spec.name}: quantising to NF4 on the {device.type.upper()}, once (saved for later "
-                             "runs; on a CPU about a minute per billion parameters on two cores)")
+                             f"runs): {_quantising_time(config, device)}")
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=compute)

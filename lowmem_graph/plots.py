@@ -378,7 +378,10 @@ def plot_alignment(rows: list[dict], out_path: str | Path, title: str) -> Path:
     panels = [("r2", "R^2 held out"), ("r2_permuted", "permutation control")]
     if "r2_other_task" in rows[0]:
         panels.append(("r2_other_task", "on the second task"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    # constrained layout keeps the rotated "to" labels and the title inside the picture; the rows are named once,
+    # on the left panel, so no panel's names run into its neighbour
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.4, 4.6), squeeze=False,
+                             layout="constrained")
     for ax, (key, label) in zip(axes[0], panels):
         grid = [[float("nan")] * len(nodes) for _ in nodes]
         for r in rows:
@@ -390,9 +393,9 @@ def plot_alignment(rows: list[dict], out_path: str | Path, title: str) -> Path:
                     ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8,
                             color="white" if grid[i][j] < 0.5 else "black")
         ax.set_xticks(range(len(nodes)), nodes, rotation=45, ha="right")
-        ax.set_yticks(range(len(nodes)), nodes)
+        ax.set_yticks(range(len(nodes)), nodes if key == "r2" else [])
         ax.set(xlabel="to", ylabel="from" if key == "r2" else None, title=label)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="held-out R^2")
     fig.suptitle(title)
     with atomic_file(out_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -30,7 +30,7 @@ class TrainedGraph:
     """A run folder's graph with its trained weights, placed as the run's memory plan says (or as `gpu_mem` says)."""
 
     def __init__(self, run_dir: str | Path, gpu_mem: str | None = None, device: str | None = None,
-                 batch_size: int | None = None, progress: bool = False, log=_stderr):
+                 batch_size: int | None = None, progress: bool = False, log=_stderr, cache_dir: str | None = None):
         from .runstate import trainable_weights
         from .train import PlacedGraph, TrainConfig, load_run_config
 
@@ -40,8 +40,8 @@ class TrainedGraph:
         if cfg.objective == "lm":
             raise UserError(f"{self.run_dir} was trained on next-token prediction: it scores text, not answer "
                             f"options (lowmem-graph eval {self.run_dir} gives its perplexity)")
-        overrides = {k: v for k, v in {"gpu_mem": gpu_mem, "device": device, "batch_size": batch_size}.items()
-                     if v is not None}
+        overrides = {k: v for k, v in {"gpu_mem": gpu_mem, "device": device, "batch_size": batch_size,
+                                       "cache_dir": cache_dir}.items() if v is not None}
         self.cfg = TrainConfig.from_dict({**asdict(cfg), **overrides})
         weights = trainable_weights(self.run_dir)
         self.progress = progress
@@ -172,6 +172,7 @@ def model_card(spec, cfg, run_dir: Path, metrics: Path, out: Path) -> str:
                              f"{r['eval_loss']:.3f} |\n" for r in epochs))
     else:
         results = "No evaluation was recorded for this run.\n"
+    passes = f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
     return f"""# {spec.name}: a graph of frozen language models (lowmem-graph)
 
 Exported from run `{run_dir.name}`. Only the projections and the output node were trained; the frozen models below
@@ -191,7 +192,7 @@ are loaded from their own sources when this folder is used.
 
 ## Training
 
-Task `{cfg.task}` ({cfg.train_split}), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.
+Task `{cfg.task}` ({cfg.train_split}), {passes}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.
 
 ## Results
 

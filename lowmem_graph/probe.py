@@ -90,7 +90,7 @@ def probe_node(node, texts: list[str], where: tuple[str, int], batch_size: int =
                formats=FORMATS) -> list[ProbeRow]:
     """Perplexity of `texts` and the hidden state at `where` (("output", layer) or ("input", layer)) under each
     format. `node`: a FrozenNode loaded in full precision with its lm_head (`logits=True`)."""
-    from tqdm.auto import tqdm
+    from .progress import progress as bar
 
     model, tok = node.model, node.tokenizer
     kind, layer = where
@@ -104,8 +104,8 @@ def probe_node(node, texts: list[str], where: tuple[str, int], batch_size: int =
             for m, w in zip(linears, originals):
                 m.weight.data = round_trip(w, fmt)
             nll, count, hidden = 0.0, 0, []
-            for start in tqdm(range(0, len(texts), batch_size), desc=f"{node.spec.name} {fmt}",
-                              disable=None if progress else True, leave=False):
+            starts = range(0, len(texts), batch_size)
+            for start in bar(starts, len(starts), f"{node.spec.name} {fmt} batch", progress):
                 enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
                           truncation=True, max_length=node.max_length)
                 ids, mask = enc["input_ids"].to(node.device), enc["attention_mask"].to(node.device)

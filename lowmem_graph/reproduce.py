@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .evaluate import evaluate, write_predictions
-from .files import atomic_file
 from .spec import FORMATS, load_preset
-from .train import TrainConfig, load_questions, train
+
+if TYPE_CHECKING:       # training imports torch: not at --help's import time
+    from .settings import TrainConfig
 
 # The paper's reported accuracies (%): the graph, its best single constituent, a parameter-matched learned head.
 PAPER = {
@@ -51,6 +51,9 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
               progress: bool = True, log=print) -> Path:
     """Train, then test each benchmark (those whose data cannot be loaded are reported, not hidden; a name
     starting with '-' was excluded by the user and is listed as not run)."""
+    from .evaluate import evaluate, write_predictions
+    from .train import load_questions, train
+
     run_dir = Path(run_dir)
     summary = train(spec, cfg, run_dir, progress=progress, log=log)
     trainer = summary.pop("trainer")
@@ -78,9 +81,12 @@ def reproduce(spec, cfg: TrainConfig, benchmarks: list[str], run_dir: str | Path
 
 
 def write_results(rows: list[dict], spec, cfg: TrainConfig, run_dir: Path) -> Path:
+    from .files import atomic_file
+
     lines = [f"# Results: graph `{spec.name}` ({spec.quant}), trained on `{cfg.task}`", "",
-             f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}. Accuracy on each test "
-             "split with its 95% Wilson interval; the paper's numbers beside them (single runs, fp16 models).", "",
+             f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}. "
+             "Accuracy on each test split with its 95% Wilson interval; the paper's numbers beside them (single runs, "
+             "fp16 models).", "",
              "| benchmark | ours | 95% CI | n | paper: graph | paper: best single model | paper: learned head |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -129,7 +135,7 @@ def add_reproduce_command(subparsers) -> None:
 def cmd_reproduce(args) -> None:
     from .ablate import apply_changes
     from .spec import load_spec
-    from .train import claim_run_dir, create_run_dir
+    from .train import TrainConfig, claim_run_dir, create_run_dir
 
     protocol = load_protocol(args.protocol)
     spec = load_spec(args.graph) if args.graph else load_preset(args.preset or protocol.get("preset", "paper"))

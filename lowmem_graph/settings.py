@@ -7,6 +7,7 @@ import dataclasses
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,24 +152,68 @@ def load_questions(selection: str, split: str, data_dir: str | None = None, limi
     return questions
 
 
+def spec_document(spec: GraphSpec, cfg: TrainConfig | None = None) -> dict:
+    """The graph as a user writes it (nodes, latents, edges, output: the README's form, no roles), with `train:`
+    holding every training setting of `cfg` (else the spec's own): the one file `--config` takes back."""
+    from .spec import NodeSpec
+    from .topology import edges_of
+
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeSpec)}
+    roles = ("role", "read_layer", "pooling", "inject_depth", "blend")
+    nodes = [{k: v for k, v in dataclasses.asdict(n).items() if k in ("name", "model") or
+              (k not in roles and v != defaults[k])} for n in spec.nodes]
+    if spec.edges:
+        latents, edges, reads = spec.latents, spec.edges, spec.output.reads
+    else:       # the paper's shape: readers -> one latent -> refiners
+        topology = edges_of(spec)
+        latents = [{"name": name, "dim": dim} for name, dim in topology.latents.items()]
+        edges = [{"from": e.source, "read": e.read, "pooling": e.pooling, "to": e.target} if e.read is not None
+                 else {"from": e.source, "to": e.target, "at": e.at, "blend": e.blend} for e in topology.edges]
+        reads = topology.reads
+    output = {"reads": list(reads), "heads": spec.output.heads, "max_choices": spec.output.max_choices}
+    return {"name": spec.name, "quant": spec.quant, "max_length": spec.max_length, "carry": spec.carry,
+            "latent_dim": spec.latent_dim, **({"injection": spec.injection} if spec.injection != "pooled" else {}),
+            "nodes": nodes, "latents": [dict(x) for x in latents], "edges": [dict(e) for e in edges],
+            "output": output, "train": dataclasses.asdict(cfg) if cfg is not None else dict(spec.train)}
+
+
 def save_config(run_dir: Path, spec: GraphSpec, cfg: TrainConfig) -> None:
     with atomic_file(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump({"graph": spec.to_dict(), "train": dataclasses.asdict(cfg)}, sort_keys=False))
+        tmp.write_text(yaml.safe_dump(spec_document(spec, cfg), sort_keys=False))
+
+
+def _read_config(path: Path) -> dict | None:
+    """The mapping of a config file, the older run form (the mappings `graph:` and `train:`) made the spec's form;
+    None when it is no mapping with a `train:` mapping (or none)."""
+    from .spec import read_yaml
+
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and isinstance(raw.get("graph"), dict) and isinstance(raw.get("train"), dict):
+        raw = {**raw["graph"], "train": raw["train"]}
+    return raw if isinstance(raw, dict) and isinstance(raw.get("train", {}), dict) else None
+
+
+def load_config(path: str | Path) -> GraphSpec:
+    """A graph with its training settings (`train:`) from one YAML file: a spec, or a run's config.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"graph file not found: {path}")
+    raw = _read_config(path)
+    if raw is None:
+        raise UserError(f"{path}: expected a YAML mapping with a 'nodes' list (and 'train' a mapping)")
+    return from_dict(raw, str(path))
 
 
 def load_run_config(run_dir: Path) -> tuple[GraphSpec, TrainConfig]:
-    from .spec import read_yaml
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
     check_links(run_dir)        # nothing read from a run folder comes from outside it
-    raw = read_yaml(path)
-    if not isinstance(raw, dict) or not isinstance(raw.get("graph"), dict) or not isinstance(raw.get("train"), dict):
-        raise UserError(f"{path}: not a run's config (expected the mappings 'graph' and 'train')")
-    graph = dict(raw["graph"])
-    graph.pop("train", None)
-    return from_dict(graph, str(path)), TrainConfig.from_dict(raw["train"], f"{path}: train")
+    raw = _read_config(path)
+    if raw is None or not isinstance(raw.get("train"), dict) or not isinstance(raw.get("nodes"), list):
+        raise UserError(f"{path}: not a run's config (expected a graph with its 'train' settings)")
+    spec = from_dict(raw, str(path))
+    return spec, TrainConfig.from_dict(spec.train, f"{path}: train")
 
 
 def create_run_dir(root: str | Path, name: str) -> Path:
@@ -212,7 +257,8 @@ def discard_unstarted(run_dir: Path, error: BaseException) -> BaseException:
     if not unstarted:
         return error
     shutil.rmtree(run_dir, ignore_errors=True)
-    if not isinstance(error, UserError):
+    if not isinstance(error, UserError):        # an interrupt or a fault: its own message, and this line
+        print(f"lowmem-graph: run folder {run_dir} removed: nothing had run", file=sys.stderr)
         return error
     plain = getattr(error, "plain", str(error))       # a folder inside this one said so already: name this one
     said = UserError(f"{plain} (its run folder {run_dir} is removed: nothing had run)")

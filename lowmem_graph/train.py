@@ -69,7 +69,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         for line in said[:-1]:
             log(line)
-        log(f"{said[-1]}; {self.steps_per_epoch} steps per epoch of {cfg.batch_size}, {cfg.epochs} epochs")
+        log(f"{said[-1]}; {self.steps_per_epoch} steps per epoch of {cfg.batch_size}, {cfg.epochs} "
+            f"epoch{'s' * (cfg.epochs != 1)}")
         graph_variant = self.variant in (None, "coupled")     # the graph's own step (else a baseline's)
         if cfg.prefix_cache and graph_variant:
             from .tiny import cache_root
@@ -84,6 +85,9 @@ class Trainer:
         if self.ranks.active and cfg.batch_size % self.ranks.world:
             raise UserError(f"batch size {cfg.batch_size} does not split over {self.ranks.world} ranks: give a "
                             f"multiple of {self.ranks.world} (the global batch is split across ranks)")
+        if self.ranks.active:
+            log(f"ranks: {self.ranks.world} processes, each takes {cfg.batch_size // self.ranks.world} questions of "
+                f"every batch of {cfg.batch_size}")
         if not graph_variant:
             transformers.set_seed(cfg.seed)
         self.trained = self.graph if graph_variant else Baseline(self.graph, self.variant)   # what trains

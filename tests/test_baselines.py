@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from conftest import shared_data
-from lowmem_graph.baselines import (CONTEXT, _encode_pair, harness_predictions, head_baseline_spec, run_baselines,
+from lowmem_graph.baselines import (CONTEXT, _encode_pair, harness_predictions, head_baseline_spec,
                                     score_zero_shot)
 from lowmem_graph.data import Question
 from lowmem_graph.errors import UserError
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec, load_preset
 from lowmem_graph.summary import describe
-from lowmem_graph.train import TrainConfig
 
 
 def harness_window(tokenizer, context, continuation, max_length):
@@ -168,10 +167,13 @@ def test_head_baseline_matches_the_paper_graphs_trainable_count():
 
 
 @pytest.mark.slow
-def test_run_baselines_writes_one_row_per_node(tiny_spec, tmp_path):
-    cfg = TrainConfig.from_dict({**tiny_spec.train, "limit_train": 16, "limit_eval": 8, "epochs": 1,
-                                 "device": "cpu"})
-    table = run_baselines(tiny_spec, cfg, tmp_path / "out", progress=False)
+def test_run_baselines_writes_one_row_per_node(tiny_spec, tmp_path, capsys):
+    from lowmem_graph.cli import main
+
+    assert main(["baselines", "--run-dir", str(tmp_path / "out"), "--limit-train", "16", "--limit-eval", "8",
+                 "--epochs", "1", "--device", "cpu", "--no-progress"]) == 0
+    table = tmp_path / "out" / "baselines.md"
+    assert f"written: {table}, {tmp_path / 'out' / 'baselines.json'}" in capsys.readouterr().out
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0].strip("| ") for row in rows[1:]] == [n.name for n in tiny_spec.nodes]
     report = json.loads((tmp_path / "out" / "baselines.json").read_text())

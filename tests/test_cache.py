@@ -190,3 +190,20 @@ def test_a_frozen_pass_streamed_as_planned_stores_the_same_entries(tmp_path, tin
         assert len(a) == len(b) == len(questions)
         for i in range(len(questions)):
             assert torch.equal(a.row(i), b.row(i)), (name, i)
+
+
+def test_the_frozen_pass_says_up_front_how_long_it_will_take(tmp_path, tiny_spec, tiny_nodes, questions, capsys):
+    """One line, once, after the first node's first batches (before the others run); none when all is cached."""
+    from lowmem_graph.frozen_pass import run_frozen_pass
+
+    graph = EdgeGraph(tiny_spec, tiny_nodes)
+    cache = PrefixCache(tmp_path)
+    run_frozen_pass(graph, _items(questions), cache, 4, True)
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("frozen pass: ")]
+    assert len(said) == 1 and said[0].startswith("frozen pass: 16 texts through 5 nodes, about ")
+    assert said[0].endswith(" (timed on its first batches; cached for later runs)")
+    first = next(i for i, line in enumerate(err) if line.startswith("caching "))
+    assert err.index(said[0]) < next(i for i, line in enumerate(err[first:], first) if "qwen2" in line)
+    run_frozen_pass(graph, _items(questions), cache, 4, True)
+    assert "frozen pass" not in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_mismatched_widths_on_eval(short_run, tmp_path, capsys):
     run = tmp_path / "edited"
     shutil.copytree(short_run, run)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["graph"]["latent_dim"] = 16
+    config["latents"][0]["dim"] = 16
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     code, _, err = run_cli(capsys, "eval", str(run), "--split", "validation", "--limit", "4")
     assert_clean_error(code, err, "mismatched widths")
@@ -123,6 +123,28 @@ def test_mismatched_widths_on_eval(short_run, tmp_path, capsys):
 def test_existing_run_folder_is_not_overwritten(short_run, capsys):
     code, _, err = run_cli(capsys, "train", "--run-dir", str(short_run))
     assert_clean_error(code, err, "--resume")
+
+
+def test_a_runs_config_feeds_back_as_one_file_with_every_training_setting(short_run, tmp_path):
+    """`train --config RUN/config.yaml` (or --graph) takes the run's graph and all its settings; flags still win;
+    a config.yaml of the older form (graph: and train:) loads too."""
+    from lowmem_graph.cli import build_parser
+    from lowmem_graph.commands import _spec_and_config
+    from lowmem_graph.spec import load_preset
+
+    raw = yaml.safe_load((short_run / "config.yaml").read_text())
+    raw["train"].update(warmup=0.2, clip=0.5, weight_decay=0.1)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(raw))
+    for flag in ("--config", "--graph"):
+        spec, cfg = _spec_and_config(build_parser().parse_args(["train", flag, str(mine), "--lr", "0.01"]))
+        assert (cfg.warmup, cfg.clip, cfg.weight_decay, cfg.limit_train, cfg.epochs, cfg.lr) == (0.2, 0.5, 0.1, 16, 1,
+                                                                                                  0.01)
+        assert spec.latent_dim == 32 and [n.role for n in spec.nodes] == [n.role for n in load_preset("tiny").nodes]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"graph": load_preset("tiny").to_dict(), "train": raw["train"]}))
+    spec, cfg = _spec_and_config(build_parser().parse_args(["train", "--config", str(old)]))
+    assert cfg.warmup == 0.2 and spec.readers == load_preset("tiny").readers
 
 
 def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch):
@@ -134,11 +156,12 @@ def test_cuda_out_of_memory_becomes_one_clear_line(tmp_path, capsys, monkeypatch
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train_step", oom)
-    code, _, err = run_cli(capsys, "train", "--limit-train", "8", "--limit-eval", "8", "--run-dir",
-                           str(tmp_path / "run"), "--no-progress")
+    code, out, err = run_cli(capsys, "train", "--limit-train", "8", "--limit-eval", "8", "--run-dir",
+                             str(tmp_path / "run"), "--no-progress")
     assert_clean_error(code, err, "CUDA out of memory")
     assert "--gpu-mem" in err and "--batch-size" in err
     assert not (tmp_path / "run").exists()
+    assert f"(its run folder {tmp_path / 'run'} is removed: nothing had run)" in err
 
 
 def test_resume_after_max_steps_runs_to_the_end(tmp_path, capsys):

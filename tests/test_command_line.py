@@ -22,8 +22,8 @@ def _commands():
 def test_every_flag_of_every_command_has_help_and_names_are_alike():
     for name, parser in _commands().items():
         for action in parser._actions:
-            if action.option_strings:
-                assert action.help, (name, action.option_strings)
+            if not isinstance(action, argparse._SubParsersAction):       # flags and positionals (run_dir) alike
+                assert action.help, (name, action.option_strings or action.dest)
         flags = {s for a in parser._actions for s in a.option_strings}
         assert not flags & {"--batch", "--seq"} or {"--batch-size", "--seq-len"} <= flags, name   # aliases only
         assert "--limit_train" not in flags and "--rundir" not in flags
@@ -39,6 +39,32 @@ def test_version_and_debug_after_the_subcommand(capsys):
     assert build_parser().parse_args(["inspect"]).debug is False
     with pytest.raises(Exception, match="no GPU|memory size"):       # --debug after the command: the traceback
         main(["plan", "--gpu-mem", "lots", "--debug"])
+
+
+def test_help_and_version_import_no_torch():
+    """`--help` and `--version` stay quick: building the parser and printing either imports neither torch, nor
+    transformers, nor bitsandbytes (bitsandbytes alone costs seconds: it compiles at import)."""
+    heavy = ("torch", "transformers", "bitsandbytes")
+    code = ("import sys\nfrom lowmem_graph.cli import build_parser\nparser = build_parser()\n"
+            "for argv in ([sys.argv[1]], [sys.argv[1], 'train', '--help'], [sys.argv[1], 'reproduce', '--help']):\n"
+            "    try:\n        parser.parse_args(argv[1:])\n    except SystemExit:\n        pass\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    for flag in ("--help", "--version"):
+        out = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-300:]
+
+
+def test_the_command_has_openmp_threads_sleep_while_they_wait(tmp_path):
+    """Set before torch loads (spinning threads made scoring 50x slower on a busy machine); a user's choice stays."""
+    code = ("import os, sys\nfrom lowmem_graph.cli import main\nmain(['cache', '--cache-dir', sys.argv[1]])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                             check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def test_the_command_hides_the_libraries_warnings_but_not_ours():
@@ -112,7 +138,8 @@ def test_a_run_says_what_it_does_and_logs_lines_without_a_terminal(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "device: cpu (no GPU found, running on CPU; --gpu-mem 1G is planned as on a GPU)" in out
-    assert "data: 20 training questions (arc-easy, train), 4 evaluated" in out and "10 steps per epoch" in out
+    assert "data: 20 training questions (arc-easy, train), 4 evaluated" in out
+    assert "10 steps per epoch of 2, 1 epoch\n" in out
     assert f"run folder: {tmp_path / 'run'}" in out and "prefix cache: " in out
     steps = [line for line in out.splitlines() if line.startswith("epoch 1/1 step ")]
     assert [line.split()[3] for line in steps] == [f"{i}/10" for i in range(1, 11)], steps

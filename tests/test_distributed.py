@@ -40,6 +40,7 @@ def test_two_ranks_train_resume_cache_and_evaluate_like_one_process(tmp_path):
     done = torchrun(["train", "--resume", str(two), "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: validation accuracy") == 1          # rank 0 speaks, once
+    assert done.stdout.count("ranks: 2 processes, each takes") == 1     # and says how many ranks run
     assert main(["train", *QUICK, "--run-dir", str(one), "--cache-dir", str(tmp_path / "c1")]) == 0
 
     mine, theirs = _steps(two), _steps(one)

@@ -85,7 +85,20 @@ def test_a_node_quantised_for_the_first_time_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path))
     said = []
     FrozenNode.load(NodeSpec(name="q", model="tiny:qwen2", role="reader"), "nf4", "cpu", 64, progress=said.append)
-    assert len(said) == 1 and said[0].startswith("q: quantising to NF4 on the CPU, once (saved for later runs")
+    assert said == ["q: quantising to NF4 on the CPU, once (saved for later runs): 0.1M parameters, under a second "
+                    "on two cores"]         # tiny qwen2 has 132,912 parameters
+
+
+def test_the_quantising_estimate_is_for_this_models_size():
+    """Llama-2-7B's shape (6.74B parameters): minutes on a CPU; on a GPU only the size."""
+    from transformers import LlamaConfig
+
+    from lowmem_graph.nodes import _quantising_time
+
+    llama7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          vocab_size=32000, tie_word_embeddings=False)
+    assert _quantising_time(llama7b, torch.device("cpu")) == "6.7B parameters, about 7 min on two cores"
+    assert _quantising_time(llama7b, torch.device("cuda")) == "6.7B parameters"
 
 
 @pytest.mark.parametrize("quant, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])

@@ -250,3 +250,76 @@ def test_every_trained_part_is_drawn_in_its_nodes_colour(graph):
     expected.update({f"readout.{j}": j for j in built.readout})
     assert {p: _node_of(p) for p in parts} == {p: expected[p] for p in parts}
     assert {_node_of(p) for p in parts} <= set(built.nodes)
+
+
+@pytest.fixture
+def kept(monkeypatch):
+    """The figures a plot function draws, kept open for the test to measure, closed after it."""
+    close, figures = plt.close, []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_alignment_panels_do_not_overlap_and_keep_their_labels(tmp_path, kept):
+    nodes = ["llama", "qwen2", "gemma2", "phi3", "mistral"]
+    rows = [{"from": a, "to": b, "r2": 0.5, "r2_permuted": -0.1, "r2_other_task": 0.3}
+            for a in nodes for b in nodes if a != b]
+    plots.plot_alignment(rows, tmp_path / "alignment.png", "tiny: arc-easy train, 120 questions")
+    (fig,) = kept
+    renderer = fig.canvas.get_renderer()
+    first, *others = fig.axes[:3]
+    for left, right in zip(fig.axes[:2], fig.axes[1:3]):      # nothing of a panel runs into the next one
+        assert left.get_tightbbox(renderer).x1 <= right.get_window_extent(renderer).x0
+    assert all(not [t for t in ax.get_yticklabels() if t.get_text()] for ax in others)
+    page = fig.bbox
+    for ax in fig.axes[:3]:
+        box = ax.xaxis.label.get_window_extent(renderer)       # "to", inside the picture
+        assert box.y0 >= page.y0 and box.x1 <= page.x1
+
+
+def test_lm_curves_tell_the_nodes_apart_after_one_epoch(tmp_path, kept):
+    from lowmem_graph.lm import plot_lm_curves
+
+    records = [{"variant": "coupled", "kind": "step", "step": 1, "loss": 6.0},
+               {"variant": "coupled", "kind": "epoch", "epoch": 1, "step": 1,
+                "perplexity": {"llama": 400.0, "mistral": 420.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_lm_curves(tmp_path / "metrics.jsonl", tmp_path / "lm-curves.png", "coupled")
+    (fig,) = kept
+    lines = fig.axes[1].get_lines()
+    assert len(lines) == 2 and lines[0].get_marker() != lines[1].get_marker()
+
+
+@pytest.mark.parametrize("graph", ["tiny", "residual_coupling.yaml"])
+def test_drawn_arrows_reach_their_boxes_and_labels_stay_off_them(graph, tmp_path, kept):
+    from pathlib import Path
+
+    from lowmem_graph.drawing import draw
+    from lowmem_graph.spec import load_preset, load_spec
+    from lowmem_graph.topology import of_spec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = load_spec(examples / graph) if graph.endswith(".yaml") else load_preset(graph)
+    draw(of_spec(spec), tmp_path / "graph.png")
+    (fig,) = kept
+    ax = fig.axes[0]
+    fig.canvas.draw()           # the arrows are clipped at the boxes when drawn
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts if t.get_bbox_patch() is not None
+             and t.get_bbox_patch().get_edgecolor()[3] > 0]
+    labels = [t.get_window_extent(renderer) for t in ax.texts if t.get_text() and t.get_bbox_patch() is not None
+              and t.get_bbox_patch().get_edgecolor()[3] == 0]
+    arrows = [a.arrow_patch for a in ax.texts if getattr(a, "arrow_patch", None) is not None]
+    assert arrows and labels
+    for arrow in arrows:
+        drawn = arrow.get_path()       # in display coordinates (pixels), the head included
+        keep = drawn.codes != drawn.CLOSEPOLY      # (whose vertex is a placeholder)
+        path = type(drawn)(drawn.vertices[keep], drawn.codes[keep])
+        start = path.vertices[0]
+        tip = max(path.vertices, key=lambda v: (v[0] - start[0]) ** 2 + (v[1] - start[1]) ** 2)
+        for point in (start, tip):     # each end within 6 pixels of a box's edge
+            assert min(max(b.x0 - point[0], point[0] - b.x1, b.y0 - point[1], point[1] - b.y1, 0) for b in boxes) < 6
+        for label in labels:
+            assert not path.intersects_bbox(label, filled=False), label

@@ -1,5 +1,6 @@
 """Asking a trained graph (lowmem-graph predict, TrainedGraph) and exporting a run as a folder that loads back."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,9 +34,19 @@ def test_predict_a_file_gives_what_eval_gives(run, tmp_path, capsys):
     assert f"{sum(e['correct'] for e in evaluated)}/6 right where the answer was given" in out
 
 
+def _prefix_entries(run) -> set:
+    from lowmem_graph.tiny import cache_root
+    from lowmem_graph.train import load_run_config
+
+    folder = Path(load_run_config(run)[1].cache_dir or cache_root() / "prefix")
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
 def test_one_question_on_the_command_line_and_through_the_api(run, tmp_path, capsys):
+    before = _prefix_entries(run)
     assert main(["predict", str(run), "--question", "Which gas do plants take in?", "--choices", "oxygen",
                  "carbon dioxide", "helium", "--out", str(tmp_path / "q.jsonl"), "--no-progress"]) == 0
+    assert _prefix_entries(run) == before           # a one-off question leaves no prefix-cache entries behind
     out = capsys.readouterr().out
     (record,) = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert set(record["probs"]) == {"A", "B", "C"} and sum(record["probs"].values()) == pytest.approx(1, abs=1e-4)

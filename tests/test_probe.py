@@ -41,8 +41,11 @@ def test_stories260k_int8_is_immune_int4_is_not(tmp_path, capsys):
 
 
 def test_probe_reads_every_node_of_a_graph_where_the_graph_reads_or_injects(tmp_path, capsys):
-    assert main(["probe-quant", "--preset", "tiny", "--limit", "8", "--out", str(tmp_path), "--no-progress"]) == 0
-    text = capsys.readouterr().out
+    assert main(["probe-quant", "--preset", "tiny", "--limit", "8", "--out", str(tmp_path)]) == 0
+    text, err = capsys.readouterr()
+    assert "probing 1/5 llama (tiny:llama): 8 texts in full precision, int8, int4-g128 and nf4" in text
+    assert "probing 5/5 " in text                       # each node says when it starts; without a terminal,
+    assert any(line.startswith("mistral nf4 batch 1/1 |") for line in err.splitlines())     # each batch too
     assert "| llama | nf4 |" in text and "output of decoder layer 4/4" in text       # readers: their read layer
     assert "| mistral | int4-g128 |" in text and "input of decoder layer 4/4" in text  # refiners: injection
 

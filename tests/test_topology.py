@@ -92,3 +92,21 @@ def test_inspect_draws_the_graph(tmp_path, capsys):
                          {"source": "b", "target": "a", "read": 4, "at": 5, "kind": "bridge"}],
                         nodes=("a", "b"), reads=("a", "b"))
     assert draw(bridged, tmp_path / "coupled.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("source", ["tiny", "paper", "three_layers.yaml", "residual_coupling.yaml"])
+def test_a_run_writes_its_graph_in_the_edges_form_and_it_loads_back_the_same(source, tmp_path):
+    """config.yaml is the form a user writes (no roles) with every training setting, for the paper's shape and any
+    other; read back, it is the same graph."""
+    from lowmem_graph.settings import TrainConfig, load_run_config, save_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = load_spec(examples / source) if source.endswith(".yaml") else load_preset(source)
+    cfg = TrainConfig.from_dict({**spec.train, "warmup": 0.2, "clip": 0.5, "weight_decay": 0.1})
+    save_config(tmp_path, spec, cfg)
+    text = (tmp_path / "config.yaml").read_text()
+    raw = yaml.safe_load(text)
+    assert "role:" not in text and "graph" not in raw and raw["edges"] and "latents" in raw
+    again, cfg_again = load_run_config(tmp_path)
+    strip = lambda s: {k: v for k, v in s.to_dict().items() if k != "train"}     # noqa: E731
+    assert strip(again) == strip(spec) and cfg_again == cfg

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem_graph.evaluate import wilson_interval
+from lowmem_graph.evaluate import predictions_name, wilson_interval
 from lowmem_graph.spec import load_preset
 from lowmem_graph.train import TrainConfig, train
 
@@ -67,6 +67,13 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_a_predictions_file_name_has_no_separator_left_at_its_ends():
+    assert predictions_name("folder/", "test") == "predictions-folder-test.jsonl"
+    assert predictions_name("./data/mine.jsonl", "test") == "predictions-data_mine.jsonl-test.jsonl"
+    assert predictions_name("hf:org/name+arc-easy", "validation") == "predictions-hf_org_name_arc-easy-validation.jsonl"
+    assert predictions_name("/", "test") == "predictions-task-test.jsonl"
 
 
 def test_micro_batches_give_the_same_step(tmp_path):
