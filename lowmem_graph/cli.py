@@ -11,21 +11,18 @@ import sys
 import warnings
 
 from .commands import (
-    cmd_align,
     cmd_baselines,
     cmd_cache,
     cmd_eval,
     cmd_export,
     cmd_figures,
     cmd_generate,
-    cmd_inspect,
     cmd_matrix,
-    cmd_plan,
     cmd_predict,
-    cmd_probe_quant,
     cmd_train,
 )
 from .errors import Interrupted, UserError
+from .preflight import cmd_align, cmd_inspect, cmd_plan, cmd_probe_quant
 from .spec import FORMATS, PRESETS
 
 # Errors of the machine a run writes to, not of our code: said in one line.

@@ -71,7 +71,6 @@ class PlacedGraph:
     def frozen_states(self, *question_sets: list[Question]) -> list:
         """The model-major frozen pass over each set of questions (cached), each node placed as the plan says.
         What `start_steps` placed is given back first: the pass needs the room."""
-        from .cache import PrefixCache
         return self.frozen_items(*([(q.id, format_prompt(q)) for q in questions] for questions in question_sets))
 
     def frozen_items(self, *item_sets: list[tuple[str, str]]) -> list:

@@ -27,7 +27,8 @@ def test_every_flag_of_every_command_has_help_and_names_are_alike():
         flags = {s for a in parser._actions for s in a.option_strings}
         assert not flags & {"--batch", "--seq"} or {"--batch-size", "--seq-len"} <= flags, name   # aliases only
         assert "--limit_train" not in flags and "--rundir" not in flags
-    assert "{tiny,paper}" in _commands()["train"].format_help()
+    from lowmem_graph.spec import PRESETS
+    assert "{" + ",".join(PRESETS) + "}" in _commands()["train"].format_help()        # every preset offered
 
 
 def test_version_and_debug_after_the_subcommand(capsys):
