@@ -12,7 +12,7 @@ import torch
 from . import transfer
 from .data import Question
 from .files import atomic_file
-from .graph import autocast
+from .nodes import autocast
 from .progress import progress as bar
 
 

@@ -37,7 +37,7 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
              stop: tuple[str, ...] = (), seed: int = 0, on_text=None) -> str:
     """The text the graph writes after `prompt`; `on_text` is called with each new piece as it is decided (a
     piece that might begin a stop string is held back until it cannot)."""
-    from .graph import autocast
+    from .nodes import autocast
     from .objectives import final_states
 
     node = node or graph.reads[0]

@@ -7,14 +7,14 @@ is memory/placement.py's.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .nodes import FrozenNode, load_config, node_device
+from .loading import load_config
+from .nodes import FrozenNode, node_device
 from .ops import fused_inject
 from .spec import GraphSpec
 
@@ -41,12 +41,6 @@ def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress
                                                 spec.max_length, compute_device=own, logits=node_spec.name in logits,
                                                 progress=progress)
     return nodes
-
-
-def autocast(device) -> AbstractContextManager:
-    """The precision of every pass through the graph, training and evaluation alike: bf16 autocast on CUDA (the
-    trainable weights stay fp32), full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 class OutputNode(nn.Module):

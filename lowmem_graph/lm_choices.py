@@ -187,7 +187,7 @@ def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, mask: tor
 def score(graph, models: dict, items: list[Item], batch_size: int, progress: bool = True) -> dict:
     """{variant: {node: [[log-likelihood per choice] per item]}}; `models` maps each variant to its router (None
     but for "router"). One read of the device per batch."""
-    from .graph import autocast
+    from .nodes import autocast
     from .progress import progress as bar
 
     pairs = [(k, *split_pair(it.context, DELIMITER + c)) for k, it in enumerate(items) for c in it.choices]

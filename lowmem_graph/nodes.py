@@ -7,7 +7,7 @@ then runs the layers itself, writing into the stream and reading it between them
 """
 from __future__ import annotations
 
-import contextlib
+from contextlib import AbstractContextManager
 import logging
 import pickle
 import re
@@ -18,9 +18,16 @@ from safetensors import SafetensorError
 
 from .errors import UserError, hub_error
 from .hooks import StandIn, add_hook
-from .loading import (_quantised_cache_dir, _quiet_transformers, _save_atomically, _verified, node_key,  # noqa: F401
-                      bundled_config, folder_digest, hub_commit, load_config, resolve_model, source_identity)
+from .loading import (_quantised_cache_dir, _save_atomically, _verified, hub_commit, load_config, node_key,
+                      source_identity)
 from .spec import NodeSpec
+
+
+def autocast(device) -> AbstractContextManager:
+    """The precision of every pass, through a node or the graph, training and evaluation alike (the one place it
+    is decided): bf16 autocast on CUDA (the trainable weights stay fp32), full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
 
 
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -240,9 +247,7 @@ class FrozenNode:
         return ids[:head] + ids[tail:], spans[:head] + spans[tail:]
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device)
 
     def final(self, input_ids, attention_mask) -> torch.Tensor:
         """Final hidden states (B, T, d), after the final norm: the node by itself, nothing written into it."""

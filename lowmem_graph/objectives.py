@@ -24,7 +24,7 @@ from . import transfer
 from .align import gather_tokens
 from .edge_graph import EdgeGraph, lm_loss
 from .errors import UserError
-from .graph import autocast
+from .nodes import autocast
 from .progress import progress as bar
 
 VARIANTS = ("alone", "router", "coupled")

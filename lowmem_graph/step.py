@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from . import distributed
-from .graph import autocast
+from .nodes import autocast
 
 LAYER_MAJOR = ("layer-major", "layer-major-host")
 

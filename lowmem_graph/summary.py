@@ -11,7 +11,7 @@ import torch
 
 from .errors import UserError
 from .loading import meta_model
-from .nodes import bundled_config
+from .loading import bundled_config
 from .spec import GraphSpec
 
 

@@ -216,7 +216,7 @@ def test_a_gated_model_is_told_apart_from_a_missing_one(monkeypatch):
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     from lowmem_graph.errors import UserError
-    from lowmem_graph.nodes import load_config
+    from lowmem_graph.loading import load_config
 
     monkeypatch.setattr(hub, "is_offline_mode", lambda: False)       # as online: the download itself fails
     for error, words in [(GatedRepoError, "is gated on the Hugging Face hub: accept its licence"),

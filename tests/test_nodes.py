@@ -5,7 +5,8 @@ import torch
 from frozen_run import prefix_of, read_of, run_node
 
 from lowmem_graph.errors import UserError
-from lowmem_graph.nodes import FrozenNode, load_config
+from lowmem_graph.loading import load_config
+from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec
 from lowmem_graph.tiny import ARCHS
 
@@ -136,7 +137,7 @@ def test_model_errors(tmp_path):
 def test_prequantised_folder_loads_as_it_is(tiny_nodes):
     """A folder whose config carries a quantization_config (bitsandbytes here, GPTQ through optimum) is loaded
     pre-quantised, not quantised again."""
-    from lowmem_graph.nodes import _quantised_cache_dir, resolve_model, source_identity
+    from lowmem_graph.loading import _quantised_cache_dir, resolve_model, source_identity
 
     source, is_local = resolve_model("tiny:phi3")
     folder = _quantised_cache_dir(source_identity(source, is_local), source, "nf4")

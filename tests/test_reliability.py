@@ -94,7 +94,7 @@ def test_remote_code_never_runs_unless_a_node_asks(tmp_path, model_type):
     code; an unknown one is refused in one line. Either way the folder's code never runs."""
     from transformers import LlamaConfig
 
-    from lowmem_graph.nodes import load_config
+    from lowmem_graph.loading import load_config
 
     folder = tmp_path / "custom"
     LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
@@ -326,7 +326,7 @@ def test_a_damaged_quantised_node_is_quantised_again(tmp_path, monkeypatch, caps
 
 def test_a_local_folder_is_known_by_its_content(tmp_path):
     """New weights of the same size and modification time are new weights."""
-    from lowmem_graph.nodes import source_identity
+    from lowmem_graph.loading import source_identity
 
     folder = tmp_path / "model"
     folder.mkdir()
