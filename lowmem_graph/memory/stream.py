@@ -29,8 +29,7 @@ import torch
 
 from ..nodes import default_device
 from .checkpoint import GroupCheckpoint, check_groups
-from .host import (PAGE, PAGEABLE_FALLBACK, HostSlab, clear_cuda_error, cudart_libraries,  # noqa: F401
-                   host_register, host_unregister, page_locked, page_locked_empty)
+from .host import HostSlab
 
 ALIGN = 256     # bytes: CUDA's allocation alignment, plenty for vector loads of every dtype
 
