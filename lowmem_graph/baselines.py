@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import Question, leave_out_trained
+from .data import leave_out_trained
+
+from .questions import Question
 from .errors import UserError
 from .evaluate import wilson_interval
 from .files import atomic_file

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256, no_links, remove_stale_temps, save_file
 
-PROMPT_FORMAT = 5   # bump when data.format_prompt, FrozenNode.encode or the entry layout changes
+PROMPT_FORMAT = 5   # bump when questions.format_prompt, FrozenNode.encode or the entry layout changes
 _SHARD = re.compile(r"^shard-\d{5}\.safetensors$")
 SHARD_BYTES = 256 * 2 ** 20   # rows held in host memory before they go to disk as one shard
 

@@ -174,7 +174,7 @@ def cmd_predict(args) -> None:
     import contextlib
     import tempfile
 
-    from .data import load_file
+    from .questions import load_file
     from .predict import TrainedGraph, format_answer, write_jsonl
 
     if (args.input is None) == (args.question is None):

@@ -21,17 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lowmem_graph.errors import UserError, hub_error
-from lowmem_graph.questions import (  # noqa: F401  (re-exported: Question, LETTERS, format_prompt, load_file, ...)
-    LETTERS,
-    Question,
-    _arc_row,
-    _json_rows,
-    _lines,
-    _question,
-    format_prompt,
-    generic_question,
-    load_file,
-)
+from lowmem_graph.questions import Question, _arc_row, _json_rows, _lines, _question, generic_question, load_file
 
 TASKS = ("arc-challenge", "arc-easy", "openbookqa", "mmlu")
 SPLITS = ("train", "validation", "test")

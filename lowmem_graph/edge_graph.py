@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .align import align_index, check_settled, gather_tokens, settled_chars
-from .data import Question, format_prompt
+from .questions import Question, format_prompt
 from .errors import UserError
 from .graph import Batch, GraphOutput, OutputNode, TrainedParts, inject_on_device, load_nodes
 from .nodes import FrozenNode, default_device, pool

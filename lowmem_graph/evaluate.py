@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import transfer
-from .data import Question
+from .questions import Question
 from .files import atomic_file
 from .nodes import autocast
 from .progress import progress as bar

@@ -112,7 +112,8 @@ def plot_comparison(results: dict, path: Path, name: str) -> Path:
 
 def plot_lm_curves(metrics: Path, path: Path, name: str) -> Path:
     """Each variant's training loss per step and held-out perplexity per epoch, from a run's metrics.jsonl."""
-    from .plots import _pyplot, _save, checked_records
+    from .plots import _pyplot, _save
+    from .runstate import checked_records
 
     records = checked_records(metrics)
     plt = _pyplot()

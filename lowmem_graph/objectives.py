@@ -55,7 +55,7 @@ class Choice:
                                      f"{len(evals):,} evaluated after each epoch ({cfg.evaluated()}, {cfg.eval_split})"]
 
     def frozen_items(self, questions) -> list[tuple[str, str]]:
-        from .data import format_prompt
+        from .questions import format_prompt
 
         return [(q.id, format_prompt(q)) for q in questions]
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from . import distributed
-from .data import Question, format_prompt
+from .questions import Question, format_prompt
 from .edge_graph import EdgeGraph
 from .errors import UserError
 from .settings import TrainConfig

@@ -19,32 +19,11 @@ ASSUMED_CHOICES = 4      # ARC, OpenBookQA and MMLU questions mostly have four: 
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records), each checked (see `checked_records`)."""
+    """(step records, epoch records), each checked (runstate.checked_records)."""
+    from .runstate import checked_records
+
     records = checked_records(path)
     return [r for r in records if r.get("kind") == "step"], [r for r in records if r.get("kind") != "step"]
-
-
-def _numbers(value) -> bool:
-    if isinstance(value, (dict, list)):
-        return all(map(_numbers, value.values() if isinstance(value, dict) else value))
-    return value is None or isinstance(value, (int, float))
-
-
-def checked_records(path: str | Path) -> list[dict]:
-    """A metrics log's records; a partial last line (a killed write) is skipped (runstate.read_metrics). A record
-    whose figures are not numbers (an edited or foreign file) is one line naming it, not a traceback mid-plot."""
-    from .runstate import read_metrics as records
-
-    out = records(path)
-    for n, r in enumerate(out, 1):
-        rule = {k: "text" if k in ("kind", "variant") else "a whole number" if k in ("step", "epoch") else
-                "a number (or numbers)" for k in r}
-        bad = next((k for k, v in r.items() if not (isinstance(v, str) if rule[k] == "text" else _numbers(v))
-                    or rule[k] == "a whole number" and (not isinstance(v, int) or isinstance(v, bool))), None)
-        if bad is not None or "step" not in r or (r.get("kind") == "step" and r.get("loss") is None):
-            raise UserError(f"{path}: record {n}: " + (f"{bad} must be {rule[bad]}, got {r[bad]!r}"[:200] if bad
-                            else "no step or no loss (not a metrics log of lowmem-graph?)"))
-    return out
 
 
 def _pyplot():

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .data import LETTERS, Question, format_prompt, generic_question
+from .questions import LETTERS, Question, format_prompt, generic_question
 from .errors import UserError
 from .files import atomic_dir, atomic_file, file_sha256, save_file
 

@@ -142,7 +142,8 @@ def _relative_error(reference, hidden) -> float:
 
 def default_texts(limit: int = 64) -> list[str]:
     """Real text: the bundled ARC-Easy questions, each with its answer, as the graph's prompts read."""
-    from .data import format_prompt, load_task
+    from .data import load_task
+    from .questions import format_prompt
 
     return [f"{format_prompt(q)} {q.choices[q.label]}" for q in load_task("arc-easy", "validation", limit=limit)]
 

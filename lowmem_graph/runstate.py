@@ -303,6 +303,31 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def checked_records(path: str | Path) -> list[dict]:
+    """A metrics log's records (read_metrics), each checked before anything plots or sums it: a record whose
+    figures are not numbers (an edited or foreign file) is one line naming it, not a traceback mid-plot."""
+    records = read_metrics(path)
+    for n, record in enumerate(records, 1):
+        for key, value in record.items():
+            if key in ("kind", "variant"):
+                rule, ok = "text", isinstance(value, str)
+            elif key in ("step", "epoch"):
+                rule, ok = "a whole number", isinstance(value, int) and not isinstance(value, bool)
+            else:
+                rule, ok = "a number (or numbers)", _numbers(value)
+            if not ok:
+                raise UserError(f"{path}: record {n}: {key} must be {rule}, got {value!r}"[:240])
+        if "step" not in record or (record.get("kind") == "step" and record.get("loss") is None):
+            raise UserError(f"{path}: record {n}: no step or no loss (not a metrics log of lowmem-graph?)")
+    return records
+
+
+def _numbers(value) -> bool:
+    if isinstance(value, (dict, list)):
+        return all(map(_numbers, value.values() if isinstance(value, dict) else value))
+    return value is None or isinstance(value, (int, float))
+
+
 def keep_metrics_until(path: Path, step: int, variant: str | None = None) -> int:
     """Drop the records after `step` (a resumed run replays them) and any partial line; returns how many went. With
     `variant` (the lm objective's --compare), only that variant's records: the others' steps are theirs."""

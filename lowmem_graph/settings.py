@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import Question, is_path_task, load_task, spread, task_part
+from .data import is_path_task, load_task, spread, task_part
+
+from .questions import Question
 from .errors import UserError
 from .files import atomic_file, check_links
 from .spec import GraphSpec, check_name, from_dict, typed_fields

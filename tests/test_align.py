@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowmem_graph.align import align_index, check_settled, prompt_spans, settled_chars, word_ends
-from lowmem_graph.data import format_prompt
+from lowmem_graph.questions import format_prompt
 from lowmem_graph.edge_graph import EdgeGraph
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import shared_data
 from lowmem_graph.baselines import (CONTEXT, _encode_pair, harness_predictions, head_baseline_spec,
                                     score_zero_shot)
-from lowmem_graph.data import Question
+from lowmem_graph.questions import Question
 from lowmem_graph.errors import UserError
 from lowmem_graph.nodes import FrozenNode
 from lowmem_graph.spec import NodeSpec, load_preset

@@ -24,7 +24,7 @@ def precompute(graph, questions, cache, batch_size=16, placements=None):
 
 
 def _items(questions):
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
 
     return [(q.id, format_prompt(q)) for q in questions]
 
@@ -81,7 +81,7 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, tiny_spec, tiny_nodes, 
 
 def test_entries_are_sharded_and_rows_belong_to_their_questions(tmp_path, tiny_spec, tiny_nodes, questions):
     """The pass runs questions longest first and writes shards as it goes; row(i) is still question i's."""
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
     from lowmem_graph.nodes import pool
 
     graph = EdgeGraph(tiny_spec, tiny_nodes)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import hub_response
 
-from lowmem_graph.data import Question, bundled_dir, format_prompt, load_task
+from lowmem_graph.data import bundled_dir, load_task
+
+from lowmem_graph.questions import Question, format_prompt
 from lowmem_graph.errors import UserError
 
 SHARED_DATA = Path(os.environ.get("LOWMEM_GRAPH_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"

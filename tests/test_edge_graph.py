@@ -194,7 +194,7 @@ def test_the_prefix_cache_keeps_what_lies_below_each_nodes_lowest_incoming_edge(
     frozen pass caches them, and a step from the cache gives what a step without it does."""
     from lowmem_graph.cache import PrefixCache
     from lowmem_graph.data import load_task
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
     from lowmem_graph.frozen_pass import run_frozen_pass
 
     cache = PrefixCache(tmp_path)

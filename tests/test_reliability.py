@@ -271,7 +271,7 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
 # ---- no cache trusted blindly -------------------------------------------------------------------------------------
 def _cached_entry(tiny_graph, questions, tmp_path):
     from lowmem_graph.cache import PrefixCache
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
     from lowmem_graph.frozen_pass import run_frozen_pass
 
     cache = PrefixCache(tmp_path / "prefix", log=lambda *_: None)

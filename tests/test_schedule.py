@@ -9,7 +9,7 @@ from deferred_copies import DeferredCopies
 
 from lowmem_graph.ablate import apply_changes
 from lowmem_graph.cache import PrefixCache
-from lowmem_graph.data import format_prompt
+from lowmem_graph.questions import format_prompt
 from lowmem_graph.edge_graph import EdgeGraph
 from lowmem_graph.frozen_pass import run_frozen_pass
 from lowmem_graph.memory.budget import parse_size

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from frozen_run import prefix_of, read_of, run_node
+from frozen_run import prefix_of, run_node
 from deferred_copies import DeferredCopies
 
 from lowmem_graph.memory import host, stream

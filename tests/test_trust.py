@@ -68,7 +68,7 @@ def test_a_resume_neither_deletes_nor_writes_through_a_link_out(short_run, tmp_p
 
 def test_a_prefix_cache_entry_that_is_a_link_is_refused(tiny_graph, questions, tmp_path):
     from lowmem_graph.cache import PrefixCache
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
     from lowmem_graph.frozen_pass import run_frozen_pass
 
     items = [(q.id, format_prompt(q)) for q in questions[:4]]
@@ -87,7 +87,7 @@ def test_a_prefix_cache_entry_that_is_a_link_is_refused(tiny_graph, questions, t
 # ---- 1. every cache entry knows its key ----------------------------------------------------------------------------
 def test_swapped_prefix_cache_entries_are_rebuilt(tiny_graph, questions, tmp_path):
     from lowmem_graph.cache import PrefixCache
-    from lowmem_graph.data import format_prompt
+    from lowmem_graph.questions import format_prompt
     from lowmem_graph.frozen_pass import run_frozen_pass
 
     items = [(q.id, format_prompt(q)) for q in questions[:6]]
