@@ -57,14 +57,16 @@ class GraphLM(LM):
     """A run folder's graph answering the harness's requests (see the module's docstring for what each means)."""
 
     def __init__(self, run: str, node: str | None = None, variant: str = "coupled", batch_size=None,
-                 device: str | None = None, max_batch_size=None, **unknown):
+                 device: str | None = None, max_batch_size=None, **unknown):     # max_batch_size: batches are fixed
         from .settings import load_run_config
 
         super().__init__()
         if unknown:
             raise UserError(f"lowmem-graph model_args: unknown {', '.join(sorted(unknown))} (it takes run, node, "
                             "variant, batch_size, device)")
-        batch = None if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        if batch_size is not None and not str(batch_size).startswith("auto") and not str(batch_size).isdigit():
+            raise UserError(f"batch_size={batch_size}: give a whole number or auto (the run's micro-batch)")
+        batch = None if batch_size is None or str(batch_size).startswith("auto") else int(batch_size) or None
         if str(device).startswith("cuda"):
             import torch
 
@@ -97,7 +99,7 @@ class GraphLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if not self.lm:
             return self._choose(requests)
-        return self._pairs([r.args for r in requests], [f"request {i}" for i in range(len(requests))])
+        return self._pairs([r.args for r in requests], [f"{r.task_name} document {r.doc_id}" for r in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         self._lm_only("loglikelihood_rolling")
@@ -107,7 +109,8 @@ class GraphLM(LM):
             pairs += windows
             owners += [k] * len(windows)
         totals = [0.0] * len(requests)
-        for k, (ll, _) in zip(owners, self._pairs(pairs, [f"rolling request {k}" for k in owners])):
+        names = [f"{requests[k].task_name} document {requests[k].doc_id}" for k in owners]
+        for k, (ll, _) in zip(owners, self._pairs(pairs, names)):
             totals[k] += ll
         return totals
 

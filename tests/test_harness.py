@@ -20,7 +20,8 @@ from lowmem_graph.generate import generate  # noqa: E402
 from lowmem_graph.harness import GraphLM, main, question_of  # noqa: E402
 
 CHOICES = [
-    {"question": "What do plants need to grow?", "choices": ["light", "a very large amount of loud music"], "answer": 0},
+    {"question": "What do plants need to grow?", "choices": ["light", "a very large amount of loud music"],
+     "answer": 0},
     {"question": "What is the Sun?", "choices": ["a planet", "a star", "the largest moon of Jupiter"], "answer": 1},
     {"question": "What melts ice?", "choices": ["snow", "cold", "heat from the warm air"], "answer": 2},
 ]
@@ -140,6 +141,8 @@ def test_bad_model_args_are_one_line(lm_run, tasks, tmp_path, capsys):
         GraphLM(run=str(lm_run), node="nope")
     with pytest.raises(UserError, match="unknown temperature"):
         GraphLM(run=str(lm_run), temperature=1)
+    with pytest.raises(UserError, match="batch_size=big: give a whole number or auto"):
+        GraphLM(run=str(lm_run), batch_size="big")
     assert main(["--model", "lowmem-graph", "--model_args", f"run={tmp_path / 'none'}", "--tasks", "lg_choice",
                  "--include_path", str(tasks)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
