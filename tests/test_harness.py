@@ -136,6 +136,13 @@ def test_a_long_text_rolls_over_windows_that_make_it_up(lm_run, lm_graph):
     assert alone != pytest.approx(reference(graph, "Plants need", " light", "mistral")[0], abs=1e-4)
 
 
+def test_the_command_line_is_the_harness_own(lm_run, tasks, capsys):
+    assert main(["--model", "lowmem-graph", "--model_args", f"run={lm_run},variant=router", "--tasks", "lg_choice",
+                 "--include_path", str(tasks), "--limit", "1", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "lowmem-graph ({'run': " in table and "|lg_choice|" in table.replace(" ", "")
+
+
 def test_bad_model_args_are_one_line(lm_run, tasks, tmp_path, capsys):
     with pytest.raises(UserError, match=r"node=nope: choose a node the output reads \(llama, mistral\)"):
         GraphLM(run=str(lm_run), node="nope")
