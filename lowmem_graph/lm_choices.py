@@ -170,9 +170,10 @@ def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> 
 
 
 def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                         n_cont: torch.Tensor) -> torch.Tensor:
+                         n_cont: torch.Tensor, greedy: bool = False):
     """(B,) summed log-probabilities of each row's last `n_cont` real tokens (right-padded rows), each predicted
-    from the state before it."""
+    from the state before it; with `greedy`, also (B,) whether every one of them is the node's argmax (the
+    harness's is_greedy)."""
     lengths = mask.sum(1).to(final.device)
     pos = torch.arange(ids.shape[1] - 1, device=final.device)[None]
     n_cont = n_cont.to(final.device)
@@ -180,7 +181,26 @@ def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, mask: tor
     logp = node.logits(final[:, :-1][picked]).float().log_softmax(-1)
     targets = ids[:, 1:].to(final.device)[picked]
     rows = picked.nonzero()[:, 0]
-    return torch.zeros(len(ids), device=final.device).index_add_(0, rows, logp.gather(-1, targets[:, None])[:, 0])
+    sums = torch.zeros(len(ids), device=final.device).index_add_(0, rows, logp.gather(-1, targets[:, None])[:, 0])
+    if not greedy:
+        return sums
+    misses = torch.zeros(len(ids), device=final.device).index_add_(0, rows, (logp.argmax(-1) != targets).float())
+    return sums, misses == 0
+
+
+def fitting_counts(graph, node: str, batch, contexts: list[str], continuations: list[str], names: list[str],
+                   what: str = "continuation") -> torch.Tensor:
+    """(B,) each continuation's token count for `node`, checked to be whole in the batch's rows (a text over
+    max_length keeps its end) and at least one token; `names` name the rows in the error."""
+    ids, mask = batch.tokens[node]
+    tokens = continuation_tokens(graph.nodes[node], contexts, continuations)
+    for b, want in enumerate(tokens):
+        n = int(mask[b].sum())
+        if not 0 < len(want) < n or ids[b, n - len(want):n].tolist() != want:
+            raise UserError(f"{names[b]}: the {what} {continuations[b].strip()[:60]!r} does not fit node "
+                            f"{node}'s max_length ({graph.nodes[node].max_length} tokens) after its context's "
+                            "framing, or gives no token")
+    return torch.tensor([len(t) for t in tokens])
 
 
 @torch.no_grad()
@@ -199,17 +219,8 @@ def score(graph, models: dict, items: list[Item], batch_size: int, progress: boo
         contexts, continuations = [c for _, c, _ in chunk], [x for _, _, x in chunk]
         batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
                                    [f"{items[k].id}:{n}" for n, (k, _, _) in enumerate(chunk, start)], keep_start=False)
-        counts = {}
-        for j in graph.reads:
-            ids, mask = batch.tokens[j]
-            tokens = continuation_tokens(graph.nodes[j], contexts, continuations)
-            for b, want in enumerate(tokens):       # a text over max_length keeps its end: the whole continuation?
-                n = int(mask[b].sum())
-                if not 0 < len(want) < n or ids[b, n - len(want):n].tolist() != want:
-                    raise UserError(f"{items[chunk[b][0]].id}: the choice {continuations[b].strip()[:60]!r} does "
-                                    f"not fit node {j}'s max_length ({graph.nodes[j].max_length} tokens) after its "
-                                    "context's framing, or gives no token")
-            counts[j] = torch.tensor([len(t) for t in tokens])
+        names = [items[k].id for k, _, _ in chunk]
+        counts = {j: fitting_counts(graph, j, batch, contexts, continuations, names, "choice") for j in graph.reads}
         parts = []
         with autocast(device):
             needed = graph.nodes if "router" in models else graph.reads if "alone" in models else ()
