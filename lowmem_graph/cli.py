@@ -27,6 +27,7 @@ from .commands import (
 )
 from .errors import Interrupted, UserError
 from .spec import FORMATS, PRESETS
+from .trackers import TRACKERS
 
 # Errors of the machine a run writes to, not of our code: said in one line.
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "under the same protocol")
     _add_output_args(p, "<graph>")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--report-to", choices=TRACKERS,
+                   help="also log the metrics, settings and memory plan to an experiment tracker (default: none; "
+                        "pip install 'lowmem-graph[tensorboard]' or [wandb], [mlflow])")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
     p.set_defaults(func=cmd_train)
