@@ -189,7 +189,7 @@ def cmd_predict(args) -> None:
     records = graph.predict(questions)
     stem = Path(args.input).stem if args.input else "question"
     out = write_jsonl(records, Path(args.out) if args.out else
-                      Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                      graph.run_dir / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     if len(records) <= 20:
         print("\n\n".join(format_answer(r) for r in records))
     else:
@@ -236,11 +236,9 @@ def cmd_cache(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .predict import export_run
+    from .predict import export_command
 
-    out = export_run(args.run_dir, args.out)
-    print(f"exported {args.run_dir} to {out} (config.yaml, trainable.safetensors, metrics.jsonl, README.md, "
-          "export.json); load it with TrainedGraph or lowmem-graph predict")
+    export_command(args)
 
 
 def cmd_matrix(args) -> None:
