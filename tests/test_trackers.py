@@ -1,5 +1,6 @@
 """--report-to: the metrics, settings and memory plan of a run also go to an experiment tracker, read back here from
 the tracker's own files (TensorBoard's event files, mlflow's local store)."""
+import json
 import sys
 
 import pytest
@@ -72,6 +73,36 @@ def test_mlflow_gets_the_same_scalars_and_the_settings(short_run, tmp_path, monk
     for tag in ("step/loss", "epoch/eval_acc", "epoch/eval_ci/1"):
         logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)]
         assert sorted(logged) == [(r["step"], scalars(r)[tag]) for r in records if tag in scalars(r)]
+
+
+def test_wandb_offline_gets_the_settings_and_every_tag(short_run, tmp_path, monkeypatch):
+    """wandb's own run, offline; its .wandb log (protobuf records) must carry every tag and value logged."""
+    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install 'lowmem-graph[wandb]'")
+    import shutil
+
+    from lowmem_graph.settings import load_run_config
+    from lowmem_graph.trackers import open_reporter
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    spec, cfg = load_run_config(run)
+    cfg.report_to = "wandb"
+    trainer = type("T", (), {"cfg": cfg, "spec": spec, "run_dir": run, "variant": None, "step": 0, "plan": None})
+    reporter = open_reporter(trainer)
+    records = read_metrics(run / "metrics.jsonl")
+    for record in records:
+        reporter.log(record)
+    reporter.close()
+    (log,) = (run / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    assert log.name == f"run-{run.name}.wandb"
+    data = log.read_bytes()
+    for record in records:
+        for tag, value in scalars(record).items():
+            forms = {json.dumps(value), json.dumps(int(value))} if value == int(value) else {json.dumps(value)}
+            assert tag.encode() in data and any(f.encode() in data for f in forms)     # wandb writes 8.0 as 8
+    assert b"report_to" in data and b"wandb" in data        # the settings, as wandb's config
 
 
 @pytest.mark.parametrize("tracker, module", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
