@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card; or on the "
                                       "Hugging Face hub")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run folder to export (runs/<graph>-<time>)")
     p.add_argument("out", nargs="?", help="the new folder (optional with --push-to-hub)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub repository (made if new; "
                                                              "needs a login: hf auth login, or HF_TOKEN)")
