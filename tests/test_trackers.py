@@ -21,6 +21,7 @@ def _events(folder):
 
 
 def test_tensorboard_gets_every_metric_the_plan_and_a_resume_once(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard comes with the test extra: pip install '.[test]'")
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), "--gpu-mem", "1G", "--report-to", "tensorboard", "--max-steps", "1",
                  *QUICK]) == 0
