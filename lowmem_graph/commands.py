@@ -129,12 +129,12 @@ def cmd_eval(args) -> None:
     from dataclasses import asdict
 
     from .evaluate import predictions_name, write_predictions
-    from .predict import TrainedGraph
+    from .predict import TrainedGraph, graph_folder
     from .train import TrainConfig, load_questions, load_run_config
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
-    run_dir = Path(args.run_dir)
+    run_dir = graph_folder(args.run_dir)
     _, cfg = load_run_config(run_dir)
     if cfg.objective == "lm" and (args.task or args.eval_task):      # multiple choice by log-likelihood
         from .lm_choices import report_choices

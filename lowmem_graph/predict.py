@@ -36,9 +36,7 @@ class TrainedGraph:
         from .runstate import trainable_weights
         from .train import PlacedGraph, TrainConfig, load_run_config
 
-        from .hub import download_graph, is_repo_id
-
-        self.run_dir = download_graph(run_dir) if is_repo_id(run_dir) else Path(run_dir)
+        self.run_dir = graph_folder(run_dir)
         self.spec, cfg = load_run_config(self.run_dir)
         _check_export(self.run_dir)
         if cfg.objective == "lm":
@@ -90,6 +88,14 @@ class TrainedGraph:
                 record.update(label=LETTERS[q.label], correct=p["correct"])
             records.append(record)
         return records
+
+
+def graph_folder(ref: str | Path) -> Path:
+    """A run folder, an exported one, or an export on the hub by its id ORG/NAME (downloaded; a local folder of that
+    name wins)."""
+    from .hub import download_graph, is_repo_id
+
+    return download_graph(ref) if is_repo_id(ref) else Path(ref)
 
 
 def format_answer(record: dict) -> str:

@@ -120,8 +120,8 @@ class TensorBoard(Reporter):
 
 
 class WandB(Reporter):
-    """A wandb run named after the run folder (WANDB_PROJECT, default lowmem-graph; WANDB_MODE=offline works
-    without a network); a resumed run continues the same wandb run."""
+    """A wandb run named after the run folder, its files in RUN/wandb (WANDB_PROJECT, default lowmem-graph;
+    WANDB_MODE=offline works without a network); a resumed run continues the same wandb run."""
 
     def __init__(self, folder: Path, name: str):
         import wandb
@@ -130,7 +130,6 @@ class WandB(Reporter):
         self.name, self.folder, self.run = name, folder, None
 
     def start(self, settings, config_text, plan_text, plan):
-        self.folder.mkdir(parents=True, exist_ok=True)
         run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.name)[-64:]
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "lowmem-graph"), name=self.name,
                                    id=run_id, resume="allow", dir=str(self.folder), config=settings)
@@ -196,7 +195,7 @@ def open_reporter(trainer) -> Reporter | None:
     if name == "tensorboard":
         reporter = TensorBoard(t.run_dir / "tensorboard" / (t.variant or ""), t.step)
     elif name == "wandb":
-        reporter = WandB(t.run_dir / "wandb", label)
+        reporter = WandB(t.run_dir, label)
     else:
         reporter = MLflow(label)
     settings = {"graph": t.spec.to_dict(), "train": dataclasses.asdict(t.cfg)}

@@ -66,6 +66,11 @@ def test_push_then_load_by_hub_id_with_the_checksum(short_run, hub, tmp_path, ca
                  *QUESTION[0]["choices"], "--out", str(tmp_path / "p.jsonl"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "p.jsonl").read_text())["probs"] == TrainedGraph(short_run).predict(QUESTION)[0][
         "probs"]
+    assert main(["eval", "me/tiny-graph", "--split", "validation", "--limit", "4", "--out", str(tmp_path / "e.jsonl"),
+                 "--no-progress"]) == 0
+    assert main(["eval", str(short_run), "--split", "validation", "--limit", "4", "--out", str(tmp_path / "l.jsonl"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "e.jsonl").read_text() == (tmp_path / "l.jsonl").read_text()
 
     weights = root / "me/tiny-graph" / "trainable.safetensors"          # changed on the hub after the export
     data = bytearray(weights.read_bytes())

@@ -96,7 +96,7 @@ def test_wandb_offline_gets_the_settings_and_every_tag(short_run, tmp_path, monk
     for record in records:
         reporter.log(record)
     reporter.close()
-    (log,) = (run / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     assert log.name == f"run-{run.name}.wandb"
     data = log.read_bytes()
     for record in records:
