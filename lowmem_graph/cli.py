@@ -24,6 +24,7 @@ from .commands import (
 from .errors import Interrupted, UserError
 from .preflight import cmd_align, cmd_inspect, cmd_plan, cmd_probe_quant
 from .spec import FORMATS, PRESETS
+from .trackers import TRACKERS
 
 # Errors of the machine a run writes to, not of our code: said in one line.
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "under the same protocol")
     _add_output_args(p, "<graph>")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--report-to", choices=TRACKERS,
+                   help="also log the metrics, settings and memory plan to an experiment tracker (default: none; "
+                        "pip install 'lowmem-graph[tensorboard]' or [wandb], [mlflow])")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="let --resume change batch size, epochs or lr (they reinterpret the step counter)")
     p.set_defaults(func=cmd_train)
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="ask a trained graph: the chosen answer and every choice's probability")
-    p.add_argument("run_dir", help="a run folder, or one made by `lowmem-graph export`")
+    p.add_argument("run_dir", help="a run folder, one made by `lowmem-graph export`, or its hub id ORG/NAME")
     p.add_argument("--input", metavar="FILE", help="questions: JSONL or CSV (question, choices, optional answer, "
                                                    "id, context) or ARC's JSONL")
     p.add_argument("--question", help="one question, asked on the command line")
@@ -165,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="the cache root (default: $LOWMEM_GRAPH_CACHE or ~/.cache/lowmem-graph)")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card")
+    p = sub.add_parser("export", help="a run as a self-describing folder: config, weights, a model card; or on the "
+                                      "Hugging Face hub")
     p.add_argument("run_dir", help="the run folder to export (runs/<graph>-<time>)")
-    p.add_argument("out", help="the new folder")
+    p.add_argument("out", nargs="?", help="the new folder (optional with --push-to-hub)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub repository (made if new; "
+                                                             "needs a login: hf auth login, or HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a new repository is private")
+    p.add_argument("--license", default="other", help="the licence in the model card's metadata (default: other)")
     p.set_defaults(func=cmd_export)
 
     p = _training_parser(sub, "matrix", "train ablation variants x seeds and tabulate mean and spread")

@@ -35,7 +35,7 @@ def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
              "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
-             "init_from", "train_only", "columns", "objective", "cache_dir"]
+             "init_from", "train_only", "columns", "objective", "cache_dir", "report_to"]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "allow_test_training", False):
         overrides["allow_test_training"] = True
@@ -130,12 +130,12 @@ def cmd_eval(args) -> None:
     from dataclasses import asdict
 
     from .evaluate import predictions_name, write_predictions
-    from .predict import TrainedGraph
+    from .predict import TrainedGraph, graph_folder
     from .train import TrainConfig, load_questions, load_run_config
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit} (leave it out to evaluate every question)")
-    run_dir = Path(args.run_dir)
+    run_dir = graph_folder(args.run_dir)
     _, cfg = load_run_config(run_dir)
     if cfg.objective == "lm" and (args.task or args.eval_task):      # multiple choice by log-likelihood
         from .lm_choices import report_choices
@@ -196,7 +196,7 @@ def cmd_predict(args) -> None:
         records = graph.predict(questions)
     stem = Path(args.input).stem if args.input else "question"
     out = write_jsonl(records, Path(args.out) if args.out else
-                      Path(args.run_dir) / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                      graph.run_dir / f"predictions-{stem}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     if len(records) <= 20:
         print("\n\n".join(format_answer(r) for r in records))
     else:
@@ -243,11 +243,9 @@ def cmd_cache(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .predict import export_run
+    from .predict import export_command
 
-    out = export_run(args.run_dir, args.out)
-    print(f"exported {args.run_dir} to {out} (config.yaml, trainable.safetensors, metrics.jsonl, README.md, "
-          "export.json); load it with TrainedGraph or lowmem-graph predict")
+    export_command(args)
 
 
 def cmd_matrix(args) -> None:

@@ -24,6 +24,8 @@ from lowmem_graph.errors import UserError, hub_error
 from lowmem_graph.questions import Question, _arc_row, _json_rows, _lines, _question, generic_question, load_file
 
 TASKS = ("arc-challenge", "arc-easy", "openbookqa", "mmlu")
+HUB_DATASETS = {"arc-challenge": "allenai/ai2_arc", "arc-easy": "allenai/ai2_arc", "openbookqa": "allenai/openbookqa",
+                "mmlu": "cais/mmlu"}       # where each named task lives on the hub
 SPLITS = ("train", "validation", "test")
 MMLU_SPLITS = ("auxiliary_train", "dev", "validation", "test")
 
@@ -278,7 +280,7 @@ def _load_hub(task: str, split: str, subjects) -> list[Question]:
     """Hub ids of the official data."""
     if task == "mmlu":
         configs = sorted(set(subjects)) if subjects else ["all"]
-        rows = [row for config in configs for row in _hub_rows("cais/mmlu", config, split, OFFICIAL)]
+        rows = [row for config in configs for row in _hub_rows(HUB_DATASETS[task], config, split, OFFICIAL)]
         counts: dict[str, int] = {}
         questions = []
         for i, row in enumerate(rows):
@@ -292,9 +294,9 @@ def _load_hub(task: str, split: str, subjects) -> list[Question]:
                                        subject))
         return questions
     if task == "openbookqa":
-        name, config, stem_key = "allenai/openbookqa", "main", "question_stem"
+        name, config, stem_key = HUB_DATASETS[task], "main", "question_stem"
     else:
-        name, config, stem_key = "allenai/ai2_arc", f"ARC-{task[4:].capitalize()}", "question"
+        name, config, stem_key = HUB_DATASETS[task], f"ARC-{task[4:].capitalize()}", "question"
     return [
         _question(row["id"], row[stem_key], row["choices"]["text"], row["choices"]["label"], row["answerKey"],
                   f"{name} {config} {split} row {i}")

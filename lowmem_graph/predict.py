@@ -2,7 +2,7 @@
 a self-describing folder (its config, its weights, a model card with its results) that loads back the same way.
 
     from lowmem_graph import TrainedGraph
-    graph = TrainedGraph("runs/tiny-20261202-101500")            # or an exported folder
+    graph = TrainedGraph("runs/tiny-20261202-101500")            # or an exported folder, or its hub id ORG/NAME
     answers = graph.predict([{"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide"]}])
     answers[0]["answer"], answers[0]["probs"]                       # "B", {"A": 0.12, "B": 0.88}
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,14 +28,15 @@ def _stderr(*args, **kwargs):
 
 
 class TrainedGraph:
-    """A run folder's graph with its trained weights, placed as the run's memory plan says (or as `gpu_mem` says)."""
+    """A run folder's graph with its trained weights, placed as the run's memory plan says (or as `gpu_mem` says).
+    `run_dir` may be a hub id ORG/NAME (no local folder of that name): an export pushed there, downloaded."""
 
     def __init__(self, run_dir: str | Path, gpu_mem: str | None = None, device: str | None = None,
                  batch_size: int | None = None, progress: bool = False, log=_stderr, cache_dir: str | None = None):
         from .runstate import trainable_weights
         from .train import PlacedGraph, TrainConfig, load_run_config
 
-        self.run_dir = Path(run_dir)
+        self.run_dir = graph_folder(run_dir)
         self.spec, cfg = load_run_config(self.run_dir)
         _check_export(self.run_dir)
         if cfg.objective == "lm":
@@ -88,6 +90,14 @@ class TrainedGraph:
         return records
 
 
+def graph_folder(ref: str | Path) -> Path:
+    """A run folder, an exported one, or an export on the hub by its id ORG/NAME (downloaded; a local folder of that
+    name wins)."""
+    from .hub import download_graph, is_repo_id
+
+    return download_graph(ref) if is_repo_id(ref) else Path(ref)
+
+
 def format_answer(record: dict) -> str:
     """A question, every choice with its probability, the chosen one marked."""
     q = Question(record["id"], record["question"], tuple(record["choices"]), -1, context=record.get("context", ""))
@@ -111,12 +121,35 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
+def export_command(args) -> None:
+    """`lowmem-graph export RUN [OUT] [--push-to-hub ORG/NAME]`: the folder, then the hub repository; without OUT
+    the folder is a temporary one, gone after the upload."""
+    from .hub import check_repo_id, push_folder
+
+    repo = args.push_to_hub
+    if args.out is None and repo is None:
+        raise UserError("give the folder to export into, --push-to-hub ORG/NAME, or both")
+    if repo is not None:
+        check_repo_id(repo)
+    with tempfile.TemporaryDirectory(prefix="lowmem-graph-export-") as tmp:
+        out = export_run(args.run_dir, args.out or Path(tmp) / "export", name=repo, license=args.license)
+        if args.out is not None:
+            print(f"exported {args.run_dir} to {out} (config.yaml, trainable.safetensors, metrics.jsonl, README.md, "
+                  "export.json); load it with TrainedGraph or lowmem-graph predict")
+        if repo is not None:
+            url = push_folder(out, repo, private=args.private)
+            print(f"pushed {args.run_dir} to the hub: {url}; load it with TrainedGraph({repo!r}) or lowmem-graph "
+                  f"predict {repo}")
+
+
+def export_run(run_dir: str | Path, out: str | Path, name: str | None = None, license: str = "other") -> Path:
     """A folder that describes itself: config.yaml (graph and training settings), trainable.safetensors (the trained
-    weights, a real file), metrics.jsonl, README.md (a model card with the run's results) and export.json (format,
-    version, the weights' SHA-256, checked on load)."""
-    from .version import __version__
+    weights, a real file), metrics.jsonl, README.md (a model card with the run's results, headed by the metadata the
+    hub reads) and export.json (format, version, the weights' SHA-256, checked on load). `name`: what the card tells
+    users to load (default: `out`; a hub id when pushed)."""
+    from .hub import card_header
     from .runstate import trainable_weights
+    from .version import __version__
     from .train import load_run_config
 
     run_dir, out = Path(run_dir), Path(out)
@@ -134,7 +167,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "trainable_sha256": file_sha256(tmp / "trainable.safetensors")}
         (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
-        (tmp / "README.md").write_text(model_card(spec, cfg, run_dir, tmp / "metrics.jsonl", out))
+        (tmp / "README.md").write_text(card_header(spec, cfg, license) +
+                                       model_card(spec, cfg, run_dir, tmp / "metrics.jsonl", name or out))
     return out
 
 

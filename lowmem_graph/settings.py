@@ -21,6 +21,7 @@ from .questions import Question
 from .errors import UserError
 from .files import atomic_file, check_links
 from .spec import GraphSpec, check_name, from_dict, typed_fields
+from .trackers import TRACKERS
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     allow_test_training: bool = False  # train on a test split (refused otherwise: it contaminates the results)
     objective: str = "choice"         # choice: score answer options | lm: next-token prediction on text (lm.py)
     compare: bool = False             # lm: also each model alone and a learned router, under the same protocol
+    report_to: str = "none"           # none | tensorboard | wandb | mlflow: metrics also to a tracker (trackers.py)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "train", whole: bool = True) -> "TrainConfig":
@@ -71,7 +73,8 @@ class TrainConfig:
                   ("train_only", cfg.train_only is None or cfg.init_from, "left out without init_from (--init-from "
                                                                           "RUN: new edges are those RUN lacks)"),
                   ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32) (NumPy's seed range)"),
-                  ("objective", cfg.objective in ("choice", "lm"), "choice or lm")]
+                  ("objective", cfg.objective in ("choice", "lm"), "choice or lm"),
+                  ("report_to", cfg.report_to in TRACKERS, " or ".join(TRACKERS))]
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"{where}: {name} must be {rule}, got {getattr(cfg, name)!r}")

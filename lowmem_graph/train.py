@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import distributed, runstate, transfer
+from . import distributed, runstate, trackers, transfer
 from .errors import Interrupted, UserError
 from .evaluate import evaluate
 from .files import check_links, remove_stale_temps
@@ -62,6 +62,8 @@ class Trainer:
                  variant: str | None = None, placed: PlacedGraph | None = None):
         self.spec, self.cfg, self.run_dir, self.progress, self.log = spec, cfg, Path(run_dir), progress, log
         cfg.check_graph(spec)
+        trackers.require(cfg.report_to)         # a missing tracker library: one line before anything loads
+        self.reporter = None
         self.objective = objective_for(cfg, variant)
         self.variant = getattr(self.objective, "variant", None)         # None: the choice objective
         self.train_set, self.eval_set, said = self.objective.load(cfg)
@@ -163,8 +165,11 @@ class Trainer:
     def _metric(self, record: dict) -> None:
         if not self.ranks.main:
             return
+        record = {"variant": self.variant, **record} if self.variant else record
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"variant": self.variant, **record} if self.variant else record) + "\n")
+            f.write(json.dumps(record) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(record)
 
     def _other_cards(self) -> tuple[str, ...]:
         """The cards besides the run's that nodes compute on (a node's own `device:`): their peaks are reported."""
@@ -254,6 +259,9 @@ class Trainer:
 
     def close(self) -> None:
         self.placed.stop_steps()
+        if self.reporter is not None:
+            self.reporter, reporter = None, self.reporter
+            reporter.close()
 
     def end_training(self) -> None:
         """Free the gradients and AdamW states (12 B per trainable parameter) when only evaluation follows: a frozen
@@ -273,6 +281,8 @@ class Trainer:
         `train`) ends the loop between steps with a checkpoint."""
         from .fit import fit
 
+        if self.ranks.main and self.reporter is None:       # opened here: a resume's step is known
+            self.reporter = trackers.open_reporter(self)
         return fit(self, stop)
 
 
