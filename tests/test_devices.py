@@ -100,13 +100,15 @@ def test_cached_states_go_to_the_device_that_reads_them():
     its plan does not charge); reader states and reads go where the trainable maps are."""
     from types import SimpleNamespace
 
-    from lowmem_graph.cache import EdgeStates
+    from lowmem_graph import transfer
+    from lowmem_graph.graph import Batch
 
     graph = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]),
                             nodes={"phi3": SimpleNamespace(device=torch.device("cpu")),
                                    "mistral": SimpleNamespace(device=torch.device("meta"))})
-    (parts,) = EdgeStates.placed(graph, ({"prefix:mistral:2": torch.ones(2, 4, 6), "tokens:mistral:5": torch.ones(2),
-                                          "mean:phi3:3": torch.ones(2)},))
+    batch = Batch({}, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), ["a", "b"])
+    states = {"prefix:mistral:2": torch.ones(2, 4, 6), "tokens:mistral:5": torch.ones(2), "mean:phi3:3": torch.ones(2)}
+    _, parts = transfer.arrive(transfer.pack(graph, batch, states))
     assert {k: v.device.type for k, v in parts.items()} == {"prefix:mistral:2": "meta", "tokens:mistral:5": "cpu",
                                                              "mean:phi3:3": "cpu"}
 
