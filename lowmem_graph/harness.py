@@ -143,7 +143,7 @@ class GraphLM(LM):
         """(log-likelihood, is_greedy) of each (context, continuation), in batches of similar lengths."""
         import torch
 
-        from .graph import autocast
+        from .nodes import autocast
         from .lm_choices import continuation_logliks, fitting_counts, split_pair
         from .objectives import final_states
 
@@ -238,12 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    kept = _handlers()
     try:
         cli_evaluate()
     except UserError as e:
         print(f"lowmem-graph: error: {e}", file=sys.stderr)
         return 2
+    finally:        # the harness's CLI sets up logging on today's stderr: a caller that goes on must not inherit it
+        for logger, handlers in _handlers().items():
+            for handler in handlers - kept.get(logger, set()):
+                logger.removeHandler(handler)
     return 0
+
+
+def _handlers() -> dict:
+    import logging
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    return {logger: set(logger.handlers) for logger in loggers}
 
 
 if __name__ == "__main__":
