@@ -13,7 +13,7 @@ from .errors import UserError
 
 # The source's perplexities per variant: each model alone, its MoE router, Residual Coupling.
 SOURCE = {
-    "coding": {"setup": "GPT-2 + CodeGPT-small-py (preset rc-coding)", "alone": 7e6, "router": 878.0,
+    "coding": {"setup": "GPT-2 + CodeGPT-small-py", "alone": 7e6, "router": 878.0,
                "coupled": 5.91, "note": "alone: about 7 million, on text the other model's tokenizer split"},
     "medical": {"setup": "3 models, not named", "alone": 57.08, "router": 56.80, "coupled": 11.02,
                 "note": "not run here: the source does not name the models or the text"},
@@ -40,7 +40,7 @@ def rc_table(results: dict, spec, cfg) -> list[str]:
              "the same for every variant. Ours: each model's perplexity on the held-out text, predicting its own "
              "tokens. The source's: one figure per variant, its setups in its own words.", "",
              "| variant | trainable | " + " | ".join(f"ours: {n}" for n in nodes)
-             + f" | source, coding ({source['setup']}) | source, medical |",
+             + f" | source, coding: {source['setup']} | source, medical |",
              "|---|---|" + "---|" * len(nodes) + "---|---|"]
     for variant, r in results.items():
         ours = " | ".join(f"{r['perplexity'][n]:.2f}" for n in nodes)
