@@ -62,7 +62,8 @@ def _quantising_time(config, device) -> str:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     ff = getattr(text, "intermediate_size", None) or 4 * width
     embeddings = text.vocab_size * width * (1 if getattr(text, "tie_word_embeddings", True) else 2)
-    params = layers * (width * head_dim * 2 * (heads + kv_heads) + 3 * width * ff) + embeddings
+    mlp = 3 if hasattr(text, "intermediate_size") else 2   # gated (Llama's kin) or not (GPT-2: n_inner)
+    params = layers * (width * head_dim * 2 * (heads + kv_heads) + mlp * width * ff) + embeddings
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     if device.type != "cpu":
         return f"{size} parameters"

@@ -50,3 +50,12 @@ def test_gpt2_node_layer_by_layer_equals_its_own_forward(quant):
         h, calls = node.layer_calls(ids, mask, start=2)
         again = run_node(node, ids, mask, prefix=h, at=2)
         assert torch.allclose(again[real], base[real], atol=tol, rtol=0)
+
+
+def test_gpt2_size_in_the_quantising_message_counts_its_two_matrix_mlp():
+    from lowmem_graph.loading import bundled_config
+    from lowmem_graph.nodes import _quantising_time
+
+    # 124.4M with its position table and biases; GPT-2's MLP has two matrices, not a gated MLP's three (151.8M)
+    said = _quantising_time(bundled_config("openai-community/gpt2"), torch.device("cpu"))
+    assert said == "123.5M parameters, about 7 s on two cores"
