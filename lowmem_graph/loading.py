@@ -216,8 +216,8 @@ def decoder_parts(model):
     """(decoder, its list of layers, its final norm), wherever the architecture keeps them: `.layers` and `.norm`
     (Llama and its kin), `.h` and `.ln_f` (GPT-2). (None, None, None) parts are not a decoder-only LM's."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = next((getattr(base, n) for n in ("layers", "h") if isinstance(getattr(base, n, None), torch.nn.ModuleList)),
-                  None)
+    layers = next((getattr(base, n) for n in ("layers", "h")
+                   if isinstance(getattr(base, n, None), torch.nn.ModuleList)), None)
     norm = next((getattr(base, n) for n in ("norm", "ln_f") if getattr(base, n, None) is not None), None)
     return base, layers, norm
 

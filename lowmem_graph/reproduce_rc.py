@@ -13,8 +13,8 @@ from .errors import UserError
 
 # The source's perplexities per variant: each model alone, its MoE router, Residual Coupling.
 SOURCE = {
-    "coding": {"setup": "GPT-2 + CodeGPT-small-py", "alone": 7e6, "router": 878.0,
-               "coupled": 5.91, "note": "alone: about 7 million, on text the other model's tokenizer split"},
+    "coding": {"setup": "GPT-2 + CodeGPT-small-py", "alone": 7e6, "router": 878.0, "coupled": 5.91,
+               "note": "alone is \"a 7-million baseline perplexity on mismatched text\", caused by the two tokenizers"},
     "medical": {"setup": "3 models, not named", "alone": 57.08, "router": 56.80, "coupled": 11.02,
                 "note": "not run here: the source does not name the models or the text"},
 }
@@ -26,8 +26,9 @@ def reproduce_rc(spec, cfg, run_dir: Path, progress: bool = True, log=print) -> 
     from .lm import VARIANTS, train_lm
 
     results = train_lm(spec, cfg, run_dir, VARIANTS, progress=progress, log=log)
-    if len(results) < len(VARIANTS):        # stopped by max_steps: --resume in `train` continues it
-        raise UserError(f"the run stopped before its three variants finished ({', '.join(results) or 'none'})")
+    if len(results) < len(VARIANTS):        # stopped (Ctrl-C, SIGTERM) with a checkpoint
+        raise UserError(f"the run stopped before its three variants finished ({', '.join(results) or 'none'} "
+                        f"done): `lowmem-graph train --resume {run_dir}` finishes them")
     return write_rc_results(results, spec, cfg, Path(run_dir))
 
 
