@@ -207,7 +207,7 @@ class EdgeGraph(TrainedParts):
             for run in runs:
                 for n in run.streams:
                     if n in self.reads:
-                        run.finals[n] = self.nodes[n].base.norm(run.streams[n])
+                        run.finals[n] = self.nodes[n].norm(run.streams[n])
         if self.objective == "lm":
             return [run.finals for run in runs]
         return [self.head([run.finals[j] for j in self.reads], run.batch) for run in runs]
@@ -254,7 +254,7 @@ class EdgeGraph(TrainedParts):
                     run.streams[n] = self._write(site, run.streams[n], run.batch, run.reads)
             run.streams[n] = _run_layer(run.calls[n][i - run.starts[n]], run.streams[n])
             if any(s.edge.source == n and s.read == i for s in self.sites):
-                run.reads[(n, i)] = self.nodes[n].base.norm(run.streams[n])
+                run.reads[(n, i)] = self.nodes[n].norm(run.streams[n])
 
     def _write(self, site: _Site, h: torch.Tensor, batch: Batch, reads: dict) -> torch.Tensor:
         e = site.edge

@@ -154,7 +154,7 @@ def frozen_part(node, kind: str, layer: int, input_ids, attention_mask) -> torch
     if kind == "prefix":
         return h
     with node._autocast():
-        h = node.base.norm(_run_layer(calls[0], h))
+        h = node.norm(_run_layer(calls[0], h))
     return pool(h.float(), attention_mask, kind) if kind in ("mean", "last") else h
 
 

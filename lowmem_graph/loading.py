@@ -212,6 +212,35 @@ def _verified(folder: Path, key: dict) -> bool:
     return whole
 
 
+def decoder_parts(model):
+    """(decoder, its list of layers, its final norm), wherever the architecture keeps them: `.layers` and `.norm`
+    (Llama and its kin), `.h` and `.ln_f` (GPT-2). (None, None, None) parts are not a decoder-only LM's."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = next((getattr(base, n) for n in ("layers", "h")
+                   if isinstance(getattr(base, n, None), torch.nn.ModuleList)), None)
+    norm = next((getattr(base, n) for n in ("norm", "ln_f") if getattr(base, n, None) is not None), None)
+    return base, layers, norm
+
+
+def linears_from_conv1d(model):
+    """GPT-2's Conv1D projections as the equivalent nn.Linear (weight transposed): the size estimates count linear
+    weights in the frozen format, and bitsandbytes quantises a Conv1D as the same transposed linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                n_in, n_out = child.weight.shape
+                linear = torch.nn.Linear(n_in, n_out, device=child.weight.device, dtype=child.weight.dtype)
+                if child.weight.device.type != "meta":
+                    with torch.no_grad():
+                        linear.weight.copy_(child.weight.t())
+                        linear.bias.copy_(child.bias)
+                linear.requires_grad_(child.weight.requires_grad)
+                setattr(module, name, linear)
+    return model
+
+
 def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     """(config, model) with every tensor on the meta device: shapes without memory, weights or download."""
     from transformers import AutoModelForCausalLM
@@ -219,6 +248,7 @@ def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = 
     config, _, _ = load_config(ref, prefer_bundled=True, revision=revision, trust_remote_code=trust_remote_code)
     try:
         with torch.device("meta"):
-            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return config, linears_from_conv1d(model)
     except (ValueError, *_invalid_config()) as e:     # a config whose shapes no model can have
         raise UserError(f"the config of {ref!r} is invalid: {_first_line(e.__cause__ or e)}") from None

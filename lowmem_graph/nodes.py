@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 
 from .errors import UserError, hub_error
 from .hooks import StandIn, add_hook
-from .loading import (_quantised_cache_dir, _save_atomically, _verified, hub_commit, load_config, node_key,
-                      source_identity)
+from .loading import (_quantised_cache_dir, _save_atomically, _verified, decoder_parts, hub_commit, load_config,
+                      node_key, source_identity)
 from .spec import NodeSpec
 
 
@@ -62,7 +62,8 @@ def _quantising_time(config, device) -> str:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     ff = getattr(text, "intermediate_size", None) or 4 * width
     embeddings = text.vocab_size * width * (1 if getattr(text, "tie_word_embeddings", True) else 2)
-    params = layers * (width * head_dim * 2 * (heads + kv_heads) + 3 * width * ff) + embeddings
+    mlp = 3 if hasattr(text, "intermediate_size") else 2   # gated (Llama's kin) or not (GPT-2: n_inner)
+    params = layers * (width * head_dim * 2 * (heads + kv_heads) + mlp * width * ff) + embeddings
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     if device.type != "cpu":
         return f"{size} parameters"
@@ -122,11 +123,10 @@ class FrozenNode:
         self.model = freeze_linears(model)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.layers = getattr(self.base, "layers", None)
-        if not isinstance(self.layers, torch.nn.ModuleList):
-            raise UserError(f"node {spec.name!r}: {type(model).__name__} has no decoder-layer list (.layers); "
-                            "only decoder-only causal LMs can be nodes")
+        self.base, self.layers, self.norm = decoder_parts(model)    # the final norm: .norm, or GPT-2's .ln_f
+        if self.layers is None or self.norm is None:
+            raise UserError(f"node {spec.name!r}: {type(model).__name__} has no decoder-layer list (.layers or .h) "
+                            "and final norm; only decoder-only causal LMs can be nodes")
         self.width = model.config.get_text_config().hidden_size
         self.n_layers = len(self.layers)
         self.read_layer = spec.read_index(self.n_layers)
@@ -263,7 +263,7 @@ class FrozenNode:
         entering `start`, they do not), and the others have a stand-in hook (hooks.py) recording how the model's
         loop calls them (masks, rotary tables, each layer's attention type), so every architecture keeps its own
         arguments. A stand-in is not a run of its layer: the layer and torch's hooks on it do not run. Above the
-        last layer the model's forward goes on to its final norm, given one position only.
+        last layer the model's forward goes on to its final norm, given one example only.
         A call is (layer, args, kwargs): `layer(hidden, *args, **kwargs)` runs it."""
         calls: list = []
         entering: list = []
@@ -274,7 +274,7 @@ class FrozenNode:
                 if index == start:
                     entering.append(hidden)
                 calls.append((layer, args, kwargs))
-                return hidden[:1, :1] if index == last else hidden
+                return hidden[:1] if index == last else hidden     # GPT-2 reshapes it to (-1, T, d)
             return record
 
         handles = []

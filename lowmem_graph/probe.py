@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .hooks import LayerHook, add_hook, split_hidden
+from .loading import decoder_parts
 
 FORMATS = ("full", "int8", "int4-g128", "nf4")
 GROUP = 128
@@ -65,8 +66,7 @@ class ProbeRow:
 
 def _linears(model) -> list[torch.nn.Linear]:
     """The decoder's linear layers: what a quantised node stores in 4-bit (not the embeddings, not lm_head)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return [m for m in base.layers.modules() if isinstance(m, torch.nn.Linear)]
+    return [m for m in decoder_parts(model)[1].modules() if isinstance(m, torch.nn.Linear)]
 
 
 class _Keep(LayerHook):

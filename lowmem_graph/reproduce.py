@@ -107,17 +107,29 @@ def write_results(rows: list[dict], spec, cfg: TrainConfig, run_dir: Path) -> Pa
     return out
 
 
+PAPER_PROTOCOL = str(Path(__file__).parent / "presets" / "reproduce_paper.yaml")
+
+
 def add_reproduce_command(subparsers) -> None:
-    p = subparsers.add_parser("reproduce", help="the paper's protocol: train, test on ARC-C/OBQA/MMLU, compare")
-    p.add_argument("--protocol", default=str(Path(__file__).parent / "presets" / "reproduce_paper.yaml"),
+    p = subparsers.add_parser("reproduce", help="the paper's protocol: train, test on ARC-C/OBQA/MMLU, compare "
+                                                "(or --source residual-coupling)")
+    p.add_argument("--source", choices=("paper", "residual-coupling"), default="paper",
+                   help="paper (default): Dead Weights, Live Signals; residual-coupling: each model alone, a router "
+                        "and the coupled graph on next-token prediction (preset rc-coding), beside the source's "
+                        "perplexities")
+    p.add_argument("--protocol", default=PAPER_PROTOCOL,
                    help="YAML with preset, train settings and benchmarks (default: the paper's)")
     p.add_argument("--preset", help="override the protocol's graph (tiny runs on CPU)")
     p.add_argument("--graph", help="a graph spec in YAML instead of the preset")
     p.add_argument("--data-dir", help="official local files (ARC, OpenBookQA, MMLU tree); default: the hub")
     p.add_argument("--tasks", help="only these benchmarks, comma-separated (e.g. arc-challenge,openbookqa when no "
                                    "MMLU files are at hand); the others are listed as not run")
-    p.add_argument("--limit-train", type=int, help="at most N training questions per task")
-    p.add_argument("--limit-test", type=int, help="at most N test questions per benchmark")
+    p.add_argument("--task", help="residual-coupling: the text (a .txt/.jsonl file, hf:ORG/NAME, openbook-facts); "
+                                  "default: the graph's")
+    p.add_argument("--limit-train", type=int,
+                   help="at most N training questions per task (passages: residual-coupling)")
+    p.add_argument("--limit-test", type=int, help="at most N test questions per benchmark (held-out passages: "
+                                                  "residual-coupling)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change the graph: latent_dim=512, nodes.phi3.blend=0.5, nodes.gemma.quant=int8, "
                         "drop=gemma (repeatable)")
@@ -129,10 +141,17 @@ def add_reproduce_command(subparsers) -> None:
     p.add_argument("--out", default="runs", help="where run folders go (default: runs/)")
     p.add_argument("--run-dir", help="exact run folder, new or empty (default: <out>/reproduce-<graph>-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_reproduce)
+    p.set_defaults(func=cmd_reproduce, paper_protocol=PAPER_PROTOCOL)
 
 
 def cmd_reproduce(args) -> None:
+    if args.source == "residual-coupling":
+        from .reproduce_rc import cmd_reproduce_rc
+
+        cmd_reproduce_rc(args)
+        return
+    if args.task:
+        raise UserError("--task is --source residual-coupling's; the paper's protocol takes --tasks")
     from .ablate import apply_changes
     from .spec import load_spec
     from .train import TrainConfig, claim_run_dir, create_run_dir

@@ -18,7 +18,7 @@ import yaml
 
 from .errors import UserError
 
-PRESETS = ("tiny", "paper", "paper-70b")
+PRESETS = ("tiny", "paper", "paper-70b", "rc-coding")
 # A frozen node's weight format: bitsandbytes NF4 (4-bit, double quantisation), bitsandbytes LLM.int8 (8-bit
 # per-row weights, outlier columns of the input in 16-bit), or unquantised.
 FORMATS = ("nf4", "int8", "bf16", "fp32")

@@ -1,4 +1,5 @@
-"""The `tiny` preset's models: five small random models of the paper's five architectures.
+"""The `tiny` preset's models: five small random models of the paper's five architectures, and a tiny GPT-2 (the
+residual-coupling source's coding pair is two GPT-2s: `Conv1D` projections, learned positions, no BOS).
 
 Each is built deterministically on first use and cached, with its own tokenizer trained on the bundled
 ARC-Easy text. The tokenizers use different algorithms and vocabularies (like the real five do), so
@@ -18,7 +19,8 @@ import torch
 from .errors import UserError
 from .files import atomic_dir, remove_stale_temps, seal, sealed
 
-ARCHS = ("llama", "qwen2", "gemma2", "phi3", "mistral")
+ARCHS = ("llama", "qwen2", "gemma2", "phi3", "mistral")     # the paper's five (the tiny preset)
+ALL_ARCHS = (*ARCHS, "gpt2")
 _VERSION = 3  # bump when the recipe below changes, so stale caches are rebuilt
 
 # (config class name, width, layers, heads, kv heads, tokenizer kind, vocab size)
@@ -28,6 +30,7 @@ _RECIPES = {
     "gemma2": ("Gemma2Config", 80, 4, 4, 2, "unigram", 448),
     "phi3": ("Phi3Config", 96, 4, 4, 4, "bpe-metaspace", 320),
     "mistral": ("MistralConfig", 128, 4, 4, 2, "wordpiece", 400),
+    "gpt2": ("GPT2Config", 64, 4, 4, 4, "gpt2", 352),
 }
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -42,7 +45,7 @@ def tiny_path(arch: str) -> Path:
     """Path of the tiny model for `arch`, building it first if it is not cached yet. A cache like the others: a
     folder damaged, incomplete or not this model's (its key and checksums in checksums.json) is built again."""
     if arch not in _RECIPES:
-        raise UserError(f"unknown tiny model 'tiny:{arch}' (choose from {', '.join('tiny:' + a for a in ARCHS)})")
+        raise UserError(f"unknown tiny model 'tiny:{arch}' (choose from {', '.join('tiny:' + a for a in ALL_ARCHS)})")
     path = cache_root() / "tiny" / f"{arch}-v{_VERSION}"
     if not sealed(path, _key(arch), "the tiny model"):
         if path.exists():
@@ -74,6 +77,15 @@ def _tokenizer(kind: str, vocab: int):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "gpt2":      # GPT-2's own shape: byte-level BPE, one special token for end, padding, unknown
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_corpus(), trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
     if kind == "bpe-bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -132,13 +144,18 @@ def _build(arch: str, path: Path) -> None:
     cls, width, layers, heads, kv, kind, vocab = _RECIPES[arch]
     tokenizer = _tokenizer(kind, vocab)
     extra = {"head_dim": width // heads, "sliding_window": 64} if arch == "gemma2" else {}
-    config = getattr(transformers, cls)(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **extra)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=width, n_layer=layers, n_head=heads,
+                                         n_positions=1024, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    else:
+        config = getattr(transformers, cls)(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **extra)
     with torch.random.fork_rng():       # deterministic weights without disturbing the caller's RNG
-        torch.manual_seed(ARCHS.index(arch))
+        torch.manual_seed(ALL_ARCHS.index(arch))
         model = AutoModelForCausalLM.from_config(config)
     remove_stale_temps(path.parent)
     with atomic_dir(path) as tmp:

@@ -14,7 +14,7 @@ def run_node(node, input_ids, attention_mask, inject=None, prefix=None, at=None)
             if i == at and inject is not None:
                 h = inject(h)
             h = _run_layer(call, h)
-        return node.base.norm(h)
+        return node.norm(h)
 
 
 def prefix_of(node, input_ids, attention_mask, at=None):
@@ -27,4 +27,4 @@ def read_of(node, input_ids, attention_mask, layer=None):
     layer = node.read_layer if layer is None else layer
     h, calls = node.layer_calls(input_ids, attention_mask, start=layer)
     with node._autocast():
-        return node.base.norm(_run_layer(calls[0], h))
+        return node.norm(_run_layer(calls[0], h))

@@ -102,11 +102,15 @@ def stories_node():
 
 
 def test_causal_alignment_reads_only_what_the_characters_so_far_decide(tiny_nodes, stories_node):
-    """For every pair of tokenizers (byte-level BPE, Metaspace BPE and Unigram, WordPiece, llama2.c's), every cut
-    and continuation: a destination token ending by the cut, whose own tokens are those of the cut text (else it is
+    """For every pair of tokenizers (byte-level BPE, with BOS and without as GPT-2's, Metaspace BPE and Unigram,
+    WordPiece, llama2.c's), every cut and continuation: a destination token ending by the cut, whose own tokens are those of the cut text (else it is
     a different token: its own tokenizer's business, as in any LM), reads the same source token, and every source
     token up to the one it reads (what that token's state depends on) is the same as in the cut text."""
-    nodes = {**tiny_nodes, "stories": stories_node}
+    from lowmem_graph.nodes import FrozenNode
+    from lowmem_graph.spec import NodeSpec
+
+    gpt2 = FrozenNode.load(NodeSpec(name="gpt2", model="tiny:gpt2"), "fp32", "cpu", 256)
+    nodes = {**tiny_nodes, "stories": stories_node, "gpt2": gpt2}
     texts, cuts, refs = cut_texts()
     settled = settled_chars(texts)
     enc = {n: node.encode(texts, offsets=True, keep_start=True) for n, node in nodes.items()}

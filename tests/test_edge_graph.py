@@ -76,7 +76,20 @@ def test_closed_gates_give_each_model_alone(coupled):
         assert torch.allclose(finals[name][mask], alone[mask], atol=1e-5)
 
 
-def test_per_token_edges_stay_causal(coupled):
+@pytest.fixture(scope="module")
+def gpt2_pair():
+    """tiny:gpt2 (byte-level BPE without BOS, learned positions) and tiny:llama, coupled both ways."""
+    return EdgeGraph.build(from_dict(_gpt2_raw(), "pair.yaml"), "cpu", seed=0, objective="lm")
+
+
+def _gpt2_raw():
+    raw = _coupled_raw()
+    raw["nodes"][1] = {"name": "mistral", "model": "tiny:gpt2"}      # the edges' names stay
+    return raw
+
+
+@pytest.mark.parametrize("pair", ["coupled", "gpt2_pair"])
+def test_per_token_edges_stay_causal(pair, request):
     """Next-token prediction through the bridges (open), a router mixing and a per-token latent: texts cut at every
     character, each cut continued in several ways (inside a word, after a space, punctuation, a digit, non-ASCII:
     fewer than test_align's CONTINUATIONS). Every state and logit of every token that ends by the cut, and whose own
@@ -87,6 +100,7 @@ def test_per_token_edges_stay_causal(coupled):
     from lowmem_graph.align import prompt_spans
     from lowmem_graph.objectives import Router
 
+    coupled = request.getfixturevalue(pair)
     graph = copy.deepcopy(coupled)
     torch.manual_seed(0)
     router = Router(graph)
@@ -99,7 +113,8 @@ def test_per_token_edges_stay_causal(coupled):
                                   ["", "ubstance", " stones", "; x", "7", "\u0301水"])
     batch = graph.collate_text(texts, [str(i) for i in range(len(texts))])
     cuts = torch.tensor(cuts)
-    latent = EdgeGraph(from_dict({**_coupled_raw(), "latents": [{"name": "z", "dim": 16}], "edges": [
+    raw = _gpt2_raw() if pair == "gpt2_pair" else _coupled_raw()
+    latent = EdgeGraph(from_dict({**raw, "latents": [{"name": "z", "dim": 16}], "edges": [
         {"from": "llama", "read": 2, "pooling": "token", "to": "z"}, {"from": "z", "to": "mistral", "at": 3,
                                                                       "blend": 0.5}]}, "latent.yaml"), graph.nodes, "lm")
     with torch.no_grad():
@@ -282,7 +297,7 @@ def test_lm_heads_go_to_the_device_for_steps_only_and_come_back(coupled, monkeyp
     monkeypatch.setattr(torch.nn.Module, "to", lambda m, *a, **k: moved.append(m) or to(m, *a, **k))
     placement = Placement("cpu", _forced_plan(load_spec(EXAMPLES / "residual_coupling.yaml")))
     heads = {id(node.model.get_output_embeddings()) for node in coupled.nodes.values()}
-    norms = {id(node.base.norm) for node in coupled.nodes.values()}
+    norms = {id(node.norm) for node in coupled.nodes.values()}
     with placement.frozen_pass(coupled.nodes["llama"], needed=2):
         pass
     assert norms & {id(m) for m in moved} and not heads & {id(m) for m in moved}

@@ -127,7 +127,7 @@ def test_a_users_own_hooks_still_fire_while_streamed_checkpointed_and_recorded(t
                for i, layer in enumerate(node.layers)]
     handles += [layer.register_forward_hook(lambda m, a, o, i=i: post.append(i)) for i, layer in enumerate(node.layers)]
     handles.append(node.layers[1].mlp.register_forward_pre_hook(lambda m, a: _no_forward_replaced(node, seen, "mlp")))
-    handles.append(node.base.norm.register_forward_pre_hook(lambda m, a: _no_forward_replaced(node, seen, "norm")))
+    handles.append(node.norm.register_forward_pre_hook(lambda m, a: _no_forward_replaced(node, seen, "norm")))
     theirs = []
 
     class Theirs(LayerHook):

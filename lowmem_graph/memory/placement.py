@@ -124,7 +124,7 @@ def norm_and_rotary(node: FrozenNode, head: bool = False) -> list[torch.nn.Modul
     """The small parts a node's layers need beside them on the device: the final norm and rotary tables, and with
     `head` (steps of the lm objective) the LM head. Never the head for the frozen pass, which has no use for it:
     a tied head is the embedding table itself, which stays on the host."""
-    parts = [node.base.norm, getattr(node.base, "rotary_emb", None)]
+    parts = [node.norm, getattr(node.base, "rotary_emb", None), getattr(node.base, "wpe", None)]
     parts += [node.model.get_output_embeddings()] if head else []
     return [m for m in parts if m is not None]
 

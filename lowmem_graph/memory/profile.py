@@ -135,7 +135,7 @@ def _param_bytes(module, quant: str) -> tuple[int, int]:
 
 def _profile(spec, quant: str | None = None) -> _Profile:
     """Per node: layer sizes and shapes (meta models); the trainable count, from the widths (`trainable_count`)."""
-    from ..loading import meta_model
+    from ..loading import decoder_parts, meta_model
 
     quant = quant or spec.quant
     if quant not in FORMATS:
@@ -145,10 +145,9 @@ def _profile(spec, quant: str | None = None) -> _Profile:
         return _PROFILES[key]
     nodes = {}
     metas = {n.name: meta_model(n.model, n.revision, n.trust_remote_code) for n in spec.nodes}
-    bases = {name: model.get_decoder() if hasattr(model, "get_decoder") else model.model
-             for name, (_, model) in metas.items()}
+    bases = {name: decoder_parts(model) for name, (_, model) in metas.items()}
     topology = of_spec(spec)
-    edges = _edge_layers(spec, {name: len(base.layers) for name, base in bases.items()})
+    edges = _edge_layers(spec, {name: len(layers) for name, (_, layers, _) in bases.items()})
     lm = spec.train.get("objective") == "lm"
     for n in spec.nodes:
         config, model = metas[n.name]
@@ -214,16 +213,17 @@ def node_profile(name: str, role: str, config, model, quant: str, needed: int, i
     widths, heads, norms per layer, fused projections, whether its attention is eager."""
     import torch
 
+    from ..loading import decoder_parts
+
     text = config.get_text_config()
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    sizes = [_param_bytes(layer, quant) for layer in base.layers]
+    base, layers, norm = decoder_parts(model)
+    sizes = [_param_bytes(layer, quant) for layer in layers]
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    norm = getattr(base, "norm", None)
     table = base.get_input_embeddings().weight
-    layer = base.layers[0]
+    layer = layers[0]
     outputs = {m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear)}
     return _Node(name, role, text.hidden_size, intermediate, kv_heads * head_dim, heads,
                  getattr(text, "attn_logit_softcapping", None) is not None,
