@@ -30,6 +30,12 @@ class Placement:
     def __init__(self, device: torch.device | str, plan=None):
         self.device = _exact(torch.device(device))
         self.plan = plan
+        if plan is not None and (plan.disk_bytes or any(p.disk_bytes for p in plan.frozen.values())):
+            from ..errors import UserError
+
+            raise UserError(f"the plan keeps {sum(g.bytes for g in plan.groups if g.disk) / 2**30:.2f} GiB of "
+                            "trained layers and some frozen-pass layers on disk, and runs cannot read layers from "
+                            "disk yet: free host memory (or give more), or plan with `lowmem-graph plan --host-mem`")
         self.streamers: list[stream.LayerStreamer] = []
         self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
         from .kept import Kept

@@ -56,7 +56,7 @@ from .profile import (
     layer_inference,
     quant_workspace,
 )
-from . import cost, devices
+from . import cost, devices, disk
 from .report import GiB, MiB
 from .report import format_gib as _gib
 
@@ -227,15 +227,16 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
         if all(frozen.values()):
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
-    host = host_breakdown(profile, groups, frozen, batch, micro, seq, spec.injection, schedule)
     activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
     available = _budget.host_available() if host_budget is None else host_budget
+    groups, frozen, host = disk.spill(groups, frozen, available, lambda g, f: host_breakdown(
+        profile, g, f, batch, micro, seq, spec.injection, schedule))
     if sum(host.values()) > available:
         parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host.items())
         raise UserError(
             f"graph {spec.name!r} under a {_gib(budget)} plan needs {_gib(sum(host.values()))} of host memory "
-            f"({parts}), but {_gib(available)} is available: close other programs, use a machine with more "
-            "memory, or a smaller graph")
+            f"even with every layer group on disk ({parts}), but {_gib(available)} is available: close other "
+            "programs, use a machine with more memory, or a smaller graph")
     plan = Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
                 frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, schedule, activations,
                 evaluation, host, available)
