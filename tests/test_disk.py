@@ -4,11 +4,18 @@ time of those reads."""
 import dataclasses
 
 import pytest
+import torch
+from frozen_run import run_node
 from test_cost import DEVICE, PROFILE
+from test_stream import TEXTS, _step, _trainables, _weights
 
 from lowmem_graph import cli
 from lowmem_graph.memory import cost
-from lowmem_graph.memory.estimate import GroupPlan
+from lowmem_graph.memory.estimate import GroupPlan, group_loads
+from lowmem_graph.memory.store import GroupStore
+from lowmem_graph.memory.stream import LayerStreamer, _align
+from lowmem_graph.nodes import FrozenNode
+from lowmem_graph.spec import NodeSpec
 from lowmem_graph.memory.report import GiB, format_plan
 from lowmem_graph.memory.search import make_plan
 from lowmem_graph.spec import load_preset
@@ -77,3 +84,146 @@ def test_plan_command_shows_the_70b_plan_under_32g_of_host_memory(capsys):
     out = capsys.readouterr().out
     assert "training step" in out and "epoch" in out and "vs 32,768 MiB available" in out
     assert "(layers 0-" in out      # the frozen pass table names the layers on disk
+
+
+# --- the streamer's disk source, and a run under a plan with groups on disk -------------------------------------
+
+@pytest.fixture
+def node():
+    """A node of its own: a store rebinds its layers to views of the file."""
+    return FrozenNode.load(NodeSpec(name="m", model="tiny:mistral", role="refiner"), "nf4", "cpu", 64)
+
+
+def test_groups_streamed_from_disk_give_the_plain_numbers(node, tmp_path):
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    enc = node.encode(TEXTS)
+    with torch.no_grad():
+        plain_eval = run_node(node, enc["input_ids"], enc["attention_mask"])
+    before = {k: v.clone() for k, v in node.frozen_tensors()}
+    store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2], [3]])
+    file = store.views[(1,)].untyped_storage().data_ptr()
+    assert all(store.views[(1,)].untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+               for t in _weights(node.layers[1]))       # at rest: views of the file's pages, not host copies
+    with LayerStreamer(node.layers, [[0], [1], [2], [3]], {0, 3}, device="cpu",
+                       disk={1: store, 2: store, 3: store}) as streamer:
+        assert streamer.slab.numel() == 2 * _align(streamer.slot_bytes)   # only the two staging buffers
+        for step in range(2):
+            reads = streamer.disk_reads
+            for a, b in zip(plain, _step(node, *trainables)):
+                assert torch.equal(a, b)
+            if step:    # steady state: every copy of a group on disk reads it once, as the plan predicts
+                predicted = group_loads([GroupPlan("m", i, i + 1, 1, False, disk=True) for i in (1, 2)], 2,
+                                        disk=True)
+                assert streamer.disk_reads - reads == len(predicted[0]) + len(predicted[1])
+        with torch.no_grad():
+            assert torch.equal(run_node(node, enc["input_ids"], enc["attention_mask"]), plain_eval)
+    assert streamer.disk_bytes > 0 and streamer.misses == 1
+    for k, v in node.frozen_tensors():
+        assert torch.equal(v, before[k]), k
+    assert node.layers[3].mlp.down_proj.weight.untyped_storage().data_ptr() == file    # back to the file, resident too
+    for a, b in zip(plain, _step(node, *trainables)):
+        assert torch.equal(a, b)
+
+
+def test_one_slot_reads_each_group_ahead_of_its_copy(node, tmp_path):
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    store = GroupStore(tmp_path, node.identity, node.layers, [[0], [1], [2], [3]])
+    with LayerStreamer(node.layers, [[0], [1], [2], [3]], device="cpu", slots=1,
+                       disk={g: store for g in range(4)}) as streamer:
+        for _ in range(2):
+            for a, b in zip(plain, _step(node, *trainables)):
+                assert torch.equal(a, b)
+    assert streamer.disk_reads == streamer.loads == 4 + 3 + 3 + 3
+
+
+def test_a_killed_write_leaves_no_store_and_a_damaged_one_is_written_again(node, tmp_path, monkeypatch, capsys):
+    from lowmem_graph import files
+
+    real = files.save_file
+
+    def killed(tensors, path, metadata=None):
+        real(tensors, path, metadata)
+        raise KeyboardInterrupt     # killed after the bytes, before the rename
+
+    monkeypatch.setattr(files, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
+    assert list(tmp_path.iterdir()) == []       # not even the temporary
+    monkeypatch.setattr(files, "save_file", real)
+    store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
+    path = store.path
+    store.close()
+    with open(path, "r+b") as f:        # one byte of group 2 flipped
+        f.seek(store.span[(2,)][0] + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
+    assert "damaged" in capsys.readouterr().err and again.path == path
+    buffer = torch.empty(again.span[(2,)][1], dtype=torch.uint8)
+    again.read_into((2,), buffer)
+    assert torch.equal(buffer, again.views[(2,)])
+
+
+def _disk_plan(plan):
+    """The forced plan (tests/test_memory_plan_training.py) with the refiners' streamed groups and the readers'
+    streamed frozen-pass layers on disk."""
+    groups = [dataclasses.replace(g, disk=not g.resident) for g in plan.groups]
+    frozen = {n: dataclasses.replace(p, groups=[dataclasses.replace(g, disk=not g.resident) for g in p.groups])
+              for n, p in plan.frozen.items()}
+    return dataclasses.replace(plan, groups=groups, frozen=frozen)
+
+
+def test_a_run_with_groups_on_disk_trains_bit_for_bit_like_the_host_plan(tmp_path, monkeypatch):
+    import json
+
+    from test_memory_plan_training import SPEC, _forced_plan
+
+    from lowmem_graph.memory import search as planning, stream
+    from lowmem_graph.train import TrainConfig, train
+
+    made = []
+
+    class Recorded(stream.LayerStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    base = {**SPEC.train, "limit_train": 8, "limit_eval": 4, "epochs": 1, "lr": 3e-3, "gpu_mem": "1G"}
+    losses = {}
+    for name, plan in (("host", _forced_plan()), ("disk", _disk_plan(_forced_plan()))):
+        monkeypatch.setattr(planning, "make_plan", lambda *a, plan=plan, **k: plan)
+        train(SPEC, TrainConfig.from_dict({**base, "cache_dir": str(tmp_path / f"cache-{name}")}), tmp_path / name,
+              progress=False, log=lambda *_: None)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"]
+        if name == "disk":
+            assert made and all(s.disk_reads > 0 for s in made if s.order)     # every streamer read from disk
+        made.clear()
+    assert losses["disk"] == losses["host"]
+
+
+def test_under_a_host_budget_below_its_layers_a_run_trains_bit_for_bit_like_the_plain_one(tmp_path, short_run):
+    """No forced plan: --host-mem leaves less host memory than the tiny graph's layers need beside the fixed
+    allowances, so the planner puts groups on disk, and the run reads them from there (the plain run: conftest's)."""
+    import json
+
+    from lowmem_graph.memory.budget import parse_size
+
+    spec = load_preset("tiny")
+    roomy = make_plan(spec, parse_size("1G"), 8, spec.max_length, 64 * GiB, main="cpu")
+    layers = sum(g.bytes for g in roomy.groups) + sum(p.resident_bytes for p in roomy.frozen.values())
+    host = roomy.host_peak - layers // 2
+    planned = make_plan(spec, parse_size("1G"), 8, spec.max_length, host, main="cpu")
+    assert planned.host_peak <= host < roomy.host_peak
+    assert any(p.disk_bytes for p in planned.frozen.values())
+    run = tmp_path / "disk"
+    assert cli.main(["train", "--run-dir", str(run), "--epochs", "1", "--limit-train", "16", "--limit-eval", "8",
+                     "--no-progress", "--gpu-mem", "1G", "--host-mem", str(host), "--device", "cpu",
+                     "--cache-dir", str(tmp_path / "prefix")]) == 0
+    losses = [[r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "step"] for folder in (run, short_run)]
+    assert losses[0] == losses[1]

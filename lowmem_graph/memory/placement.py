@@ -30,18 +30,30 @@ class Placement:
     def __init__(self, device: torch.device | str, plan=None):
         self.device = _exact(torch.device(device))
         self.plan = plan
-        if plan is not None and (plan.disk_bytes or any(p.disk_bytes for p in plan.frozen.values())):
-            from ..errors import UserError
-
-            raise UserError(f"the plan keeps {sum(g.bytes for g in plan.groups if g.disk) / 2**30:.2f} GiB of "
-                            "trained layers and some frozen-pass layers on disk, and runs cannot read layers from "
-                            "disk yet: free host memory (or give more), or plan with `lowmem-graph plan --host-mem`")
+        self.stores: dict[str, object] = {}     # node -> its store.GroupStore: the layer groups on disk
         self.streamers: list[stream.LayerStreamer] = []
         self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
         from .kept import Kept
 
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
         self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
+
+    def spill(self, graph) -> None:
+        """The layer groups the plan keeps on disk go there (written once into the node cache, store.py), each
+        node's host copies of them released; at rest they are views of the file's pages."""
+        from ..tiny import cache_root
+        from .store import GroupStore
+
+        for name, node in (graph.nodes.items() if self.plan is not None else ()):
+            frozen = self.plan.frozen.get(name)
+            groups = [g for g in self.plan.groups if g.node == name] + (frozen.groups if frozen else [])
+            ranges = [list(range(g.first, g.last)) for g in groups if g.disk]
+            if ranges and name not in self.stores:
+                self.stores[name] = GroupStore(cache_root() / "nodes" / "disk", node.identity, node.layers, ranges)
+
+    def _disk(self, name: str, groups) -> dict:
+        """Group index -> the store, for those of `groups` on disk."""
+        return {i: self.stores[name] for i, g in enumerate(groups) if g.disk}
 
     def device_of(self, node: FrozenNode) -> torch.device:
         """Where a node computes: its spec's `device`, else the run's."""
@@ -76,7 +88,8 @@ class Placement:
         small = norm_and_rotary(node)
         for part in small:
             part.to(device)
-        streamer = stream.LayerStreamer(node.layers, groups, resident, device, slots=slots)
+        disk = self._disk(node.spec.name, placement.groups) if placement is not None else {}
+        streamer = stream.LayerStreamer(node.layers, groups, resident, device, slots=slots, disk=disk)
         node.device = device
         try:
             yield streamer
@@ -109,7 +122,8 @@ class Placement:
                 self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
                                                     {i for i, g in enumerate(mine) if g.resident}, device,
                                                     slots=max(1, self.plan.prefetch_depth),
-                                                    plain={i for i, g in enumerate(mine) if not g.checkpointed}))
+                                                    plain={i for i, g in enumerate(mine) if not g.checkpointed},
+                                                    disk=self._disk(name, mine)))
         except BaseException:
             self.stop_steps()
             raise
