@@ -227,3 +227,18 @@ def test_under_a_host_budget_below_its_layers_a_run_trains_bit_for_bit_like_the_
     losses = [[r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "step"] for folder in (run, short_run)]
     assert losses[0] == losses[1]
+
+
+def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_disk.py"
+    spec = importlib.util.spec_from_file_location("bench_disk", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--group-mib", "1", "--groups", "2", "--rounds", "1", "--dir", str(tmp_path / "store"),
+                       "--out", str(tmp_path / "out")]) == 0      # it checks the bytes each way reads
+    table = (tmp_path / "out" / "disk-cpu.md").read_text()
+    assert all(f"| {m} | cold |" in table and f"| {m} | warm (page cache) |" in table
+               for m in ("pread", "mmap", "safe_open"))
