@@ -62,8 +62,8 @@ class PlacedGraph:
         self.placement = Placement(self.device, self.plan)
         self.graph = distributed.main_first(lambda: EdgeGraph.build(
             spec, self.device, progress=log if progress else None, seed=cfg.seed,
-            load_device=self.placement.load_device, objective=cfg.objective), distributed.current())
-        self.placement.spill(self.graph)        # the plan's disk tier: layer groups to the node cache on disk
+            load_device=self.placement.load_device, objective=cfg.objective, loaded=self.placement.spill),
+            distributed.current())
 
     @property
     def micro_batch(self) -> int:

@@ -227,6 +227,10 @@ def test_under_a_host_budget_below_its_layers_a_run_trains_bit_for_bit_like_the_
     losses = [[r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "step"] for folder in (run, short_run)]
     assert losses[0] == losses[1]
+    from lowmem_graph.tiny import cache_root
+
+    stored = list((cache_root() / "nodes" / "disk").glob("groups-*.safetensors"))
+    assert stored and not list((cache_root() / "nodes" / "disk").glob(".*.tmp"))     # whole files, no temporaries
 
 
 def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):

@@ -38,18 +38,21 @@ class Placement:
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
         self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
 
-    def spill(self, graph) -> None:
-        """The layer groups the plan keeps on disk go there (written once into the node cache, store.py), each
-        node's host copies of them released; at rest they are views of the file's pages."""
+    def spill(self, node: FrozenNode) -> None:
+        """The node's layer groups the plan keeps on disk go there (written once into the node cache, store.py),
+        their host copies released: called as each node loads, before the next one. At rest they are views of
+        the file's pages."""
         from ..tiny import cache_root
         from .store import GroupStore
 
-        for name, node in (graph.nodes.items() if self.plan is not None else ()):
-            frozen = self.plan.frozen.get(name)
-            groups = [g for g in self.plan.groups if g.node == name] + (frozen.groups if frozen else [])
-            ranges = [list(range(g.first, g.last)) for g in groups if g.disk]
-            if ranges and name not in self.stores:
-                self.stores[name] = GroupStore(cache_root() / "nodes" / "disk", node.identity, node.layers, ranges)
+        name = node.spec.name
+        if self.plan is None or name in self.stores:
+            return
+        frozen = self.plan.frozen.get(name)
+        groups = [g for g in self.plan.groups if g.node == name] + (frozen.groups if frozen else [])
+        ranges = [list(range(g.first, g.last)) for g in groups if g.disk]
+        if ranges:
+            self.stores[name] = GroupStore(cache_root() / "nodes" / "disk", node.identity, node.layers, ranges)
 
     def _disk(self, name: str, groups) -> dict:
         """Group index -> the store, for those of `groups` on disk."""
