@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from deferred_copies import DeferredCopies
 from frozen_run import run_node
 from test_cost import DEVICE, PROFILE
 from test_stream import TEXTS, _step, _trainables, _weights
@@ -246,3 +247,59 @@ def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):
     table = (tmp_path / "out" / "disk-cpu.md").read_text()
     assert all(f"| {m} | cold |" in table and f"| {m} | warm (page cache) |" in table
                for m in ("pread", "mmap", "safe_open"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_groups_on_disk_stream_like_resident_ones(tmp_path):
+    """The CUDA path: staging buffers page-locked with the slab, the reader waiting for the copy out of its buffer,
+    a resident group on disk moved to the device from the file's pages and back to them, not to a host copy."""
+    spec = NodeSpec(name="m", model="tiny:mistral", role="refiner")
+    resident = FrozenNode.load(spec, "nf4", "cuda", 64)
+    hosted = FrozenNode.load(spec, "nf4", "cpu", 64, compute_device="cuda")
+    store = GroupStore(tmp_path, hosted.identity, hosted.layers, [[0], [1], [2], [3]])
+    trainables = _trainables(resident, device="cuda")
+    plain = _step(resident, *trainables)
+    for part in (hosted.base.norm, hosted.base.rotary_emb):
+        part.to("cuda")
+    hosted.device = torch.device("cuda")
+    with LayerStreamer(hosted.layers, [[0], [1], [2], [3]], {3}, device="cuda",
+                       disk={g: store for g in range(4)}) as streamer:
+        assert streamer.slab.is_pinned()
+        for _ in range(3):
+            for a, b in zip(plain, _step(hosted, *trainables)):
+                torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3 * a.abs().max().item())
+        assert streamer.disk_reads > 0
+    file = store.views[(3,)].untyped_storage().data_ptr()
+    assert hosted.layers[3].mlp.down_proj.weight.untyped_storage().data_ptr() == file
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_copies_out_of_staging_land_before_the_reader_refills_it(node, tmp_path, monkeypatch, wait):
+    """The CUDA ordering on the CPU (tests/deferred_copies.py, each copy reading its source when it lands): the
+    reader waits for the copy out of its staging buffer before it reads the next group into it; without that wait
+    a copy lands with the next group's bytes. The reads run as they are asked for (no thread), so the order of
+    reads and landings is the same at every run."""
+    from concurrent.futures import Future
+
+    class Inline:
+        def submit(self, fn):
+            done = Future()
+            done.set_result(fn())
+            return done
+
+        def shutdown(self, wait=True):
+            pass
+
+    trainables = _trainables(node)
+    plain = _step(node, *trainables)
+    store = GroupStore(tmp_path, node.identity, node.layers, [[0], [1], [2], [3]])
+    streamer = DeferredCopies(late_source=True).install(monkeypatch)
+    if not wait:
+        monkeypatch.setattr(type(torch.cuda.Event()), "synchronize", lambda self: None)
+    with streamer(node.layers, [[0], [1], [2], [3]], {3}, device="cpu", disk={g: store for g in range(3)}) as s:
+        s._reader.shutdown()
+        s._reader = Inline()
+        same = [all(torch.equal(a, b) for a, b in zip(plain, _step(node, *trainables))) for _ in range(3)]
+        assert s.disk_reads > 0
+    assert all(same) if wait else not all(same)
