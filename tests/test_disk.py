@@ -79,6 +79,17 @@ def test_streamed_groups_on_disk_are_read_at_every_copy(paper_70b):
     assert "disk_staging" in text and "in the node cache on disk" in text
 
 
+def test_the_plan_is_the_fastest_once_its_groups_are_on_disk():
+    """At 6 GiB of host memory the fastest placement in host memory (layer-major-host: its kept activations live on
+    the host) cannot fit even with every group on disk; another placement can, and is chosen, its reads priced."""
+    paper = load_preset("paper")
+    roomy = make_plan(paper, 2 * GiB, host_budget=64 * GiB, device="rtx4090")
+    plan = make_plan(paper, 2 * GiB, host_budget=6 * GiB, device="rtx4090")
+    assert roomy.schedule == "layer-major-host" and plan.schedule != "layer-major-host"
+    assert plan.host_peak <= 6 * GiB and plan.disk_per_step > 0
+    assert plan.timing.disk_bytes == plan.disk_per_step and plan.timing.step > roomy.timing.step
+
+
 def test_plan_command_shows_the_70b_plan_under_32g_of_host_memory(capsys):
     assert cli.main(["plan", "--preset", "paper-70b", "--gpu-mem", "24G", "--host-mem", "32G",
                      "--profile", "rtx4090"]) == 0

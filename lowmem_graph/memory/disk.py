@@ -35,3 +35,29 @@ def spill(groups: list, frozen: dict, available: int, host_of) -> tuple[list, di
             frozen[where] = dataclasses.replace(frozen[where], groups=moved)
         host = host_of(groups, frozen)
     return groups, frozen, host
+
+
+def fastest(fits: list, frozen: dict, available: int, host_of, time_of):
+    """The fastest of `fits` (candidates as search.make_plan ranks them, their first item the preference key whose
+    first part is the step time with every group in host memory, fastest first) once each has put on disk what it
+    must: reads only add time, so the search stops at the first candidate whose time in host memory is no better
+    than the best found. `host_of(candidate, groups, frozen)` and `time_of(candidate, groups)` price one. Returns
+    (candidate, groups, frozen, host breakdown), or None when none fits even with every group on disk."""
+    best, best_key = None, None
+    for candidate in fits:
+        key = candidate[0]
+        if best_key is not None and key[0] >= best_key[0]:
+            break
+        groups, placed, host = spill(candidate[1], frozen, available, lambda g, f: host_of(candidate, g, f))
+        if sum(host.values()) > available:
+            continue
+        spilled = (time_of(candidate, groups), *key[1:])
+        if best_key is None or spilled < best_key:
+            best, best_key = (candidate, groups, placed, host), spilled
+    return best
+
+
+def everything(groups: list, frozen: dict) -> tuple[list, dict]:
+    """Every group on disk: what a host budget must hold at the least."""
+    on_disk = [dataclasses.replace(g, disk=True) for g in groups]
+    return on_disk, {n: dataclasses.replace(p, groups=everything(p.groups, {})[0]) for n, p in frozen.items()}
