@@ -55,8 +55,9 @@ class Placement:
             self.stores[name] = GroupStore(cache_root() / "nodes" / "disk", node.identity, node.layers, ranges)
 
     def _disk(self, name: str, groups) -> dict:
-        """Group index -> the store, for those of `groups` on disk."""
-        return {i: self.stores[name] for i, g in enumerate(groups) if g.disk}
+        """Group index -> the store, for those of `groups` on disk (none where the node was never spilled: its
+        groups are then still in host memory, and stream from there)."""
+        return {i: self.stores[name] for i, g in enumerate(groups) if g.disk and name in self.stores}
 
     def device_of(self, node: FrozenNode) -> torch.device:
         """Where a node computes: its spec's `device`, else the run's."""
