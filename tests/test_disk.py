@@ -96,6 +96,7 @@ def test_plan_command_shows_the_70b_plan_under_32g_of_host_memory(capsys):
     out = capsys.readouterr().out
     assert "training step" in out and "epoch" in out and "vs 32,768 MiB available" in out
     assert "(layers 0-" in out      # the frozen pass table names the layers on disk
+    assert "GB of resident groups from disk" in out     # read once per pass: priced in the first epoch
 
 
 # --- the streamer's disk source, and a run under a plan with groups on disk -------------------------------------

@@ -201,6 +201,9 @@ def format_timing(plan) -> list[str]:
               f"{'hidden behind compute' if t.overlapped else 'not overlapped'})" if t.copied_bytes else "no copies")
     copies += f"; disk reads {_ms(p['disk'])} ({t.disk_bytes / 1e9:.2f} GB)" if t.disk_bytes else ""
     epoch = t.epoch(EPOCH_EXAMPLES, plan.batch, EPOCH_EXAMPLES)
+    # the frozen pass's resident groups on disk: read once per pass, over the training and the evaluation set
+    once = 2 * sum(g.bytes for placed in plan.frozen.values() for g in placed.groups if g.disk and g.resident)
+    first = t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch) + once / device.disk_read
     lines = [f"predicted time on {device.name} ({device.source or 'measured'}); predictions, not measurements:",
              f"  {'training step':<20} {_ms(t.step):>12}  matmuls {_ms(p['gemm'])} (recompute {_ms(p['recompute'])}"
              f" of them), dequantisation {_ms(p['dequant'])}, launches {_ms(p['launch'])}, head and optimizer "
@@ -210,8 +213,9 @@ def format_timing(plan) -> list[str]:
              f"{plan.micro_batch}",
              f"  {'frozen pass':<20} {_ms(t.frozen_batch):>12}  per {plan.batch} examples (once, then cached)",
              f"  {'epoch':<20} {_ms(epoch):>12}  {EPOCH_EXAMPLES:,} examples trained and {EPOCH_EXAMPLES:,} "
-             f"evaluated (first epoch: + {_ms(t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch))} "
-             "frozen pass)"]
+             f"evaluated (first epoch: + {_ms(first)} frozen pass"
+             + (f", of it {_ms(once / device.disk_read)} reading {once / 1e9:.1f} GB of resident groups from disk"
+                if once else "") + ")"]
     if plan.runners_up:
         lines.append("  runners-up (the fastest of each other kind that fits), and why each lost:")
         lines += [f"    {r['kind']}: {_ms(r['timing'].step)} ({r['timing'].why_slower(t)})" for r in plan.runners_up]
