@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the trainable parts' initialisation and the data order")
     p.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 24G or 6G: plan what stays resident, "
                                                      "what streams, and the micro-batch (see `lowmem-graph plan`)")
+    p.add_argument("--host-mem", metavar="SIZE", help="host memory for --gpu-mem's plan (default: what is available)")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
     p.add_argument("--cache-dir", help="where the prefix cache lives (default: ~/.cache/lowmem-graph/prefix)")
     p.add_argument("--init", choices=["random", "ridge"],

@@ -35,7 +35,7 @@ def _train_overrides(args) -> dict:
     """Training settings given on the command line (they win over the spec's `train:` defaults)."""
     names = ["task", "eval_task", "data_dir", "train_split", "eval_split", "limit_train", "limit_eval", "epochs",
              "batch_size", "lr", "seed", "device", "checkpoint_every", "max_steps", "gpu_mem", "init", "init_anchor",
-             "init_from", "train_only", "columns", "objective", "cache_dir", "report_to"]
+             "init_from", "train_only", "columns", "objective", "cache_dir", "report_to", "host_mem"]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "allow_test_training", False):
         overrides["allow_test_training"] = True

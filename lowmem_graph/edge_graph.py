@@ -124,13 +124,13 @@ class EdgeGraph(TrainedParts):
     # ---- building ------------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, spec: GraphSpec, device=None, progress=None, seed: int | None = None, load_device=None,
-              objective: str = "choice") -> "EdgeGraph":
+              objective: str = "choice", loaded=None) -> "EdgeGraph":
         """Every node loaded frozen onto `load_device` (default: `device`; a memory plan's placement says where),
         computing in `device`'s dtype, with its LM head under the lm objective for the nodes the output reads;
-        then the trainable parts on `device`, initialised right after `seed` is applied."""
+        then the trainable parts on `device`, initialised right after `seed` is applied. `loaded`: see load_nodes."""
         device = torch.device(device) if device is not None else default_device()
         nodes = load_nodes(spec, device, load_device, progress,
-                           frozenset(spec.output.reads) if objective == "lm" else frozenset())
+                           frozenset(spec.output.reads) if objective == "lm" else frozenset(), loaded)
         if seed is not None:
             torch.manual_seed(seed)
         return cls(spec, nodes, objective).to(device)

@@ -20,9 +20,10 @@ from .spec import GraphSpec
 
 
 def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress=None,
-               logits: frozenset = frozenset()) -> dict[str, FrozenNode]:
+               logits: frozenset = frozenset(), loaded=None) -> dict[str, FrozenNode]:
     """Every node of `spec` frozen, in its format, onto `load_device` (default: where it computes: its own
-    `device:` or the run's), computing in its device's dtype; the nodes named in `logits` keep their LM head."""
+    `device:` or the run's), computing in its device's dtype; the nodes named in `logits` keep their LM head.
+    `loaded(node)` runs after each one (a plan's disk tier takes its groups before the next node loads)."""
     refused = []        # every node's config first: a gated or missing model is said before any download
     for node_spec in spec.nodes:
         try:
@@ -40,6 +41,8 @@ def load_nodes(spec: GraphSpec, device: torch.device, load_device=None, progress
         nodes[node_spec.name] = FrozenNode.load(node_spec, node_spec.format(spec.quant), load_device or own,
                                                 spec.max_length, compute_device=own, logits=node_spec.name in logits,
                                                 progress=progress)
+        if loaded:
+            loaded(nodes[node_spec.name])
     return nodes
 
 

@@ -47,21 +47,23 @@ class PlacedGraph:
                             "or data parallel over whole copies)")
         if cfg.gpu_mem:
             from .memory.placement import _exact as _exact_device
-            from .memory.budget import check_device_room, parse_budgets
+            from .memory.budget import check_device_room, parse_budgets, parse_size
             from .memory.report import format_plan
             from .memory.search import make_plan
 
             if not cfg.prefix_cache:
                 raise UserError("a --gpu-mem plan trains from the prefix cache: drop prefix_cache: false")
             planned = dataclasses.replace(spec, train={**spec.train, "objective": cfg.objective})
-            self.plan = make_plan(planned, parse_budgets(cfg.gpu_mem), cfg.batch_size, spec.max_length,
+            host = parse_size(cfg.host_mem) if cfg.host_mem else None
+            self.plan = make_plan(planned, parse_budgets(cfg.gpu_mem), cfg.batch_size, spec.max_length, host,
                                   main=str(_exact_device(self.device)))
             log(format_plan(self.plan, spec))
             check_device_room(self.plan, str(_exact_device(self.device)))
         self.placement = Placement(self.device, self.plan)
         self.graph = distributed.main_first(lambda: EdgeGraph.build(
             spec, self.device, progress=log if progress else None, seed=cfg.seed,
-            load_device=self.placement.load_device, objective=cfg.objective), distributed.current())
+            load_device=self.placement.load_device, objective=cfg.objective, loaded=self.placement.spill),
+            distributed.current())
 
     @property
     def micro_batch(self) -> int:

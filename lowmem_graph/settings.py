@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     gpu_mem: str | None = None        # device budget ("6G"): plan residency, streaming, micro-batch (needs the cache)
+    host_mem: str | None = None       # host budget under a plan (default: what is available); the rest goes to disk
     prefix_cache: bool = True         # run frozen input-only work once (model-major) and train from its cache
     cache_dir: str | None = None      # where the prefix cache lives (default: <cache root>/prefix)
     checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)

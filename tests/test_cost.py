@@ -35,7 +35,8 @@ def test_a_step_worked_by_hand():
     # 500 B per micro-batch, 1000 B per step = 1 s, not overlapped on this device
     t = cost.step_time(DEVICE, PROFILE, GROUPS, 1, 1, 2, "micro-batch-major", 2)
     assert t.parts == pytest.approx({"gemm": 0.015872, "recompute": 0.00512, "dequant": 2.4, "launch": 0.32,
-                                     "head+optimizer": 0.00024 + 0.028 + 0.18, "copies": 1.0})
+                                     "head+optimizer": 0.00024 + 0.028 + 0.18, "copies": 1.0,
+                                     "disk": 0.0})
     assert t.copied_bytes == 1000 and not t.overlapped
     assert t.step == pytest.approx(0.015872 + 2.4 + 0.32 + 0.20824 + 1.0)
     assert t.bottleneck == "NF4 dequantisation"

@@ -12,7 +12,8 @@ with their fixed costs (MICRO_BATCH_LAUNCHES, STEP_LAUNCHES).
 Copies: the group copies the streamers make (estimate.group_loads: 2(n - s) per pass, not 2n) at the pinned
 host-to-device rate, and a layer-major-host step's kept activations. With two slots on a device whose copies run
 on a side stream (CUDA) they overlap compute, so a phase takes the larger of the two; with one slot, or on a CPU
-(plain copies), they add.
+(plain copies), they add. Groups on disk (memory/disk.py) are read before each copy at the profile's disk rate, on
+the reader thread: hidden like the copies, or added where those are.
 """
 from __future__ import annotations
 
@@ -38,19 +39,22 @@ QUANTISED = ("nf4", "int8")     # formats a run dequantises (int8 is charged as 
 class Timing:
     """A placement's predicted seconds: a training step (its parts), an evaluation batch, a frozen-pass batch."""
     step: float
-    parts: dict[str, float]           # gemm, recompute (of the gemm), dequant, launch, head+optimizer, copies
+    parts: dict[str, float]           # gemm, recompute (of the gemm), dequant, launch, head+optimizer, copies, disk
     overlapped: bool                  # copies hidden behind compute (two slots, side stream)
     eval_batch: float = 0.0
     frozen_batch: float = 0.0
     copied_bytes: int = 0             # host-to-device bytes per step
+    disk_bytes: int = 0               # bytes read from disk per step
 
     @property
     def bottleneck(self) -> str:
         """What the step waits on: the copies when they take longer than compute (or are not hidden and are the
         largest part), else the largest compute part."""
-        compute = {k: v for k, v in self.parts.items() if k not in ("copies", "recompute")}
-        if self.parts["copies"] > (sum(compute.values()) if self.overlapped else max(compute.values())):
-            return "host-to-device copies"
+        compute = {k: v for k, v in self.parts.items() if k not in ("copies", "recompute", "disk")}
+        waits = {"disk reads": self.parts.get("disk", 0.0), "host-to-device copies": self.parts["copies"]}
+        slowest = max(waits, key=waits.get)
+        if waits[slowest] > (sum(compute.values()) if self.overlapped else max(compute.values())):
+            return slowest
         return {"gemm": "matmuls", "dequant": "NF4 dequantisation", "launch": "per-layer launch overhead",
                 "head+optimizer": "head and optimizer"}[max(compute, key=compute.get)]
 
@@ -61,8 +65,9 @@ class Timing:
             return ("as fast; moves more" if self.copied_bytes > best.copied_bytes else "as fast; a larger micro-batch, "
                     "less recompute or a smaller peak won the tie")
         names = {"recompute": "recompute", "dequant": "dequantisation", "launch": "launch overhead",
-                 "copies": "copies" + ("" if self.overlapped else " not hidden"), "head+optimizer": "head"}
-        grown = {k: self.parts[k] - best.parts.get(k, 0.0) for k in names}
+                 "copies": "copies" + ("" if self.overlapped else " not hidden"), "head+optimizer": "head",
+                 "disk": "disk reads"}
+        grown = {k: self.parts.get(k, 0.0) - best.parts.get(k, 0.0) for k in names}
         if not self.overlapped and best.overlapped:
             grown["copies"] = self.parts["copies"]
         if self.overlapped and self.parts["copies"] < self.step:
@@ -98,8 +103,8 @@ def _add(total: dict[str, float], part: dict[str, float], times: float = 1.0) ->
         total[k] = total.get(k, 0.0) + v * times
 
 
-def _phase(compute: float, copies: float, overlapped: bool) -> float:
-    return max(compute, copies) if overlapped else compute + copies
+def _phase(compute: float, copies: float, overlapped: bool, disk: float = 0.0) -> float:
+    return max(compute, copies, disk) if overlapped else compute + copies + disk
 
 
 def step_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int,
@@ -124,9 +129,13 @@ def step_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan],
     copied = (sum(forward_loads) + sum(backward_loads)) * (accumulation if schedule == "micro-batch-major" else 1)
     copied += activation_traffic if schedule == LAYER_MAJOR_HOST else 0
     parts["copies"] = copied / device.h2d_pinned
+    read = sum(map(sum, group_loads(groups, depth, disk=True))) * (accumulation if schedule == "micro-batch-major"
+                                                                     else 1)
+    parts["disk"] = read / device.disk_read
     overlapped = device.copies_overlap and depth == 2
-    compute = sum(v for k, v in parts.items() if k not in ("copies", "recompute"))
-    return Timing(_phase(compute, parts["copies"], overlapped), parts, overlapped, copied_bytes=copied)
+    compute = sum(v for k, v in parts.items() if k not in ("copies", "recompute", "disk"))
+    return Timing(_phase(compute, parts["copies"], overlapped, parts["disk"]), parts, overlapped, copied_bytes=copied,
+                  disk_bytes=read)
 
 
 def eval_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan], depth: int, micro: int, seq: int,
@@ -137,16 +146,21 @@ def eval_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan],
     for g in groups:
         compute += sum(layer_run(device, profile.nodes[g.node], micro * seq, seq).values()) * (g.last - g.first)
     streamed = sum(g.bytes for g in groups if not g.resident)
-    return (batch // micro) * _phase(compute, streamed / device.h2d_pinned, device.copies_overlap and depth == 2)
+    read = sum(g.bytes for g in groups if g.disk and not g.resident)
+    return (batch // micro) * _phase(compute, streamed / device.h2d_pinned, device.copies_overlap and depth == 2,
+                                     read / device.disk_read)
 
 
 def frozen_time(device: DeviceProfile, profile: _Profile, frozen: dict, micro: int, seq: int, batch: int) -> float:
     """The frozen pass over `batch` examples: each node's needed layers forward, per micro-batch, its streamed
-    groups copied once per micro-batch (`frozen`: node -> FrozenPlacement)."""
+    groups copied (and those on disk read) once per micro-batch (`frozen`: node -> FrozenPlacement); the resident
+    groups on disk are read once per pass, not counted here."""
     total = 0.0
     for name, placed in frozen.items():
         node = profile.nodes[name]
         compute = sum(layer_run(device, node, micro * seq, seq).values()) * node.needed
+        read = sum(g.bytes for g in placed.groups if g.disk and not g.resident)
         total += math.ceil(batch / micro) * _phase(compute, placed.streamed_bytes / device.h2d_pinned,
-                                                   device.copies_overlap and placed.prefetch_depth == 2)
+                                                   device.copies_overlap and placed.prefetch_depth == 2,
+                                                   read / device.disk_read)
     return total

@@ -38,6 +38,7 @@ class GroupPlan:
     bytes: int
     resident: bool
     checkpointed: bool = True   # keeps only its input and recomputes in backward (a streamed group always does)
+    disk: bool = False          # lives in the node cache on disk, not host memory (memory/disk.py chooses)
 
 
 class _Placed:
@@ -46,8 +47,13 @@ class _Placed:
 
     @property
     def streamed_bytes(self) -> int:
-        """Bytes of the groups that live in the pinned host slab (the slab's size)."""
+        """Bytes of the groups that stream to the device (from the pinned host slab, or from disk through it)."""
         return sum(g.bytes for g in self.groups if not g.resident)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the groups that live on disk (resident ones are read once per phase, streamed ones per use)."""
+        return sum(g.bytes for g in self.groups if g.disk)
 
     @property
     def resident_bytes(self) -> int:
@@ -105,6 +111,13 @@ class Plan(_Placed):
     @property
     def accumulation(self) -> int:
         return self.batch // self.micro_batch
+
+    @property
+    def disk_per_step(self) -> int:
+        """Bytes read from disk per optimizer step: the streamed groups on disk, each time it is copied."""
+        forward, backward = group_loads(self.groups, self.prefetch_depth, disk=True)
+        once = sum(forward) + sum(backward)
+        return once * self.accumulation if self.schedule == MICRO_BATCH_MAJOR else once
 
     @property
     def traffic_per_step(self) -> int:
@@ -210,16 +223,25 @@ def host_breakdown(profile: _Profile, groups: list[GroupPlan], frozen: dict[str,
     while it is built (the streamed tensors are copied in, then rebound); prefix-cache rows (a shard being written;
     the step's cached rows and the next step's, assembled ahead, pinned per micro-batch, and the next step's once
     more while they are padded, before pinning); what a layer-major-host step keeps, pinned; the runtime."""
-    slabs = [sum(g.bytes for g in groups if g.node == n and not g.resident) for n in profile.nodes]
-    slabs += [placed.streamed_bytes for placed in frozen.values()]
+    slabs = [sum(g.bytes for g in groups if g.node == n and not g.resident and not g.disk) for n in profile.nodes]
+    slabs += [sum(g.bytes for g in placed.groups if not g.resident and not g.disk) for placed in frozen.values()]
+    on_disk = sum(g.bytes for g in groups if g.disk) + sum(placed.disk_bytes for placed in frozen.values())
     refiners = [n for n in profile.nodes.values() if n.role == "refiner"]
     parts = batch // micro
     rows = ([micro * seq * ACT_BYTES * n.width for n in refiners]
             + [micro * (seq if injection == "token" else 1) * 4 * w for w in profile.reader_widths])
-    host = {"frozen_nodes": sum(n.host_bytes for n in profile.nodes.values()),
+    host = {"frozen_nodes": sum(n.host_bytes for n in profile.nodes.values()) - on_disk,
             "slab_being_built": max(slabs, default=0),
             "prefix_cache_rows": 2 * CACHE_SHARD_BYTES + parts * (sum(rows) + 2 * sum(map(pinned_bound, rows))),
             "runtime": HOST_RUNTIME}
+    # each streamer reads its streamed disk groups into two staging buffers of its pinned slab (a resident group
+    # on disk goes to the device straight from the file's pages)
+    staging = max([sum(2 * max((g.bytes for g in groups if g.node == n and g.disk and not g.resident), default=0)
+                       for n in profile.nodes)]
+                  + [2 * max((g.bytes for g in placed.groups if g.disk and not g.resident), default=0)
+                     for placed in frozen.values()])
+    if staging:
+        host["disk_staging"] = staging
     if schedule == LAYER_MAJOR_HOST:
         host["kept_activations"] = sum(_kept_tensors(sum(1 for g in groups if g.node == n.name)) * parts
                                        * pinned_bound(micro * seq * n.width * ACT_BYTES) for n in refiners)
@@ -247,18 +269,19 @@ def _step_breakdown(spec, profile: _Profile, groups: list[GroupPlan], depth: int
     }
 
 
-def group_loads(groups: list[GroupPlan], depth: int) -> tuple[list[int], list[int]]:
+def group_loads(groups: list[GroupPlan], depth: int, disk: bool = False) -> tuple[list[int], list[int]]:
     """The group copies of one forward and its backward, in the steady state (a step after a step), as the
     streamers make them (stream.py): per refiner, of its n streamed groups through s slots, the forward finds the
     first s still in their slots from the last backward and loads the rest; the backward finds the last s still
     there from the forward and loads the others, down to the first: 2(n - s) copies, not 2n. (bytes of the forward's
-    copies, bytes of the backward's), one entry per copy."""
+    copies, bytes of the backward's), one entry per copy; with `disk`, only the copies of groups on disk (each one
+    read from disk first)."""
     forward, backward = [], []
     for node in dict.fromkeys(g.node for g in groups):
-        sizes = [g.bytes for g in groups if g.node == node and not g.resident]
-        slots = min(max(depth, 1), len(sizes))
-        forward += sizes[slots:]
-        backward += sizes[:len(sizes) - slots]
+        streamed = [g for g in groups if g.node == node and not g.resident]
+        slots = min(max(depth, 1), len(streamed))
+        forward += [g.bytes for g in streamed[slots:] if g.disk or not disk]
+        backward += [g.bytes for g in streamed[:len(streamed) - slots] if g.disk or not disk]
     return forward, backward
 
 

@@ -30,12 +30,34 @@ class Placement:
     def __init__(self, device: torch.device | str, plan=None):
         self.device = _exact(torch.device(device))
         self.plan = plan
+        self.stores: dict[str, object] = {}     # node -> its store.GroupStore: the layer groups on disk
         self.streamers: list[stream.LayerStreamer] = []
         self._moved: list[tuple[FrozenNode, torch.device]] = []    # nodes start_steps moved, and their homes
         from .kept import Kept
 
         # what a layer-major step keeps between its phases: on the device, or in pinned host memory
         self.kept = Kept(self.device, getattr(plan, "schedule", None) == "layer-major-host")
+
+    def spill(self, node: FrozenNode) -> None:
+        """The node's layer groups the plan keeps on disk go there (written once into the node cache, store.py),
+        their host copies released: called as each node loads, before the next one. At rest they are views of
+        the file's pages."""
+        from ..tiny import cache_root
+        from .store import GroupStore
+
+        name = node.spec.name
+        if self.plan is None or name in self.stores:
+            return
+        frozen = self.plan.frozen.get(name)
+        groups = [g for g in self.plan.groups if g.node == name] + (frozen.groups if frozen else [])
+        ranges = [list(range(g.first, g.last)) for g in groups if g.disk]
+        if ranges:
+            self.stores[name] = GroupStore(cache_root() / "nodes" / "disk", node.identity, node.layers, ranges)
+
+    def _disk(self, name: str, groups) -> dict:
+        """Group index -> the store, for those of `groups` on disk (none where the node was never spilled: its
+        groups are then still in host memory, and stream from there)."""
+        return {i: self.stores[name] for i, g in enumerate(groups) if g.disk and name in self.stores}
 
     def device_of(self, node: FrozenNode) -> torch.device:
         """Where a node computes: its spec's `device`, else the run's."""
@@ -70,7 +92,8 @@ class Placement:
         small = norm_and_rotary(node)
         for part in small:
             part.to(device)
-        streamer = stream.LayerStreamer(node.layers, groups, resident, device, slots=slots)
+        disk = self._disk(node.spec.name, placement.groups) if placement is not None else {}
+        streamer = stream.LayerStreamer(node.layers, groups, resident, device, slots=slots, disk=disk)
         node.device = device
         try:
             yield streamer
@@ -103,7 +126,8 @@ class Placement:
                 self.streamers.append(stream.LayerStreamer(node.layers, [list(range(g.first, g.last)) for g in mine],
                                                     {i for i, g in enumerate(mine) if g.resident}, device,
                                                     slots=max(1, self.plan.prefetch_depth),
-                                                    plain={i for i, g in enumerate(mine) if not g.checkpointed}))
+                                                    plain={i for i, g in enumerate(mine) if not g.checkpointed},
+                                                    disk=self._disk(name, mine)))
         except BaseException:
             self.stop_steps()
             raise

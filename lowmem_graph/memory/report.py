@@ -180,6 +180,7 @@ _WHY = {
     "prefix_cache_rows": "a shard being written (x2); two steps' cached rows, pinned in power-of-two blocks",
     "runtime": "fixed allowance: Python, torch, CUDA libraries",
     "kept_activations": "layer-major: every micro-batch's group inputs and gradients, pinned",
+    "disk_staging": "two pinned buffers per streamer its disk groups are read into",
 }
 
 
@@ -198,7 +199,11 @@ def format_timing(plan) -> list[str]:
     p = t.parts
     copies = (f"copies {_ms(p['copies'])} ({t.copied_bytes / 1e9:.2f} GB, "
               f"{'hidden behind compute' if t.overlapped else 'not overlapped'})" if t.copied_bytes else "no copies")
+    copies += f"; disk reads {_ms(p['disk'])} ({t.disk_bytes / 1e9:.2f} GB)" if t.disk_bytes else ""
     epoch = t.epoch(EPOCH_EXAMPLES, plan.batch, EPOCH_EXAMPLES)
+    # the frozen pass's resident groups on disk: read once per pass, over the training and the evaluation set
+    once = 2 * sum(g.bytes for placed in plan.frozen.values() for g in placed.groups if g.disk and g.resident)
+    first = t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch) + once / device.disk_read
     lines = [f"predicted time on {device.name} ({device.source or 'measured'}); predictions, not measurements:",
              f"  {'training step':<20} {_ms(t.step):>12}  matmuls {_ms(p['gemm'])} (recompute {_ms(p['recompute'])}"
              f" of them), dequantisation {_ms(p['dequant'])}, launches {_ms(p['launch'])}, head and optimizer "
@@ -208,12 +213,24 @@ def format_timing(plan) -> list[str]:
              f"{plan.micro_batch}",
              f"  {'frozen pass':<20} {_ms(t.frozen_batch):>12}  per {plan.batch} examples (once, then cached)",
              f"  {'epoch':<20} {_ms(epoch):>12}  {EPOCH_EXAMPLES:,} examples trained and {EPOCH_EXAMPLES:,} "
-             f"evaluated (first epoch: + {_ms(t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch))} "
-             "frozen pass)"]
+             f"evaluated (first epoch: + {_ms(first)} frozen pass"
+             + (f", of it {_ms(once / device.disk_read)} reading {once / 1e9:.1f} GB of resident groups from disk"
+                if once else "") + ")"]
     if plan.runners_up:
         lines.append("  runners-up (the fastest of each other kind that fits), and why each lost:")
         lines += [f"    {r['kind']}: {_ms(r['timing'].step)} ({r['timing'].why_slower(t)})" for r in plan.runners_up]
     return lines
+
+
+def _spans(groups) -> str:
+    """Layer ranges of consecutive groups, merged: '0-39, 44-47'."""
+    spans = []
+    for g in groups:
+        if spans and spans[-1][1] == g.first:
+            spans[-1][1] = g.last
+        else:
+            spans.append([g.first, g.last])
+    return ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans)
 
 
 def format_plan(plan, spec) -> str:
@@ -236,12 +253,14 @@ def format_plan(plan, spec) -> str:
         index[g.node] = index.get(g.node, 0) + 1
         span = f"{g.first}-{g.last - 1}" if g.last - g.first > 1 else str(g.first)
         lines.append(f"{g.node:<10} {span:>8} {index[g.node]:>5} {format_mib(g.bytes):>12}  "
-                     f"{'resident' if g.resident else 'streamed'}, "
+                     f"{'resident' if g.resident else 'streamed'}{' from disk' if g.disk else ''}, "
                      f"{'recomputed in backward' if g.checkpointed else 'keeps its activations'}")
     streamed = plan.streamed_bytes
     lines += ["", f"resident {format_mib(plan.resident_bytes)}; streamed {format_mib(streamed)}"
               + (f" (pinned host slab; prefetch depth {plan.prefetch_depth}; {plan.schedule} schedule, "
-                 f"{plan.traffic_per_step / 1e9:.2f} GB host-to-device per step)" if streamed else ""),
+                 f"{plan.traffic_per_step / 1e9:.2f} GB host-to-device per step)" if streamed else "")
+              + (f"; on disk {format_mib(plan.disk_bytes)} ({plan.disk_per_step / 1e9:.2f} GB read per step)"
+                 if plan.disk_bytes else ""),
               f"trainable parameters: {plan.trainable_params:,}", ""]
     lines += format_timing(plan) + ["", "training step peak:"]
     for k, v in plan.breakdown.items():
@@ -254,19 +273,23 @@ def format_plan(plan, spec) -> str:
         lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
     lines.append(f"  {'predicted peak':<20} {format_mib(plan.eval_peak):>12}  vs budget {format_mib(plan.budget)} "
                  f"({plan.eval_peak / plan.budget:.0%})")
-    lines += ["", "host memory (every node lives there under a plan):"]
+    on_disk = plan.disk_bytes + sum(placed.disk_bytes for placed in plan.frozen.values())
+    lines += ["", "host memory (every node lives there under a plan" + (
+        f", but for {format_mib(on_disk)} of layer groups in the node cache on disk):" if on_disk else "):")]
     for k, v in plan.host_breakdown.items():
         lines.append(f"  {k:<20} {format_mib(v):>12}  {_WHY.get(k, '')}")
     lines.append(f"  {'predicted peak':<20} {format_mib(plan.host_peak):>12}  vs {format_mib(plan.host_available)} available "
                  f"({plan.host_peak / plan.host_available:.0%})")
     lines += ["", f"frozen pass (once over the data, one node at a time, micro-batch {plan.frozen_micro_batch}, "
                   "embeddings on the host):",
-              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12}"]
+              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12} "
+              f"{'on disk':>12}"]
     for name, placed in plan.frozen.items():
         last = placed.groups[-1].last if placed.groups else 0
         lines.append(f"  {name:<10} {f'0-{last - 1}' if last else '-':>8} "
                      f"{format_mib(placed.resident_bytes):>12} {format_mib(placed.streamed_bytes):>12} "
-                     f"{placed.prefetch_depth:>5} {format_mib(placed.peak):>12}")
+                     f"{placed.prefetch_depth:>5} {format_mib(placed.peak):>12} {format_mib(placed.disk_bytes):>12}"
+                     + (f" (layers {_spans(g for g in placed.groups if g.disk)})" if placed.disk_bytes else ""))
     parts = ", ".join(f"{k} {format_mib(v)}" for k, v in plan.frozen[plan.frozen_node].breakdown.items())
     lines += [f"  peak ({plan.frozen_node}): {parts} = {format_mib(plan.frozen_pass_peak)}",
               (f"smallest budget with a plan: {format_gib(plan.minimum)} (training step alone "

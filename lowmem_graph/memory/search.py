@@ -56,7 +56,7 @@ from .profile import (
     layer_inference,
     quant_workspace,
 )
-from . import cost, devices
+from . import cost, devices, disk
 from .report import GiB, MiB
 from .report import format_gib as _gib
 
@@ -219,27 +219,31 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
             f"memory ({minimum:,} bytes: training step {_gib(train_min)}, frozen pass {_gib(frozen_min)}); "
             f"the budget is {_gib(budget)}")
     fits.sort(key=lambda c: c[0])
-    _, groups, depth, micro, schedule, breakdown, peak, evaluation, timing = fits[0]
-
     for frozen_micro in _divisors(batch):        # the largest micro-batch every node fits at (1 always does)
         frozen = {n.name: _frozen_placement(n, frozen_micro, seq, profile.trainable, budget)
                   for n in profile.nodes.values()}
         if all(frozen.values()):
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
-    host = host_breakdown(profile, groups, frozen, batch, micro, seq, spec.injection, schedule)
-    activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
     available = _budget.host_available() if host_budget is None else host_budget
-    if sum(host.values()) > available:
+    # the fastest once the groups that do not fit the host are on disk (memory/disk.py)
+    chosen = disk.fastest(fits, frozen, available, lambda c, g, f: host_breakdown(
+        profile, g, f, batch, c[3], seq, spec.injection, c[4]), lambda c, g: _timing(
+        device, profile, g, c[2], c[3], c[4], batch, seq).step)
+    if chosen is None:      # the least any placement needs
+        host = min((host_breakdown(profile, *disk.everything(c[1], frozen), batch, c[3], seq, spec.injection, c[4])
+                    for c in fits), key=lambda h: sum(h.values()))
         parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host.items())
         raise UserError(
             f"graph {spec.name!r} under a {_gib(budget)} plan needs {_gib(sum(host.values()))} of host memory "
-            f"({parts}), but {_gib(available)} is available: close other programs, use a machine with more "
-            "memory, or a smaller graph")
+            f"even with every layer group on disk ({parts}), but {_gib(available)} is available: close other "
+            "programs, use a machine with more memory, or a smaller graph")
+    (_, _, depth, micro, schedule, breakdown, peak, evaluation, _), groups, frozen, host = chosen
+    activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
     plan = Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
                 frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, schedule, activations,
                 evaluation, host, available)
-    return _timed(plan, profile, device, [c[1:] for c in fits[1:]])
+    return _timed(plan, profile, device, [c[1:] for c in fits if c is not chosen[0]])
 
 
 def _timed(plan: Plan, profile: _Profile, device, others=()) -> Plan:

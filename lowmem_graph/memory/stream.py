@@ -20,6 +20,11 @@ with plain copies, so the tests exercise layout, rebinding, slot reuse and prefe
 Gradients through streamed groups need checkpointing (what the forward saved would be overwritten), so every
 group runs through `GroupCheckpoint` (hooks on the layers' forwards, hooks.py), which also calls the streamer when
 a group starts, in either direction. The page-locked host memory and its CUDA calls are host.py's.
+
+Disk tier: a streamed group the plan keeps on disk (store.py) has no place in the slab; at rest its tensors are
+views of the store file's pages. A reader thread reads it into one of two staging buffers at the slab's end, ahead
+of its copy (when the group before it starts, or the one before that where two slots hold both), and the copy
+goes staging -> slot as from the slab; on CUDA the reader first waits for the copy that last read its buffer.
 """
 from __future__ import annotations
 
@@ -40,14 +45,16 @@ class LayerStreamer:
     `groups` are lists of consecutive layer indices, in execution order, each run under checkpoint but those in
     `plain` (resident groups that keep their activations).
     `slots=2` double-buffers; `slots=1` halves the slot memory, but then nothing can be prefetched.
-    `pin` page-locks the slab (default: on CUDA). Installed on construction; a construction that fails leaves
-    every layer as it was.
+    `pin` page-locks the slab (default: on CUDA). `disk`: streamed groups that live on disk (group index ->
+    store.GroupStore): they take no room in the slab; a reader thread reads each into one of two staging buffers at
+    the slab's end, one group ahead of its copy. Installed on construction; a construction that fails leaves every
+    layer as it was.
     `detach()` (or leaving a `with` block) puts every tensor back on its device, streamed ones as slab views.
     """
 
     def __init__(self, layers: torch.nn.ModuleList, groups: Sequence[Sequence[int]], resident: Iterable[int] = (),
                  device: torch.device | str | None = None, slots: int = 2, pin: bool | None = None,
-                 plain: Iterable[int] = ()):
+                 plain: Iterable[int] = (), disk: dict | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         groups = check_groups(groups, len(layers))
         resident = set(resident)
@@ -61,6 +68,8 @@ class LayerStreamer:
             raise ValueError(f"streamed groups {sorted(plain & set(self.order))} must be checkpointed: their weights "
                              "leave the device before backward")
         self._rank = {g: rank for rank, g in enumerate(self.order)}
+        disk = disk or {}
+        self._stores = {self._rank[g]: (store, tuple(groups[g])) for g, store in disk.items() if g in self._rank}
         sites = [_sites([layers[i] for i in group]) for group in groups]
         resident_sites = [site for g in sorted(resident) for site in sites[g]]
         self.resident_bytes = sum({_same(t): t.nbytes for _, _, t in resident_sites}.values())
@@ -69,9 +78,12 @@ class LayerStreamer:
         n_slots = min(slots, len(self.order))
 
         self._starts, total = [], 0
-        for _, nbytes in layouts:
+        for rank, (_, nbytes) in enumerate(layouts):
             self._starts.append(_align(total))
-            total = self._starts[-1] + nbytes
+            total = self._starts[-1] + (0 if rank in self._stores else nbytes)
+        staging = max((layouts[rank][1] for rank in self._stores), default=0)
+        self._staging_starts = [_align(total), _align(_align(total) + staging)] if staging else []
+        total = self._staging_starts[-1] + staging if staging else total
         self._groups = []       # per streamed group: (nbytes, [(owner, attr, offset, nbytes, dtype, shape)])
         for (placed, nbytes), g in zip(layouts, self.order):
             self._groups.append((nbytes, [(owner, attr, offset, t.nbytes, t.dtype, t.shape)
@@ -84,16 +96,18 @@ class LayerStreamer:
         originals = [site for group in sites for site in group]
         self.checkpoint = GroupCheckpoint(layers, groups, before_group=self.load_group, plain=plain)
         try:
-            for start, (placed, _), g in zip(self._starts, layouts, self.order):
-                for (_, _, t), offset in zip(sites[g], placed):
+            for rank, (start, (placed, _), g) in enumerate(zip(self._starts, layouts, self.order)):
+                for (_, _, t), offset in zip(sites[g] if rank not in self._stores else (), placed):
                     self.slab[start + offset: start + offset + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
             if self.device.type == "cuda" if pin is None else pin:
                 self.host.pin()         # before anything moves
             if self.device.type == "cuda" and self.order:
                 self._stream = torch.cuda.Stream(self.device)
             for rank in range(len(self.order)):
-                self._bind(rank, self.slab, self._starts[rank])
+                self._bind(rank, *self._home(rank))
             self._resident = [(owner, attr, t.device) for owner, attr, t in resident_sites]
+            # a resident group on disk goes back to its views of the file, not to a fresh copy in host memory
+            self._on_disk = [(owner, attr, t) for g in sorted(resident & set(disk)) for owner, attr, t in sites[g]]
             moved = _moved([t for *_, t in resident_sites], [self.device] * len(resident_sites))
             for (owner, attr, _), t in zip(resident_sites, moved):
                 setattr(owner, attr, t)
@@ -109,6 +123,14 @@ class LayerStreamer:
             self._release_host()
             raise
         self._in_slot = [None] * n_slots      # which streamed group each slot holds (or is being filled with)
+        self._staged = [None] * len(self._staging_starts)     # (rank, the reader's future) per staging buffer
+        self._copied = [None] * len(self._staging_starts)     # CUDA: an event after the last copy out of each
+        self._reader = None
+        if self._stores:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="lowmem-disk")
+        self.disk_reads = self.disk_bytes = 0      # groups read from disk (ahead of use, or on demand)
         self._shift = 0
         if self._stream is not None:
             self._ready = [torch.cuda.Event() for _ in self.slots]
@@ -127,11 +149,15 @@ class LayerStreamer:
             return
         self._attached = False
         self.checkpoint.detach()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)        # no read may still write into the slab
         self._release_host()
         for rank in range(len(self.order)):
-            self._bind(rank, self.slab, self._starts[rank])
+            self._bind(rank, *self._home(rank))
         back = _moved([getattr(owner, attr) for owner, attr, _ in self._resident], [d for *_, d in self._resident])
         for (owner, attr, _), t in zip(self._resident, back):
+            setattr(owner, attr, t)
+        for owner, attr, t in self._on_disk:
             setattr(owner, attr, t)
         self.slots, self._in_slot, self.device_bytes = [], [], 0
 
@@ -191,6 +217,11 @@ class LayerStreamer:
                 self._shift ^= 1    # odd count: group 0's usual slot is the one in use; the next pass swaps slots
         if len(self.slots) == 2 and 0 <= following < len(self.order) and self._slot(following) != slot:
             self._load(following)
+        if 0 <= following < len(self.order):    # the next group copied into a slot: read it (or the one after) now
+            ahead = following if self._in_slot[self._slot(following)] != following else following + (-1 if backward
+                                                                                                      else 1)
+            if ahead in self._stores and self._staging_of(ahead) is None:
+                self._read(ahead)
         self.peak_device_bytes = max(self.peak_device_bytes, self.held_bytes())
 
     def _slot(self, rank: int) -> int:
@@ -204,10 +235,18 @@ class LayerStreamer:
         if self._in_slot[slot] == rank:
             return
         if self._in_slot[slot] is not None:
-            evicted = self._in_slot[slot]
-            self._bind(evicted, self.slab, self._starts[evicted])
+            self._bind(self._in_slot[slot], *self._home(self._in_slot[slot]))
         nbytes = self._groups[rank][0]
-        source, target = self.slab[self._starts[rank]: self._starts[rank] + nbytes], self.slots[slot][:nbytes]
+        staged = None
+        if rank in self._stores:
+            staged = self._staging_of(rank)
+            staged = self._read(rank) if staged is None else staged
+            self._staged[staged][1].result()        # the reader has the group's bytes in the buffer
+            start = self._staging_starts[staged]
+            source = self.slab[start: start + nbytes]
+        else:
+            source = self.slab[self._starts[rank]: self._starts[rank] + nbytes]
+        target = self.slots[slot][:nbytes]
         if self._stream is None:
             target.copy_(source)
         else:
@@ -220,13 +259,49 @@ class LayerStreamer:
                     begin.record(self._stream)
                 target.copy_(source, non_blocking=True)
                 self._ready[slot].record(self._stream)
+                if staged is not None:      # the reader waits for this before it fills the buffer again
+                    self._copied[staged] = torch.cuda.Event()
+                    self._copied[staged].record(self._stream)
                 if timed:
                     end.record(self._stream)
                     self.copy_times.append((nbytes, begin, end))
+        if staged is not None:
+            self._staged[staged] = None
         self._bind(rank, self.slots[slot], 0)
         self._in_slot[slot] = rank
         self.loads += 1
         self.streamed_bytes += nbytes
+
+    def _home(self, rank: int) -> tuple[torch.Tensor, int]:
+        """Where a streamed group's tensors point at rest: its part of the slab, or its pages of the disk store."""
+        if rank in self._stores:
+            store, group = self._stores[rank]
+            return store.views[group], 0
+        return self.slab, self._starts[rank]
+
+    def _staging_of(self, rank: int) -> int | None:
+        return next((b for b, staged in enumerate(self._staged) if staged and staged[0] == rank), None)
+
+    def _read(self, rank: int) -> int:
+        """Have the reader thread read a disk group into a free staging buffer (the other one may hold the group
+        being copied out, or read ahead); returns the buffer."""
+        free = [b for b, staged in enumerate(self._staged) if staged is None]
+        buffer = free[0] if free else 0
+        if self._staged[buffer] is not None:
+            self._staged[buffer][1].result()      # a read ahead that is not wanted now: let it finish first
+        store, group = self._stores[rank]
+        start, copied = self._staging_starts[buffer], self._copied[buffer]
+        target = self.slab[start: start + self._groups[rank][0]]
+
+        def fill():
+            if copied is not None:
+                copied.synchronize()        # the last copy out of this buffer has finished
+            return store.read_into(group, target)
+
+        self._staged[buffer] = (rank, self._reader.submit(fill))
+        self.disk_reads += 1
+        self.disk_bytes += self._groups[rank][0]
+        return buffer
 
     def _bind(self, rank: int, buffer: torch.Tensor, start: int) -> None:
         for owner, attr, offset, nbytes, dtype, shape in self._groups[rank][1]:
