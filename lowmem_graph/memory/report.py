@@ -282,13 +282,14 @@ def format_plan(plan, spec) -> str:
                  f"({plan.host_peak / plan.host_available:.0%})")
     lines += ["", f"frozen pass (once over the data, one node at a time, micro-batch {plan.frozen_micro_batch}, "
                   "embeddings on the host):",
-              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12} "
-              f"{'on disk':>12}"]
+              f"  {'node':<10} {'layers':>8} {'resident':>12} {'streamed':>12} {'slots':>5} {'peak':>12}"
+              + (f" {'on disk':>12}" if on_disk else "")]       # the column only where the disk tier is used
     for name, placed in plan.frozen.items():
         last = placed.groups[-1].last if placed.groups else 0
         lines.append(f"  {name:<10} {f'0-{last - 1}' if last else '-':>8} "
                      f"{format_mib(placed.resident_bytes):>12} {format_mib(placed.streamed_bytes):>12} "
-                     f"{placed.prefetch_depth:>5} {format_mib(placed.peak):>12} {format_mib(placed.disk_bytes):>12}"
+                     f"{placed.prefetch_depth:>5} {format_mib(placed.peak):>12}"
+                     + (f" {format_mib(placed.disk_bytes):>12}" if on_disk else "")
                      + (f" (layers {_spans(g for g in placed.groups if g.disk)})" if placed.disk_bytes else ""))
     parts = ", ".join(f"{k} {format_mib(v)}" for k, v in plan.frozen[plan.frozen_node].breakdown.items())
     lines += [f"  peak ({plan.frozen_node}): {parts} = {format_mib(plan.frozen_pass_peak)}",
