@@ -15,8 +15,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")      # ORG/N
 
 
 def is_repo_id(ref) -> bool:
-    """ORG/NAME that is no local path (a local folder of that name wins)."""
-    return isinstance(ref, str) and bool(_REPO_ID.match(ref)) and not Path(ref).expanduser().exists()
+    """ORG/NAME that is no local path: a local folder of that name wins, and so does a local ORG folder (a mistyped
+    `runs/<run>` is a missing run folder, never a download)."""
+    return (isinstance(ref, str) and bool(_REPO_ID.match(ref)) and not Path(ref).expanduser().exists()
+            and not Path(ref.split("/")[0]).expanduser().is_dir())
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -7,10 +7,10 @@ non-blocking copy and takes its tensors as views of it (`arrive`). So nothing in
 a device (on CUDA such a copy holds the host until it lands), the copy overlaps the previous micro-batch's compute,
 and one copy replaces a dozen small ones. Where every tensor stays where it is (a CPU run) nothing is packed.
 
-Where each tensor goes (`destinations`): a node's tokens, masks, offsets and predicted positions to the device
-that node computes on; an index into a source node's states to the source's device (the gather runs where the
-states are); the labels, the choice counts and every cached state but a prefix to the device of the trained parts;
-a cached prefix to its node's device.
+Where each tensor goes (`destinations`): a node's tokens, masks and predicted positions to the device that node
+computes on (its character offsets stay on the host: collation read them); an index into a source node's states to
+the source's device (the gather runs where the states are); the labels, the choice counts and every cached state
+but a prefix to the device of the trained parts; a cached prefix to its node's device.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def destinations(graph, batch, states: dict | None = None) -> dict[tuple, tuple[
     for pair, index in (batch.align or {}).items():
         out["align", pair] = index, node(pair[0])
     for name, offsets in (batch.offsets or {}).items():
-        if offsets is not None:
-            out["offsets", name] = offsets, node(name)
+        if offsets is not None:         # read on the host only, at collation (alignment, predicted positions)
+            out["offsets", name] = offsets, offsets.device
     for name, picks in (batch.picks or {}).items():
         out["picks", name] = picks, node(name)
     for key, tensor in (states or {}).items():

@@ -2,6 +2,8 @@
 by hand, profiles built in, measured and found, and `plan` printing the predicted times."""
 import dataclasses
 
+import re
+
 import pytest
 
 from lowmem_graph import cli
@@ -65,12 +67,16 @@ def test_each_streamer_loads_2n_minus_2_slots_groups_per_pass():
 
 
 def test_built_in_profiles_cite_their_sources():
-    assert set(devices.BUILT_IN) == {"rtx3090", "rtx4090", "rtx5090", "a100-40gb", "a100-80gb", "l4", "h100", "h200"}
+    assert set(devices.BUILT_IN) == {"rtx3090", "rtx4090", "rtx5090", "a100-40gb", "a100-80gb", "l4", "h100",
+                                     "h100-pcie", "h200"}
     for p in devices.BUILT_IN.values():
         assert "TFLOPS" in p.source and "PCIe" in p.source and ("GB/s" in p.source or "TB/s" in p.source)
     h100, l4 = devices.BUILT_IN["h100"], devices.BUILT_IN["l4"]
     assert h100.gemm["bf16"] > l4.gemm["bf16"] and h100.h2d_pinned == 2 * l4.h2d_pinned     # PCIe 5 against 4
     assert devices.resolve("RTX4090") is devices.BUILT_IN["rtx4090"]
+    # a CUDA card's name picks its own profile: the PCIe H100 is not the SXM one (756 against 989 dense TFLOPS)
+    assert [re.search(pattern, "NVIDIA H100 PCIe") is not None for pattern, _ in devices.CARDS].index(True) == \
+        [name for _, name in devices.CARDS].index("h100-pcie")
     with pytest.raises(UserError, match="neither a built-in profile"):
         devices.resolve("rtx9999")
 

@@ -131,3 +131,13 @@ def test_offline_a_hub_graph_is_one_line_at_once(monkeypatch, capsys):
     assert main(["predict", "someone/graph", "--question", "q", "--choices", "a", "b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the Hugging Face hub for graph 'someone/graph'" in err[0]
+
+
+def test_a_mistyped_run_folder_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from lowmem_graph.hub import is_repo_id
+
+    monkeypatch.chdir(tmp_path)
+    assert is_repo_id("runs/tiny-20261205-054801")          # no runs/ here: it could be a repository
+    (tmp_path / "runs").mkdir()
+    assert not is_repo_id("runs/tiny-20261205-054801")      # runs/ exists: a missing run folder, not a download
+    assert is_repo_id("openai-community/gpt2") and not is_repo_id("runs")

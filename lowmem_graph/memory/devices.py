@@ -70,12 +70,15 @@ BUILT_IN = {p.name: p for p in (
               "FP32 30.3, GDDR6 300 GB/s, PCIe 4.0 x16"),
     published("h100", 989, 67, 3350, 5, "NVIDIA H100 datasheet (SXM): BF16 tensor 1979 TFLOPS with sparsity (989 "
               "dense), FP32 67, HBM3 3.35 TB/s, PCIe 5.0 x16"),
+    published("h100-pcie", 756, 51, 2000, 5, "NVIDIA H100 datasheet (PCIe): BF16 tensor 1513 TFLOPS with sparsity "
+              "(756 dense), FP32 51, HBM2e 2 TB/s, PCIe 5.0 x16"),
     published("h200", 989, 67, 4800, 5, "NVIDIA H200 datasheet (SXM): BF16 tensor 1979 TFLOPS with sparsity (989 "
               "dense), FP32 67, HBM3e 4.8 TB/s, PCIe 5.0 x16"),
 )}
 # a CUDA card's name -> its built-in profile (first match)
 CARDS = ((r"RTX 3090", "rtx3090"), (r"RTX 4090", "rtx4090"), (r"RTX 5090", "rtx5090"), (r"A100.*80", "a100-80gb"),
-         (r"A100", "a100-40gb"), (r"\bL4\b", "l4"), (r"H100", "h100"), (r"H200", "h200"))
+         (r"A100", "a100-40gb"), (r"\bL4\b", "l4"), (r"H100.*PCIe", "h100-pcie"), (r"H100", "h100"),
+         (r"H200", "h200"))
 DEFAULT = "rtx4090"     # no measured profile and no known card: plan for the common 24 GB card
 
 

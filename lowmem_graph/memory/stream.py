@@ -154,8 +154,10 @@ class LayerStreamer:
         self._release_host()
         for rank in range(len(self.order)):
             self._bind(rank, *self._home(rank))
-        back = _moved([getattr(owner, attr) for owner, attr, _ in self._resident], [d for *_, d in self._resident])
-        for (owner, attr, _), t in zip(self._resident, back):
+        filed = {(id(owner), attr) for owner, attr, _ in self._on_disk}     # back to their file views, uncopied
+        home = [site for site in self._resident if (id(site[0]), site[1]) not in filed]
+        back = _moved([getattr(owner, attr) for owner, attr, _ in home], [d for *_, d in home])
+        for (owner, attr, _), t in zip(home, back):
             setattr(owner, attr, t)
         for owner, attr, t in self._on_disk:
             setattr(owner, attr, t)
