@@ -189,22 +189,15 @@ def _disk_plan(plan):
     return dataclasses.replace(plan, groups=groups, frozen=frozen)
 
 
-def test_a_run_with_groups_on_disk_trains_bit_for_bit_like_the_host_plan(tmp_path, monkeypatch):
+def test_a_run_with_groups_on_disk_trains_bit_for_bit_like_the_host_plan(tmp_path, monkeypatch, streamers_made):
     import json
 
     from test_memory_plan_training import SPEC, _forced_plan
 
-    from lowmem_graph.memory import search as planning, stream
+    from lowmem_graph.memory import search as planning
     from lowmem_graph.train import TrainConfig, train
 
-    made = []
-
-    class Recorded(stream.LayerStreamer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(stream, "LayerStreamer", Recorded)
+    made = streamers_made
     base = {**SPEC.train, "limit_train": 8, "limit_eval": 4, "epochs": 1, "lr": 3e-3, "gpu_mem": "1G"}
     losses = {}
     for name, plan in (("host", _forced_plan()), ("disk", _disk_plan(_forced_plan()))):
