@@ -73,6 +73,20 @@ def _quantising_time(config, device) -> str:
     return f"{size} parameters, {wait} on two cores"
 
 
+def _quantised_by_module(spec, source, is_local, pinned, config, compute, where, path, key) -> bool:
+    """The node's NF4 copy written module by module on `where` (quantise.py: about one module of host memory, not
+    the model); False when its checkpoint is not safetensors under the model's own names (then from_pretrained
+    quantises it)."""
+    from transformers import AutoTokenizer
+
+    from .quantise import save_quantised
+
+    trust = {"trust_remote_code": spec.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or source, **trust, **({} if spec.tokenizer else pinned))
+    return save_quantised(source, is_local, pinned.get("revision"), config, compute, where, path, key, tokenizer,
+                          spec.trust_remote_code)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -154,6 +168,8 @@ class FrozenNode:
         kwargs = {"device_map": {"": device.index if device.type == "cuda" and device.index is not None
                                  else device.type}}
         load_from, save_to = source, None
+        where = torch.device(compute_device or device)       # quantised there: on a GPU even for a host node
+        where = where if where.type == "cuda" else torch.device("cpu")
         if getattr(config, "quantization_config", None) is not None:
             kwargs["dtype"] = compute                 # pre-quantised checkpoint (bnb, or GPTQ through optimum)
         elif quant == "int8":
@@ -170,8 +186,8 @@ class FrozenNode:
             else:
                 save_to = cached
                 if progress:
-                    progress(f"{spec.name}: quantising to NF4 on the {device.type.upper()}, once (saved for later "
-                             f"runs): {_quantising_time(config, device)}")
+                    progress(f"{spec.name}: quantising to NF4 on the {where.type.upper()}, once (saved for later "
+                             f"runs): {_quantising_time(config, where)}")
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=compute)
@@ -179,6 +195,10 @@ class FrozenNode:
         else:
             kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32
         try:
+            if save_to is not None and _quantised_by_module(spec, source, is_local, pinned, config, compute, where,
+                                                            save_to, node_key(identity, quant, compute)):
+                load_from, save_to = str(save_to), None          # then loaded as any saved copy is
+                del kwargs["quantization_config"]
             from_hub = pinned if load_from == source else {}     # the commit the config resolved to
             model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs, **from_hub, **trust)
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or load_from, **trust,
