@@ -9,7 +9,8 @@ every plan made for this device then finds it (`plan`, `train --gpu-mem`), and t
 * host-to-device copies from pinned and from ordinary memory (on a CPU: a memory copy, what a streamer's slab ->
   slot copy is there);
 * a matmul's FLOP/s in each compute dtype (fp32, bf16), at LLM-like shapes scaled to the device;
-* NF4 dequantisation (bitsandbytes), weights per second;
+* NF4 dequantisation (bitsandbytes), weights per second; and a first run's NF4 quantisation (a bf16 weight from
+  host memory quantised there, the packed result back);
 * the fixed cost of one decoder layer run (a tiny Llama trained through, where launches and Python are all there
   is);
 * device memory bandwidth (a large copy on the device), disk reads (a file written, flushed and dropped from the
@@ -89,6 +90,22 @@ def dequant_rate(device: torch.device, width: int) -> float:
     return weight.numel() / seconds(lambda: F.dequantize_4bit(packed, state), device)
 
 
+def quantise_rate(device: torch.device, width: int) -> float:
+    """Weights/s a first run quantises to NF4 there, as quantise.py does: a checkpoint's bf16 weight from host
+    memory cast to the compute dtype on the device, quantised (double quantisation), and the packed result back."""
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(4 * width, width, dtype=torch.bfloat16)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def once():
+        packed, state = F.quantize_4bit(weight.to(device=device, dtype=compute), blocksize=64, quant_type="nf4",
+                                        compress_statistics=True)
+        packed.to("cpu"), state.to("cpu")
+
+    return weight.numel() / seconds(once, device)
+
+
 def launch_cost(device: torch.device) -> float:
     """Seconds of fixed cost per layer run: a tiny frozen Llama (1 x 8 tokens, where the work is all overhead)
     trained through, forward and backward, 6 layers against 2, per layer and per forward's worth (a backward
@@ -147,7 +164,7 @@ def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False)
     return devices.DeviceProfile(
         name, pinned, pageable, gemm, dequant_rate(device, width), launch_cost(device),
         disk_rate(devices.profiles_dir(), nbytes), memory_rate(device, nbytes),
-        compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda,
+        compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda, nf4_quantise=quantise_rate(device, width),
         source=f"measured by bench/calibrate.py on {time.strftime('%Y-%m-%d')}: {name}"
                + ("" if cuda else f" ({cpu})") + f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, torch {torch.__version__}")
 
@@ -156,7 +173,8 @@ def describe(profile: devices.DeviceProfile) -> str:
     return (f"{profile.name}: copies {profile.h2d_pinned / 1e9:.1f} GB/s pinned, {profile.h2d_pageable / 1e9:.1f} "
             f"pageable; GEMM " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in profile.gemm.items())
             + f"; NF4 dequant {profile.nf4_dequant / 1e9:.2f} G weights/s; launch {profile.launch * 1e6:.0f} us/layer;"
-              f" memory {profile.memory / 1e9:.1f} GB/s; disk {profile.disk_read / 1e9:.2f} GB/s")
+              f" memory {profile.memory / 1e9:.1f} GB/s; disk {profile.disk_read / 1e9:.2f} GB/s; NF4 quantisation "
+              f"{profile.nf4_quantise / 1e9:.3f} G weights/s")
 
 
 def main(argv=None) -> int:

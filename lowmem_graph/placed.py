@@ -48,6 +48,7 @@ class PlacedGraph:
         if cfg.gpu_mem:
             from .memory.placement import _exact as _exact_device
             from .memory.budget import check_device_room, parse_budgets, parse_size
+            from .memory.firstrun import format_first_run
             from .memory.report import format_plan
             from .memory.search import make_plan
 
@@ -58,6 +59,10 @@ class PlacedGraph:
             self.plan = make_plan(planned, parse_budgets(cfg.gpu_mem), cfg.batch_size, spec.max_length, host,
                                   main=str(_exact_device(self.device)))
             log(format_plan(self.plan, spec))
+            first = format_first_run(spec, self.plan.device, torch.bfloat16 if self.device.type == "cuda"
+                                     else torch.float32)
+            if first:
+                log("\n".join(first))
             check_device_room(self.plan, str(_exact_device(self.device)))
         self.placement = Placement(self.device, self.plan)
         self.graph = distributed.main_first(lambda: EdgeGraph.build(

@@ -25,6 +25,8 @@ DEQUANT_BYTES = 2.5        # NF4 -> bf16 dequantisation moves 0.5 B in and 2 B o
 DEQUANT_REACH = 0.5        # at about half the memory bandwidth (bitsandbytes' kernel, small weights).
 LAUNCH_GPU = 3e-4          # seconds per decoder layer run: ~30 kernels x ~5 us launch + the hooks' Python.
 NVME_GBS = 3.0             # disk: a PCIe 4.0 NVMe SSD's sequential read, derated (no spec sheet: the host's).
+QUANTISE_BYTES = 2.5       # a first run's NF4 quantisation there: each bf16 weight crosses PCIe (2 B, pageable) and
+                           # its packed NF4 comes back (0.5 B); bitsandbytes' kernel, memory bound, is ~40x faster.
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class DeviceProfile:
     compute_dtype: str = "bf16"     # what the nodes compute in there (CPU: fp32)
     copies_overlap: bool = True     # copies on a side stream hide behind compute (CUDA); on a CPU they add
     source: str = ""
+    nf4_quantise: float = 0.0       # weights/s quantised to NF4 there on a first run (quantise.py); 0: not known
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,7 +55,7 @@ def published(name: str, tflops_bf16: float, tflops_fp32: float, memory_gbs: flo
     return DeviceProfile(name, link * PCIE_PINNED, link * PCIE_PAGEABLE,
                          {"bf16": tflops_bf16 * 1e12 * GEMM_REACH, "fp32": tflops_fp32 * 1e12 * GEMM_REACH},
                          memory_gbs * 1e9 * DEQUANT_REACH / DEQUANT_BYTES, LAUNCH_GPU, NVME_GBS * 1e9,
-                         memory_gbs * 1e9, source=source)
+                         memory_gbs * 1e9, source=source, nf4_quantise=link * PCIE_PAGEABLE / QUANTISE_BYTES)
 
 
 BUILT_IN = {p.name: p for p in (
