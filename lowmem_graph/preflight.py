@@ -110,6 +110,8 @@ def cmd_probe_quant(args) -> None:
 
 
 def cmd_plan(args) -> None:
+    import torch
+
     from .memory.budget import parse_budgets, parse_size
     from .memory.firstrun import format_first_run
     from .memory.report import format_plan
@@ -119,4 +121,5 @@ def cmd_plan(args) -> None:
     host = parse_size(args.host_mem) if args.host_mem else None
     plan = make_plan(spec, parse_budgets(args.gpu_mem), args.batch, args.seq, host, device=args.profile)
     print(format_plan(plan, spec))
-    print("\n".join(format_first_run(spec, plan.device, torch.bfloat16)))     # planned for a CUDA device
+    for line in format_first_run(spec, plan.device, torch.bfloat16):     # planned for a CUDA device
+        print("\n" + line)

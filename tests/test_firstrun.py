@@ -27,13 +27,19 @@ def test_the_line_plan_prints(monkeypatch):
     todo = [Pending("a", 100_000_000, 2_000_000_000, 1_000_000_000), Pending("b", 0, 1_000_000_000, 3_000_000_000)]
     monkeypatch.setattr(firstrun, "pending", lambda spec, compute: todo)
     line, = firstrun.format_first_run(None, DEVICE, torch.bfloat16)
-    assert line.split() [:4] == ["first", "run", "7,000", "ms"]
-    assert "once, for a, b (not yet in the node cache): download 0.10 GB 2,000 ms" in line
+    assert line.startswith("first run (once, then cached): + 7,000 ms for a, b, not yet in the node cache: "
+                           "download 0.10 GB 2,000 ms (at an assumed 50 MB/s)")
     assert "reading 3.00 GB 3,000 ms, NF4 quantisation of 4.00 G weights 2,000 ms" in line
     unknown = devices.DeviceProfile("old", 1000.0, 500.0, {"fp32": 5e5}, 1440.0, 0.01, 1e9, 1e4)   # no rate
     assert firstrun.seconds(unknown, todo)["quantise"] is None
-    assert "no rate in this profile (bench/calibrate.py measures one)" in firstrun.format_first_run(
+    assert "(no rate in this profile: bench/calibrate.py measures one)" in firstrun.format_first_run(
         None, unknown, torch.bfloat16)[0]
+    local = [Pending("a", 0, 2_000_000_000, 1_000_000_000)]        # nothing to download: not said; minutes
+    monkeypatch.setattr(firstrun, "pending", lambda spec, compute: local)
+    slow = devices.DeviceProfile("cpu", 1e9, 1e9, {"fp32": 1e11}, 1e9, 1e-4, 1e7, 1e10, nf4_quantise=1e7)
+    assert firstrun.format_first_run(None, slow, torch.float32) == [
+        "first run (once, then cached): + 5 min for a, not yet in the node cache: reading 2.00 GB 3 min, NF4 "
+        "quantisation of 1.00 G weights 100.0 s"]
     monkeypatch.setattr(firstrun, "pending", lambda spec, compute: [])
     assert firstrun.format_first_run(None, DEVICE, torch.bfloat16) == []
 
@@ -79,3 +85,11 @@ def test_built_in_profiles_quantise_at_the_pageable_link_rate(tmp_path):
     del old["nf4_quantise"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert devices.load(tmp_path / "old.json").nf4_quantise == 0.0
+
+
+def test_plan_prints_the_first_run(capsys):
+    from lowmem_graph import cli
+
+    assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "64G", "--profile", "rtx4090"]) == 0
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert last.startswith("first run (once, then cached): + ") and "llama, qwen, gemma, phi3, mistral" in last

@@ -96,19 +96,25 @@ def pending(spec, compute: torch.dtype) -> list[Pending]:
     return out
 
 
-def format_first_run(spec, device, compute: torch.dtype) -> list[str]:
-    """The one-off line `plan` prints for the nodes not yet quantised (nothing when every node is)."""
+def _span(seconds: float) -> str:
     from .report import _ms
 
+    return f"{seconds / 60:,.0f} min" if seconds >= 120 else _ms(seconds)
+
+
+def format_first_run(spec, device, compute: torch.dtype) -> list[str]:
+    """The one-off line `plan` prints for the nodes not yet quantised (nothing when every node is)."""
     todo = pending(spec, compute)
     if not todo:
         return []
     t = seconds(device, todo)
     download, read, weights = (sum(getattr(p, k) for p in todo) for k in ("download", "read", "weights"))
-    quantise = (f"NF4 quantisation of {weights / 1e9:.2f} G weights {_ms(t['quantise'])}" if t["quantise"] is not None
-                else f"NF4 quantisation of {weights / 1e9:.2f} G weights: no rate in this profile (bench/calibrate.py "
-                "measures one)")
+    parts = [f"download {download / 1e9:.2f} GB {_span(t['download'])} (at an assumed "
+             f"{DOWNLOAD_BYTES_PER_S / 1e6:.0f} MB/s)"] if download else []
+    parts.append(f"reading {read / 1e9:.2f} GB {_span(t['read'])}")
+    parts.append(f"NF4 quantisation of {weights / 1e9:.2f} G weights " + (
+        _span(t["quantise"]) if t["quantise"] is not None
+        else "(no rate in this profile: bench/calibrate.py measures one)"))
     total = sum(v for v in t.values() if v is not None)
-    return [f"  {'first run':<20} {_ms(total):>12}  once, for {', '.join(p.node for p in todo)} (not yet in the node "
-            f"cache): download {download / 1e9:.2f} GB {_ms(t['download'])} (at an assumed "
-            f"{DOWNLOAD_BYTES_PER_S / 1e6:.0f} MB/s), reading {read / 1e9:.2f} GB {_ms(t['read'])}, {quantise}"]
+    return [f"first run (once, then cached): + {_span(total)} for {', '.join(p.node for p in todo)}, not yet in the "
+            f"node cache: " + ", ".join(parts)]

@@ -32,6 +32,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -200,7 +201,10 @@ def run_lm(work: str | Path) -> dict:
 
 
 def plan_text(budget: str) -> str:
-    return _cli(["plan", "--preset", "paper", "--gpu-mem", budget, "--host-mem", PLAN_HOST_MEM])
+    """The plan, without its first-run line (what this machine has yet to download and quantise: it depends on the
+    machine's hub and node caches, not on the planner)."""
+    text = _cli(["plan", "--preset", "paper", "--gpu-mem", budget, "--host-mem", PLAN_HOST_MEM])
+    return re.sub(r"\n\nfirst run \(once, then cached\): [^\n]*\n$", "\n", text)
 
 
 def main(argv=None) -> int:
