@@ -123,6 +123,8 @@ def quantise_to_folder(source: str, revision: str | None, files: list[Path], con
                 del state, data
                 _trim()
         _write_model(scratch, entries, folder / "model.safetensors")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()    # the largest weight's blocks, cached: the run's plan has not counted them
     finally:
         handles.clear()
         scratch.unlink(missing_ok=True)
