@@ -54,7 +54,7 @@ def quantiser_config(compute: torch.dtype):
 
 def skeleton(config, compute: torch.dtype, trust_remote_code: bool = False):
     """The model on the meta device with its linears replaced as from_pretrained replaces them (transformers' own
-    bitsandbytes quantiser picks them: not the head, not tied weights)."""
+    bitsandbytes quantiser picks them: not the head, not tied weights); `.conv1d` names GPT-2's Conv1D modules."""
     from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
@@ -63,10 +63,12 @@ def skeleton(config, compute: torch.dtype, trust_remote_code: bool = False):
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=compute, trust_remote_code=trust_remote_code)
+        conv1d = {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}     # GPT-2's
         quantiser = AutoHfQuantizer.from_config(quantiser_config(compute), pre_quantized=False)
         quantiser.preprocess_model(model=model, dtype=compute, device_map={"": "cpu"}, checkpoint_files=None)
     finally:
         torch.set_default_dtype(default)
+    model.conv1d = conv1d       # their weights are stored transposed: quantised as the linear they become
     return model
 
 
@@ -109,18 +111,24 @@ def quantise_to_folder(source: str, revision: str | None, files: list[Path], con
         with open(scratch, "wb") as out:
             for group in by_module.values():
                 module = names[group[0]][0]
+                prefix = group[0].rpartition(".")[0]
                 for name in group:
-                    _materialise(module, names[name][1], handles[where[name]].get_tensor(name), compute, device, bnb)
+                    _materialise(module, names[name][1], handles[where[name]].get_tensor(name), compute, device, bnb,
+                                 transpose=prefix in model.conv1d)
                 state: dict[str, torch.Tensor] = {}
-                module._save_to_state_dict(state, group[0].rpartition(".")[0] + "." if "." in group[0] else "", False)
+                module._save_to_state_dict(state, prefix + "." if prefix else "", False)
                 for key, tensor in state.items():
+                    if tensor.device.type == "meta":
+                        continue        # tied to a tensor saved under another name
                     data = tensor.detach().to("cpu").contiguous()
                     entries.append((key, data.dtype, tuple(data.shape), out.tell(), data.nbytes))
                     out.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                    del data
                 for name in group:      # back to meta: one module in memory at a time
-                    setattr(module, names[name][1], torch.nn.Parameter(torch.empty(0, device="meta"),
-                                                                      requires_grad=False))
-                del state, data
+                    attr = names[name][1]
+                    parts = module._parameters if attr in module._parameters else module._buffers
+                    parts[attr] = torch.empty(0, device="meta")
+                del state
                 _trim()
         _write_model(scratch, entries, folder / "model.safetensors")
         if device.type == "cuda":
@@ -153,12 +161,12 @@ def _libc():
 _LIBC = _libc()
 
 
-def _materialise(module, attr: str, tensor: torch.Tensor, compute, device, bnb) -> None:
+def _materialise(module, attr: str, tensor: torch.Tensor, compute, device, bnb, transpose: bool = False) -> None:
     """One checkpoint tensor into its module as from_pretrained puts it there: a linear weight quantised on `device`
-    and brought back (Conv1D's transposed first), anything else cast to the dtype its meta tensor has."""
+    and brought back (a Conv1D's, `transpose`, transposed first), anything else cast to its meta tensor's dtype."""
     current = getattr(module, attr)
     if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-        if getattr(module, "source_cls", None) is not None and module.source_cls.__name__ == "Conv1D":
+        if transpose:
             tensor = tensor.T
         weight = bnb.nn.Params4bit(tensor.to(device=device, dtype=compute), requires_grad=False,
                                    **current.__dict__).to(device)

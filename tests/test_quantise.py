@@ -61,15 +61,28 @@ def _bf16_checkpoint(tmp_path):
     return tmp_path / "bf16"
 
 
+def _sharded_checkpoint(tmp_path):
+    """A checkpoint in several files with an index (as 7B models ship)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_graph.tiny import tiny_path
+
+    AutoModelForCausalLM.from_pretrained(tiny_path("gemma2")).save_pretrained(tmp_path / "sharded",
+                                                                             max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(tiny_path("gemma2")).save_pretrained(tmp_path / "sharded")
+    assert len(quantise.checkpoint_files(str(tmp_path / "sharded"), True)) > 1
+    return tmp_path / "sharded"
+
+
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("model", [*ALL_ARCHS, "stories260K", "bf16-checkpoint"])
+@pytest.mark.parametrize("model", [*ALL_ARCHS, "stories260K", "bf16-checkpoint", "sharded"])
 def test_module_by_module_writes_the_copy_from_pretrained_writes(tmp_path, model, compute):
     """Every tiny architecture (GPT-2's Conv1D transposed, tied and untied heads), the real stories260K (tied),
-    a bf16 checkpoint; fp32 compute (a CPU run) and bf16 (a GPU run's host node, quantised here on the CPU)."""
+    a bf16 checkpoint, a sharded one; fp32 compute (a CPU run) and bf16 (a GPU run's host node, quantised here on the CPU)."""
     from lowmem_graph.loading import resolve_model
 
-    source = (str(_stories(tmp_path)) if model == "stories260K" else str(_bf16_checkpoint(tmp_path))
-              if model == "bf16-checkpoint" else resolve_model(f"tiny:{model}")[0])
+    made = {"stories260K": _stories, "bf16-checkpoint": _bf16_checkpoint, "sharded": _sharded_checkpoint}
+    source = str(made[model](tmp_path)) if model in made else resolve_model(f"tiny:{model}")[0]
     key = node_key(source_identity(source, True), "nf4", compute)
     _old_way(source, compute, "cpu", tmp_path / "old", key)
     _new_way(source, compute, "cpu", tmp_path / "new", key)
@@ -94,8 +107,8 @@ def test_one_module_in_memory_at_a_time(tmp_path, monkeypatch):
         return any(t is not None and t.device.type != "meta"
                    for t in [*module._parameters.values(), *module._buffers.values()])
 
-    def watch(module, attr, *args):
-        materialise(module, attr, *args)
+    def watch(module, attr, *args, **kwargs):
+        materialise(module, attr, *args, **kwargs)
         held.append({id(m) for m in models[0].modules() if real(m)} <= {id(module)})
 
     monkeypatch.setattr(quantise, "skeleton", keep)
@@ -205,3 +218,27 @@ def test_on_cuda_module_by_module_equals_the_old_cuda_and_the_cpu_copy(tmp_path,
     _new_way(source, torch.bfloat16, "cpu", tmp_path / "cpu", key)
     _same_files(tmp_path / "old", tmp_path / "new")
     _same_files(tmp_path / "cpu", tmp_path / "new")
+
+
+def test_a_hub_checkpoint_is_read_from_the_hub_cache_at_its_commit(tmp_path, monkeypatch):
+    """A hub id's files come through transformers' cached_file at the commit the node resolved to (offline here,
+    from a local hub cache; online, that call is the first run's download)."""
+    import huggingface_hub.constants
+
+    from lowmem_graph.tiny import tiny_path
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--lowmem-test--tiny-phi3"
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_path("phi3"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    found = quantise.checkpoint_files("lowmem-test/tiny-phi3", False, "a" * 40)
+    assert found == [repo / "snapshots" / ("a" * 40) / "model.safetensors"]
+    calls, write = [], quantise.quantise_to_folder
+    monkeypatch.setattr(quantise, "quantise_to_folder", lambda *args, **kw: calls.append(args[:3]) or write(*args,
+                                                                                                            **kw))
+    node = FrozenNode.load(NodeSpec(name="h", model="lowmem-test/tiny-phi3", role="reader", revision="a" * 40),
+                           "nf4", "cpu", 64)
+    assert node.identity.startswith("lowmem-test/tiny-phi3@" + "a" * 40)
+    assert calls == [("lowmem-test/tiny-phi3", "a" * 40, found)]
