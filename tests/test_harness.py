@@ -1,5 +1,5 @@
 """A trained graph as an lm-evaluation-harness model, run by the harness itself on local task files (JSON lines, no
-network): an lm run's log-likelihoods checked against a forward of each text by itself, its rolling
+network, none of the harness's own task files indexed: that takes 6 s each time): an lm run's log-likelihoods checked against a forward of each text by itself, its rolling
 log-likelihood against the training loss, its generations against generate.py; a choice run's answers against
 TrainedGraph.predict, and what it refuses."""
 import json
@@ -61,8 +61,45 @@ def tasks(tmp_path_factory, lm_graph):
     return folder
 
 
+class LocalTasks(TaskManager):
+    """The harness's task index of our task files alone."""
+
+    def __init__(self, *args, include_defaults=False, **kwargs):
+        super().__init__(*args, include_defaults=include_defaults, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test here may reach the network, whatever the caller's environment: the hub libraries are told they are
+    offline, every name lookup or connection is refused and recorded, and fails the test; the harness's command line
+    indexes our task files only."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants
+    import lm_eval.tasks
+
+    tried = []
+
+    def refuse(address):
+        tried.append(address)
+        raise OSError(f"test_harness: no network ({address})")
+
+    def connect(sock, address, *args):
+        return refuse(address) if sock.family in (socket.AF_INET, socket.AF_INET6) else plain(sock, address, *args)
+
+    plain = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(host))
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasks)
+    yield
+    assert not tried, f"tried the network: {tried}"
+
+
 def run(model, tasks, names, **kwargs):
-    return simple_evaluate(model=model, tasks=list(names), task_manager=TaskManager(include_path=str(tasks)),
+    return simple_evaluate(model=model, tasks=list(names), task_manager=LocalTasks(include_path=str(tasks)),
                            log_samples=True, **kwargs)
 
 
