@@ -11,7 +11,8 @@ gives them (default: the run's micro-batch and device).
 
 An lm run (`--objective lm`) answers every request type through the chosen node's frozen head:
 * loglikelihood: as lm_choices scores choices, the harness's way (the continuation's tokens are those of the whole
-  text after the context's own), with is_greedy (each of them the node's argmax);
+  text after the context's own), with is_greedy (each of them the node's argmax); after a context that gives the
+  node no token (GPT-2 has no BOS), the node reads its BOS, else EOS, first, as the harness's HF model does;
 * loglikelihood_rolling: the harness's own disjoint windows over the node's tokens (lm_eval.utils, as its HF model
   uses them), each scored as a (context, continuation) pair of text cut at token boundaries (the nodes share text,
   not tokens);
@@ -156,8 +157,10 @@ class GraphLM(LM):
             for start in range(0, len(order), self.batch):
                 rows = order[start:start + self.batch]
                 contexts, continuations = zip(*(split_pair(*pairs[i]) for i in rows))
+                tok, prefix = graph.nodes[node].tokenizer, graph.nodes[node].spec.prefix
+                empty = [not ids for ids in tok([prefix + c for c in contexts])["input_ids"]]
                 batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
-                                           [names[i] for i in rows], keep_start=False)
+                                           [names[i] for i in rows], keep_start=False, start={node: empty})
                 counts = fitting_counts(graph, node, batch, contexts, continuations, [names[i] for i in rows])
                 with torch.no_grad(), autocast(device):
                     final = final_states(graph, self.variant, batch, self.router)[node]
