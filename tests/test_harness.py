@@ -234,6 +234,16 @@ def test_the_command_line_is_the_harness_own(lm_run, tasks, capsys):
     assert "lowmem-graph ({'run': " in table and "|lg_choice|" in table.replace(" ", "")
 
 
+@pytest.mark.parametrize("args", [["--help"], ["run", "-h"]])
+def test_help_says_the_plain_lm_eval_command_cannot_load_the_model(args, capsys):
+    from lowmem_graph.harness import NOT_PLAIN
+
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith(NOT_PLAIN + "\n") and "usage: lm-eval" in out
+
+
 def test_bad_model_args_are_one_line(lm_run, tasks, tmp_path, capsys):
     with pytest.raises(UserError, match=r"node=nope: choose a node the output reads \(llama, mistral\)"):
         GraphLM(run=str(lm_run), node="nope")
