@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness comes with the test extra: pip install '.[test]'")
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
