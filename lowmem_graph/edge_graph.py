@@ -150,25 +150,28 @@ class EdgeGraph(TrainedParts):
         batch.ids = [q.id for q in questions]
         return batch
 
-    def collate_text(self, texts: list[str], ids: list[str], keep_start: bool = True) -> Batch:
+    def collate_text(self, texts: list[str], ids: list[str], keep_start: bool = True,
+                     start: dict[str, list[bool]] | None = None) -> Batch:
         """Plain text for the lm objective: every node tokenizes it (over max_length, its start is kept, so what a
         model sees never depends on how the text goes on; scoring a choice at a text's end keeps the end instead,
         as lm-evaluation-harness truncates); alignment is causal (align.py: a token reads only source tokens of
-        the words closed before it ends)."""
-        batch = self._encode(texts, causal=True, keep_start=keep_start)
+        the words closed before it ends). `start` {node: per row}: rows of that node that begin with its start
+        token (a text scored after an empty context)."""
+        batch = self._encode(texts, causal=True, keep_start=keep_start, start=start)
         batch.ids = ids
         # where each read node predicts, found here on the host: a boolean index in the step would read the device
         batch.picks = {j: target_mask(self.nodes[j], batch, j).flatten().nonzero().squeeze(1) for j in self.reads}
         return batch
 
-    def _encode(self, texts: list[str], causal: bool, keep_start: bool = False) -> Batch:
+    def _encode(self, texts: list[str], causal: bool, keep_start: bool = False, start: dict | None = None) -> Batch:
         pairs = self.pairs
         if causal:      # next-token prediction also aligns every pair of nodes (the router baseline mixes them)
             pairs |= {(s, t) for s in self.nodes for t in self.nodes if s != t}
         offsets_needed = {n for pair in pairs for n in pair} | (set(self.reads) if causal else set())
         tokens, offsets = {}, {}
         for name, node in self.nodes.items():
-            enc = node.encode(texts, offsets=name in offsets_needed, keep_start=keep_start)
+            enc = node.encode(texts, offsets=name in offsets_needed, keep_start=keep_start,
+                              start=(start or {}).get(name))
             tokens[name] = (enc["input_ids"], enc["attention_mask"])
             offsets[name] = enc.get("offset_mapping")
         settled = settled_chars(texts) if causal else None

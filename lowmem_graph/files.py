@@ -121,11 +121,18 @@ def save_file(tensors: dict, path: str | Path, metadata: dict | None = None) -> 
 
 
 # ---- links: nothing read or written under a folder resolves outside it --------------------------------------------
+TRACKER_FOLDERS = ("wandb",)    # in a run folder, written by the tracker's library alone (with links of its own to
+                                # its logs elsewhere); nothing of ours reads or writes inside them
+
+
 def check_links(folder: str | Path) -> None:
     """Every symbolic link under `folder` must lead inside it: a crafted link would let a read, a write or a delete
-    reach another folder. One line naming the first that does not; nothing is followed before."""
+    reach another folder. One line naming the first that does not; nothing is followed before. A tracker's folder
+    must not be such a link itself, but what its library writes inside is its own."""
     root = Path(folder).resolve()
     for where, folders, files in os.walk(folder):        # links to folders are listed, not followed
+        if Path(where) == Path(folder):     # a tracker's folder that is no link: not walked
+            folders[:] = [f for f in folders if f not in TRACKER_FOLDERS or (Path(where) / f).is_symlink()]
         for name in folders + files:
             path = Path(where) / name
             if not path.is_symlink():

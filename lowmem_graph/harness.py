@@ -2,16 +2,17 @@
 
     python -m lowmem_graph.harness --model lowmem-graph --model_args run=RUN --tasks arc_easy
 
-is the harness's own `lm_eval` command with this module imported: the harness (0.4.10 to 0.4.13) knows a model only
-by its registry, which imports fill, and reads no plugin entry points, so the plain `lm_eval` command cannot see
-it. In Python, `import lowmem_graph.harness` and then `lm_eval.simple_evaluate(model="lowmem-graph", ...)`.
+is the harness's own `lm_eval` command with this module imported: the harness (0.4.10 to 0.4.13, and its main branch
+in August 2026) knows a model only by its registry, which imports fill, and reads no plugin entry points, so the
+plain `lm_eval` command cannot see it (NOT_PLAIN, which --help prints). In Python, `import lowmem_graph.harness` and then `lm_eval.simple_evaluate(model="lowmem-graph", ...)`.
 model_args: `run=` a run folder (or an exported one), and for an lm run `node=` (a node the output reads; default
 the first) and `variant=` (coupled, alone or router: one the run trained); `batch_size`/`device` as the harness
 gives them (default: the run's micro-batch and device).
 
 An lm run (`--objective lm`) answers every request type through the chosen node's frozen head:
 * loglikelihood: as lm_choices scores choices, the harness's way (the continuation's tokens are those of the whole
-  text after the context's own), with is_greedy (each of them the node's argmax);
+  text after the context's own), with is_greedy (each of them the node's argmax); after a context that gives the
+  node no token (GPT-2 has no BOS), the node reads its BOS, else EOS, first, as the harness's HF model does;
 * loglikelihood_rolling: the harness's own disjoint windows over the node's tokens (lm_eval.utils, as its HF model
   uses them), each scored as a (context, continuation) pair of text cut at token boundaries (the nodes share text,
   not tokens);
@@ -156,8 +157,10 @@ class GraphLM(LM):
             for start in range(0, len(order), self.batch):
                 rows = order[start:start + self.batch]
                 contexts, continuations = zip(*(split_pair(*pairs[i]) for i in rows))
+                tok, prefix = graph.nodes[node].tokenizer, graph.nodes[node].spec.prefix
+                empty = [not ids for ids in tok([prefix + c for c in contexts])["input_ids"]]
                 batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
-                                           [names[i] for i in rows], keep_start=False)
+                                           [names[i] for i in rows], keep_start=False, start={node: empty})
                 counts = fitting_counts(graph, node, batch, contexts, continuations, [names[i] for i in rows])
                 with torch.no_grad(), autocast(device):
                     final = final_states(graph, self.variant, batch, self.router)[node]
@@ -233,11 +236,19 @@ def question_of(context: str) -> dict:
     return {"question": body}
 
 
+NOT_PLAIN = ("python -m lowmem_graph.harness is lm_eval's own command with the model lowmem-graph registered: the "
+             "plain lm_eval (lm-eval) command cannot load lowmem-graph, because lm-evaluation-harness (0.4.10 to "
+             "0.4.13, and its main branch in August 2026) finds models only in its own registry and offers no entry "
+             "point, environment variable or include path through which another package could add one.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m lowmem_graph.harness ARGS`: `lm_eval ARGS` with lowmem-graph registered; a mistake in one line."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    if {"-h", "--help"} & set(sys.argv):
+        print(NOT_PLAIN + "\n")
     kept = _handlers()
     try:
         cli_evaluate()

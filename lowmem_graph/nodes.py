@@ -224,15 +224,20 @@ class FrozenNode:
         return cls(spec, model, tokenizer, max_length, f"{identity}|{quant}|{compute}", device)
 
     # ---- running -------------------------------------------------------------------------------------------
-    def encode(self, texts: list[str], offsets: bool = False, keep_start: bool = False) -> dict[str, torch.Tensor]:
+    def encode(self, texts: list[str], offsets: bool = False, keep_start: bool = False,
+               start: list[bool] | None = None) -> dict[str, torch.Tensor]:
         """Tokenize `prefix + text` with this node's own tokenizer, right-padded: input_ids, attention_mask and,
         with `offsets`, offset_mapping. A sequence over max_length keeps its framing prefix (and BOS) and the end
         of the text, where the question and answer options sit; the middle goes, never the framing. `keep_start`
         (next-token prediction): it keeps its first max_length tokens instead, so that which tokens a model sees
-        never depends on how long the text goes on."""
+        never depends on how long the text goes on. Rows marked in `start` begin with `start_token` (spanning no
+        text, as a BOS does)."""
         fast = self.tokenizer.is_fast
         enc = self.tokenizer([self.spec.prefix + t for t in texts], return_offsets_mapping=fast)
         spans = enc["offset_mapping"] if fast else [[(0, 0)] * len(ids) for ids in enc["input_ids"]]
+        if start is not None:
+            enc["input_ids"] = [[self.start_token] * s + list(ids) for s, ids in zip(start, enc["input_ids"])]
+            spans = [[(0, 0)] * s + list(row) for s, row in zip(start, spans)]
         rows = [(list(ids)[:self.max_length], list(row)[:self.max_length]) if keep_start
                 else self._fit(list(ids), list(row)) for ids, row in zip(enc["input_ids"], spans)]
         width = max(len(ids) for ids, _ in rows)
@@ -244,6 +249,14 @@ class FrozenNode:
                 raise UserError(f"node {self.spec.name!r}: per-token injection needs a fast tokenizer (offsets)")
             out["offset_mapping"] = torch.tensor([row + [(0, 0)] * (width - len(row)) for _, row in rows])
         return out
+
+    @property
+    def start_token(self) -> int:
+        """What the model reads before a text when there is nothing else to read (the first token of a text after
+        an empty context has to be predicted from something): BOS, else EOS (GPT-2's <|endoftext|>), as the
+        harness's HF model prefixes its empty contexts."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """How many tokens `encode` gives each text (no padding, no tensors)."""

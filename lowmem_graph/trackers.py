@@ -5,6 +5,7 @@ One place feeds them: Trainer._metric, on rank 0 only."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from .errors import UserError
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 _MODULE = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 MiB = 2 ** 20
+IDS = "tracker-runs.json"       # in the run folder: {tracker: {variant or "run": the tracker's run id}}
 
 
 def require(name: str):
@@ -77,6 +79,29 @@ def flat(settings: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+class RunIds:
+    """The tracker's run id of one run folder's variant, made on its first start and kept in RUN/tracker-runs.json,
+    so that a resume continues that tracker run and another folder of the same name (another machine, a folder
+    made again) never does."""
+
+    def __init__(self, run_dir: Path, tracker: str, variant: str | None):
+        self.path, self.tracker, self.key = Path(run_dir) / IDS, tracker, variant or "run"
+
+    def _all(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self) -> str | None:
+        return self._all().get(self.tracker, {}).get(self.key)
+
+    def put(self, run_id: str) -> None:
+        from .files import atomic_file
+
+        ids = self._all()
+        ids.setdefault(self.tracker, {})[self.key] = run_id
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(ids, indent=1) + "\n")
+
+
 class Reporter:
     """One tracker's run: settings and plan once at the start, then every metrics record, then `close`."""
 
@@ -121,18 +146,21 @@ class TensorBoard(Reporter):
 
 class WandB(Reporter):
     """A wandb run named after the run folder, its files in RUN/wandb (WANDB_PROJECT, default lowmem-graph;
-    WANDB_MODE=offline works without a network); a resumed run continues the same wandb run."""
+    WANDB_MODE=offline works without a network), its id random and kept (RunIds): a resumed run continues it."""
 
-    def __init__(self, folder: Path, name: str):
+    def __init__(self, folder: Path, name: str, ids: RunIds):
         import wandb
 
         self.wandb = wandb
-        self.name, self.folder, self.run = name, folder, None
+        self.name, self.folder, self.ids, self.run = name, folder, ids, None
 
     def start(self, settings, config_text, plan_text, plan):
-        run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.name)[-64:]
+        import secrets
+
+        run_id = self.ids.get() or secrets.token_hex(8)
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "lowmem-graph"), name=self.name,
                                    id=run_id, resume="allow", dir=str(self.folder), config=settings)
+        self.ids.put(run_id)
         if plan_text is not None:
             self.run.config.update({"memory_plan": plan_text}, allow_val_change=True)
         self.run.summary.update(plan)
@@ -147,18 +175,30 @@ class WandB(Reporter):
 
 class MLflow(Reporter):
     """An mlflow run in the experiment MLFLOW_EXPERIMENT_NAME (default lowmem-graph), at MLFLOW_TRACKING_URI (a
-    `file:` URI works offline); the settings as params, config.yaml and the plan as artifacts."""
+    `file:` URI works offline); the settings as params, config.yaml and the plan as artifacts. Its id is kept
+    (RunIds): a resumed run reopens it (a new one where this tracking store does not have it)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, ids: RunIds):
         from mlflow.tracking import MlflowClient
 
-        self.client, self.name, self.run_id = MlflowClient(), name, None
+        self.client, self.name, self.ids, self.run_id = MlflowClient(), name, ids, None
 
     def start(self, settings, config_text, plan_text, plan):
+        from mlflow.exceptions import MlflowException
+
+        kept = self.ids.get()
+        try:
+            self.run_id = kept and self.client.get_run(kept).info.run_id
+        except MlflowException:
+            self.run_id = None
+        if self.run_id:         # the first start logged the settings and plan (an mlflow param is set once)
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lowmem-graph")
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(experiment_id, run_name=self.name).info.run_id
+        self.ids.put(self.run_id)
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flat(settings).items()]
@@ -195,9 +235,9 @@ def open_reporter(trainer) -> Reporter | None:
     if name == "tensorboard":
         reporter = TensorBoard(t.run_dir / "tensorboard" / (t.variant or ""), t.step)
     elif name == "wandb":
-        reporter = WandB(t.run_dir, label)
+        reporter = WandB(t.run_dir, label, RunIds(t.run_dir, name, t.variant))
     else:
-        reporter = MLflow(label)
+        reporter = MLflow(label, RunIds(t.run_dir, name, t.variant))
     settings = {"graph": t.spec.to_dict(), "train": dataclasses.asdict(t.cfg)}
     config_text = (t.run_dir / "config.yaml").read_text() if (t.run_dir / "config.yaml").is_file() else ""
     plan = t.plan

@@ -1,5 +1,5 @@
 """A trained graph as an lm-evaluation-harness model, run by the harness itself on local task files (JSON lines, no
-network): an lm run's log-likelihoods checked against a forward of each text by itself, its rolling
+network, none of the harness's own task files indexed: that takes 6 s each time): an lm run's log-likelihoods checked against a forward of each text by itself, its rolling
 log-likelihood against the training loss, its generations against generate.py; a choice run's answers against
 TrainedGraph.predict, and what it refuses."""
 import json
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness comes with the test extra: pip install '.[test]'")
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -61,8 +61,45 @@ def tasks(tmp_path_factory, lm_graph):
     return folder
 
 
+class LocalTasks(TaskManager):
+    """The harness's task index of our task files alone."""
+
+    def __init__(self, *args, include_defaults=False, **kwargs):
+        super().__init__(*args, include_defaults=include_defaults, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test here may reach the network, whatever the caller's environment: the hub libraries are told they are
+    offline, every name lookup or connection is refused and recorded, and fails the test; the harness's command line
+    indexes our task files only."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants
+    import lm_eval.tasks
+
+    tried = []
+
+    def refuse(address):
+        tried.append(address)
+        raise OSError(f"test_harness: no network ({address})")
+
+    def connect(sock, address, *args):
+        return refuse(address) if sock.family in (socket.AF_INET, socket.AF_INET6) else plain(sock, address, *args)
+
+    plain = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(host))
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasks)
+    yield
+    assert not tried, f"tried the network: {tried}"
+
+
 def run(model, tasks, names, **kwargs):
-    return simple_evaluate(model=model, tasks=list(names), task_manager=TaskManager(include_path=str(tasks)),
+    return simple_evaluate(model=model, tasks=list(names), task_manager=LocalTasks(include_path=str(tasks)),
                            log_samples=True, **kwargs)
 
 
@@ -136,11 +173,75 @@ def test_a_long_text_rolls_over_windows_that_make_it_up(lm_run, lm_graph):
     assert alone != pytest.approx(reference(graph, "Plants need", " light", "mistral")[0], abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """GPT-2 (no BOS: an empty context gives it no token at all) coupled with llama both ways, unquantised so that
+    the harness's own HF model can load the very weights of its node; every variant trained (one step)."""
+    import yaml
+
+    from lowmem_graph.cli import main as cli
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    bridge = {"read": 2, "pooling": "token", "at": 3, "kind": "bridge"}
+    (folder / "pair.yaml").write_text(yaml.safe_dump({
+        "name": "gpt2_llama", "quant": "fp32", "max_length": 64,
+        "nodes": [{"name": "gpt2", "model": "tiny:gpt2"}, {"name": "llama", "model": "tiny:llama"}],
+        "edges": [{"from": "gpt2", "to": "llama", **bridge}, {"from": "llama", "to": "gpt2", **bridge}],
+        "output": {"reads": ["gpt2", "llama"]}, "train": {"objective": "lm", "task": "openbook-facts"}}))
+    assert cli(["train", "--graph", str(folder / "pair.yaml"), "--compare", "--run-dir", str(folder / "run"),
+                "--epochs", "1", "--limit-train", "4", "--limit-eval", "2", "--batch-size", "4",
+                "--no-progress"]) == 0
+    return folder / "run"
+
+
+EMPTY = [("", " Plants"), ("", " Plants need light."), ("", "Plants"), ("", " The Sun is a star."), ("", "a")]
+
+
+def test_an_empty_context_starts_a_gpt2_node_from_its_end_token_as_the_harness_hf_model_does(gpt2_run):
+    """The harness's HF model scores a continuation after an empty context (and a rolling text's first window)
+    from the prefix token, BOS or else EOS: GPT-2's <|endoftext|>. So does a GPT-2 node, alone equal to the
+    harness's own model on the same weights, and in the coupled graph and the router."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lowmem_graph.tiny import tiny_path
+
+    hf = HFLM(pretrained=str(tiny_path("gpt2")), device="cpu", batch_size=4, dtype="float32")
+    texts = ["Plants need light and water to grow.", "The Sun is a star. It gives light."]
+    asked = [Instance("loglikelihood", {}, pair, k) for k, pair in enumerate(EMPTY)]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), k) for k, t in enumerate(texts)]
+    want, want_rolled = hf.loglikelihood(asked), hf.loglikelihood_rolling(rolling)
+    lm = GraphLM(run=str(gpt2_run), node="gpt2", variant="alone")
+    got = lm.loglikelihood(asked)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    assert lm.loglikelihood_rolling(rolling) == pytest.approx(want_rolled, abs=1e-4)
+    # a context of spaces only is empty too once its spaces start the continuation (the harness's model fails there)
+    (spaces, _), = lm.loglikelihood([Instance("loglikelihood", {}, (" ", "The Sun is a star."), 0)])
+    assert spaces == pytest.approx(want[3][0], abs=1e-4)
+    for variant in ("router", "coupled"):       # the other variants too; coupling changes the figures
+        other = GraphLM(run=str(gpt2_run), node="gpt2", variant=variant)
+        lls = [ll for ll, _ in other.loglikelihood(asked)]
+        assert all(map(math.isfinite, lls)) and lls != pytest.approx([ll for ll, _ in want], abs=1e-4)
+        rolled = other.loglikelihood_rolling(rolling)
+        windows = [other.loglikelihood([Instance("loglikelihood", {}, w, 0) for w in other.windows(t)]) for t in texts]
+        assert rolled == pytest.approx([sum(ll for ll, _ in w) for w in windows])
+
+
 def test_the_command_line_is_the_harness_own(lm_run, tasks, capsys):
     assert main(["--model", "lowmem-graph", "--model_args", f"run={lm_run},variant=router", "--tasks", "lg_choice",
                  "--include_path", str(tasks), "--limit", "1", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "lowmem-graph ({'run': " in table and "|lg_choice|" in table.replace(" ", "")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "-h"]])
+def test_help_says_the_plain_lm_eval_command_cannot_load_the_model(args, capsys):
+    from lowmem_graph.harness import NOT_PLAIN
+
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith(NOT_PLAIN + "\n") and "usage: lm-eval" in out
 
 
 def test_bad_model_args_are_one_line(lm_run, tasks, tmp_path, capsys):

@@ -48,20 +48,36 @@ def test_tensorboard_gets_every_metric_the_plan_and_a_resume_once(tmp_path):
     assert b"plan for graph tiny" in texts["memory_plan/text_summary"][0].tensor_proto.string_val[0]
 
 
-def test_mlflow_gets_the_same_scalars_and_the_settings(short_run, tmp_path, monkeypatch):
-    """The reporter a trainer opens, fed the short run's records, into mlflow's local file store."""
-    pytest.importorskip("mlflow", reason="mlflow is an optional extra: pip install 'lowmem-graph[mlflow]'")
-    from mlflow.tracking import MlflowClient
+def _trainer(short_run, run, tracker: str, step: int = 0):
+    """What open_reporter reads of a trainer, for a copy of the short run at `run` (made on first use)."""
+    import shutil
 
     from lowmem_graph.settings import load_run_config
-    from lowmem_graph.trackers import open_reporter
 
+    if not run.exists():
+        shutil.copytree(short_run, run)
+    spec, cfg = load_run_config(run)
+    cfg.report_to = tracker
+    return type("T", (), {"cfg": cfg, "spec": spec, "run_dir": run, "variant": None, "step": step, "plan": None})
+
+
+def _offline(tracker, tmp_path, monkeypatch):
+    pytest.importorskip(tracker, reason=f"{tracker} is an optional extra: pip install 'lowmem-graph[{tracker}]'")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    spec, cfg = load_run_config(short_run)
-    cfg.report_to = "mlflow"
-    trainer = type("T", (), {"cfg": cfg, "spec": spec, "run_dir": short_run, "variant": None, "step": 0,
-                             "plan": None})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_mlflow_gets_the_same_scalars_and_the_settings(short_run, tmp_path, monkeypatch):
+    """The reporter a trainer opens, fed the short run's records, into mlflow's local file store."""
+    _offline("mlflow", tmp_path, monkeypatch)
+    from mlflow.tracking import MlflowClient
+
+    from lowmem_graph.trackers import open_reporter
+
+    trainer = _trainer(short_run, tmp_path / "short", "mlflow")
+    cfg, spec = trainer.cfg, trainer.spec
     reporter = open_reporter(trainer)
     records = read_metrics(short_run / "metrics.jsonl")
     for record in records:
@@ -69,7 +85,7 @@ def test_mlflow_gets_the_same_scalars_and_the_settings(short_run, tmp_path, monk
     reporter.close()
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("lowmem-graph").experiment_id])
-    assert run.info.run_name == short_run.name and run.info.status == "FINISHED"
+    assert run.info.run_name == "short" and run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == str(cfg.lr) and run.data.params["graph.nodes.0.name"] == spec.nodes[0].name
     for tag in ("step/loss", "epoch/eval_acc", "epoch/eval_ci/1"):
         logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag)]
@@ -78,32 +94,74 @@ def test_mlflow_gets_the_same_scalars_and_the_settings(short_run, tmp_path, monk
 
 def test_wandb_offline_gets_the_settings_and_every_tag(short_run, tmp_path, monkeypatch):
     """wandb's own run, offline; its .wandb log (protobuf records) must carry every tag and value logged."""
-    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install 'lowmem-graph[wandb]'")
-    import shutil
+    _offline("wandb", tmp_path, monkeypatch)
+    from lowmem_graph.trackers import IDS, open_reporter
 
-    from lowmem_graph.settings import load_run_config
-    from lowmem_graph.trackers import open_reporter
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    shutil.copytree(short_run, run)
-    spec, cfg = load_run_config(run)
-    cfg.report_to = "wandb"
-    trainer = type("T", (), {"cfg": cfg, "spec": spec, "run_dir": run, "variant": None, "step": 0, "plan": None})
-    reporter = open_reporter(trainer)
+    reporter = open_reporter(_trainer(short_run, run, "wandb"))
     records = read_metrics(run / "metrics.jsonl")
     for record in records:
         reporter.log(record)
     reporter.close()
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    assert log.name == f"run-{run.name}.wandb"
+    assert log.name == f"run-{json.loads((run / IDS).read_text())['wandb']['run']}.wandb"
     data = log.read_bytes()
     for record in records:
         for tag, value in scalars(record).items():
             forms = {json.dumps(value), json.dumps(int(value))} if value == int(value) else {json.dumps(value)}
             assert tag.encode() in data and any(f.encode() in data for f in forms)     # wandb writes 8.0 as 8
     assert b"report_to" in data and b"wandb" in data        # the settings, as wandb's config
+
+
+def test_wandb_offline_through_training_and_a_resume(tmp_path, monkeypatch):
+    """A run reporting to wandb checkpoints and resumes, into the same wandb run, with wandb's folder in the run
+    folder (its logs link to wandb's cache, outside it: refused before at the first checkpoint)."""
+    _offline("wandb", tmp_path, monkeypatch)
+    from lowmem_graph.trackers import IDS
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--report-to", "wandb", "--max-steps", "1", *QUICK]) == 0
+    assert any(p.is_symlink() and not p.resolve().is_relative_to(run) for p in (run / "wandb").rglob("*"))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    run_id = json.loads((run / IDS).read_text())["wandb"]["run"]
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in logs] == [f"run-{run_id}.wandb"] * 2
+    assert [r["kind"] for r in read_metrics(run / "metrics.jsonl")] == ["step", "step", "epoch"]
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_run_belongs_to_its_run_folder_and_a_resume_continues_it(tracker, short_run, tmp_path,
+                                                                           monkeypatch):
+    """Two run folders of one name (two machines, a folder made again) are two tracker runs in one project; a
+    resume continues its folder's own. The short run's records: the first step's, then a resume's."""
+    _offline(tracker, tmp_path, monkeypatch)
+    from lowmem_graph.trackers import IDS, open_reporter
+
+    records = read_metrics(short_run / "metrics.jsonl")
+    first, then = records[:1], records[1:]
+    assert first and then
+    for run, step, part in ((tmp_path / "a" / "run", 0, first), (tmp_path / "b" / "run", 0, records),
+                            (tmp_path / "a" / "run", first[-1]["step"], then)):
+        reporter = open_reporter(_trainer(short_run, run, tracker, step))
+        for record in part:
+            reporter.log(record)
+        reporter.close()
+    ids = [json.loads((tmp_path / f / "run" / IDS).read_text())[tracker]["run"] for f in "ab"]
+    assert ids[0] != ids[1]
+    if tracker == "wandb":          # offline, each start is a folder offline-run-TIME-ID: two for a, one for b
+        for f, run_id, starts in (("a", ids[0], 2), ("b", ids[1], 1)):
+            logs = sorted((tmp_path / f / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert [p.name for p in logs] == [f"run-{run_id}.wandb"] * starts
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("lowmem-graph").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(ids)
+    for r in runs:      # a's run holds its first step and what the resume logged: the same records as b's
+        assert r.info.run_name == "run" and r.info.status == "FINISHED"
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "step/loss"))
+        assert logged == [(x["step"], x["loss"]) for x in records if x["kind"] == "step"]
 
 
 @pytest.mark.parametrize("tracker, module", [("tensorboard", "tensorboard"), ("wandb", "wandb"),

@@ -40,7 +40,7 @@ def _temporaries(folder):
 
 
 # ---- 0. links never lead out ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [".checkpoints", "metrics.jsonl"])
+@pytest.mark.parametrize("name", [".checkpoints", "metrics.jsonl", "wandb"])
 def test_a_resume_neither_deletes_nor_writes_through_a_link_out(short_run, tmp_path, capsys, name):
     run = _copy(short_run, tmp_path)
     outside = tmp_path / "outside"
@@ -54,6 +54,8 @@ def test_a_resume_neither_deletes_nor_writes_through_a_link_out(short_run, tmp_p
     if name == ".checkpoints":
         shutil.copytree(run / name, outside, dirs_exist_ok=True)
         shutil.rmtree(run / name)
+        (run / name).symlink_to(outside)
+    elif name == "wandb":       # what wandb writes inside its folder may link out, the folder itself may not
         (run / name).symlink_to(outside)
     else:
         (run / name).unlink()
