@@ -270,13 +270,7 @@ def test_under_a_host_budget_below_its_layers_a_run_trains_bit_for_bit_like_the_
 
 
 def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_disk.py"
-    spec = importlib.util.spec_from_file_location("bench_disk", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("bench_disk")
     assert bench.main(["--group-mib", "1", "--groups", "2", "--rounds", "1", "--dir", str(tmp_path / "store"),
                        "--out", str(tmp_path / "out")]) == 0      # it checks the bytes each way reads
     table = (tmp_path / "out" / "disk-cpu.md").read_text()
@@ -287,6 +281,32 @@ def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):
     if "at most 0.0% of it was still resident" in table:       # the drops worked: each cold read read the disk
         assert all(float(rows[m, "cold"]) >= 0.99 for m in methods)
         assert float(rows["pread", "warm"]) == 0.0
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/io"),
+                    reason="needs posix_fadvise and /proc/self/io (Linux)")
+def test_calibrate_times_disk_reads_that_read_the_disk(tmp_path, monkeypatch, capsys):
+    """The profile's disk_read is the cold figure: each timed read fetched the whole file from the block device;
+    where the reads came from the page cache instead, calibrate says so."""
+    calibrate, nbytes = _bench("calibrate"), 8 << 20
+    before = _read_bytes()
+    calibrate.disk_rate(tmp_path, nbytes)
+    if "from the page cache" in capsys.readouterr().err:
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?)")
+    assert _read_bytes() - before >= 3 * nbytes
+    monkeypatch.setattr(calibrate, "_read_bytes", lambda: 0)      # as on tmpfs: nothing from a device
+    calibrate.disk_rate(tmp_path, nbytes)
+    assert "disk_read is the page cache's rate" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
