@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     buffer = slab.tensor
     try:
         direct = os.open(store.path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:        # tmpfs, for one, refuses O_DIRECT
+    except OSError as e:        # some file systems refuse it (tmpfs before Linux 6.6)
         direct, missing = None, f" O_DIRECT: refused by this filesystem ({e.strerror})."
 
     def pread(g):
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         return buffer[:n]
 
     def mmap_copy(g):
-        start, n = store.span[g]
+        n = store.span[g][1]
         buffer[:n].copy_(store.views[g])
         return buffer[:n]
 
