@@ -14,7 +14,7 @@ every plan made for this device then finds it (`plan`, `train --gpu-mem`), and t
 * the fixed cost of one decoder layer run (a tiny Llama trained through, where launches and Python are all there
   is);
 * device memory bandwidth (a large copy on the device), disk reads (a file written, flushed and dropped from the
-  page cache with posix_fadvise before it is read back).
+  page cache with posix_fadvise before it is read back as the disk tier reads, /proc/self/io checking the disk).
 
 On a CPU the times are process CPU time (`time.process_time`) when one thread computes, so that other programs on
 a shared machine do not count; wall time otherwise. Pin threads with `--threads 1` to compare with benchmarks that
@@ -129,22 +129,41 @@ def memory_rate(device: torch.device, nbytes: int) -> float:
 
 
 def disk_rate(folder: Path, nbytes: int) -> float:
-    """Bytes/s reading a file written, flushed and dropped from the page cache (posix_fadvise DONTNEED)."""
+    """Bytes/s reading a file from the disk as a streamer's reader does (store.GroupStore.read_into: positioned
+    reads into a page-aligned buffer): written, flushed, dropped from the page cache (posix_fadvise DONTNEED; nothing
+    maps it, which would keep its pages) before each read. Where /proc/self/io says a read came from the page cache
+    instead (tmpfs), the figure is that of the page cache, and a line says so."""
+    from lowmem_graph.memory.host import HostSlab
+
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=True) as f:
         f.write(os.urandom(1 << 20) * (nbytes >> 20))
         f.flush()
         os.fsync(f.fileno())
-        buffer = bytearray(nbytes)
-        times = []
+        slab = HostSlab(nbytes)
+        buffer = memoryview(slab.tensor.numpy())
+        times, fetched = [], []
         for _ in range(3):
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            start = time.perf_counter()
-            with open(f.name, "rb", buffering=0) as r:
-                r.readinto(buffer)
+            before, start, done = _read_bytes(), time.perf_counter(), 0
+            while done < nbytes:
+                done += os.preadv(f.fileno(), [buffer[done:]], done)
             times.append(time.perf_counter() - start)
+            fetched.append(None if before is None else _read_bytes() - before)
+    if None not in fetched and min(fetched) < nbytes:
+        print(f"calibrate: the disk reads came from the page cache ({min(fetched) / nbytes:.0%} from the device; "
+              f"{folder} on tmpfs?): disk_read is the page cache's rate", file=sys.stderr)
     return nbytes / statistics.median(times)
+
+
+def _read_bytes() -> int | None:
+    """Bytes this process has had fetched from block devices (/proc/self/io); None where that is not kept."""
+    try:
+        with open("/proc/self/io") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("read_bytes")), None)
+    except OSError:
+        return None
 
 
 def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False) -> devices.DeviceProfile:

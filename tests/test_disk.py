@@ -2,6 +2,7 @@
 on disk, the cheapest to read back first; the plan shows them and the bytes read per step, the cost model the
 time of those reads."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -180,6 +181,35 @@ def test_a_killed_write_leaves_no_store_and_a_damaged_one_is_written_again(node,
     assert torch.equal(buffer, again.views[(2,)])
 
 
+def _read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/io"),
+                    reason="needs posix_fadvise and /proc/self/io (Linux)")
+def test_a_group_read_from_the_store_leaves_its_pages_droppable(node, tmp_path):
+    """The reader thread's reads map nothing of the file: after a read, dropping the file from the page cache works
+    and the next read comes from the disk again (a page a copy from the mapping faulted in stays mapped, and
+    posix_fadvise DONTNEED leaves it resident)."""
+    store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
+    start, n = store.span[(1,)]
+    buffer = torch.empty(n, dtype=torch.uint8)
+
+    def fetched(read) -> int:
+        """Bytes fetched from the block device by `read` right after the file is dropped from the page cache."""
+        os.posix_fadvise(store._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        before = _read_bytes()
+        read()
+        return _read_bytes() - before
+
+    if fetched(lambda: os.pread(store._fd, n, start)) < n:
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?): a drop reads nothing from a disk")
+    for _ in range(2):      # the second read: the first left every page droppable
+        assert fetched(lambda: store.read_into((1,), buffer)) >= n
+    assert torch.equal(buffer, store.views[(1,)])
+
+
 def _disk_plan(plan):
     """The forced plan (tests/test_memory_plan_training.py) with the refiners' streamed groups and the readers'
     streamed frozen-pass layers on disk."""
@@ -240,18 +270,43 @@ def test_under_a_host_budget_below_its_layers_a_run_trains_bit_for_bit_like_the_
 
 
 def test_the_disk_bench_reads_every_group_back_each_way(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_disk.py"
-    spec = importlib.util.spec_from_file_location("bench_disk", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("bench_disk")
     assert bench.main(["--group-mib", "1", "--groups", "2", "--rounds", "1", "--dir", str(tmp_path / "store"),
                        "--out", str(tmp_path / "out")]) == 0      # it checks the bytes each way reads
     table = (tmp_path / "out" / "disk-cpu.md").read_text()
-    assert all(f"| {m} | cold |" in table and f"| {m} | warm (page cache) |" in table
-               for m in ("pread", "mmap", "safe_open"))
+    methods = ("pread", "mmap", "safe_open") + (() if "O_DIRECT: refused" in table else ("O_DIRECT",))
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[-2].strip()
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert all((m, c) in rows for m in methods for c in ("cold", "warm"))
+    if "at most 0.0% of it was still resident" in table:       # the drops worked: each cold read read the disk
+        assert all(float(rows[m, "cold"]) >= 0.99 for m in methods)
+        assert float(rows["pread", "warm"]) == 0.0
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/io"),
+                    reason="needs posix_fadvise and /proc/self/io (Linux)")
+def test_calibrate_times_disk_reads_that_read_the_disk(tmp_path, monkeypatch, capsys):
+    """The profile's disk_read is the cold figure: each timed read fetched the whole file from the block device;
+    where the reads came from the page cache instead, calibrate says so."""
+    calibrate, nbytes = _bench("calibrate"), 8 << 20
+    before = _read_bytes()
+    calibrate.disk_rate(tmp_path, nbytes)
+    if "from the page cache" in capsys.readouterr().err:
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?)")
+    assert _read_bytes() - before >= 3 * nbytes
+    monkeypatch.setattr(calibrate, "_read_bytes", lambda: 0)      # as on tmpfs: nothing from a device
+    calibrate.disk_rate(tmp_path, nbytes)
+    assert "disk_read is the page cache's rate" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -7,11 +7,11 @@ temporary, which the next one removes), named by what it holds (the node's ident
 weights, and the groups' layout), and carries the SHA-256 of every group, checked when a later run opens it.
 
 At rest the groups' tensors are views into the file's pages (a private, read-only-in-practice mmap): page cache
-that the kernel can drop, not host memory the run holds. A streamer's reader thread copies a group from that view
-into its pinned staging buffer: on this project's machine 5.2 GB/s against 4.3 for positioned reads (`os.preadv`)
-into the same buffer and 5.0 through safetensors' `safe_open` (bench/bench_disk.py, bench/results/disk-cpu.md;
-page-cache reads all: its "cold" rounds dropped the cache while the store was mapped, so a read from the disk
-itself is still to be measured).
+that the kernel can drop, not host memory the run holds. A streamer's reader thread reads a group into its pinned
+staging buffer with positioned reads (`os.preadv`), not a copy from that view: read from the disk (the page cache
+dropped and checked), 1.70-1.86 GB/s against 1.48-1.55 for the copy from the mapping, with the same CPU time, and
+the pages it read stay droppable, where a page the copy faulted in stays mapped into the process and survives
+posix_fadvise DONTNEED (bench/bench_disk.py, bench/results/disk-cpu.md).
 """
 from __future__ import annotations
 
@@ -54,10 +54,16 @@ class GroupStore:
                 setattr(owner, attr, view)
 
     def read_into(self, group, buffer: torch.Tensor) -> int:
-        """The group's bytes into `buffer` (uint8, host, at least that long), from the mapped file; returns them."""
-        view = self.views[tuple(group)]
-        buffer[:view.numel()].copy_(view)
-        return view.numel()
+        """The group's bytes into `buffer` (uint8, host, contiguous, at least that long), read from the file;
+        returns how many. A file cut short raises EOFError here (a copy from the mapping would die of SIGBUS)."""
+        start, n = self.span[tuple(group)]
+        target, done = memoryview(buffer[:n].numpy()), 0
+        while done < n:
+            got = os.preadv(self._fd, [target[done:]], start + done)
+            if not got:
+                raise EOFError(f"{self.path} ends before group {tuple(group)} does")
+            done += got
+        return n
 
     def _whole(self) -> bool:
         """Whether the file is there with every group's bytes as written (a damaged one is removed)."""

@@ -22,9 +22,10 @@ group runs through `GroupCheckpoint` (hooks on the layers' forwards, hooks.py), 
 a group starts, in either direction. The page-locked host memory and its CUDA calls are host.py's.
 
 Disk tier: a streamed group the plan keeps on disk (store.py) has no place in the slab; at rest its tensors are
-views of the store file's pages. A reader thread reads it into one of two staging buffers at the slab's end, ahead
-of its copy (when the group before it starts, or the one before that where two slots hold both), and the copy
-goes staging -> slot as from the slab; on CUDA the reader first waits for the copy that last read its buffer.
+views of the store file's pages. A reader thread reads it from the file (positioned reads) into one of two staging
+buffers at the slab's end, ahead of its copy (when the group before it starts, or the one before that where two
+slots hold both), and the copy goes staging -> slot as from the slab; on CUDA the reader first waits for the copy
+that last read its buffer.
 """
 from __future__ import annotations
 
