@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .graph import node_device
 from .memory.report import memory_snapshot, out_of_memory_message
 from .objectives import Baseline, objective_for
 from .placed import PlacedGraph, describe_device
-from .settings import (TrainConfig, claim_run_dir, create_run_dir, discard_unstarted, load_questions,
+from .settings import (TrainConfig, claim_run_dir, create_run_dir, kept_if_started, load_questions,
                        load_run_config, save_config)
 from .signals import StopSignals
 from .spec import GraphSpec
@@ -343,14 +342,11 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             remove_stale_temps(folder)          # what killed writes left
     elif ranks.main:
         claim_run_dir(run_dir)
-        try:
+        with kept_if_started(run_dir, resumable=False):     # a full disk: no folder left without its config
             save_config(run_dir, spec, cfg)
-        except BaseException:               # a full disk: no folder left without its config
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
     distributed.barrier(ranks)
     trainer = None
-    with StopSignals() as stop:
+    with contextlib.nullcontext() if resume else kept_if_started(run_dir), StopSignals() as stop:
         try:
             trainer = Trainer(spec, cfg, run_dir, progress, log, variant, placed)   # the frozen pass runs here
             if resume and (trainer.load_checkpoint() or variant is None):
@@ -362,19 +358,13 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             raise Interrupted(f"interrupted ({signal.Signals(stop.signum).name}) {at}; {kept}: "
                               f"lowmem-graph train --resume {run_dir}", 128 + stop.signum) from None
         except torch.cuda.OutOfMemoryError as e:
-            raise _unstarted(run_dir, resume, UserError(out_of_memory_message(e, getattr(trainer, "plan", None)))) \
-                from e
+            raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
         except MemoryError:
             plan = getattr(trainer, "plan", None)
             need = (f"the plan's host figure is {plan.host_peak / 2 ** 30:.2f} GiB" if plan is not None
                     else "without --gpu-mem every node loads whole")
-            raise _unstarted(run_dir, resume, UserError(f"out of host memory ({need}); close other programs, use "
-                                                        "fewer or smaller nodes, or a smaller --batch-size")) from None
-        except Exception as e:
-            said = _unstarted(run_dir, resume, e)
-            if said is e:
-                raise
-            raise said from None
+            raise UserError(f"out of host memory ({need}); close other programs, use fewer or smaller nodes, or a "
+                            "smaller --batch-size") from None
         finally:
             if trainer is not None:
                 trainer.close()
@@ -384,8 +374,3 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     summary["run_dir"] = str(run_dir)
     summary["memory"] = memory_snapshot(trainer.device, trainer.other_cards)
     return summary
-
-
-def _unstarted(run_dir: Path, resume: bool, error: BaseException) -> BaseException:
-    """A new run that failed before its first checkpoint leaves nothing behind (settings.discard_unstarted)."""
-    return error if resume else discard_unstarted(run_dir, error)
