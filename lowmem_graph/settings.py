@@ -244,7 +244,8 @@ def create_run_dir(root: str | Path, name: str) -> Path:
     raise UserError(f"no free run folder name under {root} for {name}-{stamp}")
 
 
-_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "metrics.jsonl", ".checkpoints", "tensorboard", "wandb"}   # + the trackers' folders
+_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "metrics.jsonl", ".checkpoints", "init-from.json",   # grow.RECORD
+                            "tensorboard", "wandb"}   # + the trackers' folders
 
 
 def discard_unstarted(run_dir: Path, error: BaseException, resumable: bool = True) -> BaseException:

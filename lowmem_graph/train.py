@@ -95,7 +95,8 @@ class Trainer:
         if graph_variant and (cfg.init_from or cfg.train_only or not all(e.train for e in self.graph.topology.edges)):
             from .grow import start_from
 
-            shared, frozen = start_from(self.graph, cfg.init_from, cfg.train_only)
+            shared, frozen = start_from(self.graph, cfg.init_from, cfg.train_only, self.run_dir, load=False,
+                                        write=self.ranks.main)      # its weights: `start`'s, on a run from step 0
             log(f"edges from {cfg.init_from or 'nowhere'}: {len(shared)} start trained; frozen: "
                 f"{', '.join(frozen) or 'none'}")
         params = [p for p in self.trained.parameters() if p.requires_grad]
@@ -111,14 +112,22 @@ class Trainer:
             sets = (self.train_set, self.eval_set)      # questions (as their prompts), or passages
             self.train_states, self.eval_states = (self.placed.frozen_states(*sets) if self.variant is None else
                                                    self.placed.frozen_items(*map(self.objective.frozen_items, sets)))
-        if cfg.init == "ridge":
-            self._ridge_init()
         self.model = self.trained       # what a step's forward runs through: the trained module, or DDP around it
         if self.ranks.active and params:    # PyTorch's own: parameters broadcast from rank 0, gradients averaged
             self.model = torch.nn.parallel.DistributedDataParallel(self.trained)
-        self.stop, self.stop_asked = None, False
+        self.stop, self.stop_asked, self.resumed = None, False, False
         if graph_variant:
             self.placed.start_steps()
+
+    def start(self) -> None:
+        """Initialise what trains, on a run from step 0 (never over a resumed checkpoint's weights): Ridge maps, then
+        the weights of the edges shared with --init-from over them."""
+        from .grow import start_from
+
+        if self.cfg.init == "ridge":
+            self._ridge_init()
+        if self.cfg.init_from and self.variant in (None, "coupled"):
+            start_from(self.graph, self.cfg.init_from, self.cfg.train_only, self.run_dir, write=self.ranks.main)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -131,7 +140,8 @@ class Trainer:
         """Continue from the run's last checkpoint (or from step 0 if it was stopped before the first one, or if the
         checkpoint is another variant's); the metrics after that step are dropped, since they are replayed."""
         state = runstate.load_checkpoint(self.run_dir)
-        if state is not None and state.variant == self.variant and self.optimizer is not None:
+        self.resumed = state is not None and state.variant == self.variant and self.optimizer is not None
+        if self.resumed:
             try:
                 self.trained.load_trainable(state.trainable, f"{self.run_dir}/checkpoint")
                 runstate.check_optimizer_state(state.optimizer, [p for g in self.optimizer.param_groups
@@ -351,6 +361,8 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             trainer = Trainer(spec, cfg, run_dir, progress, log, variant, placed)   # the frozen pass runs here
             if resume and (trainer.load_checkpoint() or variant is None):
                 log(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+            if not trainer.resumed:
+                trainer.start()
             summary = trainer.fit(stop)
         except KeyboardInterrupt:
             at = f"at step {trainer.step}" if trainer is not None else "before training"
