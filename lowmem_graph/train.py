@@ -13,6 +13,7 @@ are importable from here as before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -192,18 +193,22 @@ class Trainer:
     def step_inputs(self, items: list) -> tuple:
         """What a step over `items` (the whole step, every rank's share) needs from the host, made ahead on another
         thread by `fit`: this rank's micro-batches, each packed for its one copy to the device (transfer.py) with
-        its cached states when it trains from the prefix cache, and the objective's norm of the whole step, per rank (DDP averages the
-        ranks' gradients). A rank with no examples (fewer than ranks at an epoch's end) steps with zero weight."""
-        mine = distributed.shard(items, self.ranks)
+        its cached states when it trains from the prefix cache, and the objective's norm of the whole step, per
+        rank (DDP averages the ranks' gradients), counted from those same batches (each passage is tokenized once)
+        and the other ranks' shares. A rank with no examples (fewer than ranks at an epoch's end) steps with zero
+        weight."""
+        shares = [distributed.shard(items, dataclasses.replace(self.ranks, rank=r)) for r in range(self.ranks.world)]
+        mine = shares[self.ranks.rank]
         idle = not mine
-        norm = self.objective.norm(self.graph, items)
-        world = self.ranks.world
-        norm = ({k: math.inf if idle else v / world for k, v in norm.items()} if isinstance(norm, dict)
-                else math.inf if idle else len(items) / world)
         cached = self.train_states is not None
         mine = mine or items[:1]
         batches = [self.objective.collate(self.graph, mine[start:start + self.micro_batch], cached)
                    for start in range(0, len(mine), self.micro_batch)]
+        norm = self.objective.norm(self.graph, batches, [x for r, share in enumerate(shares) for x in share
+                                                         if r != self.ranks.rank])
+        world = self.ranks.world
+        norm = ({k: math.inf if idle else v / world for k, v in norm.items()} if isinstance(norm, dict)
+                else math.inf if idle else len(items) / world)
         return ([transfer.pack(self.graph, batch, self.train_states.gather(batch) if cached else None)
                  for batch in batches], norm, idle)
 
