@@ -62,7 +62,7 @@ def start_from(graph, init_from: str | Path | None, train_only: str | None = Non
     shared = {}
     if init_from:
         record = Path(run_dir) / RECORD if run_dir is not None else None
-        kept = json.loads(record.read_text()) if record is not None and record.is_file() else None
+        kept = _read_record(record) if record is not None and record.is_file() else None
         if kept is None:
             old_spec, _ = load_run_config(Path(init_from))
             shared = shared_sites(graph, old_spec)
@@ -86,6 +86,16 @@ def start_from(graph, init_from: str | Path | None, train_only: str | None = Non
             if key in frozen:
                 module.requires_grad_(False)
     return sorted(shared), sorted(frozen)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        kept = json.loads(path.read_text())
+        if isinstance(kept["sha256"], str) and all(isinstance(v, str) for v in {**kept["shared"]}.values()):
+            return kept
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise UserError(f"{path} is damaged (not the record of what this run took from --init-from): start the run again")
 
 
 def _load_shared(graph, path: Path, state: dict, shared: dict[str, str]) -> None:

@@ -149,3 +149,20 @@ def test_a_grown_run_resumes_as_it_would_have_run_without_reading_its_origin_aga
     shutil.copytree(tmp_path / "away", origin)
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     _same_run(killed, tmp_path / "straight")
+
+
+def test_a_grown_runs_record_is_what_it_took_and_a_damaged_one_is_refused(grown, tmp_path):
+    import json
+
+    from lowmem_graph.files import file_sha256
+    from lowmem_graph.grow import RECORD
+
+    graph = EdgeGraph.build(load_spec(PAIR), "cpu", seed=1, objective="lm")
+    assert start_from(graph, grown / "trio", None, tmp_path, load=False) == (["0-llama-mistral", "1-mistral-llama"], [])
+    record = json.loads((tmp_path / RECORD).read_text())
+    assert record["sha256"] == file_sha256(grown / "trio" / "weights-coupled.safetensors")
+    assert record["shared"] == {"0-llama-mistral": "2-llama-mistral", "1-mistral-llama": "3-mistral-llama"}
+    for damaged in ("{", json.dumps({"sha256": 1, "shared": {}}), json.dumps({"shared": []})):
+        (tmp_path / RECORD).write_text(damaged)
+        with pytest.raises(UserError, match="init-from.json is damaged"):
+            start_from(graph, grown / "trio", None, tmp_path)
