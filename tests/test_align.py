@@ -148,7 +148,8 @@ def test_settled_characters_match_their_definition_over_many_texts():
     import random
 
     rng = random.Random(0)
-    alphabet = ["a", "Z", "7", ".", "'", " ", " ", "  ", "\t", "\n", "\u00a0", "\u3000", "\u00e9", "e\u0301", "水", "🙂"]
+    alphabet = ["a", "Z", "7", ".", "'", " ", " ", "  ", "\t", "\n", "\u00a0", "\u3000", "\u00e9", "e\u0301", "水",
+                "🙂"]
     texts = ["", " ", "  ", "a", " a", "a ", "a  b", "\n a", "\u00a0 x", "\u3000 x", "ab cd  ef\n gh"]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(400)]
     texts += [base[:c] for base in CAUSAL_BASES for c in range(len(base) + 1)]        # cut mid-word and everywhere
