@@ -35,12 +35,13 @@ def word_ends(text: str) -> list[int]:
 def settled_chars(texts: list[str]) -> torch.Tensor:
     """(B, L + 1): after reading c characters of text b, how many of them every tokenizer has settled: the
     position of the last word end (`word_ends`) among them, 0 if none (a word end at p is known once text[p],
-    its space, is read, so at c > p)."""
+    its space, is read, so at c > p). Linear in the texts' length: each word end is written once, at c = p + 1,
+    and a running maximum carries it on (word ends come in increasing order)."""
     out = torch.zeros(len(texts), max(map(len, texts), default=0) + 1, dtype=torch.long)
     for b, text in enumerate(texts):
-        for p in word_ends(text):
-            out[b, p + 1:] = p
-    return out
+        ends = torch.tensor(word_ends(text), dtype=torch.long)
+        out[b, ends + 1] = ends
+    return out.cummax(1).values
 
 
 def check_settled(offsets: torch.Tensor, mask: torch.Tensor, prefix_len: int, settled: torch.Tensor) -> int | None:

@@ -9,13 +9,14 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _spec_from_args(args):
-    """The graph of --preset or --graph, with the --set changes and --quant."""
+def _spec_from_args(args, preset: str = "tiny"):
+    """The graph of --preset (default `preset`) or --graph (read by settings.load_config, the one reader of a config
+    file), with the --set changes and --quant."""
     from .ablate import apply_changes
     from .settings import load_config
     from .spec import load_preset
 
-    spec = apply_changes(load_config(args.graph) if args.graph else load_preset(args.preset or "tiny"), args.set or [])
+    spec = apply_changes(load_config(args.graph) if args.graph else load_preset(args.preset or preset), args.set or [])
     if args.quant:
         spec.quant = args.quant
     return spec

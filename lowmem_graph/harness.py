@@ -141,34 +141,20 @@ class GraphLM(LM):
 
     # ---- an lm run -------------------------------------------------------------------------------------------------
     def _pairs(self, pairs: list[tuple[str, str]], names: list[str]) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) of each (context, continuation), in batches of similar lengths."""
-        import torch
+        """(log-likelihood, is_greedy) of each (context, continuation), in batches of similar lengths (scored by
+        lm_choices.logliks, as multiple choice is)."""
+        from .lm_choices import logliks, split_pair
 
-        from .nodes import autocast
-        from .lm_choices import continuation_logliks, fitting_counts, split_pair
-        from .objectives import final_states
-
-        graph, node = self.graph, self.node
-        device = next(graph.parameters()).device
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        out: list = [None] * len(pairs)
         self.placed.start_steps()
         try:
-            for start in range(0, len(order), self.batch):
-                rows = order[start:start + self.batch]
-                contexts, continuations = zip(*(split_pair(*pairs[i]) for i in rows))
-                tok, prefix = graph.nodes[node].tokenizer, graph.nodes[node].spec.prefix
-                empty = [not ids for ids in tok([prefix + c for c in contexts])["input_ids"]]
-                batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
-                                           [names[i] for i in rows], keep_start=False, start={node: empty})
-                counts = fitting_counts(graph, node, batch, contexts, continuations, [names[i] for i in rows])
-                with torch.no_grad(), autocast(device):
-                    final = final_states(graph, self.variant, batch, self.router)[node]
-                    lls, greedy = continuation_logliks(graph.nodes[node], final, *batch.tokens[node], counts, True)
-                for i, ll, g in zip(rows, lls.tolist(), greedy.tolist()):     # the batch's one read of the device
-                    out[i] = (ll, bool(g))
+            got = logliks(self.graph, {self.variant: self.router}, [self.node], [split_pair(*pairs[i]) for i in order],
+                          [names[i] for i in order], self.batch, greedy=True)[(self.variant, self.node)]
         finally:
             self.placed.stop_steps()
+        out: list = [None] * len(pairs)
+        for i, result in zip(order, got):
+            out[i] = result
         return out
 
     def windows(self, text: str) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .files import atomic_dir
+from .files import atomic_dir, seal
 
 _HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -162,8 +162,9 @@ def _build_tokenizer(path, vocab_size, seq_len):
                                    model_max_length=seq_len)
 
 
-def convert_llama2c(checkpoint_path, out_dir, tokenizer_path=None) -> Path:
-    """Write a fp32 LlamaForCausalLM and its fast tokenizer to out_dir, all or nothing."""
+def convert_llama2c(checkpoint_path, out_dir, tokenizer_path=None, key: dict | None = None) -> Path:
+    """Write a fp32 LlamaForCausalLM and its fast tokenizer to out_dir, all or nothing. `key`: a cache entry's, with
+    which the folder is sealed (files.seal) before its rename: a reader never sees it unsealed."""
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     if not checkpoint_path.is_file():
         raise UserError(f"{checkpoint_path}: no such checkpoint file")
@@ -183,4 +184,6 @@ def convert_llama2c(checkpoint_path, out_dir, tokenizer_path=None) -> Path:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if key is not None:
+            seal(tmp, key)
     return out_dir

@@ -33,7 +33,7 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
     import dataclasses
 
     from .distributed import current
-    from .files import save_file
+    from .files import file_sha256, save_file
     from .train import train
 
     check_lm(spec, cfg, variants)
@@ -51,10 +51,13 @@ def train_lm(spec, cfg, run_dir: str | Path, variants=("coupled",), progress: bo
         if "stopped_at_step" in summary:    # max_steps: stopped with a checkpoint; --resume continues it
             break
         if main:
-            if summary["trainable"] or variant == "coupled":     # coupled: even with every edge frozen
-                save_file(trainer.trained.trainable_state(), str(run_dir / f"weights-{variant}.safetensors"))
             results[variant] = {k: summary[k] for k in ("variant", "trainable", "epochs", "perplexity", "steps",
                                                         "gates") if k in summary}
+            if summary["trainable"] or variant == "coupled":     # coupled: even with every edge frozen
+                path = run_dir / f"weights-{variant}.safetensors"
+                with atomic_file(path) as tmp:
+                    save_file(trainer.trained.trainable_state(), str(tmp))
+                results[variant]["sha256"] = file_sha256(path)      # checked by every read (variant_weights)
             with atomic_file(done) as tmp:
                 tmp.write_text(json.dumps(results, indent=1))
     if main:
@@ -142,28 +145,23 @@ def load_lm_run(run_dir: Path, log=print, progress: bool = True, device: str | N
     weights, {variant: its router or None} for each variant the run trained, in VARIANTS' order)."""
     import dataclasses
 
-    from safetensors.torch import load_file
-
     from .objectives import Baseline
     from .placed import PlacedGraph
+    from .runstate import variant_weights
     from .settings import load_run_config
 
     run_dir = Path(run_dir)
     spec, cfg = load_run_config(run_dir)
     cfg = dataclasses.replace(cfg, device=device) if device else cfg
-    weights = run_dir / "weights-coupled.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{run_dir} has no weights-coupled.safetensors (did its coupled variant finish?)")
-    done = run_dir / "lm-results.json"
-    trained = json.loads(done.read_text()) if done.is_file() else {"coupled": {}}
-    placed = PlacedGraph(spec, cfg, log, progress)
-    placed.graph.load_trainable(load_file(str(weights)), str(weights))
+    weights = variant_weights(run_dir, "coupled")
+    trained = json.loads((run_dir / "lm-results.json").read_text())
     routers = {v: None for v in VARIANTS if v in trained or v == "coupled"}
-    if "router" in routers:
-        weights, baseline = run_dir / "weights-router.safetensors", Baseline(placed.graph, "router")
-        if not weights.is_file():
-            raise UserError(f"{run_dir}: its router ran but {weights.name} is missing")
-        baseline.load_trainable(load_file(str(weights)), str(weights))
+    router = variant_weights(run_dir, "router") if "router" in routers else None
+    placed = PlacedGraph(spec, cfg, log, progress)
+    placed.graph.load_trainable(weights, str(run_dir / "weights-coupled.safetensors"))
+    if router is not None:
+        baseline = Baseline(placed.graph, "router")
+        baseline.load_trainable(router, str(run_dir / "weights-router.safetensors"))
         routers["router"] = baseline.router
     placed.graph.eval()
     return placed, routers

@@ -204,40 +204,53 @@ def fitting_counts(graph, node: str, batch, contexts: list[str], continuations: 
 
 
 @torch.no_grad()
-def score(graph, models: dict, items: list[Item], batch_size: int, progress: bool = True) -> dict:
-    """{variant: {node: [[log-likelihood per choice] per item]}}; `models` maps each variant to its router (None
-    but for "router"). One read of the device per batch."""
+def logliks(graph, models: dict, nodes: list[str], pairs: list[tuple[str, str]], names: list[str], batch_size: int,
+            progress: bool = False, what: str = "continuation", greedy: bool = False) -> dict[tuple[str, str], list]:
+    """The one scoring loop, of `score` (multiple choice) and harness.GraphLM (lm-evaluation-harness's requests):
+    {(variant, node): each (context, continuation) pair's log-likelihood, already split as `split_pair` does; with
+    `greedy`, (log-likelihood, is_greedy)}. Batches of `batch_size` pairs in the order given; `models` maps each
+    variant to its router (None but for "router"); `names` name the pairs in an error. One read of the device per
+    batch."""
     from .nodes import autocast
     from .progress import progress as bar
 
-    pairs = [(k, *split_pair(it.context, DELIMITER + c)) for k, it in enumerate(items) for c in it.choices]
     device = next(graph.parameters()).device
-    flat = {v: {j: [] for j in graph.reads} for v in models}
+    out = {(v, j): [] for v in models for j in nodes}
     starts = range(0, len(pairs), batch_size)
-    for start in bar(starts, len(starts), "choices batch", progress):
-        chunk = pairs[start:start + batch_size]
-        contexts, continuations = [c for _, c, _ in chunk], [x for _, _, x in chunk]
-        batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)],
-                                   [f"{items[k].id}:{n}" for n, (k, _, _) in enumerate(chunk, start)], keep_start=False)
-        names = [items[k].id for k, _, _ in chunk]
-        counts = {j: fitting_counts(graph, j, batch, contexts, continuations, names, "choice") for j in graph.reads}
+    for start in bar(starts, len(starts), f"{what}s batch", progress):
+        rows = names[start:start + batch_size]
+        contexts, continuations = (list(x) for x in zip(*pairs[start:start + batch_size]))
+        # a context that gives a scored node no token starts from its BOS (else EOS), as the harness's HF model does
+        empty = {j: [not ids for ids in graph.nodes[j].tokenizer(
+            [graph.nodes[j].spec.prefix + c for c in contexts])["input_ids"]] for j in nodes}
+        batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)], rows, keep_start=False,
+                                   start=empty)
+        counts = {j: fitting_counts(graph, j, batch, contexts, continuations, rows, what) for j in nodes}
         parts = []
         with autocast(device):
             needed = graph.nodes if "router" in models else graph.reads if "alone" in models else ()
             alone = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}     # once, for alone and the router
             for variant, router in models.items():
                 finals = graph(batch) if variant == "coupled" else router(alone, batch) if router else alone
-                parts += [continuation_logliks(graph.nodes[j], finals[j], *batch.tokens[j], counts[j]).to(device)
-                          for j in graph.reads]
+                for j in nodes:
+                    got = continuation_logliks(graph.nodes[j], finals[j], *batch.tokens[j], counts[j], greedy)
+                    parts += [t.to(device).double() for t in (got if greedy else (got,))]
         read = torch.stack(parts).tolist()          # the batch's one read of the device
-        for r, (variant, j) in enumerate((v, j) for v in models for j in graph.reads):
-            flat[variant][j] += read[r]
-    out = {}
-    for variant, by_node in flat.items():
-        out[variant] = {}
-        for j, lls in by_node.items():
-            it = iter(lls)
-            out[variant][j] = [[next(it) for _ in item.choices] for item in items]
+        for r, key in enumerate(out):
+            out[key] += [(ll, bool(g)) for ll, g in zip(*read[2 * r:2 * r + 2])] if greedy else read[r]
+    return out
+
+
+def score(graph, models: dict, items: list[Item], batch_size: int, progress: bool = True) -> dict:
+    """{variant: {node: [[log-likelihood per choice] per item]}}; `models` maps each variant to its router (None
+    but for "router")."""
+    pairs = [split_pair(it.context, DELIMITER + c) for it in items for c in it.choices]
+    names = [it.id for it in items for _ in it.choices]
+    flat = logliks(graph, models, list(graph.reads), pairs, names, batch_size, progress, "choice")
+    out = {v: {} for v in models}
+    for (variant, j), lls in flat.items():
+        it = iter(lls)
+        out[variant][j] = [[next(it) for _ in item.choices] for item in items]
     return out
 
 

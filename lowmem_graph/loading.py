@@ -53,8 +53,7 @@ def resolve_model(ref: str) -> tuple[str, bool]:
                     print(f"lowmem-graph: the converted llama2.c model {out} is damaged, incomplete or not {path}'s: "
                           "converting it again", file=sys.stderr)
                     shutil.rmtree(out, ignore_errors=True)
-                convert_llama2c(path, out)
-                seal(out, key)          # after the folder is whole: a kill before leaves it unsealed, rebuilt
+                convert_llama2c(path, out, key=key)        # sealed before its rename: never seen unsealed
             return str(out), True
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json: not a Hugging Face model folder")

@@ -62,8 +62,9 @@ class Choice:
     def collate(self, graph, questions, cached: bool = False):
         return graph.collate(questions, cached=cached)
 
-    def norm(self, graph, questions) -> float:
-        return float(len(questions))
+    def norm(self, graph, batches, others) -> None:
+        """None: a step's loss is the mean over its questions (the trainer divides by their number)."""
+        return None
 
     def share(self, graph, out, batch, norm: float):
         """(this micro-batch's part of the step's mean loss, for backward; its figures: summed loss in fp64,
@@ -112,10 +113,12 @@ class NextToken:
     def collate(self, graph, items, cached: bool = False):
         return graph.collate_text([t for _, t in items], [i for i, _ in items])
 
-    def norm(self, graph, items) -> dict[str, float]:
-        """Each read node's number of predicted tokens over the step's passages (at least 1)."""
-        batch = self.collate(graph, items)
-        return {j: float(max(batch.picks[j].numel(), 1)) for j in graph.reads}
+    def norm(self, graph, batches, others) -> dict[str, float]:
+        """Each read node's number of predicted tokens over the step's passages (at least 1): those of this rank's
+        micro-batches, already collated, and of the other ranks' passages `others`, tokenized here to be counted
+        (each passage of a step is tokenized once)."""
+        counted = [*batches, self.collate(graph, others)] if others else batches
+        return {j: float(max(sum(b.picks[j].numel() for b in counted), 1)) for j in graph.reads}
 
     def share(self, graph, finals, batch, norm: dict):
         """(this micro-batch's part of the step's loss: each node's NLL over the step's tokens of that node,

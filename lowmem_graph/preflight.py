@@ -22,9 +22,8 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_align(args) -> None:
-    import shutil
-
     from .ridge import align_graph, pooled_states, write_alignment
+    from .settings import kept_if_started
     from .train import PlacedGraph, load_questions
 
     spec = _spec_from_args(args)
@@ -39,7 +38,7 @@ def cmd_align(args) -> None:
     if len(questions) < 10:
         raise UserError(f"{cfg.task} {args.split}: {len(questions)} questions; a held-out R^2 needs at least 10")
     run_dir = _run_folder(args, f"align-{spec.name}")
-    try:
+    with kept_if_started(run_dir, resumable=False):     # nothing to resume: any failure removes it
         placed = PlacedGraph(spec, cfg, log=print, progress=not args.no_progress)
         states = placed.frozen_states(*([questions] + ([other] if other else [])))
         pooled = pooled_states(placed.graph, states[0], questions)
@@ -48,9 +47,6 @@ def cmd_align(args) -> None:
         title = (f"{spec.name}: {cfg.task} {args.split}, {len(questions)} questions"
                  + (f"; second task {args.cross_task}" if other else ""))
         files = write_alignment(rows, run_dir, title)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
     print(files[1].read_text())
     print("written: " + ", ".join(str(f) for f in files))
 
@@ -58,12 +54,12 @@ def cmd_align(args) -> None:
 def cmd_probe_quant(args) -> None:
     import math
     import re
-    import shutil
 
     import torch
 
     from .nodes import FrozenNode
     from .probe import default_texts, probe_node, read_texts, write_probe
+    from .settings import kept_if_started
     from .spec import NodeSpec
     from .train import TrainConfig
 
@@ -89,7 +85,7 @@ def cmd_probe_quant(args) -> None:
     device = TrainConfig(device=args.device or "auto").resolved_device()
     run_dir = _run_folder(args, "probe-quant")
     rows = []
-    try:
+    with kept_if_started(run_dir, resumable=False):
         for i, (node_spec, (kind, layer)) in enumerate(nodes, 1):
             print(f"probing {i}/{len(nodes)} {node_spec.name} ({node_spec.model}): {len(texts)} texts in full "
                   "precision, int8, int4-g128 and nf4", flush=True)
@@ -102,9 +98,6 @@ def cmd_probe_quant(args) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         files = write_probe(rows, run_dir, args.threshold)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
     print(files[1].read_text())
     print(f"{len(texts)} texts; written: " + ", ".join(str(f) for f in files))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .spec import FORMATS, load_preset
+from .spec import FORMATS
 
 if TYPE_CHECKING:       # training imports torch: not at --help's import time
     from .settings import TrainConfig
@@ -152,15 +152,11 @@ def cmd_reproduce(args) -> None:
         return
     if args.task:
         raise UserError("--task is --source residual-coupling's; the paper's protocol takes --tasks")
-    from .ablate import apply_changes
-    from .spec import load_spec
+    from .commands import _spec_from_args
     from .train import TrainConfig, claim_run_dir, create_run_dir
 
     protocol = load_protocol(args.protocol)
-    spec = load_spec(args.graph) if args.graph else load_preset(args.preset or protocol.get("preset", "paper"))
-    spec = apply_changes(spec, args.set or [])
-    if args.quant:
-        spec.quant = args.quant
+    spec = _spec_from_args(args, protocol.get("preset", "paper"))
     flags = {"data_dir": args.data_dir, "limit_train": args.limit_train, "epochs": args.epochs, "device": args.device,
              "batch_size": args.batch_size, "gpu_mem": args.gpu_mem}
     cfg = TrainConfig.from_dict({**spec.train, **protocol.get("train", {}),

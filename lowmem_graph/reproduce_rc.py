@@ -74,10 +74,9 @@ def write_rc_results(results: dict, spec, cfg, run_dir: Path) -> Path:
 
 def cmd_reproduce_rc(args) -> None:
     """The protocol from `reproduce`'s flags: --preset (default rc-coding) or --graph, --task, the limits."""
-    from .ablate import apply_changes
+    from .commands import _spec_from_args
     from .lm import VARIANTS, check_lm
     from .settings import kept_if_started
-    from .spec import load_preset, load_spec
     from .train import TrainConfig, claim_run_dir, create_run_dir
 
     for flag, given in (("--tasks", args.tasks), ("--data-dir", args.data_dir), ("--gpu-mem", args.gpu_mem),
@@ -85,10 +84,7 @@ def cmd_reproduce_rc(args) -> None:
         if given:
             raise UserError(f"{flag} is the paper's protocol's; --source residual-coupling takes --preset or "
                             "--graph, --task and the limits")
-    spec = load_spec(args.graph) if args.graph else load_preset(args.preset or "rc-coding")
-    spec = apply_changes(spec, args.set or [])
-    if args.quant:
-        spec.quant = args.quant
+    spec = _spec_from_args(args, "rc-coding")
     flags = {"task": args.task, "limit_train": args.limit_train, "limit_eval": args.limit_test, "epochs": args.epochs,
              "batch_size": args.batch_size, "device": args.device}
     cfg = TrainConfig.from_dict({**spec.train, "objective": "lm", "compare": True,

@@ -286,6 +286,30 @@ def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
+def variant_weights(run_dir: Path, variant: str) -> dict:
+    """An lm run's weights of a finished variant (weights-<variant>.safetensors, lm.train_lm's), checked against the
+    SHA-256 that lm-results.json recorded when they were written, or one line saying why they cannot be read."""
+    run_dir = Path(run_dir)
+    check_links(run_dir)
+    path = run_dir / f"weights-{variant}.safetensors"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {path.name} (did its {variant} variant finish?)")
+    try:
+        digest = json.loads((run_dir / "lm-results.json").read_text())[variant]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        digest = None
+    if not isinstance(digest, str):
+        raise UserError(f"{path}: lm-results.json records no SHA-256 for it (a run of an older version, or its "
+                        "record lost): its weights cannot be checked; train the run again")
+    if file_sha256(path) != digest:
+        raise UserError(f"{path} is damaged (its SHA-256 does not match the one lm-results.json recorded): train "
+                        "the run again, or take another copy of it")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
 # ---- the metrics log ---------------------------------------------------------------------------------------------
 def read_metrics(path: Path) -> list[dict]:
     """Every complete record of a metrics log: a partial last line (a kill mid-write) is skipped."""

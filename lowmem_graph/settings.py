@@ -18,7 +18,7 @@ import yaml
 from .data import is_path_task, load_task, spread, task_part
 
 from .questions import Question
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .files import atomic_file, check_links
 from .spec import GraphSpec, check_name, from_dict, typed_fields
 from .trackers import TRACKERS
@@ -244,26 +244,29 @@ def create_run_dir(root: str | Path, name: str) -> Path:
     raise UserError(f"no free run folder name under {root} for {name}-{stamp}")
 
 
-_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "metrics.jsonl", ".checkpoints", "tensorboard", "wandb",    # + the trackers'
-                            "tracker-runs.json"}                                                   # folders, run ids
+_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "metrics.jsonl", ".checkpoints", "init-from.json",   # grow.RECORD
+                            "tensorboard", "wandb", "tracker-runs.json"}   # + the trackers' folders, run ids
 
 
-def discard_unstarted(run_dir: Path, error: BaseException) -> BaseException:
+def discard_unstarted(run_dir: Path, error: BaseException, resumable: bool = True) -> BaseException:
     """A new run folder whose run failed before it had anything to resume (no checkpoint; nothing in it but what a
-    run writes before its first) is removed by rank 0. Returns the error to raise: a mistake's message then says
-    the folder went (the run named it when it began)."""
+    run writes before its first) is removed by rank 0; one of a command with nothing to resume (not `resumable`:
+    align, probe) whatever it holds. Returns the error to raise: a mistake's message then says the folder went
+    (the run named it when it began)."""
     from .distributed import current
     from .runstate import has_checkpoint
 
     run_dir = Path(run_dir)
     try:
-        unstarted = (current().main and run_dir.is_dir() and not has_checkpoint(run_dir)
-                     and {p.name for p in run_dir.iterdir()} <= _BEFORE_FIRST_CHECKPOINT)
+        unstarted = current().main and run_dir.is_dir() and (not resumable or (
+            not has_checkpoint(run_dir) and {p.name for p in run_dir.iterdir()} <= _BEFORE_FIRST_CHECKPOINT))
     except OSError:
         return error
     if not unstarted:
         return error
     shutil.rmtree(run_dir, ignore_errors=True)
+    if isinstance(error, OSError):              # a full disk: the CLI's one line, the folder gone unsaid
+        return error
     if not isinstance(error, UserError):        # an interrupt or a fault: its own message, and this line
         print(f"lowmem-graph: run folder {run_dir} removed: nothing had run", file=sys.stderr)
         return error
@@ -274,12 +277,16 @@ def discard_unstarted(run_dir: Path, error: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
-def kept_if_started(run_dir: Path):
-    """Around a command's work in its new folder: a failure before anything to keep leaves no folder, and says so."""
+def kept_if_started(run_dir: Path, resumable: bool = True):
+    """Around a command's work in its new folder, the one way a failed one goes: a failure before anything to keep
+    leaves no folder, and says so (discard_unstarted). An interrupt keeps a `resumable` run's folder (--resume
+    continues it); a command with nothing to resume loses its folder to any failure, an interrupt too."""
     try:
         yield
-    except Exception as e:
-        said = discard_unstarted(run_dir, e)
+    except BaseException as e:
+        if resumable and (isinstance(e, Interrupted) or not isinstance(e, Exception)):
+            raise
+        said = discard_unstarted(run_dir, e, resumable)
         if said is e:
             raise
         raise said from None

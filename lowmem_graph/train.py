@@ -13,9 +13,9 @@ are importable from here as before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import shutil
 import signal
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .graph import node_device
 from .memory.report import memory_snapshot, out_of_memory_message
 from .objectives import Baseline, objective_for
 from .placed import PlacedGraph, describe_device
-from .settings import (TrainConfig, claim_run_dir, create_run_dir, discard_unstarted, load_questions,
+from .settings import (TrainConfig, claim_run_dir, create_run_dir, kept_if_started, load_questions,
                        load_run_config, save_config)
 from .signals import StopSignals
 from .spec import GraphSpec
@@ -96,7 +96,8 @@ class Trainer:
         if graph_variant and (cfg.init_from or cfg.train_only or not all(e.train for e in self.graph.topology.edges)):
             from .grow import start_from
 
-            shared, frozen = start_from(self.graph, cfg.init_from, cfg.train_only)
+            shared, frozen = start_from(self.graph, cfg.init_from, cfg.train_only, self.run_dir, load=False,
+                                        write=self.ranks.main)      # its weights: `start`'s, on a run from step 0
             log(f"edges from {cfg.init_from or 'nowhere'}: {len(shared)} start trained; frozen: "
                 f"{', '.join(frozen) or 'none'}")
         params = [p for p in self.trained.parameters() if p.requires_grad]
@@ -112,14 +113,22 @@ class Trainer:
             sets = (self.train_set, self.eval_set)      # questions (as their prompts), or passages
             self.train_states, self.eval_states = (self.placed.frozen_states(*sets) if self.variant is None else
                                                    self.placed.frozen_items(*map(self.objective.frozen_items, sets)))
-        if cfg.init == "ridge":
-            self._ridge_init()
         self.model = self.trained       # what a step's forward runs through: the trained module, or DDP around it
         if self.ranks.active and params:    # PyTorch's own: parameters broadcast from rank 0, gradients averaged
             self.model = torch.nn.parallel.DistributedDataParallel(self.trained)
-        self.stop, self.stop_asked = None, False
+        self.stop, self.stop_asked, self.resumed = None, False, False
         if graph_variant:
             self.placed.start_steps()
+
+    def start(self) -> None:
+        """Initialise what trains, on a run from step 0 (never over a resumed checkpoint's weights): Ridge maps, then
+        the weights of the edges shared with --init-from over them."""
+        from .grow import start_from
+
+        if self.cfg.init == "ridge":
+            self._ridge_init()
+        if self.cfg.init_from and self.variant in (None, "coupled"):
+            start_from(self.graph, self.cfg.init_from, self.cfg.train_only, self.run_dir, write=self.ranks.main)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -132,7 +141,8 @@ class Trainer:
         """Continue from the run's last checkpoint (or from step 0 if it was stopped before the first one, or if the
         checkpoint is another variant's); the metrics after that step are dropped, since they are replayed."""
         state = runstate.load_checkpoint(self.run_dir)
-        if state is not None and state.variant == self.variant and self.optimizer is not None:
+        self.resumed = state is not None and state.variant == self.variant and self.optimizer is not None
+        if self.resumed:
             try:
                 self.trained.load_trainable(state.trainable, f"{self.run_dir}/checkpoint")
                 runstate.check_optimizer_state(state.optimizer, [p for g in self.optimizer.param_groups
@@ -183,18 +193,22 @@ class Trainer:
     def step_inputs(self, items: list) -> tuple:
         """What a step over `items` (the whole step, every rank's share) needs from the host, made ahead on another
         thread by `fit`: this rank's micro-batches, each packed for its one copy to the device (transfer.py) with
-        its cached states when it trains from the prefix cache, and the objective's norm of the whole step, per rank (DDP averages the
-        ranks' gradients). A rank with no examples (fewer than ranks at an epoch's end) steps with zero weight."""
-        mine = distributed.shard(items, self.ranks)
+        its cached states when it trains from the prefix cache, and the objective's norm of the whole step, per
+        rank (DDP averages the ranks' gradients), counted from those same batches (each passage is tokenized once)
+        and the other ranks' shares. A rank with no examples (fewer than ranks at an epoch's end) steps with zero
+        weight."""
+        shares = [distributed.shard(items, dataclasses.replace(self.ranks, rank=r)) for r in range(self.ranks.world)]
+        mine = shares[self.ranks.rank]
         idle = not mine
-        norm = self.objective.norm(self.graph, items)
-        world = self.ranks.world
-        norm = ({k: math.inf if idle else v / world for k, v in norm.items()} if isinstance(norm, dict)
-                else math.inf if idle else len(items) / world)
         cached = self.train_states is not None
         mine = mine or items[:1]
         batches = [self.objective.collate(self.graph, mine[start:start + self.micro_batch], cached)
                    for start in range(0, len(mine), self.micro_batch)]
+        norm = self.objective.norm(self.graph, batches, [x for r, share in enumerate(shares) for x in share
+                                                         if r != self.ranks.rank])
+        world = self.ranks.world
+        norm = ({k: math.inf if idle else v / world for k, v in norm.items()} if isinstance(norm, dict)
+                else math.inf if idle else len(items) / world)
         return ([transfer.pack(self.graph, batch, self.train_states.gather(batch) if cached else None)
                  for batch in batches], norm, idle)
 
@@ -343,18 +357,17 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             remove_stale_temps(folder)          # what killed writes left
     elif ranks.main:
         claim_run_dir(run_dir)
-        try:
+        with kept_if_started(run_dir, resumable=False):     # a full disk: no folder left without its config
             save_config(run_dir, spec, cfg)
-        except BaseException:               # a full disk: no folder left without its config
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
     distributed.barrier(ranks)
     trainer = None
-    with StopSignals() as stop:
+    with contextlib.nullcontext() if resume else kept_if_started(run_dir), StopSignals() as stop:
         try:
             trainer = Trainer(spec, cfg, run_dir, progress, log, variant, placed)   # the frozen pass runs here
             if resume and (trainer.load_checkpoint() or variant is None):
                 log(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+            if not trainer.resumed:
+                trainer.start()
             summary = trainer.fit(stop)
         except KeyboardInterrupt:
             at = f"at step {trainer.step}" if trainer is not None else "before training"
@@ -362,19 +375,13 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
             raise Interrupted(f"interrupted ({signal.Signals(stop.signum).name}) {at}; {kept}: "
                               f"lowmem-graph train --resume {run_dir}", 128 + stop.signum) from None
         except torch.cuda.OutOfMemoryError as e:
-            raise _unstarted(run_dir, resume, UserError(out_of_memory_message(e, getattr(trainer, "plan", None)))) \
-                from e
+            raise UserError(out_of_memory_message(e, getattr(trainer, "plan", None))) from e
         except MemoryError:
             plan = getattr(trainer, "plan", None)
             need = (f"the plan's host figure is {plan.host_peak / 2 ** 30:.2f} GiB" if plan is not None
                     else "without --gpu-mem every node loads whole")
-            raise _unstarted(run_dir, resume, UserError(f"out of host memory ({need}); close other programs, use "
-                                                        "fewer or smaller nodes, or a smaller --batch-size")) from None
-        except Exception as e:
-            said = _unstarted(run_dir, resume, e)
-            if said is e:
-                raise
-            raise said from None
+            raise UserError(f"out of host memory ({need}); close other programs, use fewer or smaller nodes, or a "
+                            "smaller --batch-size") from None
         finally:
             if trainer is not None:
                 trainer.close()
@@ -384,8 +391,3 @@ def train(spec: GraphSpec, cfg: TrainConfig, run_dir: str | Path, resume: bool =
     summary["run_dir"] = str(run_dir)
     summary["memory"] = memory_snapshot(trainer.device, trainer.other_cards)
     return summary
-
-
-def _unstarted(run_dir: Path, resume: bool, error: BaseException) -> BaseException:
-    """A new run that failed before its first checkpoint leaves nothing behind (settings.discard_unstarted)."""
-    return error if resume else discard_unstarted(run_dir, error)

@@ -132,6 +132,46 @@ def test_causal_alignment_reads_only_what_the_characters_so_far_decide(tiny_node
     assert checked > 100_000
 
 
+def _settled_by_definition(text: str, length: int) -> list[int]:
+    """After c characters: the last p < c with text[p] a space and text[p - 1] not whitespace (0 if none), found
+    by looking back from each c, without word_ends."""
+    out = []
+    for c in range(length + 1):
+        p = min(c, len(text)) - 1
+        while p >= 1 and not (text[p] == " " and not text[p - 1].isspace()):
+            p -= 1
+        out.append(max(p, 0))
+    return out
+
+
+def test_settled_characters_match_their_definition_over_many_texts():
+    import random
+
+    rng = random.Random(0)
+    alphabet = ["a", "Z", "7", ".", "'", " ", " ", "  ", "\t", "\n", "\u00a0", "\u3000", "\u00e9", "e\u0301", "水",
+                "🙂"]
+    texts = ["", " ", "  ", "a", " a", "a ", "a  b", "\n a", "\u00a0 x", "\u3000 x", "ab cd  ef\n gh"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(400)]
+    texts += [base[:c] for base in CAUSAL_BASES for c in range(len(base) + 1)]        # cut mid-word and everywhere
+    for group in (texts, texts[:1], texts[::7], [t for t in texts if t.strip()], ["", ""]):
+        settled = settled_chars(group)
+        width = settled.shape[1] - 1
+        assert width == max(map(len, group))
+        assert settled.tolist() == [_settled_by_definition(t, width) for t in group]
+
+
+def test_settled_characters_take_linear_time():
+    """A long text with a word end every two characters: written once each, not once per later character (that
+    was about 10^10 writes here, minutes)."""
+    import time
+
+    text = "a " * 100_000
+    started = time.perf_counter()
+    settled = settled_chars([text, ""])
+    assert time.perf_counter() - started < 5.0
+    assert settled[0, -1] == len(text) - 1 and settled[1].max() == 0 and settled[0, 3] == 1
+
+
 def test_settled_characters_are_those_of_closed_words():
     assert word_ends("ab cd  ef\n gh") == [2, 5]
     assert settled_chars(["ab cd  ef\n gh", "x"]).tolist() == [

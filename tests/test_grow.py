@@ -98,3 +98,71 @@ def test_an_edge_marked_train_false_stays_as_it_starts(tmp_path):
         TrainConfig.from_dict({"train_only": "new-edges"})
     with pytest.raises(UserError, match="not a run folder"):
         start_from(graph, tmp_path)
+
+
+def _steps(run: Path) -> list:
+    from lowmem_graph.runstate import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "step"]
+
+
+def _same_run(run: Path, straight: Path) -> None:
+    assert _steps(run) == _steps(straight) and len(_steps(run)) == 8
+    a, b = (load_file(str(r / "weights-coupled.safetensors")) for r in (run, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_grown_run_resumes_as_it_would_have_run_without_reading_its_origin_again(grown, tmp_path):
+    """Resumed from its checkpoint, a run started with --init-from has the uninterrupted run's figures to the bit,
+    even when the run it grew from is gone; resumed before its first checkpoint (a kill), it takes that run's
+    weights again only if they are still those it started from."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lowmem_graph.files import file_sha256
+
+    origin = tmp_path / "pair"
+    shutil.copytree(grown / "pair", origin)
+    grow = ["train", "--graph", str(_trio(tmp_path / "trio.yaml")), "--init-from", str(origin), "--train-only",
+            "new-edges", *QUICK, "--epochs", "2", "--batch-size", "4"]
+    assert main([*grow, "--run-dir", str(tmp_path / "straight")]) == 0
+    for cut in ("cut", "killed"):
+        assert main([*grow, "--run-dir", str(tmp_path / cut), "--max-steps", "3"]) == 0
+    shutil.move(origin, tmp_path / "away")          # the run it grew from is gone: the checkpoint holds the rest
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    _same_run(tmp_path / "cut", tmp_path / "straight")
+
+    killed = tmp_path / "killed"            # as a kill before the first checkpoint leaves it
+    for name in ("checkpoint", "trainable.safetensors", "metrics.jsonl"):
+        (killed / name).unlink()
+    shutil.rmtree(killed / ".checkpoints")
+    shutil.copytree(tmp_path / "away", origin)
+    weights = load_file(str(origin / "weights-coupled.safetensors"))        # the origin trained on meanwhile
+    save_file({k: v + 1 for k, v in weights.items()}, str(origin / "weights-coupled.safetensors"))
+    results = json.loads((origin / "lm-results.json").read_text())
+    results["coupled"]["sha256"] = file_sha256(origin / "weights-coupled.safetensors")
+    (origin / "lm-results.json").write_text(json.dumps(results))
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 2
+    shutil.rmtree(origin)
+    shutil.copytree(tmp_path / "away", origin)
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    _same_run(killed, tmp_path / "straight")
+
+
+def test_a_grown_runs_record_is_what_it_took_and_a_damaged_one_is_refused(grown, tmp_path):
+    import json
+
+    from lowmem_graph.files import file_sha256
+    from lowmem_graph.grow import RECORD
+
+    graph = EdgeGraph.build(load_spec(PAIR), "cpu", seed=1, objective="lm")
+    assert start_from(graph, grown / "trio", None, tmp_path, load=False) == (["0-llama-mistral", "1-mistral-llama"], [])
+    record = json.loads((tmp_path / RECORD).read_text())
+    assert record["sha256"] == file_sha256(grown / "trio" / "weights-coupled.safetensors")
+    assert record["shared"] == {"0-llama-mistral": "2-llama-mistral", "1-mistral-llama": "3-mistral-llama"}
+    for damaged in ("{", json.dumps({"sha256": 1, "shared": {}}), json.dumps({"shared": []})):
+        (tmp_path / RECORD).write_text(damaged)
+        with pytest.raises(UserError, match="init-from.json is damaged"):
+            start_from(graph, grown / "trio", None, tmp_path)

@@ -182,3 +182,26 @@ def test_separate_classifier(stories, converted, tmp_path):
     tokens = torch.tensor([[1, 403, 407, 261, 378]])
     with torch.no_grad():
         torch.testing.assert_close(unshared(tokens).logits, shared(tokens).logits)
+
+
+def test_a_converted_cache_entry_is_sealed_before_it_appears(stories, tmp_path, monkeypatch):
+    """A cache entry is sealed inside its temporary folder, then renamed into place: at the rename, and so for any
+    reader who sees the folder at all, it is whole and sealed under its key (sealing after the rename left a moment
+    when a reader found it unsealed, took it for damaged and deleted it)."""
+    from lowmem_graph import files
+
+    key = {"cache": "llama2c", "sha256": files.file_sha256(stories / "stories260K.bin")}
+    out = tmp_path / "stories260K"
+    seen = []
+    real = os.replace
+
+    def watched(src, dst):
+        if Path(dst) == out:
+            seen.append(files.sealed(Path(src), key, "the converted llama2.c model"))
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", watched)
+    assert convert_llama2c(stories / "stories260K.bin", out, key=key) == out
+    assert seen == [True]
+    assert files.sealed(out, key, "the converted llama2.c model")
+    assert not files.sealed(out, {**key, "sha256": "0" * 64}, "the converted llama2.c model")

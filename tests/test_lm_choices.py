@@ -209,3 +209,51 @@ def test_a_choice_longer_than_max_length_is_one_line(lm_graph):
     item = Item("long", "acc", "Question: why?\nAnswer:", ("because " * 80, "no"), (1,))
     with pytest.raises(UserError, match="long: the choice 'because .*' does not fit node llama's max_length"):
         score(graph, routers, [item], 2, progress=False)
+
+
+def test_multiple_choice_and_the_harness_score_in_one_loop(lm_graph):
+    """lm_choices.logliks is the one scoring loop: `score` regroups its figures, harness.GraphLM asks it for
+    (log-likelihood, is_greedy) and has no loop of its own. Every variant's and node's figures are those of a
+    forward of each pair by itself, and is_greedy says whether each continuation token is the node's argmax there."""
+    from pathlib import Path
+
+    from lowmem_graph import lm_choices
+
+    graph, routers = lm_graph
+    raw = [(q["question"], c) for q in QUESTIONS for c in q["choices"]]
+    raw += [("Plants need", "light"), ("The Sun is a", "star"), ("The sky is ", "blue")]
+    pairs = [split_pair(context, " " + choice) for context, choice in raw]
+    got = lm_choices.logliks(graph, routers, list(graph.reads), pairs, [f"p{i}" for i in range(len(pairs))], 3,
+                             greedy=True)
+    want = references(graph, routers, raw)
+    for (v, j), lls in want.items():
+        torch.testing.assert_close(torch.tensor([ll for ll, _ in got[v, j]]), torch.tensor(lls), atol=1e-4, rtol=1e-5)
+    for k, (context, continuation) in enumerate(pairs):           # is_greedy, from the coupled graph alone
+        batch = graph.collate_text([context + continuation], ["one"], keep_start=False)
+        with torch.no_grad():
+            finals = graph(batch)
+        for j in graph.reads:
+            tok, prefix = graph.nodes[j].tokenizer, graph.nodes[j].spec.prefix
+            n = len(tok(prefix + context + continuation)["input_ids"]) - len(tok(prefix + context)["input_ids"])
+            row = batch.tokens[j][0][0].tolist()
+            best = graph.nodes[j].logits(finals[j][0]).argmax(-1).tolist()
+            assert got["coupled", j][k][1] == all(best[p - 1] == row[p] for p in range(len(row) - n, len(row)))
+
+    items = [Item(f"q{i}", "acc", q["question"], tuple(q["choices"]), (0,)) for i, q in enumerate(QUESTIONS)]
+    calls = []
+    real = lm_choices.logliks
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    lm_choices.logliks = spy
+    try:
+        scored = lm_choices.score(graph, routers, items, 3, progress=False)
+    finally:
+        lm_choices.logliks = real
+    assert len(calls) == 1
+    plain = real(graph, routers, list(graph.reads), pairs[:len(pairs) - 3], ["x"] * (len(pairs) - 3), 3)
+    assert {(v, j): [ll for per in scored[v][j] for ll in per] for v in scored for j in scored[v]} == plain
+    harness = (Path(lm_choices.__file__).parent / "harness.py").read_text()
+    assert "logliks(" in harness and "continuation_logliks" not in harness and "collate_text" not in harness

@@ -61,3 +61,27 @@ def test_reproduce_keeps_each_sources_flags_apart(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--tasks is the paper's protocol's" in err and "--task is --source residual-coupling's" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_reproduce_reads_its_graph_as_every_command_does(tmp_path, monkeypatch):
+    """--graph is read by settings.load_config, the one reader of a config file: a run's config.yaml of the older
+    form (the mappings graph: and train:) is taken, its training settings with it."""
+    import yaml
+
+    from lowmem_graph import reproduce_rc
+
+    raw = yaml.safe_load(_pair(tmp_path).read_text())
+    older = tmp_path / "config.yaml"
+    older.write_text(yaml.safe_dump({"graph": {k: v for k, v in raw.items() if k != "train"},
+                                     "train": {**raw["train"], "lr": 0.02}}))
+    seen = {}
+
+    def ran(spec, cfg, run_dir, progress=True, log=print):
+        seen.update(spec=spec, cfg=cfg)
+        return run_dir / "results.md"
+
+    monkeypatch.setattr(reproduce_rc, "reproduce_rc", ran)
+    assert main(["reproduce", "--source", "residual-coupling", "--graph", str(older), "--run-dir",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    assert seen["spec"].name == "gpt2_llama" and [n.name for n in seen["spec"].nodes] == ["gpt2", "llama"]
+    assert seen["cfg"].lr == 0.02 and seen["cfg"].objective == "lm"

@@ -358,3 +358,34 @@ def test_two_fresh_machines_give_the_same_cache_bytes_and_losses(tmp_path, monke
     assert results[0][0] == results[1][0]
     assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) >= 5
     assert all(results[0][1][k] == results[1][1][k] for k in results[0][1])
+
+
+def test_a_failed_command_loses_its_folder_one_way(tmp_path, monkeypatch, capsys):
+    """One rule for a command's new folder (settings.kept_if_started): a training run interrupted before its first
+    checkpoint keeps its folder, from the command line as from `train` (it resumes from step 0, as it says); a
+    mistake before anything ran removes it and says so, in train as in align and probe-quant, whose folders hold
+    nothing to resume."""
+    from lowmem_graph import frozen_pass, probe, ridge
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frozen_pass, "run_frozen_pass", interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--limit-train", "8", "--epochs", "1", "--no-progress"]) == 130
+    assert "restarts from step 0" in capsys.readouterr().err and (run / "config.yaml").is_file()
+    monkeypatch.undo()
+
+    def mistaken(*args, **kwargs):
+        raise UserError("a mistake found late")
+
+    for module, name, argv in [(ridge, "align_graph", ["align", "--limit", "10"]),
+                               (probe, "probe_node", ["probe-quant", "--limit", "2"]),
+                               (frozen_pass, "run_frozen_pass", ["train", "--limit-train", "8", "--epochs", "1"])]:
+        monkeypatch.setattr(module, name, mistaken)
+        folder = tmp_path / name
+        assert main([*argv, "--run-dir", str(folder), "--no-progress"]) == 2
+        assert (f"a mistake found late (its run folder {folder} is removed: nothing had run)"
+                in capsys.readouterr().err), name
+        assert not folder.exists()
+        monkeypatch.undo()

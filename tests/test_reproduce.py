@@ -52,3 +52,27 @@ def test_protocol_never_trains_on_mmlu_test():
     parts = protocol["train"]["task"].split("+")
     mmlu = [p for p in parts if p.startswith("mmlu")][0]
     assert "test" not in mmlu.split(":")[1].split("@")[0].split(",") and mmlu.endswith("@14042")
+
+
+def test_reproduce_reads_its_graph_as_every_command_does(tmp_path, monkeypatch):
+    """--graph is read by settings.load_config, the one reader of a config file: a run's config.yaml of the older
+    form (the mappings graph: and train:) is taken, its training settings under the protocol's."""
+    import yaml
+
+    from lowmem_graph import reproduce
+    from lowmem_graph.spec import preset_path
+
+    raw = yaml.safe_load(preset_path("tiny").read_text())
+    older = tmp_path / "config.yaml"
+    older.write_text(yaml.safe_dump({"graph": {k: v for k, v in raw.items() if k != "train"},
+                                     "train": {**raw.get("train", {}), "weight_decay": 0.125}}))
+    seen = {}
+
+    def ran(spec, cfg, benchmarks, run_dir, limit_test=None, progress=True):
+        seen.update(spec=spec, cfg=cfg)
+        return run_dir / "results.md"
+
+    monkeypatch.setattr(reproduce, "reproduce", ran)
+    assert main(["reproduce", "--graph", str(older), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert [n.name for n in seen["spec"].nodes] == [n["name"] for n in raw["nodes"]]
+    assert seen["cfg"].weight_decay == 0.125

@@ -194,3 +194,37 @@ def test_train_steps_sync_only_at_their_one_read_on_cuda(tmp_path):
             torch.cuda.set_sync_debug_mode(0)
     finally:
         trainer.close()
+
+
+def test_an_lm_step_tokenizes_each_passage_once(tmp_path, monkeypatch):
+    """A step's inputs (its micro-batches and its norm, the step's predicted tokens per node) encode every passage
+    once per node, alone or as one of several ranks, and the norm is the count of the whole step collated at
+    once."""
+    from lowmem_graph.distributed import Ranks
+
+    spec, cfg = _lm_cfg(tmp_path, limit_train=16, epochs=1, prefix_cache=False)
+    trainer = Trainer(spec, cfg, tmp_path / "run", variant="coupled", **QUIET)
+    try:
+        items = trainer.train_set[:7]
+        whole = trainer.graph.collate_text([t for _, t in items], [i for i, _ in items])
+        expected = {j: float(whole.picks[j].numel()) for j in trainer.graph.reads}
+        encoded = collections.Counter()
+        for name, node in trainer.graph.nodes.items():
+            real = node.encode
+
+            def counting(texts, *args, _real=real, _name=name, **kwargs):
+                encoded.update((_name, t) for t in texts)
+                return _real(texts, *args, **kwargs)
+
+            monkeypatch.setattr(node, "encode", counting)
+        trainer.micro_batch = 3
+        for world in (1, 2, 3):
+            for rank in range(world):
+                trainer.ranks = Ranks(rank=rank, world=world)
+                encoded.clear()
+                _, norm, idle = trainer.step_inputs(items)
+                assert not idle and norm == {j: n / world for j, n in expected.items()}, (world, rank)
+                assert encoded == collections.Counter((n, t) for n in trainer.graph.nodes for _, t in items)
+    finally:
+        trainer.ranks = Ranks()
+        trainer.close()

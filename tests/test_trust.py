@@ -305,3 +305,28 @@ def test_sigterm_during_align_leaves_no_run_folder(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert code == 143 and "Traceback" not in err, err[-2000:]
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.parametrize("variant, command", [("coupled", "eval"), ("router", "eval"), ("coupled", "init-from")])
+def test_flipped_lm_weights_are_refused(lm_run, tmp_path, capsys, variant, command):
+    """An lm run's weights-<variant>.safetensors are checked as a checkpoint's are: against the SHA-256 its
+    lm-results.json recorded when they were written (an older run's, which recorded none, is refused too)."""
+    from pathlib import Path
+
+    run = _copy(lm_run, tmp_path)
+    weights = run / f"weights-{variant}.safetensors"
+    argv = {"eval": ["eval", str(run), "--limit", "2", "--no-progress"],
+            "init-from": ["train", "--graph", str(Path(__file__).parents[1] / "examples" / "residual_coupling.yaml"),
+                          "--init-from", str(run), "--run-dir", str(tmp_path / "grown"), "--limit-train", "8",
+                          "--epochs", "1", "--no-progress"]}[command]
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[len(data) - 100] ^= 0x10                          # inside the tensors, the header intact
+    weights.write_bytes(bytes(data))
+    assert f"weights-{variant}.safetensors is damaged" in _one_line(capsys, main(argv))
+    weights.write_bytes(original)
+    results = json.loads((run / "lm-results.json").read_text())
+    del results[variant]["sha256"]
+    (run / "lm-results.json").write_text(json.dumps(results))
+    assert "records no SHA-256 for it" in _one_line(capsys, main(argv))
+    assert not (tmp_path / "grown").exists()
