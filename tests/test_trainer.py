@@ -77,10 +77,6 @@ READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "
 # Host reads that are not device reads: AdamW keeps its step counters on the host (not capturable, not fused),
 # and reads them each step.
 HOST_SIDE = ("torch/optim/",)
-# Found and left to nodes.py (another module's): transformers' sdpa mask check reads the attention mask each time a
-# node's layer calls are recorded for a micro-batch (masking_utils._ignore_causal_mask_sdpa); the GPU test below
-# says whether that mask is on the device there.
-ELSEWHERE = ("transformers/masking_utils.py",)
 
 
 def _caller() -> str:
@@ -104,7 +100,7 @@ class HostReads(TorchFunctionMode):
             caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if "torch/overrides" not in f.filename
                            and "torch/_tensor" not in f.filename), None)
             where = f"{caller.filename}:{caller.lineno}" if caller else "?"
-            if not any(part in where for part in HOST_SIDE + ELSEWHERE):
+            if not any(part in where for part in HOST_SIDE):
                 self.reads.append(f"{name} at {where}")
         return func(*args, **(kwargs or {}))
 
@@ -125,7 +121,7 @@ class DataDependentOps(TorchDispatchMode):
                                              for i in (args[1] if len(args) > 1 else ()) if i is not None)
         stack = traceback.extract_stack()
         if (name.startswith(DATA_DEPENDENT) or bool_index) and not any(
-                part in f.filename for f in stack for part in HOST_SIDE + ELSEWHERE):
+                part in f.filename for f in stack for part in HOST_SIDE):
             self.ops.append(f"{func} at {_caller()}")
         return func(*args, **(kwargs or {}))
 
