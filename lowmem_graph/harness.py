@@ -144,7 +144,7 @@ class GraphLM(LM):
         import torch
 
         from .nodes import autocast
-        from .lm_choices import continuation_logliks, fitting_counts, split_pair
+        from .lm_choices import continuation_logliks, continuation_picks, fitting_counts, split_pair
         from .objectives import final_states
 
         graph, node = self.graph, self.node
@@ -161,7 +161,8 @@ class GraphLM(LM):
                 counts = fitting_counts(graph, node, batch, contexts, continuations, [names[i] for i in rows])
                 with torch.no_grad(), autocast(device):
                     final = final_states(graph, self.variant, batch, self.router)[node]
-                    lls, greedy = continuation_logliks(graph.nodes[node], final, *batch.tokens[node], counts, True)
+                    lls, greedy = continuation_logliks(graph.nodes[node], final, batch.tokens[node][0],
+                                                       continuation_picks(batch.tokens[node][1], counts), True)
                 for i, ll, g in zip(rows, lls.tolist(), greedy.tolist()):     # the batch's one read of the device
                     out[i] = (ll, bool(g))
         finally:
