@@ -167,6 +167,27 @@ def test_a_multiple_choice_evaluation_reads_the_device_once_per_batch(tiny_graph
     assert result.loss == pytest.approx(alone.loss, rel=1e-6) and result.accuracy == alone.accuracy
 
 
+@pytest.mark.parametrize("variant", ["coupled", "alone", "router"])
+def test_an_lm_evaluation_reads_the_device_once(lm_graph, variant):
+    """Perplexity over batches with and without padding: each node's masks made at collation, one read at the end."""
+    from lowmem_graph.objectives import Baseline, NextToken
+
+    graph, routers = lm_graph
+    model = graph if variant == "coupled" else Baseline(graph, variant)
+    if variant == "router":
+        model.router = routers["router"]
+    texts = ["Plants take in carbon dioxide and give out oxygen.", "Ice melts.", "The Sun is a star.",
+             "The Sun is a star."]            # the last batch is unpadded
+    items = [(str(i), t) for i, t in enumerate(texts)]
+    objective = NextToken(variant)
+    objective.evaluate(model, graph, items[:2], batch_size=2, progress=False)      # a first pass (lazy inits)
+    with HostReads() as mode, DataDependentOps() as ops:
+        result = objective.evaluate(model, graph, items, batch_size=2, progress=False)
+    assert ops.ops == [], collections.Counter(ops.ops)
+    assert len(mode.reads) == 1 and "objectives.py" in mode.reads[0], collections.Counter(mode.reads)
+    assert set(result) == set(graph.reads) and all(p > 1 for p in result.values())
+
+
 @pytest.mark.gpu
 def test_train_steps_sync_only_at_their_one_read_on_cuda(tmp_path):
     """On a GPU, steps under torch.cuda.set_sync_debug_mode("error"): any synchronising call but the step's one
