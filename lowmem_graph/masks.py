@@ -39,9 +39,13 @@ def host_masks(model, attention_mask: torch.Tensor) -> dict | None:
 
 
 @contextmanager
-def handed(layers, masks: dict, device):
-    """What a model's forward is handed as `attention_mask` for `masks` (host_masks's, moved to `device` if not
-    there yet): the dict by layer type, or the one mask; for no mask, NO_MASK while each layer is handed None."""
+def handed(layers, attention_mask: torch.Tensor, masks: dict | None, device):
+    """What a model's forward is handed as `attention_mask`: without `masks`, the 2D mask (the model makes its
+    own); with them (moved to `device` if not there yet), the dict by layer type, or the one mask, or for no mask
+    NO_MASK while each of `layers` is handed None."""
+    if masks is None:
+        yield attention_mask.to(device)
+        return
     masks = {k: None if m is None else m.to(device) for k, m in masks.items()}
     given = masks if ONE not in masks else NO_MASK if masks[ONE] is None else masks[ONE]
     handles = [add_hook(layer, _Unmasked()) for layer in layers] if given is NO_MASK else []

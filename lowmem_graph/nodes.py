@@ -7,7 +7,7 @@ then runs the layers itself, writing into the stream and reading it between them
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 import logging
 import pickle
 import re
@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 
 from .errors import UserError, hub_error
 from .hooks import StandIn, add_hook
-from .masks import handed, host_masks
 from .loading import (_quantised_cache_dir, _save_atomically, _verified, decoder_parts, hub_commit, load_config,
                       node_key, source_identity)
+from .masks import handed, host_masks
 from .spec import NodeSpec
 
 
@@ -298,7 +298,7 @@ class FrozenNode:
                 if prefix is None:
                     self._forward(input_ids, attention_mask, masks)
                 else:
-                    with self._handed(attention_mask, masks) as given:
+                    with handed(self.layers, attention_mask, masks, self.device) as given:
                         self.base(inputs_embeds=prefix.to(self.device), attention_mask=given, use_cache=False)
         finally:
             for handle in handles:
@@ -325,20 +325,11 @@ class FrozenNode:
     def _forward(self, input_ids, attention_mask, masks: dict | None = None):
         """The base model's forward; with the embedding table on the host, the lookup happens there."""
         table = self.base.get_input_embeddings()
-        with self._handed(attention_mask, masks) as mask:
+        with handed(self.layers, attention_mask, masks, self.device) as mask:
             if table.weight.device == self.device:
                 return self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
             embeds = table(input_ids.to(table.weight.device)).to(self.device)
             return self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-
-    @contextmanager
-    def _handed(self, attention_mask, masks: dict | None):
-        """The model's `attention_mask` argument: the masks made at collation, else the 2D mask."""
-        if masks is None:
-            yield attention_mask.to(self.device)
-        else:
-            with handed(self.layers, masks, self.device) as given:
-                yield given
 
     def frozen_tensors(self):
         """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""

@@ -8,9 +8,10 @@ a device (on CUDA such a copy holds the host until it lands), the copy overlaps 
 and one copy replaces a dozen small ones. Where every tensor stays where it is (a CPU run) nothing is packed.
 
 Where each tensor goes (`destinations`): a node's tokens, attention masks (the 2D one and those its layers take,
-made at collation: masks.py) and predicted positions to the device that node computes on (its character offsets stay on the host: collation read them); an index into a source node's states to
-the source's device (the gather runs where the states are); the labels, the choice counts and every cached state
-but a prefix to the device of the trained parts; a cached prefix to its node's device.
+made at collation: masks.py) and predicted positions to the device that node computes on (its character offsets
+stay on the host: collation read them); an index into a source node's states to the source's device (the gather
+runs where the states are); the labels, the choice counts and every cached state but a prefix to the device of
+the trained parts; a cached prefix to its node's device.
 """
 from __future__ import annotations
 
