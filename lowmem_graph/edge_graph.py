@@ -183,7 +183,9 @@ class EdgeGraph(TrainedParts):
         align = {(s, t): align_index(offsets[s], tokens[s][1], len(self.nodes[s].spec.prefix),
                                      offsets[t], tokens[t][1], len(self.nodes[t].spec.prefix), settled)
                  for s, t in pairs}
-        return Batch(tokens, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [], align, offsets)
+        masks = {name: node.masks(tokens[name][1]) for name, node in self.nodes.items()}
+        return Batch(tokens, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [], align, offsets,
+                     masks=masks)
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def forward(self, batch: Batch, cached: dict[str, torch.Tensor] | None = None) -> GraphOutput | dict:
@@ -232,7 +234,8 @@ class EdgeGraph(TrainedParts):
             ids, mask = run.batch.tokens[n]
             prefix = run.cached.get(part_key("prefix", n, self.entry(n))) if run.cached else None
             run.starts[n], run.tops[n] = (self.entry(n) if prefix is not None else self.start(n)), self.top(n)
-            run.streams[n], run.calls[n] = self.nodes[n].layer_calls(ids, mask, start=run.starts[n], prefix=prefix)
+            run.streams[n], run.calls[n] = self.nodes[n].layer_calls(ids, mask, start=run.starts[n], prefix=prefix,
+                                                                     masks=(run.batch.masks or {}).get(n))
 
     def _segments(self, unit: list[str], run: "_Run", groups) -> list[tuple[str, int, int]]:
         """(node, first, last) in execution order: layer by layer across the unit's nodes, or group by group."""

@@ -37,6 +37,7 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
              stop: tuple[str, ...] = (), seed: int = 0, on_text=None) -> str:
     """The text the graph writes after `prompt`; `on_text` is called with each new piece as it is decided (a
     piece that might begin a stop string is held back until it cannot)."""
+    from . import transfer
     from .nodes import autocast
     from .objectives import final_states
 
@@ -58,9 +59,10 @@ def generate(graph, prompt: str, node: str | None = None, variant: str = "couple
     head = writer.tokenizer.decode(base, skip_special_tokens=True)             # first word keeps its space
     for _ in range(max_new_tokens):
         batch = graph.collate_text([prompt + text], ["prompt"], keep_start=False)    # over max_length: the latest
+        last = int(batch.tokens[node][1][0].sum()) - 1      # on the host
+        batch, _ = transfer.arrive(transfer.pack(graph, batch))
         with autocast(device):
             final = final_states(graph, variant, batch, router)[node]
-            last = int(batch.tokens[node][1][0].sum()) - 1
             logits = writer.logits(final[0, last]).float()
         token = next_token(logits, temperature, top_k, top_p, generator)
         if token == writer.tokenizer.eos_token_id:

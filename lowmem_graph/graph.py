@@ -85,6 +85,7 @@ class Batch:
     align: dict[tuple[str, str], torch.Tensor] | None = None   # aligned pairs: (source, target) -> (B, T_target)
     offsets: dict[str, torch.Tensor | None] | None = None     # each node's character offsets, where needed
     picks: dict[str, torch.Tensor] | None = None     # lm: each read node's predicted positions, flat in (B, T-1)
+    masks: dict[str, dict | None] | None = None      # each node's attention masks, made at collation (masks.py)
 
 
 @dataclass

@@ -169,23 +169,27 @@ def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> 
     return [w[len(a):] for w, a in zip(whole, alone)]
 
 
-def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                         n_cont: torch.Tensor, greedy: bool = False):
-    """(B,) summed log-probabilities of each row's last `n_cont` real tokens (right-padded rows), each predicted
-    from the state before it; with `greedy`, also (B,) whether every one of them is the node's argmax (the
-    harness's is_greedy)."""
-    lengths = mask.sum(1).to(final.device)
-    pos = torch.arange(ids.shape[1] - 1, device=final.device)[None]
-    n_cont = n_cont.to(final.device)
-    picked = (pos >= (lengths - n_cont - 1)[:, None]) & (pos < (lengths - 1)[:, None])     # predicting positions
-    logp = node.logits(final[:, :-1][picked]).float().log_softmax(-1)
-    targets = ids[:, 1:].to(final.device)[picked]
-    rows = picked.nonzero()[:, 0]
+def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, picks: torch.Tensor, greedy: bool = False):
+    """(B,) summed log-probabilities of each row's continuation, each token predicted from the state before it;
+    `picks`: the predicting positions, flat in (B, T - 1) (`continuation_picks`). With `greedy`, also (B,) whether
+    every one of them is the node's argmax (the harness's is_greedy)."""
+    picks = picks.to(final.device)
+    logp = node.logits(final[:, :-1].flatten(0, 1).index_select(0, picks)).float().log_softmax(-1)
+    targets = ids[:, 1:].to(final.device).flatten().index_select(0, picks)
+    rows = picks.div(ids.shape[1] - 1, rounding_mode="floor")
     sums = torch.zeros(len(ids), device=final.device).index_add_(0, rows, logp.gather(-1, targets[:, None])[:, 0])
     if not greedy:
         return sums
     misses = torch.zeros(len(ids), device=final.device).index_add_(0, rows, (logp.argmax(-1) != targets).float())
     return sums, misses == 0
+
+
+def continuation_picks(mask: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """On the host: the positions, flat in (B, T - 1), that predict each row's last `counts` real tokens (right
+    padding), in order (so the step selects them without a boolean index, which would read the device)."""
+    width = mask.shape[1] - 1
+    return torch.cat([b * width + torch.arange(n - c - 1, n - 1)
+                      for b, (n, c) in enumerate(zip(mask.sum(1).tolist(), counts.tolist()))])
 
 
 def fitting_counts(graph, node: str, batch, contexts: list[str], continuations: list[str], names: list[str],
@@ -208,16 +212,17 @@ def logliks(graph, models: dict, nodes: list[str], pairs: list[tuple[str, str]],
             progress: bool = False, what: str = "continuation", greedy: bool = False) -> dict[tuple[str, str], list]:
     """The one scoring loop, of `score` (multiple choice) and harness.GraphLM (lm-evaluation-harness's requests):
     {(variant, node): each (context, continuation) pair's log-likelihood, already split as `split_pair` does; with
-    `greedy`, (log-likelihood, is_greedy)}. Batches of `batch_size` pairs in the order given; `models` maps each
-    variant to its router (None but for "router"); `names` name the pairs in an error. One read of the device per
-    batch."""
+    `greedy`, (log-likelihood, is_greedy)}. Batches of `batch_size` pairs in the order given, each collated and
+    packed on another thread while the one before computes (transfer.py); `models` maps each variant to its router
+    (None but for "router"); `names` name the pairs in an error. One read of the device per batch."""
+    from . import transfer
     from .nodes import autocast
     from .progress import progress as bar
 
     device = next(graph.parameters()).device
     out = {(v, j): [] for v in models for j in nodes}
-    starts = range(0, len(pairs), batch_size)
-    for start in bar(starts, len(starts), f"{what}s batch", progress):
+
+    def packed(start):
         rows = names[start:start + batch_size]
         contexts, continuations = (list(x) for x in zip(*pairs[start:start + batch_size]))
         # a context that gives a scored node no token starts from its BOS (else EOS), as the harness's HF model does
@@ -225,15 +230,21 @@ def logliks(graph, models: dict, nodes: list[str], pairs: list[tuple[str, str]],
             [graph.nodes[j].spec.prefix + c for c in contexts])["input_ids"]] for j in nodes}
         batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)], rows, keep_start=False,
                                    start=empty)
-        counts = {j: fitting_counts(graph, j, batch, contexts, continuations, rows, what) for j in nodes}
+        batch.picks = {j: continuation_picks(batch.tokens[j][1], fitting_counts(
+            graph, j, batch, contexts, continuations, rows, what)) for j in nodes}
+        return transfer.pack(graph, batch)
+
+    starts = range(0, len(pairs), batch_size)
+    for made in bar(transfer.ahead(packed, starts), len(starts), f"{what}s batch", progress):
+        batch, _ = transfer.arrive(made)
         parts = []
         with autocast(device):
             needed = graph.nodes if "router" in models else graph.reads if "alone" in models else ()
-            alone = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}     # once, for alone and the router
+            alone = {n: graph.nodes[n].final(*batch.tokens[n], batch.masks[n]) for n in needed}  # alone, router
             for variant, router in models.items():
                 finals = graph(batch) if variant == "coupled" else router(alone, batch) if router else alone
                 for j in nodes:
-                    got = continuation_logliks(graph.nodes[j], finals[j], *batch.tokens[j], counts[j], greedy)
+                    got = continuation_logliks(graph.nodes[j], finals[j], batch.tokens[j][0], batch.picks[j], greedy)
                     parts += [t.to(device).double() for t in (got if greedy else (got,))]
         read = torch.stack(parts).tolist()          # the batch's one read of the device
         for r, key in enumerate(out):

@@ -20,6 +20,7 @@ from .errors import UserError, hub_error
 from .hooks import StandIn, add_hook
 from .loading import (_quantised_cache_dir, _save_atomically, _verified, decoder_parts, hub_commit, load_config,
                       node_key, source_identity)
+from .masks import handed, host_masks
 from .spec import NodeSpec
 
 
@@ -282,13 +283,20 @@ class FrozenNode:
     def _autocast(self):
         return autocast(self.device)
 
-    def final(self, input_ids, attention_mask) -> torch.Tensor:
-        """Final hidden states (B, T, d), after the final norm: the node by itself, nothing written into it."""
+    def masks(self, attention_mask: torch.Tensor) -> dict | None:
+        """The attention masks this node's layers take for a (B, T) host mask, made on the host (masks.py): what
+        collation hands `layer_calls` and `final` as `masks`. None: the model makes its own, without a read."""
+        return host_masks(self.model, attention_mask)
+
+    def final(self, input_ids, attention_mask, masks: dict | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, d), after the final norm: the node by itself, nothing written into it.
+        `masks`: as `layer_calls`'."""
         with self._autocast():
-            return self._forward(input_ids, attention_mask).last_hidden_state
+            return self._forward(input_ids, attention_mask, masks).last_hidden_state
 
     @torch.no_grad()
-    def layer_calls(self, input_ids, attention_mask, start: int = 0, prefix: torch.Tensor | None = None):
+    def layer_calls(self, input_ids, attention_mask, start: int = 0, prefix: torch.Tensor | None = None,
+                    masks: dict | None = None):
         """(the stream entering decoder layer `start`, the model's own calls of the layers from `start` up), for
         running the layers one at a time: nodes coupled by bridges advance together, layer by layer.
 
@@ -297,7 +305,9 @@ class FrozenNode:
         loop calls them (masks, rotary tables, each layer's attention type), so every architecture keeps its own
         arguments. A stand-in is not a run of its layer: the layer and torch's hooks on it do not run. Above the
         last layer the model's forward goes on to its final norm, given one example only.
-        A call is (layer, args, kwargs): `layer(hidden, *args, **kwargs)` runs it."""
+        A call is (layer, args, kwargs): `layer(hidden, *args, **kwargs)` runs it. `masks`: this batch's
+        `masks(attention_mask)`, made at collation, so that the model makes none of its own (making them reads the
+        device); without them it makes its own from `attention_mask`."""
         calls: list = []
         entering: list = []
         last = len(self.layers) - 1
@@ -319,10 +329,10 @@ class FrozenNode:
                     handles.append(add_hook(layer, StandIn(lambda layer, hidden, args, kwargs: hidden)))
             with self._autocast():
                 if prefix is None:
-                    self._forward(input_ids, attention_mask)
+                    self._forward(input_ids, attention_mask, masks)
                 else:
-                    self.base(inputs_embeds=prefix.to(self.device), attention_mask=attention_mask.to(self.device),
-                              use_cache=False)
+                    with handed(self.layers, attention_mask, masks, self.device) as given:
+                        self.base(inputs_embeds=prefix.to(self.device), attention_mask=given, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -345,14 +355,14 @@ class FrozenNode:
             out = torch.tanh(out.float() / cap) * cap
         return out
 
-    def _forward(self, input_ids, attention_mask):
+    def _forward(self, input_ids, attention_mask, masks: dict | None = None):
         """The base model's forward; with the embedding table on the host, the lookup happens there."""
         table = self.base.get_input_embeddings()
-        mask = attention_mask.to(self.device)
-        if table.weight.device == self.device:
-            return self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
-        embeds = table(input_ids.to(table.weight.device)).to(self.device)
-        return self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        with handed(self.layers, attention_mask, masks, self.device) as mask:
+            if table.weight.device == self.device:
+                return self.base(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+            embeds = table(input_ids.to(table.weight.device)).to(self.device)
+            return self.base(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
 
     def frozen_tensors(self):
         """Every weight and buffer of the frozen model (for checks that training leaves them untouched)."""

@@ -238,7 +238,7 @@ def final_states(graph: EdgeGraph, variant: str, batch, router: Router | None = 
         return graph(batch)
     with torch.no_grad():
         needed = graph.nodes if variant == "router" else graph.reads
-        finals = {n: graph.nodes[n].final(*batch.tokens[n]) for n in needed}
+        finals = {n: graph.nodes[n].final(*batch.tokens[n], (batch.masks or {}).get(n)) for n in needed}
     return router(finals, batch) if variant == "router" else {j: finals[j] for j in graph.reads}
 
 

@@ -130,3 +130,40 @@ def test_ahead_makes_each_input_once_in_order_on_another_thread():
     assert [x for x, _ in made] == [0, 1, 2, 3, 4] and all(other for _, other in made)
     assert list(transfer.ahead(make, [])) == []
     assert list(transfer.ahead(lambda x: x, [None, 0, None])) == [None, 0, None]     # None is an input too
+
+
+class Handed(Exception):
+    """Raised where the nodes would compute (on the meta device they cannot): what they were handed is kept."""
+
+
+@pytest.mark.parametrize("variant", ["coupled", "alone"])
+@pytest.mark.parametrize("path", ["score", "generate"])
+def test_scoring_and_generation_hand_the_nodes_only_what_crossed_in_one_copy(coupled, monkeypatch, path, variant):
+    from lowmem_graph.generate import generate
+    from lowmem_graph.lm_choices import Item, score
+    from lowmem_graph.nodes import FrozenNode
+
+    for node in coupled.nodes.values():
+        monkeypatch.setattr(node, "device", META)
+    handed = []
+
+    def graph_forward(self, batch, cached=None):
+        handed.extend(transfer.destinations(self, batch).items())
+        raise Handed
+
+    def node_final(self, input_ids, attention_mask, masks=None):
+        handed.extend(((self.spec.name, i), (t, self.device)) for i, t in
+                      enumerate([input_ids, attention_mask, *(masks or {}).values()]) if t is not None)
+        raise Handed
+
+    monkeypatch.setattr(EdgeGraph, "forward", graph_forward)
+    monkeypatch.setattr(FrozenNode, "final", node_final)
+    with Copies() as copies, pytest.raises(Handed):
+        if path == "score":
+            items = [Item("q", "acc", "Plants take in", ("carbon dioxide.", "music."), (0,))]
+            score(coupled, {variant: None}, items, batch_size=2, progress=False)
+        else:
+            generate(coupled, "Plants take in", variant=variant, max_new_tokens=2)
+    assert handed and all(tensor.device == device for _, (tensor, device) in handed)
+    assert {device for _, (_, device) in handed} >= {META}
+    assert [(device, blocking) for _, device, blocking in copies.moves] == [(META, True)]   # arrive's one copy
