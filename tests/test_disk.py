@@ -90,6 +90,19 @@ def test_the_plan_is_the_fastest_once_its_groups_are_on_disk():
     assert plan.timing.disk_bytes == plan.disk_per_step and plan.timing.step > roomy.timing.step
 
 
+@pytest.mark.parametrize("host", [64, 12, 8, 6])
+def test_runners_up_are_priced_with_their_disk_reads(host):
+    """Each runner-up is priced as the chosen plan is, with the reads of what it must put on disk: none is faster
+    than the plan, they come fastest first, and where the host is short they read from disk too (at 6 GiB the
+    layer-major-host placement that is fastest in host memory fits nowhere, so it is no runner-up)."""
+    plan = make_plan(load_preset("paper"), 2 * GiB, host_budget=host * GiB, device="rtx4090")
+    steps = [r["timing"].step for r in plan.runners_up]
+    assert plan.runners_up and steps == sorted(steps) and steps[0] >= plan.timing.step
+    if host == 6:
+        assert all(r["timing"].disk_bytes > 0 and "layer-major-host" not in r["kind"] for r in plan.runners_up)
+        assert all("disk reads" in r["timing"].why_slower(plan.timing) for r in plan.runners_up)
+
+
 def test_plan_command_shows_the_70b_plan_under_32g_of_host_memory(capsys):
     assert cli.main(["plan", "--preset", "paper-70b", "--gpu-mem", "24G", "--host-mem", "32G",
                      "--profile", "rtx4090"]) == 0
