@@ -152,6 +152,24 @@ def test_groups_streamed_from_disk_give_the_plain_numbers(node, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("resident", [(), (0,), (0, 3)])
+def test_groups_on_disk_hold_no_device_bytes_until_copied(node, tmp_path, slots, resident):
+    """A streamed group at rest on its store's pages is not device memory: the streamer holds its resident groups
+    (on disk or not) and its slots, nothing more, at rest and at its peak over steps and an evaluation."""
+    trainables = _trainables(node)
+    enc = node.encode(TEXTS)
+    store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2], [3]])
+    with LayerStreamer(node.layers, [[0], [1], [2], [3]], resident, device="cpu", slots=slots,
+                       disk={1: store, 2: store, 3: store}) as streamer:
+        assert streamer.held_bytes() == streamer.resident_bytes
+        _step(node, *trainables)
+        with torch.no_grad():
+            run_node(node, enc["input_ids"], enc["attention_mask"])
+        assert streamer.peak_device_bytes == streamer.device_bytes \
+            == streamer.resident_bytes + slots * streamer.slot_bytes
+
+
 def test_one_slot_reads_each_group_ahead_of_its_copy(node, tmp_path):
     trainables = _trainables(node)
     plain = _step(node, *trainables)
