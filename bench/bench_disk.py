@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         from safetensors import safe_open as open_file
 
         with open_file(str(store.path), "pt") as f:
-            buffer.copy_(f.get_tensor(f"layers.{g[0]}-{g[-1]}"))
+            buffer.copy_(f.get_tensor(f"layers.{g[0]}-{g[-1]}")[:buffer.numel()])   # padded to the store's ALIGN
 
     methods = {"pread": pread, "mmap": mmap_copy, "safe_open": safe_open}
     times = {(m, warm): [] for m in methods for warm in (False, True)}
