@@ -11,7 +11,7 @@ every plan made for this device then finds it (`plan`, `train --gpu-mem`), and t
 * a matmul's FLOP/s in each compute dtype (fp32, bf16), at LLM-like shapes scaled to the device;
 * NF4 dequantisation (bitsandbytes), weights per second;
 * the fixed cost of one decoder layer run (a tiny Llama trained through, where launches and Python are all there
-  is);
+  is), its layers called through our hooks and checkpointed groups as a planned run calls them;
 * device memory bandwidth (a large copy on the device), disk reads (a file written, flushed and dropped from the
   page cache with posix_fadvise before it is read back).
 
@@ -90,19 +90,25 @@ def dequant_rate(device: torch.device, width: int) -> float:
 
 
 def launch_cost(device: torch.device) -> float:
-    """Seconds of fixed cost per layer run: a tiny frozen Llama (1 x 8 tokens, where the work is all overhead)
-    trained through, forward and backward, 6 layers against 2, per layer and per forward's worth (a backward
-    counts twice in the cost model)."""
+    """Seconds of fixed cost per layer run, as a planned run calls a layer: a tiny frozen Llama (1 x 8 tokens, where
+    the work is all overhead) with its layers in checkpointed groups of two held by a streamer (every group
+    resident), so each call goes through the hook registry (lowmem_graph/hooks.py) and the group's checkpoint, and
+    trained through; 6 layers against 2, per layer and per forward's worth: a checkpointed layer runs its forward
+    twice and a backward, which counts twice in the cost model (4 in all)."""
     from transformers import LlamaConfig, LlamaModel
+
+    from lowmem_graph.memory.stream import LayerStreamer
 
     def step(layers: int) -> float:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                              num_hidden_layers=layers, vocab_size=128)
         model = LlamaModel(config).to(device).requires_grad_(False)
         x = torch.randn(1, 8, 64, device=device, requires_grad=True)
-        return seconds(lambda: model(inputs_embeds=x).last_hidden_state.sum().backward(), device, repeats=20)
+        groups = [[i, i + 1] for i in range(0, layers, 2)]
+        with LayerStreamer(model.layers, groups, resident=range(len(groups)), device=device):
+            return seconds(lambda: model(inputs_embeds=x).last_hidden_state.sum().backward(), device, repeats=20)
 
-    return (step(6) - step(2)) / (4 * 3)
+    return (step(6) - step(2)) / (4 * 4)
 
 
 def memory_rate(device: torch.device, nbytes: int) -> float:

@@ -160,3 +160,31 @@ def test_a_layer_is_charged_the_matrices_its_architecture_has(ref):
     assert run["dequant"] * DEVICE.nf4_dequant == pytest.approx(matrices)
     if "gpt" in ref.lower():        # c_attn, c_proj, c_fc, mlp.c_proj: 3 + 1 + 4 + 4 = 12 d^2, not 16
         assert matrices == 12 * node.width ** 2
+
+
+def test_calibration_times_a_layer_call_through_our_hooks():
+    """The launch cost bench/calibrate.py measures includes what a planned run adds to each layer call: the hook
+    registry's dispatch and the group's checkpoint (every layer of the timed model runs through them)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from lowmem_graph.memory import checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import calibrate
+
+    calls = []
+    real = checkpoint.GroupCheckpoint._run
+
+    def counted(self, g, pos, index, forward, args, kwargs):
+        calls.append(index)
+        return real(self, g, pos, index, forward, args, kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(checkpoint.GroupCheckpoint, "_run", counted)
+        launch = calibrate.launch_cost(torch.device("cpu"))
+    assert launch > 0
+    # 6 layers and 2, each a warm-up and 20 timed steps: every layer called through its hook once per step
+    assert sorted(set(calls)) == list(range(6)) and len(calls) == 21 * (6 + 2)
