@@ -44,6 +44,12 @@ def test_a_step_worked_by_hand():
     assert t.copied_bytes == 1000 and not t.overlapped
     assert t.step == pytest.approx(0.015872 + 2.4 + 0.32 + 0.20824 + 1.0)
     assert t.bottleneck == "NF4 dequantisation"
+    # what our hooks and the checkpoint add, per checkpointed layer and micro-batch: 4 x 2 x 5 ms more launch overhead
+    hooked = cost.step_time(dataclasses.replace(DEVICE, hooks=0.005), PROFILE, GROUPS, 1, 1, 2, "micro-batch-major", 2)
+    assert hooked.parts["launch"] == pytest.approx(0.32 + 0.04) and hooked.step == pytest.approx(t.step + 0.04)
+    kept = [dataclasses.replace(g, checkpointed=False, resident=True) for g in GROUPS]
+    assert cost.step_time(dataclasses.replace(DEVICE, hooks=0.005), PROFILE, kept, 0, 1, 2, "micro-batch-major",
+                          2).parts["launch"] == pytest.approx(4 * 2 * 3 * 0.01)      # no hooks on a kept group
     # layer-major: the same compute, the copies once per step (0.5 s)
     lm = cost.step_time(DEVICE, PROFILE, GROUPS, 1, 1, 2, "layer-major", 2)
     assert lm.step == pytest.approx(t.step - 0.5)
@@ -184,7 +190,7 @@ def test_calibration_times_a_layer_call_through_our_hooks():
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(checkpoint.GroupCheckpoint, "_run", counted)
-        launch = calibrate.launch_cost(torch.device("cpu"))
-    assert launch > 0
-    # 6 layers and 2, each a warm-up and 20 timed steps: every layer called through its hook once per step
+        launch, hooks = calibrate.launch_cost(torch.device("cpu"))
+    assert launch > 0 and hooks >= 0
+    # checkpointed, 6 layers and 2, each a warm-up and 20 timed steps: every layer through its hook once a step
     assert sorted(set(calls)) == list(range(6)) and len(calls) == 21 * (6 + 2)

@@ -5,7 +5,8 @@ Per decoder layer run over `tokens` tokens: its matmuls' FLOPs at the device's G
 weights, as the model has them (memory/profile.py), x tokens plus attention's 4 x tokens x seq x q_dim; a frozen layer's backward computes input gradients
 only, as many matmul FLOPs again and attention twice), the dequantisation of its quantised weights (every run
 dequantises every weight once), and a fixed launch cost (twice in backward). A checkpointed group runs its
-forward again before its backward (recompute). The head (readouts, output node: 6 FLOPs per trainable parameter
+forward again before its backward (recompute), each of its layers called through our hooks and the group's
+checkpoint (DeviceProfile.hooks, charged as launch overhead). The head (readouts, output node: 6 FLOPs per trainable parameter
 and token, with weight gradients) and AdamW (OPTIMIZER_BYTES per parameter at the memory bandwidth) close a step,
 with their fixed costs (MICRO_BATCH_LAUNCHES, STEP_LAUNCHES).
 
@@ -117,6 +118,7 @@ def step_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan],
         _add(parts, forward, layers * runs * accumulation)
         _add(parts, layer_run(device, node, tokens, seq, backward=True), layers * accumulation)
         parts["recompute"] += forward["gemm"] * layers * accumulation * (runs - 1)
+        parts["launch"] += device.hooks * layers * accumulation * (runs - 1)
     head = HEAD_FLOPS * profile.trainable * batch * seq / (device.gemm.get(device.compute_dtype) or device.gemm["fp32"])
     fixed = device.launch * len(profile.nodes) * (MICRO_BATCH_LAUNCHES * accumulation + STEP_LAUNCHES)
     parts["head+optimizer"] = head + OPTIMIZER_BYTES * profile.trainable / device.memory + fixed

@@ -34,12 +34,15 @@ class DeviceProfile:
     h2d_pageable: float        # ... from ordinary memory
     gemm: dict                 # FLOP/s of a large matmul, by compute dtype ("bf16", "fp32")
     nf4_dequant: float         # weights/s dequantised NF4 -> the compute dtype
-    launch: float              # seconds of fixed cost per decoder layer run (launches, hooks)
+    launch: float              # seconds of fixed cost per decoder layer run (kernel launches, Python)
     disk_read: float           # bytes/s
     memory: float              # device memory bandwidth, bytes/s (optimizer step, elementwise work)
     compute_dtype: str = "bf16"     # what the nodes compute in there (CPU: fp32)
     copies_overlap: bool = True     # copies on a side stream hide behind compute (CUDA); on a CPU they add
     source: str = ""
+    # seconds a checkpointed layer adds per step and micro-batch beyond its runs' launches: our hook registry's
+    # dispatch and the group's checkpoint (bench/calibrate.py measures it; the built-in cards count it in `launch`)
+    hooks: float = 0.0
     origin: str = ""                # the file it was read from ('' for a built-in one); never written into one
 
     def to_dict(self) -> dict:
