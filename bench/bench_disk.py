@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         from safetensors import safe_open as open_file
 
         with open_file(str(store.path), "pt") as f:
-            t = f.get_tensor(f"layers.{g[0]}-{g[-1]}")
+            t = f.get_tensor(f"layers.{g[0]}-{g[-1]}")[:store.span[g][1]]     # padded to the store's ALIGN
             buffer[:t.numel()].copy_(t)
         return buffer[:t.numel()]
 

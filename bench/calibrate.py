@@ -12,7 +12,7 @@ every plan made for this device then finds it (`plan`, `train --gpu-mem`), and t
 * NF4 dequantisation (bitsandbytes), weights per second; and a first run's NF4 quantisation (a bf16 weight from
   host memory quantised there, the packed result back);
 * the fixed cost of one decoder layer run (a tiny Llama trained through, where launches and Python are all there
-  is);
+  is), plainly and as a planned run calls a checkpointed layer (through our hooks and the group's checkpoint);
 * device memory bandwidth (a large copy on the device), disk reads (a file written, flushed and dropped from the
   page cache with posix_fadvise before it is read back as the disk tier reads, /proc/self/io checking the disk).
 
@@ -106,20 +106,30 @@ def quantise_rate(device: torch.device, width: int) -> float:
     return weight.numel() / seconds(once, device)
 
 
-def launch_cost(device: torch.device) -> float:
-    """Seconds of fixed cost per layer run: a tiny frozen Llama (1 x 8 tokens, where the work is all overhead)
-    trained through, forward and backward, 6 layers against 2, per layer and per forward's worth (a backward
-    counts twice in the cost model)."""
+def launch_cost(device: torch.device) -> tuple[float, float]:
+    """(launch, hooks): seconds of fixed cost per layer run, and what a checkpointed layer adds to them per step.
+    A tiny frozen Llama (1 x 8 tokens, where the work is all overhead) trained through, 6 layers against 2, called
+    plainly (per layer and forward's worth: a backward counts twice in the cost model, 3 in all), then as a planned
+    run calls a checkpointed layer: in groups of two held by a streamer (every group resident), through the hook
+    registry (lowmem_graph/hooks.py) and the group's checkpoint; beyond its 4 runs' launches (a forward, its
+    recompute, a backward), that is `hooks`."""
     from transformers import LlamaConfig, LlamaModel
 
-    def step(layers: int) -> float:
+    from lowmem_graph.memory.stream import LayerStreamer
+
+    def step(layers: int, hooked: bool) -> float:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                              num_hidden_layers=layers, vocab_size=128)
         model = LlamaModel(config).to(device).requires_grad_(False)
         x = torch.randn(1, 8, 64, device=device, requires_grad=True)
-        return seconds(lambda: model(inputs_embeds=x).last_hidden_state.sum().backward(), device, repeats=20)
+        groups = [[i, i + 1] for i in range(0, layers, 2)]
+        with LayerStreamer(model.layers, groups, resident=range(len(groups)), device=device,
+                           plain=() if hooked else range(len(groups))):
+            return seconds(lambda: model(inputs_embeds=x).last_hidden_state.sum().backward(), device, repeats=20)
 
-    return (step(6) - step(2)) / (4 * 3)
+    launch = (step(6, False) - step(2, False)) / (4 * 3)
+    hooked = (step(6, True) - step(2, True)) / 4
+    return launch, max(hooked - 4 * launch, 0.0)
 
 
 def memory_rate(device: torch.device, nbytes: int) -> float:
@@ -180,10 +190,12 @@ def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False)
     name = devices.device_name(f"cuda:{device.index or 0}" if cuda else "cpu")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    launch, hooks = launch_cost(device)
     return devices.DeviceProfile(
-        name, pinned, pageable, gemm, dequant_rate(device, width), launch_cost(device),
+        name, pinned, pageable, gemm, dequant_rate(device, width), launch,
         disk_rate(devices.profiles_dir(), nbytes), memory_rate(device, nbytes),
-        compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda, nf4_quantise=quantise_rate(device, width),
+        compute_dtype="bf16" if cuda else "fp32", copies_overlap=cuda, hooks=hooks,
+        nf4_quantise=quantise_rate(device, width),
         source=f"measured by bench/calibrate.py on {time.strftime('%Y-%m-%d')}: {name}"
                + ("" if cuda else f" ({cpu})") + f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, torch {torch.__version__}")
 
@@ -191,7 +203,8 @@ def measure(device: str = "cpu", small: bool | None = None, smoke: bool = False)
 def describe(profile: devices.DeviceProfile) -> str:
     return (f"{profile.name}: copies {profile.h2d_pinned / 1e9:.1f} GB/s pinned, {profile.h2d_pageable / 1e9:.1f} "
             f"pageable; GEMM " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in profile.gemm.items())
-            + f"; NF4 dequant {profile.nf4_dequant / 1e9:.2f} G weights/s; launch {profile.launch * 1e6:.0f} us/layer;"
+            + f"; NF4 dequant {profile.nf4_dequant / 1e9:.2f} G weights/s; launch {profile.launch * 1e6:.0f} us/layer"
+              f" (+ {profile.hooks * 1e6:.0f} us per checkpointed layer and step);"
               f" memory {profile.memory / 1e9:.1f} GB/s; disk {profile.disk_read / 1e9:.2f} GB/s; NF4 quantisation "
               f"{profile.nf4_quantise / 1e9:.3f} G weights/s")
 

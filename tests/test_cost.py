@@ -11,11 +11,13 @@ from lowmem_graph.errors import UserError
 from lowmem_graph.memory import cost, devices
 from lowmem_graph.memory.estimate import GroupPlan, group_loads, traffic
 from lowmem_graph.memory.profile import _Node, _Profile
+from lowmem_graph.memory.report import format_plan
 from lowmem_graph.memory.search import make_plan
 from lowmem_graph.spec import load_preset
 
 # One refiner: width 4, MLP 8, q 4, kv 2 -> linear weights 2*4*4 + 2*4*2 + 3*4*8 = 144 per layer, NF4.
-NODE = _Node("a", "refiner", 4, 8, 2, 1, False, 4, [100] * 4, [32] * 4, 0, 0, 0, q_dim=4, quant="nf4")
+NODE = _Node("a", "refiner", 4, 8, 2, 1, False, 4, [100] * 4, [32] * 4, 0, 0, 0, q_dim=4, quant="nf4",
+             linear_params=144)
 PROFILE = _Profile({"a": NODE}, trainable=10, latent=4, reader_widths=[])
 # A made-up device with round figures: 1 MFLOP/s, 1440 weights/s dequantised (0.1 s per layer run), 10 ms per
 # layer run, 1000 B/s copies, 10 kB/s memory.
@@ -42,6 +44,12 @@ def test_a_step_worked_by_hand():
     assert t.copied_bytes == 1000 and not t.overlapped
     assert t.step == pytest.approx(0.015872 + 2.4 + 0.32 + 0.20824 + 1.0)
     assert t.bottleneck == "NF4 dequantisation"
+    # what our hooks and the checkpoint add, per checkpointed layer and micro-batch: 4 x 2 x 5 ms more launch overhead
+    hooked = cost.step_time(dataclasses.replace(DEVICE, hooks=0.005), PROFILE, GROUPS, 1, 1, 2, "micro-batch-major", 2)
+    assert hooked.parts["launch"] == pytest.approx(0.32 + 0.04) and hooked.step == pytest.approx(t.step + 0.04)
+    kept = [dataclasses.replace(g, checkpointed=False, resident=True) for g in GROUPS]
+    assert cost.step_time(dataclasses.replace(DEVICE, hooks=0.005), PROFILE, kept, 0, 1, 2, "micro-batch-major",
+                          2).parts["launch"] == pytest.approx(4 * 2 * 3 * 0.01)      # no hooks on a kept group
     # layer-major: the same compute, the copies once per step (0.5 s)
     lm = cost.step_time(DEVICE, PROFILE, GROUPS, 1, 1, 2, "layer-major", 2)
     assert lm.step == pytest.approx(t.step - 0.5)
@@ -68,9 +76,10 @@ def test_each_streamer_loads_2n_minus_2_slots_groups_per_pass():
 
 def test_built_in_profiles_cite_their_sources():
     assert set(devices.BUILT_IN) == {"rtx3090", "rtx4090", "rtx5090", "a100-40gb", "a100-80gb", "l4", "h100",
-                                     "h100-pcie", "h200"}
+                                     "h100-pcie", "h200", "cpu"}
     for p in devices.BUILT_IN.values():
-        assert "TFLOPS" in p.source and "PCIe" in p.source and ("GB/s" in p.source or "TB/s" in p.source)
+        assert "FLOPS" in p.source and ("GB/s" in p.source or "TB/s" in p.source)
+        assert "PCIe" in p.source if p.name != "cpu" else "conservative" in p.source and not p.copies_overlap
     h100, l4 = devices.BUILT_IN["h100"], devices.BUILT_IN["l4"]
     assert h100.gemm["bf16"] > l4.gemm["bf16"] and h100.h2d_pinned == 2 * l4.h2d_pinned     # PCIe 5 against 4
     assert devices.resolve("RTX4090") is devices.BUILT_IN["rtx4090"]
@@ -81,18 +90,23 @@ def test_built_in_profiles_cite_their_sources():
         devices.resolve("rtx9999")
 
 
-def test_a_measured_profile_is_found_and_changes_the_prediction(tmp_path, monkeypatch):
+def test_a_cpu_run_is_priced_by_a_cpu_profile_the_measured_one_when_found(tmp_path, monkeypatch):
+    """Without a measured profile a CPU run is priced by the built-in CPU profile, never a card's; a measured one is
+    found; the report says which profile priced the plan."""
     monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path))
     spec = load_preset("tiny")
     default = make_plan(spec, 2 ** 30, 8, 64, 2 ** 34, main="cpu")
-    assert default.device.name == devices.DEFAULT
-    slow = dataclasses.replace(devices.BUILT_IN["l4"], name="cpu", source="measured")
-    devices.save(slow, devices.profiles_dir() / "cpu.json")
+    assert default.device is devices.BUILT_IN["cpu"] and default.device.compute_dtype == "fp32"
+    assert "predicted time on cpu (built-in conservative CPU profile" in format_plan(default, spec)
+    slow = dataclasses.replace(default.device, gemm={k: v / 10 for k, v in default.device.gemm.items()},
+                               source="measured by hand")
+    path = devices.save(slow, devices.profiles_dir() / "cpu.json")
     found = make_plan(spec, 2 ** 30, 8, 64, 2 ** 34, main="cpu")
-    assert found.device == slow and found.timing.step > default.timing.step
+    assert found.device == dataclasses.replace(slow, origin=str(path)) and found.timing.step > default.timing.step
+    assert f"predicted time on cpu (measured by hand; profile read from {path})" in format_plan(found, spec)
     # a file given by hand, and a broken one (one line, exit 2)
     path = devices.save(slow, tmp_path / "mine.json")
-    assert make_plan(spec, 2 ** 30, 8, 64, 2 ** 34, device=str(path)).device == slow
+    assert make_plan(spec, 2 ** 30, 8, 64, 2 ** 34, device=str(path)).device.origin == str(path)
     (tmp_path / "bad.json").write_text("{")
     assert cli.main(["plan", "--preset", "tiny", "--gpu-mem", "1G", "--profile", str(tmp_path / "bad.json")]) == 2
 
@@ -128,3 +142,55 @@ def test_at_2g_batch_16_the_planner_avoids_the_traffic_cliff():
     assert plan.schedule.startswith("layer-major") and plan.traffic_per_step < 5e9
     loop = make_plan(paper, 2 * 2 ** 30, 16, host_budget=2 ** 36, device="rtx4090", schedules=("micro-batch-major",))
     assert loop.traffic_per_step > 4 * plan.traffic_per_step and loop.timing.step > plan.timing.step
+
+
+@pytest.mark.parametrize("ref", ["openai-community/gpt2", "microsoft/CodeGPT-small-py", "meta-llama/Llama-3.2-1B",
+                                 "Qwen/Qwen2.5-1.5B", "google/gemma-2-2b", "microsoft/Phi-3-mini-4k-instruct",
+                                 "mistralai/Mistral-7B-v0.1"])
+def test_a_layer_is_charged_the_matrices_its_architecture_has(ref):
+    """A layer's matmul FLOPs and dequantisation count the weight matrices the model really has (GPT-2: two in its
+    MLP, Conv1D; the gated MLPs: three), counted here on the unconverted model: every 2-D parameter of a layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_graph.loading import decoder_parts, load_config, meta_model
+    from lowmem_graph.memory.profile import node_profile
+
+    config, model = meta_model(ref)
+    with torch.device("meta"):
+        _, layers, _ = decoder_parts(AutoModelForCausalLM.from_config(load_config(ref, prefer_bundled=True)[0]))
+    matrices = sum(p.numel() for p in layers[0].parameters() if p.dim() == 2)
+    node = node_profile("n", "refiner", config, model, "nf4", 0, 0)
+    run = cost.layer_run(DEVICE, node, tokens=3, seq=3)
+    assert run["gemm"] * DEVICE.gemm["bf16"] == pytest.approx(2 * matrices * 3 + 4 * 3 * 3 * node.q_dim)
+    assert run["dequant"] * DEVICE.nf4_dequant == pytest.approx(matrices)
+    if "gpt" in ref.lower():        # c_attn, c_proj, c_fc, mlp.c_proj: 3 + 1 + 4 + 4 = 12 d^2, not 16
+        assert matrices == 12 * node.width ** 2
+
+
+def test_calibration_times_a_layer_call_through_our_hooks():
+    """The launch cost bench/calibrate.py measures includes what a planned run adds to each layer call: the hook
+    registry's dispatch and the group's checkpoint (every layer of the timed model runs through them)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from lowmem_graph.memory import checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import calibrate
+
+    calls = []
+    real = checkpoint.GroupCheckpoint._run
+
+    def counted(self, g, pos, index, forward, args, kwargs):
+        calls.append(index)
+        return real(self, g, pos, index, forward, args, kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(checkpoint.GroupCheckpoint, "_run", counted)
+        launch, hooks = calibrate.launch_cost(torch.device("cpu"))
+    assert launch > 0 and hooks >= 0
+    # checkpointed, 6 layers and 2, each a warm-up and 20 timed steps: every layer through its hook once a step
+    assert sorted(set(calls)) == list(range(6)) and len(calls) == 21 * (6 + 2)

@@ -91,6 +91,19 @@ def test_the_plan_is_the_fastest_once_its_groups_are_on_disk():
     assert plan.timing.disk_bytes == plan.disk_per_step and plan.timing.step > roomy.timing.step
 
 
+@pytest.mark.parametrize("host", [64, 12, 8, 6])
+def test_runners_up_are_priced_with_their_disk_reads(host):
+    """Each runner-up is priced as the chosen plan is, with the reads of what it must put on disk: none is faster
+    than the plan, they come fastest first, and where the host is short they read from disk too (at 6 GiB the
+    layer-major-host placement that is fastest in host memory fits nowhere, so it is no runner-up)."""
+    plan = make_plan(load_preset("paper"), 2 * GiB, host_budget=host * GiB, device="rtx4090")
+    steps = [r["timing"].step for r in plan.runners_up]
+    assert plan.runners_up and steps == sorted(steps) and steps[0] >= plan.timing.step
+    if host == 6:
+        assert all(r["timing"].disk_bytes > 0 and "layer-major-host" not in r["kind"] for r in plan.runners_up)
+        assert all("disk reads" in r["timing"].why_slower(plan.timing) for r in plan.runners_up)
+
+
 def test_plan_command_shows_the_70b_plan_under_32g_of_host_memory(capsys):
     assert cli.main(["plan", "--preset", "paper-70b", "--gpu-mem", "24G", "--host-mem", "32G",
                      "--profile", "rtx4090"]) == 0
@@ -140,6 +153,24 @@ def test_groups_streamed_from_disk_give_the_plain_numbers(node, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("resident", [(), (0,), (0, 3)])
+def test_groups_on_disk_hold_no_device_bytes_until_copied(node, tmp_path, slots, resident):
+    """A streamed group at rest on its store's pages is not device memory: the streamer holds its resident groups
+    (on disk or not) and its slots, nothing more, at rest and at its peak over steps and an evaluation."""
+    trainables = _trainables(node)
+    enc = node.encode(TEXTS)
+    store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2], [3]])
+    with LayerStreamer(node.layers, [[0], [1], [2], [3]], resident, device="cpu", slots=slots,
+                       disk={1: store, 2: store, 3: store}) as streamer:
+        assert streamer.held_bytes() == streamer.resident_bytes
+        _step(node, *trainables)
+        with torch.no_grad():
+            run_node(node, enc["input_ids"], enc["attention_mask"])
+        assert streamer.peak_device_bytes == streamer.device_bytes \
+            == streamer.resident_bytes + slots * streamer.slot_bytes
+
+
 def test_one_slot_reads_each_group_ahead_of_its_copy(node, tmp_path):
     trainables = _trainables(node)
     plain = _step(node, *trainables)
@@ -153,19 +184,17 @@ def test_one_slot_reads_each_group_ahead_of_its_copy(node, tmp_path):
 
 
 def test_a_killed_write_leaves_no_store_and_a_damaged_one_is_written_again(node, tmp_path, monkeypatch, capsys):
-    from lowmem_graph import files
+    real = GroupStore._save
 
-    real = files.save_file
-
-    def killed(tensors, path, metadata=None):
-        real(tensors, path, metadata)
+    def killed(self, *args):
+        real(self, *args)
         raise KeyboardInterrupt     # killed after the bytes, before the rename
 
-    monkeypatch.setattr(files, "save_file", killed)
+    monkeypatch.setattr(GroupStore, "_save", killed)
     with pytest.raises(KeyboardInterrupt):
         GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
     assert list(tmp_path.iterdir()) == []       # not even the temporary
-    monkeypatch.setattr(files, "save_file", real)
+    monkeypatch.setattr(GroupStore, "_save", real)
     store = GroupStore(tmp_path, node.identity, node.layers, [[1], [2]])
     path = store.path
     store.close()

@@ -2,10 +2,11 @@
 picks the fastest plan that fits, and `plan` says the minutes.
 
 Per decoder layer run over `tokens` tokens: its matmuls' FLOPs at the device's GEMM rate (forward: 2 x linear
-weights x tokens plus attention's 4 x tokens x seq x q_dim; a frozen layer's backward computes input gradients
+weights, as the model has them (memory/profile.py), x tokens plus attention's 4 x tokens x seq x q_dim; a frozen layer's backward computes input gradients
 only, as many matmul FLOPs again and attention twice), the dequantisation of its quantised weights (every run
 dequantises every weight once), and a fixed launch cost (twice in backward). A checkpointed group runs its
-forward again before its backward (recompute). The head (readouts, output node: 6 FLOPs per trainable parameter
+forward again before its backward (recompute), each of its layers called through our hooks and the group's
+checkpoint (DeviceProfile.hooks, charged as launch overhead). The head (readouts, output node: 6 FLOPs per trainable parameter
 and token, with weight gradients) and AdamW (OPTIMIZER_BYTES per parameter at the memory bandwidth) close a step,
 with their fixed costs (MICRO_BATCH_LAUNCHES, STEP_LAUNCHES).
 
@@ -82,15 +83,10 @@ class Timing:
         return math.ceil(examples / batch) * self.step + math.ceil(eval_examples / batch) * self.eval_batch
 
 
-def _linear_params(node: _Node) -> int:
-    """Weights of one decoder layer's linears: q, k, v, o and the MLP's gate, up and down."""
-    return 2 * node.width * node.q_dim + 2 * node.width * node.kv_dim + 3 * node.width * node.intermediate
-
-
 def layer_run(device: DeviceProfile, node: _Node, tokens: int, seq: int, backward: bool = False) -> dict[str, float]:
     """Seconds of one decoder layer run (forward, or a frozen layer's backward) over `tokens` tokens, by part."""
     rate = device.gemm.get(device.compute_dtype) or device.gemm["fp32"]
-    params = _linear_params(node)
+    params = node.linear_params
     attention = 4 * tokens * seq * node.q_dim
     flops = 2 * params * tokens + attention * (2 if backward else 1)
     return {"gemm": flops / rate,
@@ -122,6 +118,7 @@ def step_time(device: DeviceProfile, profile: _Profile, groups: list[GroupPlan],
         _add(parts, forward, layers * runs * accumulation)
         _add(parts, layer_run(device, node, tokens, seq, backward=True), layers * accumulation)
         parts["recompute"] += forward["gemm"] * layers * accumulation * (runs - 1)
+        parts["launch"] += device.hooks * layers * accumulation * (runs - 1)
     head = HEAD_FLOPS * profile.trainable * batch * seq / (device.gemm.get(device.compute_dtype) or device.gemm["fp32"])
     fixed = device.launch * len(profile.nodes) * (MICRO_BATCH_LAUNCHES * accumulation + STEP_LAUNCHES)
     parts["head+optimizer"] = head + OPTIMIZER_BYTES * profile.trainable / device.memory + fixed

@@ -1,7 +1,7 @@
 """Device profiles: what the cost model (memory/cost.py) needs to know of a machine to predict a plan's time.
 
 Built-in profiles come from published figures (each line cites its spec sheet) turned into what a run achieves by
-the derating factors below; `python bench/calibrate.py` measures the machine it runs on and writes a profile into
+the derating factors below, and a conservative one for a CPU run that was never measured; `python bench/calibrate.py` measures the machine it runs on and writes a profile into
 the cache root (`devices/<device>.json`), which every plan made for that device then uses (`find`). `plan
 --profile NAME|FILE` picks one by hand.
 """
@@ -36,16 +36,20 @@ class DeviceProfile:
     h2d_pageable: float        # ... from ordinary memory
     gemm: dict                 # FLOP/s of a large matmul, by compute dtype ("bf16", "fp32")
     nf4_dequant: float         # weights/s dequantised NF4 -> the compute dtype
-    launch: float              # seconds of fixed cost per decoder layer run (launches, hooks)
+    launch: float              # seconds of fixed cost per decoder layer run (kernel launches, Python)
     disk_read: float           # bytes/s
     memory: float              # device memory bandwidth, bytes/s (optimizer step, elementwise work)
     compute_dtype: str = "bf16"     # what the nodes compute in there (CPU: fp32)
     copies_overlap: bool = True     # copies on a side stream hide behind compute (CUDA); on a CPU they add
     source: str = ""
     nf4_quantise: float = 0.0       # weights/s quantised to NF4 there on a first run (quantise.py); 0: not known
+    # seconds a checkpointed layer adds per step and micro-batch beyond its runs' launches: our hook registry's
+    # dispatch and the group's checkpoint (bench/calibrate.py measures it; the built-in cards count it in `launch`)
+    hooks: float = 0.0
+    origin: str = ""                # the file it was read from ('' for a built-in one); never written into one
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "origin"}
 
 
 def published(name: str, tflops_bf16: float, tflops_fp32: float, memory_gbs: float, pcie_gen: int,
@@ -78,6 +82,19 @@ BUILT_IN = {p.name: p for p in (
     published("h200", 989, 67, 4800, 5, "NVIDIA H200 datasheet (SXM): BF16 tensor 1979 TFLOPS with sparsity (989 "
               "dense), FP32 67, HBM3e 4.8 TB/s, PCIe 5.0 x16"),
 )}
+# A CPU with no measured profile: figures at or below what one core of a current x86 machine gives torch, so that a
+# CPU run is never priced as faster than it is (fp32 compute; a copy is a memory copy, and adds to compute).
+BUILT_IN["cpu"] = DeviceProfile(
+    "cpu", 4e9, 4e9, {"fp32": 5e10, "bf16": 5e10}, 1e9, 4e-4, 5e8, 1e10, compute_dtype="fp32", copies_overlap=False,
+    nf4_quantise=2e7,
+    source="built-in conservative CPU profile (bench/calibrate.py measures this machine's): fp32 GEMM 50 GFLOPS, "
+           "about half one AVX2 core's peak (2 FMA units x 8 fp32 lanes x 2 FLOP x 3 GHz = 96 GFLOPS); copies 4 GB/s "
+           "and memory 10 GB/s, below one core's share of a DDR4-3200 channel (25.6 GB/s); disk 0.5 GB/s, below a "
+           "SATA III SSD (6 Gb/s, 8b/10b: 600 MB/s); NF4 dequantisation 1 G weights/s and 400 us per layer run, "
+           "about a quarter and twice what bench/calibrate.py measured on one thread of a 2-core Xeon "
+           "(bench/results/plan-time-cpu.md: 3.72 G weights/s, 192 us; 0.198 TFLOPS fp32, 6.3 GB/s copies); NF4 "
+           "quantisation 20 M weights/s, below the 29 M/s of a 574M-parameter first run there, loading included "
+           "(bench/results/quantise-cpu.md)")
 # a CUDA card's name -> its built-in profile (first match)
 CARDS = ((r"RTX 3090", "rtx3090"), (r"RTX 4090", "rtx4090"), (r"RTX 5090", "rtx5090"), (r"A100.*80", "a100-80gb"),
          (r"A100", "a100-40gb"), (r"\bL4\b", "l4"), (r"H100.*PCIe", "h100-pcie"), (r"H100", "h100"),
@@ -113,7 +130,7 @@ def device_name(device: str) -> str:
 def load(path: str | Path) -> DeviceProfile:
     try:
         data = json.loads(Path(path).read_text())
-        return DeviceProfile(**data)
+        return DeviceProfile(**{**data, "origin": str(path)})
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot read device profile {path}: {e}") from None
 
@@ -129,7 +146,8 @@ def save(profile: DeviceProfile, path: str | Path) -> Path:
 
 def resolve(name: str | None, device: str = "cuda:0") -> DeviceProfile:
     """`--profile`: a built-in name or a JSON file; None: the measured profile of `device` in the cache root, else
-    the built-in one its name matches (e.g. 'NVIDIA GeForce RTX 4090' -> rtx4090), else DEFAULT."""
+    on a CPU the built-in 'cpu', else the built-in one the card's name matches (e.g. 'NVIDIA GeForce RTX 4090' ->
+    rtx4090), else DEFAULT."""
     if name is not None:
         if name.lower() in BUILT_IN:
             return BUILT_IN[name.lower()]
@@ -140,6 +158,8 @@ def resolve(name: str | None, device: str = "cuda:0") -> DeviceProfile:
     found = device_name(device)
     if found and (profiles_dir() / f"{slug(found)}.json").is_file():
         return load(profiles_dir() / f"{slug(found)}.json")
+    if not device.startswith("cuda"):
+        return BUILT_IN["cpu"]
     for pattern, key in CARDS:
         if re.search(pattern, found, re.IGNORECASE):
             return BUILT_IN[key]

@@ -37,23 +37,41 @@ def spill(groups: list, frozen: dict, available: int, host_of) -> tuple[list, di
     return groups, frozen, host
 
 
-def fastest(fits: list, frozen: dict, available: int, host_of, time_of):
-    """The fastest of `fits` (candidates as search.make_plan ranks them, their first item the preference key whose
-    first part is the step time with every group in host memory, fastest first) once each has put on disk what it
-    must: reads only add time, so the search stops at the first candidate whose time in host memory is no better
-    than the best found. `host_of(candidate, groups, frozen)` and `time_of(candidate, groups)` price one. Returns
-    (candidate, groups, frozen, host breakdown), or None when none fits even with every group on disk."""
+class Priced:
+    """The candidates `fits` (as search.make_plan ranks them: their first item the preference key, whose first part is
+    the step time with every group in host memory, fastest first), each priced once it has put on disk what it must,
+    when first asked: `self(i)` is (candidate, groups, frozen, host breakdown, timing), or None where the candidate
+    does not fit even with every group on disk. `host_of(candidate, groups, frozen)` and `time_of(candidate, groups)`
+    (a cost.Timing) price one. Reads only add time, so a candidate's key in host memory bounds its priced one."""
+
+    def __init__(self, fits: list, frozen: dict, available: int, host_of, time_of):
+        self.fits, self._frozen, self._available = fits, frozen, available
+        self._host_of, self._time_of, self._done = host_of, time_of, {}
+
+    def __call__(self, i: int):
+        if i not in self._done:
+            candidate = self.fits[i]
+            groups, placed, host = spill(candidate[1], self._frozen, self._available,
+                                         lambda g, f: self._host_of(candidate, g, f))
+            self._done[i] = (None if sum(host.values()) > self._available
+                             else (candidate, groups, placed, host, self._time_of(candidate, groups)))
+        return self._done[i]
+
+    def key(self, priced) -> tuple:
+        """A priced candidate's preference key: its step time with its reads, then the candidate's tie-breaks."""
+        return (priced[4].step, *priced[0][0][1:])
+
+
+def fastest(priced: Priced):
+    """The fastest candidate once each has put on disk what it must (see Priced): the search stops at the first
+    whose time in host memory is no better than the best found. None when none fits even with every group on disk."""
     best, best_key = None, None
-    for candidate in fits:
-        key = candidate[0]
-        if best_key is not None and key[0] >= best_key[0]:
+    for i, candidate in enumerate(priced.fits):
+        if best_key is not None and candidate[0] >= best_key:
             break
-        groups, placed, host = spill(candidate[1], frozen, available, lambda g, f: host_of(candidate, g, f))
-        if sum(host.values()) > available:
-            continue
-        spilled = (time_of(candidate, groups), *key[1:])
-        if best_key is None or spilled < best_key:
-            best, best_key = (candidate, groups, placed, host), spilled
+        found = priced(i)
+        if found is not None and (best_key is None or priced.key(found) < best_key):
+            best, best_key = found, priced.key(found)
     return best
 
 

@@ -98,6 +98,8 @@ class _Node:
                                  # or one reads the layer below)
     frozen_norm: bool = False    # the frozen pass reads states through the final norm (edge runtime)
     lm_vocab: int = 0            # the lm objective: the vocabulary its frozen LM head predicts (0: no head)
+    linear_params: int = 0       # weights of a decoder layer's linears, counted on the model (GPT-2: two MLP matrices,
+                                 # its Conv1D projections as linears; Llama and kin: three, a gated MLP)
 
     @property
     def host_bytes(self) -> int:
@@ -232,7 +234,8 @@ def node_profile(name: str, role: str, config, model, quant: str, needed: int, i
                  sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
                  heads * head_dim + 2 * kv_heads * head_dim in outputs, 2 * intermediate in outputs,
                  len(set(getattr(text, "layer_types", None) or ["full"])), quant,
-                 table.numel() * _small_bytes(quant))
+                 table.numel() * _small_bytes(quant),
+                 linear_params=sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear)))
 
 
 def layer_bytes(spec, quant: str | None = None) -> dict[str, list[int]]:

@@ -204,7 +204,8 @@ def format_timing(plan) -> list[str]:
     # the frozen pass's resident groups on disk: read once per pass, over the training and the evaluation set
     once = 2 * sum(g.bytes for placed in plan.frozen.values() for g in placed.groups if g.disk and g.resident)
     first = t.frozen_batch * -(-2 * EPOCH_EXAMPLES // plan.batch) + once / device.disk_read
-    lines = [f"predicted time on {device.name} ({device.source or 'measured'}); predictions, not measurements:",
+    origin = f"; profile read from {device.origin}" if device.origin else ""
+    lines = [f"predicted time on {device.name} ({device.source or 'measured'}{origin}); predictions, not measurements:",
              f"  {'training step':<20} {_ms(t.step):>12}  matmuls {_ms(p['gemm'])} (recompute {_ms(p['recompute'])}"
              f" of them), dequantisation {_ms(p['dequant'])}, launches {_ms(p['launch'])}, head and optimizer "
              f"{_ms(p['head+optimizer'])}; {copies}",

@@ -226,10 +226,11 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
             break
     frozen_node = max(frozen, key=lambda name: frozen[name].peak)
     available = _budget.host_available() if host_budget is None else host_budget
-    # the fastest once the groups that do not fit the host are on disk (memory/disk.py)
-    chosen = disk.fastest(fits, frozen, available, lambda c, g, f: host_breakdown(
+    # the fastest once the groups that do not fit the host are on disk (memory/disk.py), every candidate priced so
+    priced = disk.Priced(fits, frozen, available, lambda c, g, f: host_breakdown(
         profile, g, f, batch, c[3], seq, spec.injection, c[4]), lambda c, g: _timing(
-        device, profile, g, c[2], c[3], c[4], batch, seq).step)
+        device, profile, g, c[2], c[3], c[4], batch, seq))
+    chosen = disk.fastest(priced)
     if chosen is None:      # the least any placement needs
         host = min((host_breakdown(profile, *disk.everything(c[1], frozen), batch, c[3], seq, spec.injection, c[4])
                     for c in fits), key=lambda h: sum(h.values()))
@@ -238,31 +239,42 @@ def make_plan(spec, budget: int | dict[str, int], batch: int = 8, seq: int = 512
             f"graph {spec.name!r} under a {_gib(budget)} plan needs {_gib(sum(host.values()))} of host memory "
             f"even with every layer group on disk ({parts}), but {_gib(available)} is available: close other "
             "programs, use a machine with more memory, or a smaller graph")
-    (_, _, depth, micro, schedule, breakdown, peak, evaluation, _), groups, frozen, host = chosen
+    (_, _, depth, micro, schedule, breakdown, peak, evaluation, _), groups, frozen, host, _ = chosen
     activations = _activation_traffic(profile, groups, batch, seq) if schedule == LAYER_MAJOR_HOST else 0
     plan = Plan(budget, batch, seq, micro, depth, groups, breakdown, peak, frozen[frozen_node].peak, minimum,
                 frozen_micro, frozen_node, frozen, profile.trainable, train_min, frozen_min, schedule, activations,
                 evaluation, host, available)
-    return _timed(plan, profile, device, [c[1:] for c in fits if c is not chosen[0]])
+    return _timed(plan, profile, device, _runners_up(priced, chosen))
 
 
-def _timed(plan: Plan, profile: _Profile, device, others=()) -> Plan:
-    """`plan` with its predicted times on `device` (memory/cost.py) and the best of each other kind of placement
-    that fits (`others`: the rest of the candidates, fastest first), as runners-up."""
+def _timed(plan: Plan, profile: _Profile, device, runners_up=()) -> Plan:
+    """`plan` with its predicted times on `device` (memory/cost.py) and its `runners_up` (see `_runners_up`)."""
     timing = cost.step_time(device, profile, plan.groups, plan.prefetch_depth, plan.micro_batch, plan.seq,
                             plan.schedule, plan.batch, plan.activation_traffic)
     timing.eval_batch = cost.eval_time(device, profile, plan.groups, plan.prefetch_depth, plan.micro_batch,
                                        plan.seq, plan.batch)
     timing.frozen_batch = cost.frozen_time(device, profile, plan.frozen, plan.frozen_micro_batch, plan.seq,
                                            plan.batch)
-    kinds = {_kind(plan.groups, plan.prefetch_depth, plan.micro_batch, plan.schedule)}
-    runners = []
-    for groups, depth, micro, schedule, _, peak, _, other in others:
-        kind = _kind(groups, depth, micro, schedule)
-        if kind not in kinds and len(runners) < RUNNERS_UP:
-            kinds.add(kind)
-            runners.append({"kind": kind, "timing": other, "peak": peak})
-    return dataclasses.replace(plan, timing=timing, device=device, runners_up=runners)
+    return dataclasses.replace(plan, timing=timing, device=device, runners_up=list(runners_up))
+
+
+def _runners_up(priced: disk.Priced, chosen) -> list[dict]:
+    """The fastest placement of each other kind that fits, RUNNERS_UP of them, fastest first, each priced as the
+    chosen one is: with the reads of the groups it must put on disk (disk.Priced). A candidate's time in host
+    memory bounds its time with reads, so the search stops once no later candidate can enter."""
+    own = _kind(chosen[1], *chosen[0][2:5])
+    best: dict[str, tuple] = {}
+    for i, candidate in enumerate(priced.fits):
+        top = sorted(k for k, _ in best.values())[:RUNNERS_UP]
+        if len(top) == RUNNERS_UP and candidate[0] >= top[-1]:
+            break
+        found = priced(i)
+        if found is None or found is chosen:
+            continue
+        kind = _kind(found[1], *candidate[2:5])
+        if kind != own and (kind not in best or priced.key(found) < best[kind][0]):
+            best[kind] = (priced.key(found), {"kind": kind, "timing": found[4], "peak": candidate[6]})
+    return [runner for _, runner in sorted(best.values(), key=lambda b: b[0])[:RUNNERS_UP]]
 
 
 RUNNERS_UP = 3      # other kinds of placement `plan` shows

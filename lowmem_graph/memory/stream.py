@@ -90,6 +90,7 @@ class LayerStreamer:
             self._groups.append((nbytes, [(owner, attr, offset, t.nbytes, t.dtype, t.shape)
                                           for (owner, attr, t), offset in zip(sites[g], placed)]))
         self._all_sites = [(owner, attr) for group in sites for owner, attr, _ in group]
+        self._streamed_sites = {(id(owner), attr) for g in self.order for owner, attr, _ in sites[g]}
         self._stream = self._ready = None
         self.slots, self._in_slot = [], []
         self.host = HostSlab(total, self.device)
@@ -188,17 +189,19 @@ class LayerStreamer:
 
     def held_bytes(self) -> int:
         """Bytes of device-tier memory the layers' tensors use now, measured from what they are bound to: a
-        slot counts whole, however little of it a group fills; any other tensor outside the host slab counts
-        its own bytes (not its storage's: on the host a resident tensor may be a view into an earlier slab)."""
+        slot counts whole, however little of it a group fills; a streamed group at home (the host slab, or its
+        store's file pages for one on disk) counts nothing; any other tensor counts its own bytes (not its
+        storage's: on the host a resident tensor may be a view into an earlier slab)."""
         slots = {slot.untyped_storage().data_ptr(): slot.nbytes for slot in self.slots}
         slab = self.slab.untyped_storage().data_ptr()
+        homes = {store.views[group].untyped_storage().data_ptr() for store, group in self._stores.values()}
         held, tensors = {}, {}
         for owner, attr in self._all_sites:
             t = getattr(owner, attr)
             storage = t.untyped_storage().data_ptr()
             if storage in slots:
                 held[storage] = slots[storage]
-            elif storage != slab:
+            elif storage != slab and not (storage in homes and (id(owner), attr) in self._streamed_sites):
                 tensors[(t.data_ptr(), t.nbytes)] = t.nbytes
         return sum(held.values()) + sum(tensors.values())
 

@@ -1,0 +1,70 @@
+"""The disk tier's store (memory/store.py): every group's view aligned whatever its size, still a safetensors file;
+hashed once as it is written, then trusted by its stamp, and any change to it caught when it is opened."""
+import pytest
+import torch
+
+from lowmem_graph.memory.store import GroupStore
+
+
+def _layers(sizes, seed=0):
+    """Layers of one uint8 buffer and one fp32 parameter each, of the given byte counts: groups of every size."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = torch.nn.ModuleList(torch.nn.Module() for _ in sizes)
+    for layer, n in zip(layers, sizes):
+        layer.register_buffer("packed", torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator))
+        layer.weight = torch.nn.Parameter(torch.randn(n % 7 + 1, generator=generator), requires_grad=False)
+    return layers
+
+
+SIZES = [1, 2, 3, 7, 8, 63, 64, 100, 255, 256, 257, 300, 511, 512, 513, 1000, 4095, 4096, 4097, 12345]
+
+
+def test_every_group_of_a_store_is_aligned_whatever_its_size(tmp_path):
+    from safetensors import safe_open
+
+    from lowmem_graph.memory.store import ALIGN
+
+    layers = _layers(SIZES)
+    before = [(layer.packed.clone(), layer.weight.clone()) for layer in layers]
+    groups = [[0], [1, 2], [3, 4, 5]] + [[i] for i in range(6, 12)] + [[12, 13], [14, 15, 16], [17], [18, 19]]
+    store = GroupStore(tmp_path, "aligned", layers, groups)
+    assert store._data % ALIGN == 0
+    with safe_open(str(store.path), "pt") as f:        # still a safetensors file, each group in one tensor
+        for g in store.groups:
+            start, n = store.span[g]
+            assert start % ALIGN == 0 and store.views[g].data_ptr() % ALIGN == 0
+            assert torch.equal(f.get_tensor(f"layers.{g[0]}-{g[-1]}")[:n], store.views[g])
+    for layer, (packed, weight) in zip(layers, before):
+        assert layer.packed.data_ptr() % ALIGN == 0 and layer.weight.data_ptr() % ALIGN == 0
+        assert torch.equal(layer.packed, packed) and torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize("damage", ["flip", "flip, mtime set back", "cut short", "another store's file"])
+def test_a_store_is_hashed_once_written_and_any_change_is_caught(tmp_path, capsys, damage):
+    import os
+
+    groups = [[0, 1], [2], [3, 4, 5]]
+    store = GroupStore(tmp_path, "k", _layers(SIZES[:6]), groups)
+    assert store.hashed == len(groups)                          # as it is written
+    again = GroupStore(tmp_path, "k", _layers(SIZES[:6]), groups)
+    assert again.hashed == 0 and "damaged" not in capsys.readouterr().err     # its stamp vouches for it
+    assert GroupStore(tmp_path, "k", _layers(SIZES[:6]), groups, verify=True).hashed == len(groups)
+    path, st = store.path, os.stat(store.path)
+    if damage == "another store's file":
+        other = GroupStore(tmp_path, "other", _layers(SIZES[:6], seed=1), groups)
+        os.replace(other.path, path)
+    elif damage == "cut short":
+        os.truncate(path, st.st_size - 1)
+    else:
+        with open(path, "r+b") as f:        # one byte of the last group flipped, right after the check
+            f.seek(store.span[(3, 4, 5)][0] + 3)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        if damage == "flip, mtime set back":
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fresh = _layers(SIZES[:6])
+    want = [t.clone() for layer in fresh for t in (layer.packed, layer.weight)]
+    rewritten = GroupStore(tmp_path, "k", fresh, groups)
+    assert "damaged" in capsys.readouterr().err and rewritten.hashed >= len(groups)
+    assert all(torch.equal(a, b) for a, b in zip(want, [t for layer in fresh for t in (layer.packed, layer.weight)]))
