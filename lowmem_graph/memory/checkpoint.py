@@ -105,7 +105,8 @@ class GroupCheckpoint:
 
 class _Recomputed(torch.autograd.Function):
     """A group's forward without a graph, keeping its input; its backward reloads the group (`reload`), recomputes
-    it from that input under the forward's autocast and back-propagates through it."""
+    it from that input under the forward's autocast and back-propagates through it. Saved-tensor hooks set around
+    the forward (layer-major-host's) see the input alone; any set around the backward would see the recompute's."""
 
     @staticmethod
     def forward(ctx, reload, calls, hidden):
@@ -121,8 +122,8 @@ class _Recomputed(torch.autograd.Function):
         hidden = ctx.saved_tensors[0].detach().requires_grad_()
         kind, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-            out = _run_group(ctx.calls, hidden)
-        torch.autograd.backward(out, grad)
+            out = torch.autograd.graph.get_gradient_edge(_run_group(ctx.calls, hidden))
+        torch.autograd.backward(out, grad)     # from the output's edge: the output itself is let go first
         return None, None, hidden.grad
 
 
