@@ -107,10 +107,12 @@ def random_inputs(graph: EdgeGraph, batch: int, seq: int, device):
     return b, parts
 
 
-def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=None) -> list[float]:
-    """Median-able wall times of full steps (the trainer's forward and backward over micro-batches, in the plan's
-    schedule: `step_gradients`, then AdamW), synchronised. Leaves no gradients or optimizer state behind, so the next measurement starts from
-    what a run holds."""
+def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=None,
+               clock=time.perf_counter) -> list[float]:
+    """Median-able times of full steps (the trainer's forward and backward over micro-batches, in the plan's
+    schedule: `step_gradients`, then AdamW), synchronised; by `clock` (wall time, or bench_step's process CPU time
+    on a shared CPU). Leaves no gradients or optimizer state behind, so the next measurement starts from what a
+    run holds."""
     optimizer = torch.optim.AdamW(graph.parameters(), lr=1e-4)
     batch, cached = inputs
     n = batch.labels.shape[0]
@@ -126,13 +128,13 @@ def time_steps(graph, inputs, micro_batch: int, steps: int, device, placement=No
     for _ in range(steps + 1):                          # the first step warms up and is dropped
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         optimizer.zero_grad(set_to_none=True)
         step_gradients(graph, parts(), n, device, placement)
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     optimizer.zero_grad(set_to_none=True)
     return times[1:]
 

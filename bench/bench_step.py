@@ -1,6 +1,7 @@
 """The training step, timed anywhere (CPU or GPU): what placement, streaming and the schedules cost.
 
-    python bench/bench_step.py [--graphs tiny,reduced] [--batch 8] [--seq 64] [--repeats 5] [--out bench/results]
+    python bench/bench_step.py [--graphs tiny,reduced] [--batch 8] [--seq 64] [--repeats 5] [--threads 1]
+                               [--out bench/results]
 
 Graphs: `tiny` (the preset's five tiny architectures) and `reduced` (the paper graph's five real architectures at
 1/8 of their width, 32/28/26/32/32 layers, random NF4 weights). Inputs are random tensors of the prefix cache's
@@ -16,7 +17,8 @@ median of `--repeats` steps after one warm-up, all measured in this one run:
 
 Every case is measured once per round, in three rounds (drift on a shared machine then hits every case alike);
 figures are medians over rounds, ratios medians of the ratios within a round, against `plain`. The device is named
-in every row. CSV and PNG go to `--out`.
+in every row. CSV and PNG go to `--out`. On the CPU a step is timed by the process's CPU time with torch pinned to
+`--threads` (default one): on a machine others share, wall time counts their load, CPU time mostly does not.
 """
 from __future__ import annotations
 
@@ -58,6 +60,11 @@ def _copies(placement) -> int:
     return sum(s.loads for s in placement.streamers)
 
 
+def clock_for(device):
+    """What a step is timed by: process CPU time on the CPU (see the module's docstring), wall time on a GPU."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
 def measure(label, graph, inputs, device, repeats, plan=None) -> dict:
     """Median step time of `plan` placed (None: the plain step, nothing placed) and its group copies per step."""
     placement = Placement(device, plan)
@@ -65,7 +72,8 @@ def measure(label, graph, inputs, device, repeats, plan=None) -> dict:
     try:
         before = _copies(placement)
         micro = plan.micro_batch if plan is not None else inputs[0].labels.shape[0]
-        times = bench_memory.time_steps(graph, inputs, micro, repeats, device, placement if plan else None)
+        times = bench_memory.time_steps(graph, inputs, micro, repeats, device, placement if plan else None,
+                                        clock_for(device))
         copies = (_copies(placement) - before) / (repeats + 1)
     finally:
         placement.stop_steps()
@@ -83,8 +91,11 @@ def quant_for(which: str, device) -> str:
     return "fp32" if which == "reduced" and device.type == "cpu" else "nf4"
 
 
-def run(graphs: list[str], batch: int, seq: int, repeats: int, out_dir: Path, quant_arg: str = "auto") -> list[dict]:
+def run(graphs: list[str], batch: int, seq: int, repeats: int, out_dir: Path, quant_arg: str = "auto",
+        threads: int = 1) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rows = []
     for which in graphs:
@@ -168,11 +179,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch's threads on the CPU")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quant", default="auto", choices=["auto", "nf4", "fp32"],
                         help="frozen weights (auto: NF4, but fp32 for the reduced graph on a CPU)")
     args = parser.parse_args(argv)
-    run(args.graphs.split(","), args.batch, args.seq, args.repeats, Path(args.out), args.quant)
+    run(args.graphs.split(","), args.batch, args.seq, args.repeats, Path(args.out), args.quant, args.threads)
     return 0
 
 

@@ -188,9 +188,10 @@ def int8(model, frozen=True):
 
 
 def test_int8_layers_checkpoint_like_plain_ones_and_their_transients_are_covered():
-    """bitsandbytes' int8 autograd keeps each linear's input on its context, which checkpointing cannot drop;
-    FrozenInt8Linear keeps nothing, so a checkpointed group holds its input alone, as in bf16. The planner's int8
-    workspace covers what forward (input quantisation, int32 product) and backward (the dequantised weight) add."""
+    """bitsandbytes' int8 autograd keeps each linear's input on its context, out of saved-tensor hooks' reach;
+    FrozenInt8Linear keeps nothing, and a checkpointed group's forward records no graph (so bitsandbytes' keeps
+    nothing there either): a checkpointed group holds its input alone, as in bf16. The planner's int8 workspace
+    covers what forward (input quantisation, int32 product) and backward (the dequantised weight) add."""
     config, model, seq = reduced_model("llama")
     node = sizes.node_profile("llama", "refiner", config, model, "int8", 0, 0)
     groups = [[0, 1], [2, 3]]
@@ -200,7 +201,7 @@ def test_int8_layers_checkpoint_like_plain_ones_and_their_transients_are_covered
     base = int8(model).model
     assert measured_layer_saved(base, node, seq) == measured_layer_saved(reduced_model("llama")[1].model, node, seq)
     held, recompute = measured_checkpointed(base, node, seq, groups)
-    assert held == plain[0] < bnb_held / 4
+    assert held == plain[0] == bnb_held
     assert 0 < recompute - plain[1] <= sizes.quant_workspace(node, 0, LAYERS, MICRO * seq, backward=True)
     assert measured_inference(base, node, seq) <= plain_frozen + sizes.quant_workspace(node, 0, LAYERS,
                                                                                            MICRO * seq, False)

@@ -1,4 +1,5 @@
 """Checkpointed layer groups and layer streaming: same numbers as the plain model, within the device budget."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -36,8 +37,8 @@ def _trainables(node, seed=0, device="cpu"):
     return delta, proj
 
 
-def _step(node, delta, proj):
-    """Final hidden states and the trainables' grads for one forward + backward."""
+def _step(node, delta, proj, around_forward=contextlib.nullcontext):
+    """Final hidden states and the trainables' grads for one forward (run inside `around_forward()`) + backward."""
     enc = node.encode(TEXTS)
 
     def enter(module, args, kwargs):
@@ -47,7 +48,8 @@ def _step(node, delta, proj):
 
     handle = node.layers[0].register_forward_pre_hook(enter, with_kwargs=True)
     try:
-        out = run_node(node, enc["input_ids"], enc["attention_mask"])
+        with around_forward():
+            out = run_node(node, enc["input_ids"], enc["attention_mask"])
     finally:
         handle.remove()
     delta.grad = proj.grad = None
@@ -55,8 +57,9 @@ def _step(node, delta, proj):
     return out.detach(), delta.grad.clone(), proj.grad.clone()
 
 
-def _saved_bytes(fn):
-    """Bytes autograd keeps for backward while `fn` runs (what checkpointing is meant to cut)."""
+def _saved_bytes(node, trainables):
+    """`_step`, and the bytes its forward gives autograd to keep for backward (what checkpointing is meant to cut;
+    a checkpointed group's recompute saves what its backward needs only while that runs)."""
     total = 0
 
     def pack(t):
@@ -64,8 +67,8 @@ def _saved_bytes(fn):
         total += t.nbytes
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return fn(), total
+    step = _step(node, *trainables, lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+    return step, total
 
 
 @pytest.mark.parametrize("name", ["phi3", "mistral"])
@@ -73,13 +76,13 @@ def _saved_bytes(fn):
 def test_checkpointed_groups_give_the_plain_gradients_through_4bit_layers(tiny_nodes, name, groups):
     node = tiny_nodes[name]
     trainables = _trainables(node)
-    plain, plain_saved = _saved_bytes(lambda: _step(node, *trainables))
+    plain, plain_saved = _saved_bytes(node, trainables)
     calls = []
     hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
              for i, layer in enumerate(node.layers)]
     try:
         with GroupCheckpoint(node.layers, groups):
-            ckpt, ckpt_saved = _saved_bytes(lambda: _step(node, *trainables))
+            ckpt, ckpt_saved = _saved_bytes(node, trainables)
     finally:
         for h in hooks:
             h.remove()

@@ -4,10 +4,15 @@ The model's own loop (or the graph, with the calls it recorded) still calls ever
 stay right (e.g. Gemma-2's sliding or full mask chosen by layer index). Each layer of a group gets a hook on its
 forward (hooks.py: inside torch's own hooks on the layer, which keep firing). While the hidden state needs grad,
 the hook only records the layer's arguments and passes the hidden state through; the group's last layer then
-runs the whole group once under non-reentrant `torch.utils.checkpoint` (reentrant checkpointing drops gradients
-when the group's input does not require grad). Backward recomputes the group from its input with the recorded
-arguments (HF loops give each layer the same masks and position embeddings whatever the layers before it
-returned), calling what lies inside each layer's hook (hooks attached before it, then the layer's own forward).
+runs the whole group once as one autograd node (`_Recomputed`): without grad, so the forward records no graph
+inside the group, keeping only its input. Backward recomputes the group from that input with grad and the
+recorded arguments (HF loops give each layer the same masks and position embeddings whatever the layers before it
+returned), calling what lies inside each layer's hook (hooks attached before it, then the layer's own forward),
+and back-propagates through it, as torch's reentrant checkpointing does. Non-reentrant `torch.utils.checkpoint`
+gives the same gradients but records each op of the forward and routes its saved tensors through Python hooks:
+slower per step on the CPU, most under the layer-major schedule (bench/results/step-one-runtime-cpu.md). Only a
+group whose input needs grad runs so (else no gradient would reach it); a tensor that needs grad inside a group
+(none in a frozen layer) gets its gradient in `.grad`, not from `torch.autograd.grad`.
 
 Layer-level torch hooks run once, in the forward, on the group's input: the stream may be rewritten only before a
 group's first layer (where the graph writes into a node, groups are cut). A forward hook on any layer but the
@@ -18,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..hooks import LayerHook, add_hook, hooks_of, remove_hook, split_hidden
 
@@ -92,13 +96,35 @@ class GroupCheckpoint:
             return hidden
         self._pending = None
         self._before(g, False)
-        out = checkpoint(_run_group, calls, group_input, use_reentrant=False)
-        out.register_hook(lambda grad: self._before(g, True))
-        return out
+        return _Recomputed.apply(lambda: self._before(g, True), calls, group_input)
 
     def _before(self, g: int, backward: bool) -> None:
         if self.before_group is not None:
             self.before_group(g, backward)
+
+
+class _Recomputed(torch.autograd.Function):
+    """A group's forward without a graph, keeping its input; its backward reloads the group (`reload`), recomputes
+    it from that input under the forward's autocast and back-propagates through it. Saved-tensor hooks set around
+    the forward (layer-major-host's) see the input alone; any set around the backward would see the recompute's."""
+
+    @staticmethod
+    def forward(ctx, reload, calls, hidden):
+        kind = hidden.device.type
+        ctx.reload, ctx.calls = reload, calls
+        ctx.autocast = kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind)
+        ctx.save_for_backward(hidden)
+        return _run_group(calls, hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.reload()
+        hidden = ctx.saved_tensors[0].detach().requires_grad_()
+        kind, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            out = torch.autograd.graph.get_gradient_edge(_run_group(ctx.calls, hidden))
+        torch.autograd.backward(out, grad)     # from the output's edge: the output itself is let go first
+        return None, None, hidden.grad
 
 
 def _run_group(calls, hidden: torch.Tensor) -> torch.Tensor:
