@@ -301,7 +301,8 @@ def test_a_damaged_quantised_node_is_quantised_again(tmp_path, monkeypatch, caps
 
     monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path / "cache"))
     spec = NodeSpec(name="m", model="tiny:llama", role="reader")
-    reference = FrozenNode.load(spec, "nf4", "cpu", 64)
+    # a copy: a loaded node's tensors are views of the cached file's pages, which the damage below rewrites in place
+    reference = [(k, t.clone()) for k, t in FrozenNode.load(spec, "nf4", "cpu", 64).frozen_tensors()]
     (folder,) = (tmp_path / "cache" / "nodes").iterdir()
     quantised = []
     real = bnbf.quantize_4bit
@@ -320,7 +321,7 @@ def test_a_damaged_quantised_node_is_quantised_again(tmp_path, monkeypatch, caps
         assert quantised, damage                           # quantised again, no traceback
         quantised.clear()
         assert "damaged" in capsys.readouterr().err
-        for (k, a), (_, b) in zip(reference.frozen_tensors(), node.frozen_tensors()):
+        for (k, a), (_, b) in zip(reference, node.frozen_tensors()):
             assert torch.equal(a, b), (damage, k)
 
 
