@@ -139,8 +139,10 @@ class GroupStore:
 
     def _save(self, path: Path, sites, layouts) -> None:
         """A safetensors file of one uint8 tensor per group, each padded to ALIGN bytes, the data starting at a
-        multiple of ALIGN. Groups are packed and hashed one at a time; the header, whose digests have a fixed
-        length, is written again at the end with them."""
+        multiple of ALIGN. Each tensor is written and hashed from where it is (at load, views of the node cache's
+        pages), never packed into a group in memory: glibc keeps freed chunks of tens of MB in its heap, so packed
+        groups held one more group of anonymous memory each, up to the node's groups on disk. The header, whose
+        digests have a fixed length, is written again at the end with them."""
         header, offset = {}, 0
         for g in self.groups:
             size = _align(layouts[g][1])
@@ -156,12 +158,20 @@ class GroupStore:
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(first)) + first)
             for g in self.groups:
-                packed = torch.zeros(header[_name(g)]["shape"][0], dtype=torch.uint8)
+                digest, end = hashlib.sha256(), 0
                 for (_, _, t), at in zip(sites[g], layouts[g][0]):
-                    packed[at: at + t.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
-                digests[str(list(g))] = hashlib.sha256(packed.numpy()).hexdigest()
+                    if at < end or not t.nbytes:        # an alias, written with its tensor; or nothing
+                        continue
+                    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                    for chunk in (bytes(at - end), data):
+                        digest.update(chunk)
+                        f.write(chunk)
+                    end = at + t.nbytes
+                tail = bytes(header[_name(g)]["shape"][0] - end)
+                digest.update(tail)
+                f.write(tail)
+                digests[str(list(g))] = digest.hexdigest()
                 self.hashed += 1
-                f.write(packed.numpy().data)
             f.seek(HEADER)
             f.write(encoded())
 
