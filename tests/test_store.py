@@ -112,3 +112,32 @@ def test_writing_a_store_never_holds_a_group_in_anonymous_memory(tmp_path, layou
     assert all(torch.equal(layer.packed, w) for layer, w in zip(layers, want))
     reread = GroupStore(tmp_path, "anon", _layers(sizes), groups, verify=True)       # its digests are the bytes'
     assert reread.hashed == len(groups)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_the_node_cache_pages_a_store_is_written_from_are_let_go(tmp_path):
+    """At load a node's tensors are views of its node cache copy's pages; writing the store reads the groups bound
+    for disk through them. Those pages are then given back (they would stay mapped, file-backed, for the run: the
+    node's other tensors keep the copy mapped), so the run's resident memory is what the plan says."""
+    import mmap
+    from pathlib import Path
+
+    def file_backed() -> int:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["RssFile"].split()[0]) * 1024
+
+    mib, generator = 2 ** 20, torch.Generator().manual_seed(0)
+    sizes, groups = [16 * mib, 8 * mib + 5, 16 * mib - 3, 4 * mib, 12 * mib], [[0, 1], [2, 3], [4]]
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(torch.randint(0, 256, (sum(sizes) + 1000,), dtype=torch.uint8, generator=generator).numpy())
+    with open(copy, "rb") as f:
+        pages = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    layers, at = torch.nn.ModuleList(torch.nn.Module() for _ in sizes), 1000
+    for layer, n in zip(layers, sizes):
+        layer.register_buffer("packed", pages[at: at + n])
+        at += n
+    base = file_backed()
+    store = GroupStore(tmp_path / "store", "pages", layers, groups)
+    assert file_backed() - base < 4 * mib
+    assert torch.equal(torch.cat([layer.packed for layer in layers]), pages[1000:])    # the bytes, all of them
+    assert store.hashed == len(groups)
