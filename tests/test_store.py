@@ -114,7 +114,22 @@ def test_writing_a_store_never_holds_a_group_in_anonymous_memory(tmp_path, layou
     assert reread.hashed == len(groups)
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def _pages_out() -> bool:
+    """Whether this kernel takes MADV_PAGEOUT (Linux 5.4 on)."""
+    import ctypes
+    import mmap
+
+    from lowmem_graph.memory import store
+
+    if store._LIBC is None:
+        return False
+    area = mmap.mmap(-1, mmap.PAGESIZE)
+    at = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    return store._LIBC.madvise(ctypes.c_void_p(at), ctypes.c_size_t(mmap.PAGESIZE), store.MADV_PAGEOUT) == 0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status") or not _pages_out(),
+                    reason="reads /proc/self/status; needs MADV_PAGEOUT")
 def test_the_node_cache_pages_a_store_is_written_from_are_let_go(tmp_path):
     """At load a node's tensors are views of its node cache copy's pages; writing the store reads the groups bound
     for disk through them. Those pages are then given back (they would stay mapped, file-backed, for the run: the
