@@ -68,3 +68,91 @@ def test_a_store_is_hashed_once_written_and_any_change_is_caught(tmp_path, capsy
     rewritten = GroupStore(tmp_path, "k", fresh, groups)
     assert "damaged" in capsys.readouterr().err and rewritten.hashed >= len(groups)
     assert all(torch.equal(a, b) for a, b in zip(want, [t for layer in fresh for t in (layer.packed, layer.weight)]))
+
+
+def _anon() -> int:
+    """This process's anonymous resident memory (RssAnon), in bytes: what torch storages take, which tracemalloc
+    does not see."""
+    from pathlib import Path
+
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["RssAnon"].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("layout", ["two tensors a group", "aliases and odd sizes"])
+def test_writing_a_store_never_holds_a_group_in_anonymous_memory(tmp_path, layout):
+    """A group bound for disk goes from its tensors (at load, views of the node cache's pages) into the file as it
+    is: the writer packs no group in memory (glibc keeps freed chunks of tens of MB in its heap, so packed groups
+    pile up), and the run holds no more anonymous memory while writing than a fraction of one group."""
+    import threading
+
+    mib = 2 ** 20
+    if layout == "two tensors a group":
+        sizes, groups = [16 * mib] * 6, [[0, 1], [2, 3], [4, 5]]
+    else:
+        sizes, groups = [16 * mib + 1, 8 * mib - 3, 16 * mib + 255, 12 * mib], [[0], [1, 2], [3]]
+    layers = _layers(sizes)
+    if layout != "two tensors a group":
+        layers[1].register_buffer("alias", layers[1].packed)      # one tensor under two names: written once
+    want = [torch.clone(layer.packed) for layer in layers]
+    done, peak = threading.Event(), [0]
+
+    def sample():
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], _anon())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    base = _anon()
+    store = GroupStore(tmp_path, "anon", layers, groups)
+    done.set()
+    sampler.join()
+    assert peak[0] - base < min(store.span[tuple(g)][1] for g in groups) / 4
+    assert all(torch.equal(layer.packed, w) for layer, w in zip(layers, want))
+    reread = GroupStore(tmp_path, "anon", _layers(sizes), groups, verify=True)       # its digests are the bytes'
+    assert reread.hashed == len(groups)
+
+
+def _pages_out() -> bool:
+    """Whether this kernel takes MADV_PAGEOUT (Linux 5.4 on)."""
+    import ctypes
+    import mmap
+
+    from lowmem_graph.memory import store
+
+    if store._LIBC is None:
+        return False
+    area = mmap.mmap(-1, mmap.PAGESIZE)
+    at = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    return store._LIBC.madvise(ctypes.c_void_p(at), ctypes.c_size_t(mmap.PAGESIZE), store.MADV_PAGEOUT) == 0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status") or not _pages_out(),
+                    reason="reads /proc/self/status; needs MADV_PAGEOUT")
+def test_the_node_cache_pages_a_store_is_written_from_are_let_go(tmp_path):
+    """At load a node's tensors are views of its node cache copy's pages; writing the store reads the groups bound
+    for disk through them. Those pages are then given back (they would stay mapped, file-backed, for the run: the
+    node's other tensors keep the copy mapped), so the run's resident memory is what the plan says."""
+    import mmap
+    from pathlib import Path
+
+    def file_backed() -> int:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["RssFile"].split()[0]) * 1024
+
+    mib, generator = 2 ** 20, torch.Generator().manual_seed(0)
+    sizes, groups = [16 * mib, 8 * mib + 5, 16 * mib - 3, 4 * mib, 12 * mib], [[0, 1], [2, 3], [4]]
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(torch.randint(0, 256, (sum(sizes) + 1000,), dtype=torch.uint8, generator=generator).numpy())
+    with open(copy, "rb") as f:
+        pages = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    layers, at = torch.nn.ModuleList(torch.nn.Module() for _ in sizes), 1000
+    for layer, n in zip(layers, sizes):
+        layer.register_buffer("packed", pages[at: at + n])
+        at += n
+    base = file_backed()
+    store = GroupStore(tmp_path / "store", "pages", layers, groups)
+    assert file_backed() - base < 4 * mib
+    assert torch.equal(torch.cat([layer.packed for layer in layers]), pages[1000:])    # the bytes, all of them
+    assert store.hashed == len(groups)
