@@ -159,6 +159,8 @@ class FrozenNode:
         logits, so its lm_head is dropped (0.46 GB of the paper graph) unless `logits` (zero-shot scoring)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+        from .quantise import quantiser_config
+
         device = torch.device(device) if device is not None else default_device()
         trust = {"trust_remote_code": spec.trust_remote_code}
         config, source, is_local = load_config(spec.model, revision=spec.revision, **trust)
@@ -189,9 +191,7 @@ class FrozenNode:
                 if progress:
                     progress(f"{spec.name}: quantising to NF4 on the {where.type.upper()}, once (saved for later "
                              f"runs): {_quantising_time(config, where)}")
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=compute)
+                kwargs["quantization_config"] = quantiser_config(compute)      # the one NF4 format
             kwargs["dtype"] = compute
         else:
             kwargs["dtype"] = torch.bfloat16 if quant == "bf16" else torch.float32

@@ -95,3 +95,16 @@ def test_plan_prints_the_first_run(capsys):
     assert cli.main(["plan", "--preset", "paper", "--gpu-mem", "6G", "--host-mem", "64G", "--profile", "rtx4090"]) == 0
     last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
     assert last.startswith("first run (once, then cached): + ") and "llama, qwen, gemma, phi3, mistral" in last
+
+
+def test_a_checkpoint_quantised_already_has_no_first_run(monkeypatch):
+    """A bnb or GPTQ checkpoint is loaded as it is (FrozenNode.load quantises and caches nothing): no first-run line,
+    on every run."""
+    from lowmem_graph import loading
+
+    node = NodeSpec(name="q", model="tiny:qwen2", role="reader")
+    config, model = loading.meta_model(node.model)
+    assert firstrun.node_pending(node, torch.float32) is not None
+    config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    monkeypatch.setattr(loading, "meta_model", lambda *a, **k: (config, model))
+    assert firstrun.node_pending(node, torch.float32) is None

@@ -54,11 +54,14 @@ def _is_local(ref: str) -> bool:
 
 
 def node_pending(node, compute: torch.dtype) -> Pending | None:
-    """`node`'s first-run work (a NodeSpec quantised to NF4), None when its copy is in the node cache."""
+    """`node`'s first-run work (a NodeSpec quantised to NF4), None when its copy is in the node cache, or when its
+    checkpoint is quantised already (bnb, GPTQ: FrozenNode.load loads it as it is, and caches nothing)."""
     from ..files import SEAL
     from ..loading import _quantised_cache_dir, decoder_parts, hub_commit, meta_model, source_identity
 
     config, model = meta_model(node.model, node.revision, node.trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return None
     params = sum(p.numel() for p in model.parameters())
     _, layers, _ = decoder_parts(model)
     weights = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
