@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowmem_graph.memory.host import PAGE, HostSlab  # noqa: E402
-from lowmem_graph.memory.store import GroupStore  # noqa: E402
+from lowmem_graph.memory.store import GroupStore, pread_into  # noqa: E402
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -101,16 +101,6 @@ def filesystem(folder: Path) -> str:
     return f"{best[2]} on {best[0]} (mounted at {best[1]})"
 
 
-def _preadv(fd: int, target: memoryview, offset: int, need: int | None = None) -> None:
-    """`target` filled from `offset`, or its first `need` bytes (O_DIRECT's widened range may pass the file's end)."""
-    done, need = 0, len(target) if need is None else need
-    while done < need:
-        got = os.preadv(fd, [target[done:]], offset + done)
-        if not got:
-            raise EOFError(offset + done)
-        done += got
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--group-mib", type=int, default=128)
@@ -140,7 +130,7 @@ def main(argv=None) -> int:
 
     def pread(g):
         start, n = store.span[g]
-        _preadv(store._fd, memoryview(buffer[:n].numpy()), start)
+        pread_into(store._fd, memoryview(buffer[:n].numpy()), start)
         return buffer[:n]
 
     def mmap_copy(g):
@@ -159,7 +149,7 @@ def main(argv=None) -> int:
     def o_direct(g):
         start, n = store.span[g]
         begin, end = start // PAGE * PAGE, -(-(start + n) // PAGE) * PAGE
-        _preadv(direct, memoryview(buffer[:end - begin].numpy()), begin, start + n - begin)
+        pread_into(direct, memoryview(buffer[:end - begin].numpy()), begin, start + n - begin)
         return buffer[start - begin: start - begin + n]
 
     methods = {"pread": pread, "mmap": mmap_copy, "safe_open": safe_open, "O_DIRECT": o_direct}

@@ -144,6 +144,7 @@ def disk_rate(folder: Path, nbytes: int) -> float:
     maps it, which would keep its pages) before each read. Where /proc/self/io says a read came from the page cache
     instead (tmpfs), the figure is that of the page cache, and a line says so."""
     from lowmem_graph.memory.host import HostSlab
+    from lowmem_graph.memory.store import pread_into
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=True) as f:
@@ -156,9 +157,8 @@ def disk_rate(folder: Path, nbytes: int) -> float:
         for _ in range(3):
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            before, start, done = _read_bytes(), time.perf_counter(), 0
-            while done < nbytes:
-                done += os.preadv(f.fileno(), [buffer[done:]], done)
+            before, start = _read_bytes(), time.perf_counter()
+            pread_into(f.fileno(), buffer, 0)
             times.append(time.perf_counter() - start)
             fetched.append(None if before is None else _read_bytes() - before)
     if None not in fetched and min(fetched) < nbytes:

@@ -156,3 +156,28 @@ def test_the_node_cache_pages_a_store_is_written_from_are_let_go(tmp_path):
     assert file_backed() - base < 4 * mib
     assert torch.equal(torch.cat([layer.packed for layer in layers]), pages[1000:])    # the bytes, all of them
     assert store.hashed == len(groups)
+
+
+def test_pread_into_fills_what_is_there_and_stops_at_the_end_of_the_file(tmp_path):
+    """Every length and offset around a short file: the bytes where the file has them, EOFError where it ends first
+    (a zero-byte read), never a loop without end (calibrate's reads once had one)."""
+    import os
+
+    from lowmem_graph.memory.store import pread_into
+
+    data = bytes(range(10))
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(12):
+            for need in range(13):
+                target = bytearray(need)
+                if offset + need <= len(data) or need == 0:     # nothing asked, nothing read
+                    pread_into(fd, memoryview(target), offset)
+                    assert bytes(target) == data[offset:offset + need]
+                else:
+                    with pytest.raises(EOFError):
+                        pread_into(fd, memoryview(target), offset)
+    finally:
+        os.close(fd)

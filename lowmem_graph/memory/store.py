@@ -74,12 +74,10 @@ class GroupStore:
         """The group's bytes into `buffer` (uint8, host, contiguous, at least that long), read from the file;
         returns how many. A file cut short raises EOFError here (a copy from the mapping would die of SIGBUS)."""
         start, n = self.span[tuple(group)]
-        target, done = memoryview(buffer[:n].numpy()), 0
-        while done < n:
-            got = os.preadv(self._fd, [target[done:]], start + done)
-            if not got:
-                raise EOFError(f"{self.path} ends before group {tuple(group)} does")
-            done += got
+        try:
+            pread_into(self._fd, memoryview(buffer[:n].numpy()), start)
+        except EOFError:
+            raise EOFError(f"{self.path} ends before group {tuple(group)} does") from None
         return n
 
     def _whole(self, verify: bool) -> bool:
@@ -193,6 +191,17 @@ class GroupStore:
     def close(self) -> None:
         """The file stays (later runs reuse it); the views into it must be gone or rebound first."""
         os.close(self._fd)
+
+
+def pread_into(fd: int, target: memoryview, offset: int, need: int | None = None) -> None:
+    """`target` (or its first `need` bytes) filled from the file at `offset` with positioned reads, however many
+    the kernel takes; EOFError where the file ends first (a zero-byte read), never a loop without end."""
+    done, need = 0, len(target) if need is None else need
+    while done < need:
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if not got:
+            raise EOFError(offset + done)
+        done += got
 
 
 def _let_go(spans: list[tuple[int, int]]) -> None:
