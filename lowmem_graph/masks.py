@@ -11,6 +11,7 @@ have made, bit for bit.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from inspect import signature
 
 import torch
 
@@ -32,7 +33,9 @@ def host_masks(model, attention_mask: torch.Tensor) -> dict | None:
     if config._attn_implementation != "sdpa":
         return None
     shape = (*attention_mask.shape, 0)          # only its size and device are read
-    made = create_masks_for_generate(config, torch.empty(shape), attention_mask, cache=None)
+    # the cache is the 4th argument since 5.10 (`past_key_values`, then `cache`); 5.0-5.9 take cache_position first
+    positions = (torch.arange(shape[1]),) if "cache_position" in signature(create_masks_for_generate).parameters else ()
+    made = create_masks_for_generate(config, torch.empty(shape), attention_mask, *positions, None)
     if made is attention_mask:
         return None
     return made if isinstance(made, dict) else {ONE: made}

@@ -103,6 +103,9 @@ def test_wandb_offline_gets_the_settings_and_every_tag(short_run, tmp_path, monk
     for record in records:
         reporter.log(record)
     reporter.close()
+    import wandb
+
+    wandb.teardown()        # finish() can return before wandb's service has flushed the offline log; this waits
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     assert log.name == f"run-{json.loads((run / IDS).read_text())['wandb']['run']}.wandb"
     data = log.read_bytes()
