@@ -151,19 +151,21 @@ class EdgeGraph(TrainedParts):
         return batch
 
     def collate_text(self, texts: list[str], ids: list[str], keep_start: bool = True,
-                     start: dict[str, list[bool]] | None = None) -> Batch:
+                     start: dict[str, list[bool]] | None = None, masks: bool = True) -> Batch:
         """Plain text for the lm objective: every node tokenizes it (over max_length, its start is kept, so what a
         model sees never depends on how the text goes on; scoring a choice at a text's end keeps the end instead,
         as lm-evaluation-harness truncates); alignment is causal (align.py: a token reads only source tokens of
         the words closed before it ends). `start` {node: per row}: rows of that node that begin with its start
-        token (a text scored after an empty context)."""
-        batch = self._encode(texts, causal=True, keep_start=keep_start, start=start)
+        token (a text scored after an empty context). Without `masks`, no attention masks are built (a batch only
+        counted, never run)."""
+        batch = self._encode(texts, causal=True, keep_start=keep_start, start=start, masks=masks)
         batch.ids = ids
         # where each read node predicts, found here on the host: a boolean index in the step would read the device
         batch.picks = {j: target_mask(self.nodes[j], batch, j).flatten().nonzero().squeeze(1) for j in self.reads}
         return batch
 
-    def _encode(self, texts: list[str], causal: bool, keep_start: bool = False, start: dict | None = None) -> Batch:
+    def _encode(self, texts: list[str], causal: bool, keep_start: bool = False, start: dict | None = None,
+                masks: bool = True) -> Batch:
         pairs = self.pairs
         if causal:      # next-token prediction also aligns every pair of nodes (the router baseline mixes them)
             pairs |= {(s, t) for s in self.nodes for t in self.nodes if s != t}
@@ -183,7 +185,7 @@ class EdgeGraph(TrainedParts):
         align = {(s, t): align_index(offsets[s], tokens[s][1], len(self.nodes[s].spec.prefix),
                                      offsets[t], tokens[t][1], len(self.nodes[t].spec.prefix), settled)
                  for s, t in pairs}
-        masks = {name: node.masks(tokens[name][1]) for name, node in self.nodes.items()}
+        masks = {name: node.masks(tokens[name][1]) if masks else None for name, node in self.nodes.items()}
         return Batch(tokens, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [], align, offsets,
                      masks=masks)
 

@@ -117,7 +117,8 @@ class NextToken:
         """Each read node's number of predicted tokens over the step's passages (at least 1): those of this rank's
         micro-batches, already collated, and of the other ranks' passages `others`, tokenized here to be counted
         (each passage of a step is tokenized once)."""
-        counted = [*batches, self.collate(graph, others)] if others else batches
+        counted = [*batches, graph.collate_text([t for _, t in others], [i for i, _ in others], masks=False)
+                   ] if others else batches
         return {j: float(max(sum(b.picks[j].numel() for b in counted), 1)) for j in graph.reads}
 
     def share(self, graph, finals, batch, norm: dict):

@@ -234,14 +234,24 @@ def test_an_lm_step_tokenizes_each_passage_once(tmp_path, monkeypatch):
                 return _real(texts, *args, **kwargs)
 
             monkeypatch.setattr(node, "encode", counting)
+            real_masks = node.masks
+
+            def masking(mask, *args, _real=real_masks, _name=name, **kwargs):
+                masked[_name] += len(mask)
+                return _real(mask, *args, **kwargs)
+
+            monkeypatch.setattr(node, "masks", masking)
         trainer.micro_batch = 3
         for world in (1, 2, 3):
             for rank in range(world):
                 trainer.ranks = Ranks(rank=rank, world=world)
                 encoded.clear()
+                masked = collections.Counter()
                 _, norm, idle = trainer.step_inputs(items)
                 assert not idle and norm == {j: n / world for j, n in expected.items()}, (world, rank)
                 assert encoded == collections.Counter((n, t) for n in trainer.graph.nodes for _, t in items)
+                # attention masks only for this rank's own rows: the other ranks' passages are only counted
+                assert masked == {n: len(items) // world + (rank < len(items) % world) for n in trainer.graph.nodes}
     finally:
         trainer.ranks = Ranks()
         trainer.close()
