@@ -88,7 +88,18 @@ class RunIds:
         self.path, self.tracker, self.key = Path(run_dir) / IDS, tracker, variant or "run"
 
     def _all(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if not self.path.is_file():
+            return {}
+        try:
+            ids = json.loads(self.path.read_text())
+        except ValueError:
+            ids = None
+        if not isinstance(ids, dict) or not all(isinstance(v, dict) for v in ids.values()):
+            from .errors import UserError
+
+            raise UserError(f"{self.path} is damaged: it keeps this run's tracker run ids (remove it to start new "
+                            "tracker runs)")
+        return ids
 
     def get(self) -> str | None:
         return self._all().get(self.tracker, {}).get(self.key)
@@ -189,7 +200,9 @@ class MLflow(Reporter):
         kept = self.ids.get()
         try:
             self.run_id = kept and self.client.get_run(kept).info.run_id
-        except MlflowException:
+        except MlflowException as e:       # only a store without that run makes a new one: an outage is an error
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             self.run_id = None
         if self.run_id:         # the first start logged the settings and plan (an mlflow param is set once)
             self.client.update_run(self.run_id, status="RUNNING")

@@ -184,3 +184,44 @@ def test_scalars_flatten_a_record_under_its_variant():
               "eval_ci": [0.1, 0.2], "flag": True, "note": "text"}
     assert scalars(record) == {"router/epoch/epoch": 1.0, "router/epoch/perplexity/llama": 3.5,
                                "router/epoch/eval_ci/0": 0.1, "router/epoch/eval_ci/1": 0.2}
+
+
+def test_a_run_ids_file_damaged_is_one_clear_error(tmp_path):
+    """RUN/tracker-runs.json, damaged every way a file can be here: one UserError naming it, never a traceback or
+    a silently new tracker run."""
+    from lowmem_graph.errors import UserError
+    from lowmem_graph.trackers import IDS, RunIds
+
+    ids = RunIds(tmp_path, "mlflow", None)
+    ids.put("abc")
+    assert RunIds(tmp_path, "mlflow", None).get() == "abc" and RunIds(tmp_path, "wandb", None).get() is None
+    for damaged in (b"", b"{", b"\xff\xfe", b"[]", b'"x"', b'{"mlflow": "abc"}', b'{"mlflow": null}'):
+        (tmp_path / IDS).write_bytes(damaged)
+        with pytest.raises(UserError, match="damaged"):
+            ids.get()
+
+
+def test_mlflow_resumes_or_starts_only_where_its_store_says_so(short_run, tmp_path, monkeypatch):
+    """A kept run id the tracking store does not have starts a new run (and is replaced); any other failure of
+    the store (an outage) is raised, and the kept id is left as it was."""
+    _offline("mlflow", tmp_path, monkeypatch)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lowmem_graph.trackers import IDS, RunIds, open_reporter
+
+    run = tmp_path / "run"
+    open_reporter(_trainer(short_run, run, "mlflow")).close()
+    first = RunIds(run, "mlflow", None).get()
+    RunIds(run, "mlflow", None).put("0123456789abcdef0123456789abcdef")      # not in this store
+    open_reporter(_trainer(short_run, run, "mlflow", 1)).close()
+    made = RunIds(run, "mlflow", None).get()
+    assert made not in (first, "0123456789abcdef0123456789abcdef") and MlflowClient().get_run(made)
+
+    def outage(self, run_id):
+        raise MlflowException("connection refused", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_run", outage)
+    with pytest.raises(MlflowException):
+        open_reporter(_trainer(short_run, run, "mlflow", 1))
+    assert json.loads((run / IDS).read_text())["mlflow"]["run"] == made
