@@ -267,11 +267,12 @@ def discard_unstarted(run_dir: Path, error: BaseException, resumable: bool = Tru
     shutil.rmtree(run_dir, ignore_errors=True)
     if isinstance(error, OSError):              # a full disk: the CLI's one line, the folder gone unsaid
         return error
+    why = "nothing had run" if resumable else "nothing in it can be resumed"
     if not isinstance(error, UserError):        # an interrupt or a fault: its own message, and this line
-        print(f"lowmem-graph: run folder {run_dir} removed: nothing had run", file=sys.stderr)
+        print(f"lowmem-graph: run folder {run_dir} removed: {why}", file=sys.stderr)
         return error
     plain = getattr(error, "plain", str(error))       # a folder inside this one said so already: name this one
-    said = UserError(f"{plain} (its run folder {run_dir} is removed: nothing had run)")
+    said = UserError(f"{plain} (its run folder {run_dir} is removed: {why})")
     said.plain = plain
     return said
 

@@ -390,3 +390,22 @@ def test_a_failed_command_loses_its_folder_one_way(tmp_path, monkeypatch, capsys
                 in capsys.readouterr().err), name
         assert not folder.exists()
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_a_failed_folder_goes_with_a_reason_that_is_true(tmp_path, capsys, resumable):
+    """A command with nothing to resume (align, probe-quant: not `resumable`) may have run when it fails: its
+    folder goes whatever it holds, and the message does not say that nothing had run."""
+    from lowmem_graph.errors import UserError
+    from lowmem_graph.settings import discard_unstarted
+
+    for error in (UserError("a mistake"), KeyboardInterrupt()):
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "config.yaml").write_text("x: 1\n")
+        if not resumable:
+            (run / "alignment.json").write_text("{}")      # work that ran
+        said = discard_unstarted(run, error, resumable=resumable)
+        text = str(said) if isinstance(error, UserError) else capsys.readouterr().err
+        why = "nothing had run" if resumable else "nothing in it can be resumed"
+        assert not run.exists() and f"{run} " in text and f"removed: {why}" in text

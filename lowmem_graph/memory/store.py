@@ -88,7 +88,8 @@ class GroupStore:
         try:
             self._read_header()
             if self._header_key != self._key:
-                raise ValueError("it is another store's file")
+                raise ValueError("it is another store's file" if self._header_key else
+                                 "it was written in an older layout, without its key")
             before, checked = os.stat(self.path), time.time_ns()
             if before.st_size != self._data + max((end for _, end in self._offsets.values()), default=0):
                 raise ValueError("its size is not what its header says")
