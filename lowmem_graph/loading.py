@@ -32,9 +32,17 @@ def _quiet_transformers():
         enable_progress_bars()
 
 
+def llama2c_folder(path: Path, digest: str) -> Path:
+    """Where a llama2.c checkpoint's converted model is cached, named by its file's SHA-256 (resolve_model converts
+    it there; the planner only looks)."""
+    from .tiny import cache_root
+
+    return cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
+
+
 def resolve_model(ref: str) -> tuple[str, bool]:
     """(what from_pretrained takes, is_local) for a node's `model` field. Converts llama2.c files."""
-    from .tiny import cache_root, tiny_path
+    from .tiny import tiny_path
 
     if ref.startswith("tiny:"):
         return str(tiny_path(ref[len("tiny:"):])), True
@@ -46,7 +54,7 @@ def resolve_model(ref: str) -> tuple[str, bool]:
             if not is_llama2c_checkpoint(path):
                 raise UserError(f"model path {path} is a file, but not a llama2.c checkpoint (expected a folder)")
             digest = file_sha256(path)
-            out = cache_root() / "llama2c" / f"{path.stem}-{digest[:16]}"
+            out = llama2c_folder(path, digest)
             key = {"cache": "llama2c", "sha256": digest}
             if not sealed(out, key, "the converted llama2.c model"):
                 if out.exists():

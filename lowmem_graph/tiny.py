@@ -41,12 +41,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOWMEM_GRAPH_CACHE", default))
 
 
+def tiny_folder(arch: str) -> Path:
+    """Where the tiny model for `arch` is cached (tiny_path builds it there; the planner only looks)."""
+    return cache_root() / "tiny" / f"{arch}-v{_VERSION}"
+
+
 def tiny_path(arch: str) -> Path:
     """Path of the tiny model for `arch`, building it first if it is not cached yet. A cache like the others: a
     folder damaged, incomplete or not this model's (its key and checksums in checksums.json) is built again."""
     if arch not in _RECIPES:
         raise UserError(f"unknown tiny model 'tiny:{arch}' (choose from {', '.join('tiny:' + a for a in ALL_ARCHS)})")
-    path = cache_root() / "tiny" / f"{arch}-v{_VERSION}"
+    path = tiny_folder(arch)
     if not sealed(path, _key(arch), "the tiny model"):
         if path.exists():
             print(f"lowmem-graph: the tiny model {path} is damaged, incomplete or not tiny:{arch}: building it "

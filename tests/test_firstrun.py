@@ -97,11 +97,12 @@ def test_plan_prints_the_first_run(capsys):
     assert last.startswith("first run (once, then cached): + ") and "llama, qwen, gemma, phi3, mistral" in last
 
 
-def test_a_checkpoint_quantised_already_has_no_first_run(monkeypatch):
+def test_a_checkpoint_quantised_already_has_no_first_run(tmp_path, monkeypatch):
     """A bnb or GPTQ checkpoint is loaded as it is (FrozenNode.load quantises and caches nothing): no first-run line,
     on every run."""
     from lowmem_graph import loading
 
+    monkeypatch.setenv("LOWMEM_GRAPH_CACHE", str(tmp_path))       # a node cache without this node's copy
     node = NodeSpec(name="q", model="tiny:qwen2", role="reader")
     config, model = loading.meta_model(node.model)
     assert firstrun.node_pending(node, torch.float32) is not None

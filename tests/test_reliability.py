@@ -380,13 +380,14 @@ def test_a_failed_command_loses_its_folder_one_way(tmp_path, monkeypatch, capsys
     def mistaken(*args, **kwargs):
         raise UserError("a mistake found late")
 
-    for module, name, argv in [(ridge, "align_graph", ["align", "--limit", "10"]),
-                               (probe, "probe_node", ["probe-quant", "--limit", "2"]),
-                               (frozen_pass, "run_frozen_pass", ["train", "--limit-train", "8", "--epochs", "1"])]:
+    for module, name, argv, why in [
+            (ridge, "align_graph", ["align", "--limit", "10"], "nothing in it can be resumed"),
+            (probe, "probe_node", ["probe-quant", "--limit", "2"], "nothing in it can be resumed"),
+            (frozen_pass, "run_frozen_pass", ["train", "--limit-train", "8", "--epochs", "1"], "nothing had run")]:
         monkeypatch.setattr(module, name, mistaken)
         folder = tmp_path / name
         assert main([*argv, "--run-dir", str(folder), "--no-progress"]) == 2
-        assert (f"a mistake found late (its run folder {folder} is removed: nothing had run)"
+        assert (f"a mistake found late (its run folder {folder} is removed: {why})"
                 in capsys.readouterr().err), name
         assert not folder.exists()
         monkeypatch.undo()

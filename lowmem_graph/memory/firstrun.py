@@ -38,12 +38,13 @@ def seconds(device, pending: list[Pending]) -> dict[str, float | None]:
 def _local_folder(ref: str) -> Path | None:
     """The folder a local model reference names, if it is there; never built or converted here."""
     from ..files import file_sha256
-    from ..tiny import _VERSION, cache_root
+    from ..loading import llama2c_folder
+    from ..tiny import tiny_folder
 
     if ref.startswith("tiny:"):
-        folder = cache_root() / "tiny" / f"{ref[len('tiny:'):]}-v{_VERSION}"
+        folder = tiny_folder(ref[len("tiny:"):])
     elif (path := Path(ref).expanduser()).is_file():      # llama2c: its converted folder
-        folder = cache_root() / "llama2c" / f"{path.stem}-{file_sha256(path)[:16]}"
+        folder = llama2c_folder(path, file_sha256(path))
     else:
         folder = path
     return folder if (folder / "config.json").is_file() else None
