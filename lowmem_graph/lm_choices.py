@@ -160,13 +160,13 @@ def truthfulqa_items(rows: list, source: str) -> list[Item]:
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
-def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> list[list[int]]:
-    """Each continuation's tokens by the node's own tokenizer, as the harness counts them: those of the whole text
-    after the context's own tokens."""
+def continuation_tokens(node, contexts: list[str], continuations: list[str]) -> tuple[list[list[int]], list[bool]]:
+    """(each continuation's tokens by the node's own tokenizer, as the harness counts them: those of the whole text
+    after the context's own tokens; whether each context gives the node no token at all)."""
     tok, prefix = node.tokenizer, node.spec.prefix
     whole = tok([prefix + c + x for c, x in zip(contexts, continuations)])["input_ids"]
     alone = tok([prefix + c for c in contexts])["input_ids"]
-    return [w[len(a):] for w, a in zip(whole, alone)]
+    return [w[len(a):] for w, a in zip(whole, alone)], [not a for a in alone]
 
 
 def continuation_logliks(node, final: torch.Tensor, ids: torch.Tensor, picks: torch.Tensor, greedy: bool = False):
@@ -192,12 +192,12 @@ def continuation_picks(mask: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
                       for b, (n, c) in enumerate(zip(mask.sum(1).tolist(), counts.tolist()))])
 
 
-def fitting_counts(graph, node: str, batch, contexts: list[str], continuations: list[str], names: list[str],
+def fitting_counts(graph, node: str, batch, tokens: list[list[int]], continuations: list[str], names: list[str],
                    what: str = "continuation") -> torch.Tensor:
-    """(B,) each continuation's token count for `node`, checked to be whole in the batch's rows (a text over
-    max_length keeps its end) and at least one token; `names` name the rows in the error."""
+    """(B,) each continuation's token count for `node` (`tokens`: continuation_tokens'), checked to be whole in the
+    batch's rows (a text over max_length keeps its end) and at least one token; `names` name the rows in the
+    error."""
     ids, mask = batch.tokens[node]
-    tokens = continuation_tokens(graph.nodes[node], contexts, continuations)
     for b, want in enumerate(tokens):
         n = int(mask[b].sum())
         if not 0 < len(want) < n or ids[b, n - len(want):n].tolist() != want:
@@ -225,13 +225,12 @@ def logliks(graph, models: dict, nodes: list[str], pairs: list[tuple[str, str]],
     def packed(start):
         rows = names[start:start + batch_size]
         contexts, continuations = (list(x) for x in zip(*pairs[start:start + batch_size]))
+        found = {j: continuation_tokens(graph.nodes[j], contexts, continuations) for j in nodes}
         # a context that gives a scored node no token starts from its BOS (else EOS), as the harness's HF model does
-        empty = {j: [not ids for ids in graph.nodes[j].tokenizer(
-            [graph.nodes[j].spec.prefix + c for c in contexts])["input_ids"]] for j in nodes}
         batch = graph.collate_text([c + x for c, x in zip(contexts, continuations)], rows, keep_start=False,
-                                   start=empty)
+                                   start={j: empty for j, (_, empty) in found.items()})
         batch.picks = {j: continuation_picks(batch.tokens[j][1], fitting_counts(
-            graph, j, batch, contexts, continuations, rows, what)) for j in nodes}
+            graph, j, batch, found[j][0], continuations, rows, what)) for j in nodes}
         return transfer.pack(graph, batch)
 
     starts = range(0, len(pairs), batch_size)
